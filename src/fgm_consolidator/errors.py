@@ -1,0 +1,78 @@
+"""The one exception hierarchy of fgm-consolidator.
+
+Every error names the path it concerns and the reason, so that a log line or a CLI message is
+enough to act on. ``retryable`` says whether doing the same thing again may succeed (EINTR,
+EAGAIN, EBUSY); the durable layer retries only those.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EBUSY})
+
+
+class ConsolidatorError(Exception):
+    """Base of every error this package raises on purpose; the CLI turns it into `Error: ...`."""
+
+    retryable = False
+
+    def __init__(self, reason: str, path: Path | str | None = None) -> None:
+        self.reason = reason
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {reason}" if self.path else reason)
+
+
+class ConfigError(ConsolidatorError):
+    """An option has a value we cannot run with; raised before anything is touched."""
+
+
+class LockHeldError(ConsolidatorError):
+    """Another consolidator holds the data directory's lock (invariant 7)."""
+
+
+class JournalError(ConsolidatorError):
+    """The journal cannot be opened, is corrupt, or is newer than this version understands."""
+
+
+class IllegalTransitionError(JournalError):
+    """A merge was asked to move between two states the state machine does not connect."""
+
+
+class SourceReadError(ConsolidatorError):
+    """A source file (parquet or companion) could not be read completely.
+
+    The file is recorded as unreadable, left where it is and excluded from later merges until
+    it changes (invariant 4).
+    """
+
+
+class CompanionError(SourceReadError):
+    """A `.containers` companion does not decode as the monitor's bincode format."""
+
+
+class SchemaConflictError(ConsolidatorError):
+    """Sources whose columns cannot share one output without changing a type."""
+
+
+class NameTakenError(ConsolidatorError):
+    """The final name of an output already exists; nothing is ever overwritten (invariant 5)."""
+
+
+class SourceChangedError(ConsolidatorError):
+    """A source's inode, size or mtime changed after it was planned; it must not be deleted."""
+
+
+class OutputCheckError(ConsolidatorError):
+    """A freshly written output does not read back with the rows and schema we wrote."""
+
+
+class MergeAborted(ConsolidatorError):
+    """A merge was stopped on request (SIGTERM past the grace period) and rolled back."""
+
+
+class TransientIOError(ConsolidatorError):
+    """An I/O error that may pass if tried again (EINTR, EAGAIN, EBUSY)."""
+
+    retryable = True
