@@ -1,0 +1,131 @@
+"""The few file-system primitives that must be exactly right, implemented once.
+
+Every mutation the consolidator makes to the data directory goes through here, so the order
+of syncs can be audited (and faked) in one place. Transient errors (EINTR, EAGAIN, EBUSY) are
+retried with capped exponential backoff; fsync never is: after a failed fsync the kernel may
+already have dropped the dirty pages, so the caller must redo the whole step from scratch.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from tenacity import (
+    before_sleep_log,
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from . import crashpoints
+from .errors import TRANSIENT_ERRNOS, NameTakenError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def retry_transient(func: Callable[..., T]) -> Callable[..., T]:
+    """Retry only errors that may pass on their own; ENOSPC, EIO or EACCES surface at once."""
+    return retry(
+        retry=retry_if_exception(_is_transient),
+        stop=stop_after_attempt(5),
+        wait=wait_exponential(multiplier=0.05, max=2.0),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )(func)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What must not change between planning a source and deleting it."""
+
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+def identity(path: Path) -> FileIdentity:
+    st = os.stat(path)
+    return FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@retry_transient
+def create_exclusive(path: Path) -> BinaryIO:
+    """Open a new file for writing; fails if the name exists, so a stale file is never reused."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "wb", buffering=0)
+
+
+def fsync_file(handle: BinaryIO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+    crashpoints.reach("durable:fsync-file")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make creates, renames and unlinks in `path` survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    crashpoints.reach("durable:fsync-dir")
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Create `path` exclusively with `data`, synced; a partial file is removed on failure."""
+    handle = create_exclusive(path)
+    try:
+        with handle:
+            handle.write(data)
+            fsync_file(handle)
+    except BaseException:
+        remove(path)
+        raise
+
+
+@retry_transient
+def _link(src: Path, dst: Path) -> None:
+    os.link(src, dst)
+
+
+def rename_no_replace(src: Path, dst: Path) -> None:
+    """Give `src` the name `dst` unless `dst` exists (invariant 5).
+
+    A hard link then an unlink: the kernel refuses a link onto an existing name atomically,
+    which plain rename() does not. A crash between the two leaves both names on one inode;
+    recovery removes the temp name. The caller syncs the folder.
+    """
+    try:
+        _link(src, dst)
+    except FileExistsError:
+        raise NameTakenError("name already exists, refusing to overwrite", dst) from None
+    crashpoints.reach("durable:linked")
+    remove(src)
+
+
+@retry_transient
+def remove(path: Path) -> bool:
+    """Unlink `path` if present; True when something was removed. The caller syncs the folder."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    crashpoints.reach("durable:unlinked")
+    return True
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

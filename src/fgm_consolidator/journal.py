@@ -1,0 +1,392 @@
+"""The write-ahead journal: one SQLite database, one transaction per change, history append-only.
+
+WAL with `synchronous=FULL`, so a commit is on disk before the file-system step it announces.
+The schema lives in the repository's `journal/migrations/` and ships inside the package; this
+module applies the numbered files the database has not seen yet.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from . import crashpoints
+from .durable import FileIdentity
+from .errors import JournalError
+from .states import TERMINAL, MergeState, check_transition
+
+REPAIR_HINT = (
+    "stop the consolidator, move the journal aside (keep it for a post-mortem) and run "
+    "`fgm-consolidator recover`; data files are never deleted without proof"
+)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _migrations() -> list[tuple[int, str]]:
+    """Numbered SQL files shipped as package data, in order."""
+    folder = resources.files(__package__).joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """A source as journaled: enough to find it, prove it unchanged, and account for its rows."""
+
+    name: str
+    identity: FileIdentity
+    rows: int
+    schema_fingerprint: str
+    companion: FileIdentity | None
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: MergeState
+    at: str
+    actor: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    id: int
+    partition: str
+    output: str
+    era: str
+    policy: dict[str, Any]
+    rows_in: int
+    bytes_in: int
+    has_companion: bool
+    output_rows: int | None
+    output_bytes: int | None
+    output_checksum: str | None
+    sources: tuple[SourceRecord, ...]
+    transitions: tuple[Transition, ...]
+
+    @property
+    def state(self) -> MergeState:
+        return self.transitions[-1].state
+
+    @property
+    def last_action_state(self) -> MergeState:
+        """The latest state that describes the disk (needs-attention only flags it)."""
+        for step in reversed(self.transitions):
+            if step.state is not MergeState.NEEDS_ATTENTION:
+                return step.state
+        raise JournalError(f"merge {self.id} has no state")
+
+    @property
+    def error(self) -> str | None:
+        return self.transitions[-1].error
+
+
+@dataclass(frozen=True)
+class UnreadableRecord:
+    partition: str
+    name: str
+    size: int
+    mtime_ns: int
+    reason: str
+    first_seen: str
+
+
+class Journal:
+    """All reads and writes of the journal database; knows nothing of parquet or the disk."""
+
+    def __init__(self, db: Database, path: Path) -> None:
+        self.db = db
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path, *, read_only: bool = False) -> Journal:
+        try:
+            if read_only:
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA foreign_keys=ON")
+            journal = cls(Database(conn), path)
+            journal._check_integrity()
+            if not read_only:
+                journal._migrate()
+            else:
+                journal._check_version()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot open journal ({exc}); {REPAIR_HINT}", path) from exc
+        return journal
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def _check_integrity(self) -> None:
+        result = self.db.execute("PRAGMA quick_check").fetchone()[0]
+        if result != "ok":
+            raise JournalError(f"journal is corrupt ({result}); {REPAIR_HINT}", self.path)
+
+    def _user_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _check_version(self) -> None:
+        known = max(number for number, _ in _migrations())
+        if self._user_version() > known:
+            raise JournalError(
+                f"journal schema version {self._user_version()} is newer than this "
+                f"fgm-consolidator understands ({known}); upgrade fgm-consolidator",
+                self.path,
+            )
+
+    def _migrate(self) -> None:
+        self._check_version()
+        current = self._user_version()
+        for number, sql in _migrations():
+            if number <= current:
+                continue
+            try:
+                self.db.conn.executescript(
+                    f"BEGIN IMMEDIATE;\n{sql}\n;PRAGMA user_version = {number:d};\nCOMMIT;"
+                )
+            except sqlite3.Error:
+                if self.db.conn.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One journal change, all or nothing; committed (and synced) when the block ends."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def record_planned(
+        self,
+        *,
+        partition: str,
+        output: str,
+        era: str,
+        policy: Mapping[str, Any],
+        sources: Sequence[SourceRecord],
+        has_companion: bool,
+    ) -> int:
+        with self.transaction():
+            cursor = self.db.execute(
+                "INSERT INTO merges (partition, output, era, policy, rows_in, bytes_in,"
+                " has_companion) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    partition,
+                    output,
+                    era,
+                    json.dumps(dict(policy), sort_keys=True),
+                    sum(s.rows for s in sources),
+                    sum(s.identity.size for s in sources),
+                    int(has_companion),
+                ),
+            )
+            merge_id = int(cursor.lastrowid or 0)
+            for position, source in enumerate(sources):
+                companion = source.companion
+                self.db.execute(
+                    "INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        merge_id,
+                        position,
+                        source.name,
+                        source.identity.inode,
+                        source.identity.size,
+                        source.identity.mtime_ns,
+                        source.rows,
+                        source.schema_fingerprint,
+                        companion.inode if companion else None,
+                        companion.size if companion else None,
+                        companion.mtime_ns if companion else None,
+                    ),
+                )
+            self._insert_transition(merge_id, MergeState.PLANNED, "merge", None)
+        crashpoints.reach(f"journal:{MergeState.PLANNED}")
+        return merge_id
+
+    def transition(
+        self, merge_id: int, state: MergeState, *, actor: str, error: str | None = None
+    ) -> None:
+        with self.transaction():
+            self._insert_transition(merge_id, state, actor, error)
+        crashpoints.reach(f"journal:{state}")
+
+    def record_written(self, merge_id: int, *, rows: int, size: int, checksum: str) -> None:
+        """The output's figures and the `written` state, in one commit."""
+        with self.transaction():
+            self.db.execute(
+                "UPDATE merges SET output_rows = ?, output_bytes = ?, output_checksum = ?"
+                " WHERE id = ? AND output_checksum IS NULL",
+                (rows, size, checksum, merge_id),
+            )
+            self._insert_transition(merge_id, MergeState.WRITTEN, "merge", None)
+        crashpoints.reach(f"journal:{MergeState.WRITTEN}")
+
+    def _insert_transition(
+        self, merge_id: int, state: MergeState, actor: str, error: str | None
+    ) -> None:
+        check_transition(merge_id, self._current_state(merge_id), state)
+        self.db.execute(
+            "INSERT INTO transitions (merge_id, state, at, actor, error) VALUES (?, ?, ?, ?, ?)",
+            (merge_id, str(state), utc_now(), actor, error),
+        )
+
+    def record_unreadable(
+        self, partition: str, name: str, identity: FileIdentity, reason: str
+    ) -> bool:
+        """Remember a file we could not read; True the first time this version of it is seen."""
+        with self.transaction():
+            cursor = self.db.execute(
+                "INSERT OR IGNORE INTO unreadable (partition, name, size, mtime_ns, reason,"
+                " first_seen) VALUES (?, ?, ?, ?, ?, ?)",
+                (partition, name, identity.size, identity.mtime_ns, reason, utc_now()),
+            )
+        return cursor.rowcount == 1
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _current_state(self, merge_id: int) -> MergeState | None:
+        row = self.db.execute(
+            "SELECT state FROM transitions WHERE merge_id = ? ORDER BY id DESC LIMIT 1",
+            (merge_id,),
+        ).fetchone()
+        return None if row is None else MergeState(row[0])
+
+    def merge(self, merge_id: int) -> MergeRecord:
+        records = self._merges("m.id = ?", [merge_id], limit=1)
+        if not records:
+            raise JournalError(f"no merge {merge_id} in the journal", self.path)
+        return records[0]
+
+    def unfinished(self) -> list[MergeRecord]:
+        """Merges whose latest state is not terminal, oldest first: recovery's work list."""
+        terminal = sorted(str(s) for s in TERMINAL)
+        records = self._merges(
+            "(SELECT state FROM transitions t WHERE t.merge_id = m.id ORDER BY t.id DESC"
+            " LIMIT 1) NOT IN (?, ?)",
+            terminal,
+        )
+        return sorted(records, key=lambda r: r.id)
+
+    def history(
+        self,
+        *,
+        limit: int | None = None,
+        partition: str | None = None,
+        state: MergeState | None = None,
+        since: str | None = None,
+    ) -> list[MergeRecord]:
+        """Newest first; `since` compares against the time the merge was planned."""
+        clauses, params = ["1"], []
+        if partition:
+            clauses.append("m.partition = ?")
+            params.append(partition)
+        if state:
+            clauses.append(
+                "(SELECT state FROM transitions t WHERE t.merge_id = m.id ORDER BY t.id DESC"
+                " LIMIT 1) = ?"
+            )
+            params.append(str(state))
+        if since:
+            clauses.append(
+                "(SELECT at FROM transitions t WHERE t.merge_id = m.id ORDER BY t.id LIMIT 1) >= ?"
+            )
+            params.append(since)
+        return self._merges(" AND ".join(clauses), params, limit=limit)
+
+    def _merges(
+        self, where: str, params: Sequence[Any], limit: int | None = None
+    ) -> list[MergeRecord]:
+        sql = f"SELECT * FROM merges m WHERE {where} ORDER BY m.id DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        rows = list(self.db.query(sql, list(params)))
+        return [self._record(row) for row in rows]
+
+    def _record(self, row: dict[str, Any]) -> MergeRecord:
+        sources = tuple(
+            SourceRecord(
+                name=s["name"],
+                identity=FileIdentity(s["inode"], s["size"], s["mtime_ns"]),
+                rows=s["rows"],
+                schema_fingerprint=s["schema_fingerprint"],
+                companion=None
+                if s["companion_inode"] is None
+                else FileIdentity(
+                    s["companion_inode"], s["companion_size"], s["companion_mtime_ns"]
+                ),
+            )
+            for s in self.db.query(
+                "SELECT * FROM sources WHERE merge_id = ? ORDER BY position", [row["id"]]
+            )
+        )
+        transitions = tuple(
+            Transition(MergeState(t["state"]), t["at"], t["actor"], t["error"])
+            for t in self.db.query(
+                "SELECT state, at, actor, error FROM transitions WHERE merge_id = ? ORDER BY id",
+                [row["id"]],
+            )
+        )
+        return MergeRecord(
+            id=row["id"],
+            partition=row["partition"],
+            output=row["output"],
+            era=row["era"],
+            policy=json.loads(row["policy"]),
+            rows_in=row["rows_in"],
+            bytes_in=row["bytes_in"],
+            has_companion=bool(row["has_companion"]),
+            output_rows=row["output_rows"],
+            output_bytes=row["output_bytes"],
+            output_checksum=row["output_checksum"],
+            sources=sources,
+            transitions=transitions,
+        )
+
+    def unreadable(self, partition: str | None = None) -> list[UnreadableRecord]:
+        sql, params = "SELECT * FROM unreadable", []
+        if partition:
+            sql += " WHERE partition = ?"
+            params.append(partition)
+        sql += " ORDER BY id DESC"
+        return [
+            UnreadableRecord(
+                r["partition"], r["name"], r["size"], r["mtime_ns"], r["reason"], r["first_seen"]
+            )
+            for r in self.db.query(sql, params)
+        ]
+
+    def held_names(self, partition: str) -> set[str]:
+        """Files a person must look at first: every name of a merge that needs attention."""
+        held: set[str] = set()
+        for record in self.unfinished():
+            if record.partition == partition and record.state is MergeState.NEEDS_ATTENTION:
+                held.add(record.output)
+                held.update(s.name for s in record.sources)
+        return held

@@ -1,0 +1,42 @@
+"""One consolidator per data directory (invariant 7), by an advisory lock the kernel releases.
+
+flock() is dropped by the kernel when the process dies, however it dies, so a kill -9 never
+leaves a stale lock behind. The file also says who holds it, for the refusal message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .errors import LockHeldError
+from .layout import lock_path
+
+
+@contextmanager
+def exclusive(data_dir: Path) -> Iterator[Path]:
+    path = lock_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown process"
+            raise LockHeldError(
+                f"another fgm-consolidator holds this data directory ({holder})", path
+            ) from None
+        holder = (
+            f"pid={os.getpid()} host={socket.gethostname()} "
+            f"since={datetime.now(UTC).isoformat(timespec='seconds')}"
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        yield path
+    finally:
+        os.close(fd)

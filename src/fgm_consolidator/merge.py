@@ -1,0 +1,209 @@
+"""Drive one merge through the durable sequence, journaling each step before its side effect.
+
+planned -> writing -> written -> renamed -> sources-deleted (DESIGN.md). The steps after
+`written` are shared with recovery: `finish` is the one path that publishes an output and
+deletes its sources, whoever calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from . import companions, durable
+from .errors import (
+    ConsolidatorError,
+    NameTakenError,
+    SourceChangedError,
+    SourceReadError,
+)
+from .journal import Journal, MergeRecord
+from .layout import companion_name, tmp_name
+from .plan import MergePlan, Policy
+from .schemas import LINEAGE_KEY
+from .states import MergeState
+from .writer import WriteOptions, WriteSource, write_merged
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    merge_id: int
+    partition: str
+    output: str
+    state: MergeState
+    sources: int
+    rows: int
+    bytes_in: int
+    bytes_out: int | None
+    error: str | None = None
+
+
+def lineage(merge_id: int, plan: MergePlan) -> dict[bytes, bytes]:
+    """What an output holds, readable without the journal: merge id, source names and rows."""
+    doc = {
+        "merge_id": merge_id,
+        "rows": plan.rows_in,
+        "sources": [{"name": s.name, "rows": s.rows} for s in plan.sources],
+    }
+    return {LINEAGE_KEY: json.dumps(doc, separators=(",", ":")).encode()}
+
+
+def execute(
+    journal: Journal,
+    data_dir: Path,
+    plan: MergePlan,
+    policy: Policy,
+    *,
+    should_abort: Callable[[], bool] = lambda: False,
+) -> MergeOutcome:
+    folder = data_dir / plan.partition
+    has_companion = any(s.companion is not None for s in plan.sources)
+    merge_id = journal.record_planned(
+        partition=plan.partition,
+        output=plan.output,
+        era=plan.era,
+        policy=policy.as_dict(),
+        sources=[s.record() for s in plan.sources],
+        has_companion=has_companion,
+    )
+
+    def outcome(
+        state: MergeState, size: int | None = None, error: str | None = None
+    ) -> MergeOutcome:
+        return MergeOutcome(
+            merge_id,
+            plan.partition,
+            plan.output,
+            state,
+            len(plan.sources),
+            plan.rows_in,
+            plan.bytes_in,
+            size,
+            error,
+        )
+
+    journal.transition(merge_id, MergeState.WRITING, actor="merge")
+    try:
+        result = write_merged(
+            [WriteSource(folder / s.name, s.identity, s.rows) for s in plan.sources],
+            folder / tmp_name(plan.output),
+            plan.schema,
+            WriteOptions(policy.compression_level, policy.row_group_bytes),
+            metadata=lineage(merge_id, plan),
+            should_abort=should_abort,
+        )
+        if has_companion:
+            _write_companion_tmp(folder, plan)
+        durable.fsync_dir(folder)
+    except (ConsolidatorError, OSError, pa.ArrowException) as exc:
+        error = str(exc)
+        roll_back(journal, folder, merge_id, plan.output, error=error, actor="merge")
+        if isinstance(exc, SourceReadError):
+            _remember_unreadable(journal, plan, exc)
+        return outcome(MergeState.ROLLED_BACK, error=error)
+    journal.record_written(merge_id, rows=result.rows, size=result.size, checksum=result.checksum)
+    state, error = finish(journal, folder, journal.merge(merge_id), actor="merge")
+    return outcome(state, result.size, error)
+
+
+def _write_companion_tmp(folder: Path, plan: MergePlan) -> None:
+    sidecars = [
+        companions.read_companion(folder / companion_name(s.name))
+        for s in plan.sources
+        if s.companion is not None
+    ]
+    merged = companions.union(sidecars)
+    if merged is not None:
+        durable.write_new_file(
+            folder / tmp_name(companion_name(plan.output)), companions.encode(merged)
+        )
+
+
+def _remember_unreadable(journal: Journal, plan: MergePlan, exc: SourceReadError) -> None:
+    """Exclude the culprit from later merges until it changes, so it cannot block its partition."""
+    culprit = Path(exc.path or "").name
+    for source in plan.sources:
+        if culprit in (source.name, companion_name(source.name)):
+            journal.record_unreadable(plan.partition, source.name, source.identity, exc.reason)
+
+
+def roll_back(
+    journal: Journal, folder: Path, merge_id: int, output: str, *, error: str, actor: str
+) -> None:
+    """Remove our temp files (never a final name) and mark the merge rolled back."""
+    for name in (tmp_name(output), tmp_name(companion_name(output))):
+        durable.remove(folder / name)
+    durable.fsync_dir(folder)
+    journal.transition(merge_id, MergeState.ROLLED_BACK, actor=actor, error=error)
+
+
+def finish(
+    journal: Journal, folder: Path, record: MergeRecord, *, actor: str
+) -> tuple[MergeState, str | None]:
+    """From `written` or `renamed` to `sources-deleted`; the caller vouches for the output."""
+    if record.last_action_state is MergeState.WRITTEN:
+        try:
+            publish(folder, record.output)
+        except NameTakenError as exc:
+            roll_back(journal, folder, record.id, record.output, error=str(exc), actor=actor)
+            return MergeState.ROLLED_BACK, str(exc)
+        journal.transition(record.id, MergeState.RENAMED, actor=actor)
+    try:
+        delete_sources(folder, record)
+    except SourceChangedError as exc:
+        if record.state is not MergeState.NEEDS_ATTENTION:
+            journal.transition(record.id, MergeState.NEEDS_ATTENTION, actor=actor, error=str(exc))
+        return MergeState.NEEDS_ATTENTION, str(exc)
+    journal.transition(record.id, MergeState.SOURCES_DELETED, actor=actor)
+    return MergeState.SOURCES_DELETED, None
+
+
+def publish(folder: Path, output: str) -> None:
+    """Give the output and its companion their final names, then make the names durable."""
+    for final in (output, companion_name(output)):
+        tmp = folder / tmp_name(final)
+        if not tmp.exists():
+            continue  # renamed before a crash, or an output without companion
+        target = folder / final
+        if target.exists() and os.path.samefile(tmp, target):
+            durable.remove(tmp)  # a crash fell between link and unlink
+        else:
+            durable.rename_no_replace(tmp, target)
+    durable.fsync_dir(folder)
+
+
+def delete_sources(folder: Path, record: MergeRecord) -> None:
+    """Re-stat every remaining source first: one changed file stops all deletes."""
+    present = []
+    for source in record.sources:
+        path = folder / source.name
+        try:
+            now = durable.identity(path)
+        except FileNotFoundError:
+            continue  # deleted before a crash
+        if now != source.identity:
+            raise SourceChangedError(
+                f"changed after merge {record.id} was planned; kept, output "
+                f"{record.output} may duplicate its rows",
+                path,
+            )
+        present.append(source)
+    for source in record.sources:
+        companion = folder / companion_name(source.name)
+        if source in present:
+            durable.remove(folder / source.name)
+        if source.companion is not None and _same(companion, source.companion):
+            durable.remove(companion)
+    durable.fsync_dir(folder)
+
+
+def _same(path: Path, expected: durable.FileIdentity) -> bool:
+    try:
+        return durable.identity(path) == expected
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,137 @@
+"""Group a partition's eligible files into merges: a pure function from a scan to a plan.
+
+Rules, in the order they cut a group:
+- windows: an output never spans more than `max_span` seconds of source stamps, and windows
+  are aligned to multiples of `max_span` (hours by default), so a full window is never
+  rewritten again and a closed day converges to one file per window;
+- size: the sum of the sources stays under `max_output_bytes`;
+- schema: only sources that `schemas.unify` accepts share an output.
+Groups keep time order and cover contiguous runs of eligible files. A partition is worked once
+it has `min_files` eligible `metrics-*` files, or once its day is over (then every group of two
+or more files is merged, so the tail of a day is not left behind).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import date
+
+import pyarrow as pa
+
+from .errors import SchemaConflictError
+from .layout import format_consolidated
+from .scan import PartitionScan, SourceFile
+from .schemas import Era, era_of, unify
+
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the operator chose; journaled with every merge it plans."""
+
+    min_files: int = 10
+    min_age_s: float = 300.0
+    max_output_bytes: int = 500 * MB
+    max_span_s: int = 3600
+    compression_level: int = 3
+    row_group_bytes: int = 64 * MB
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    partition: str
+    output: str
+    sources: tuple[SourceFile, ...]
+    schema: pa.Schema
+
+    @property
+    def era(self) -> Era:
+        return era_of(self.schema)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(s.identity.size for s in self.sources)
+
+    @property
+    def rows_in(self) -> int:
+        return sum(s.rows for s in self.sources)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A group that would have been merged but whose output name is taken (invariant 5)."""
+
+    partition: str
+    output: str
+    sources: tuple[str, ...]
+
+
+def _window(source: SourceFile, span_s: int) -> int:
+    return int(source.file.start.timestamp()) // span_s
+
+
+def _fits(group: Sequence[SourceFile], candidate: SourceFile, policy: Policy) -> bool:
+    span = candidate.file.end - group[0].file.start
+    size = sum(s.identity.size for s in group) + candidate.identity.size
+    return (
+        _window(group[0], policy.max_span_s) == _window(candidate, policy.max_span_s)
+        and span.total_seconds() <= policy.max_span_s
+        and size <= policy.max_output_bytes
+    )
+
+
+def group_sources(
+    eligible: Sequence[SourceFile], policy: Policy
+) -> list[tuple[list[SourceFile], pa.Schema]]:
+    """Greedy, in time order: a file joins the open group unless a rule above says no."""
+    groups: list[tuple[list[SourceFile], pa.Schema]] = []
+    current: list[SourceFile] = []
+    schema: pa.Schema | None = None
+    for source in eligible:
+        if current and schema is not None and _fits(current, source, policy):
+            try:
+                schema = unify([schema, source.schema])
+                current.append(source)
+                continue
+            except SchemaConflictError:
+                pass
+        if current and schema is not None:
+            groups.append((current, schema))
+        current, schema = [source], unify([source.schema])
+    if current and schema is not None:
+        groups.append((current, schema))
+    return groups
+
+
+def is_day_over(partition: str, today: date) -> bool:
+    day = date.fromisoformat(partition.split("/", 1)[0].removeprefix("dt="))
+    return day < today
+
+
+def plan_partition(
+    scan: PartitionScan, policy: Policy, today: date
+) -> tuple[list[MergePlan], list[Skipped]]:
+    waiting = sum(1 for s in scan.eligible if s.file.kind == "metrics")
+    closed = is_day_over(scan.partition, today) and scan.young == 0
+    if waiting < policy.min_files and not closed:
+        return [], []
+    plans: list[MergePlan] = []
+    skipped: list[Skipped] = []
+    taken = set(scan.names)
+    for sources, schema in group_sources(scan.eligible, policy):
+        if len(sources) < 2:
+            continue
+        start = min(s.file.start for s in sources)
+        end = max(s.file.end for s in sources)
+        output = format_consolidated(start, end)
+        if output in taken:
+            skipped.append(Skipped(scan.partition, output, tuple(s.name for s in sources)))
+            continue
+        taken.add(output)
+        plans.append(MergePlan(scan.partition, output, tuple(sources), schema))
+    return plans, skipped

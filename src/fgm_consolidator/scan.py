@@ -1,0 +1,120 @@
+"""Look at one partition folder and say which files could be merged now.
+
+Only names that parse as the monitor's or ours count. A file is eligible when it is older than
+`min_age` by mtime and its footer reads; a file that fails to read is reported once per version
+(identity) and then skipped, so it never blocks its partition (invariant 4).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .durable import FileIdentity
+from .errors import SourceReadError
+from .journal import SourceRecord
+from .layout import DataFileName, companion_name, parse_data_file
+from .schemas import fingerprint
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A readable data file with what its footer says, ready to be planned."""
+
+    file: DataFileName
+    identity: FileIdentity
+    rows: int
+    schema: pa.Schema
+    companion: FileIdentity | None
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+    def record(self) -> SourceRecord:
+        return SourceRecord(
+            self.name, self.identity, self.rows, fingerprint(self.schema), self.companion
+        )
+
+
+@dataclass(frozen=True)
+class UnreadableFile:
+    name: str
+    identity: FileIdentity
+    reason: str
+
+
+@dataclass(frozen=True)
+class PartitionScan:
+    partition: str
+    folder: Path
+    eligible: tuple[SourceFile, ...]
+    unreadable: tuple[UnreadableFile, ...]
+    young: int
+    names: frozenset[str]
+
+
+def read_footer(path: Path) -> tuple[FileIdentity, int, pa.Schema]:
+    """Identity, row count and Arrow schema, taken from one open file so they agree."""
+    try:
+        with open(path, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            metadata = pq.ParquetFile(handle).metadata
+            schema = metadata.schema.to_arrow_schema()
+            return FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns), metadata.num_rows, schema
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceReadError(f"unreadable parquet footer: {exc}", path) from exc
+
+
+def optional_identity(path: Path) -> FileIdentity | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def scan_partition(
+    data_dir: Path,
+    partition: str,
+    *,
+    min_age_s: float,
+    now: float,
+    known_unreadable: Collection[tuple[str, int, int]],
+    held: Collection[str],
+) -> PartitionScan:
+    """`known_unreadable` holds (name, size, mtime_ns) of files already reported unreadable."""
+    folder = data_dir / partition
+    names = frozenset(entry.name for entry in os.scandir(folder))
+    eligible: list[SourceFile] = []
+    unreadable: list[UnreadableFile] = []
+    young = 0
+    for name in sorted(names):
+        parsed = parse_data_file(name)
+        if parsed is None or name in held:
+            continue
+        path = folder / name
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue  # deleted between listing and now
+        if now - st.st_mtime_ns / 1e9 < min_age_s:
+            young += 1
+            continue
+        if (name, st.st_size, st.st_mtime_ns) in known_unreadable:
+            continue
+        try:
+            identity, rows, schema = read_footer(path)
+        except SourceReadError as exc:
+            identity = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
+            unreadable.append(UnreadableFile(name, identity, exc.reason))
+            continue
+        companion = optional_identity(folder / companion_name(name))
+        eligible.append(SourceFile(parsed, identity, rows, schema, companion))
+    eligible.sort(key=lambda s: s.file)
+    return PartitionScan(partition, folder, tuple(eligible), tuple(unreadable), young, names)

@@ -1,0 +1,112 @@
+"""Which sources may share an output, and the one schema they share.
+
+The monitor's two eras never mix. Within the flat-label era the set of `l_*` columns is fixed at
+each file's first flush, so files of one partition differ; they share an output under the union
+of their label columns (a missing label reads as null). Anything else that differs, or a label
+whose type differs, is a true conflict: those files go to separate outputs rather than change a
+type (invariant 6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Literal
+
+import pyarrow as pa
+
+from .errors import SchemaConflictError
+
+Era = Literal["flat", "map"]
+
+LABEL_PREFIX = "l_"
+HISTOGRAM = "value_histogram"
+MAP_LABELS = "labels"
+LINEAGE_KEY = b"fgm_consolidator.lineage"
+
+
+def is_label(name: str) -> bool:
+    return name.startswith(LABEL_PREFIX)
+
+
+def era_of(schema: pa.Schema) -> Era:
+    return "map" if MAP_LABELS in schema.names else "flat"
+
+
+def fingerprint(schema: pa.Schema) -> str:
+    """Stable short digest of names, types and nullability (metadata ignored)."""
+    return hashlib.sha256(str(schema.remove_metadata()).encode()).hexdigest()[:16]
+
+
+def _base_fields(schema: pa.Schema) -> list[pa.Field]:
+    return [field for field in schema if not is_label(field.name)]
+
+
+def unify(schemas: Sequence[pa.Schema]) -> pa.Schema:
+    """The output schema for sources with these schemas, or SchemaConflictError.
+
+    Non-label columns must agree exactly, in order. Label columns are the union, sorted by key
+    and placed where the monitor puts them: before `value_histogram`, or last.
+    """
+    if not schemas:
+        raise ValueError("unify needs at least one schema")
+    first = schemas[0]
+    base = _base_fields(first)
+    labels: dict[str, pa.Field] = {}
+    for schema in schemas:
+        if era_of(schema) != era_of(first):
+            raise SchemaConflictError(f"schema eras differ: {era_of(first)} and {era_of(schema)}")
+        other = _base_fields(schema)
+        if [f.remove_metadata() for f in other] != [f.remove_metadata() for f in base]:
+            raise SchemaConflictError(
+                f"non-label columns differ: {_describe(base)} and {_describe(other)}"
+            )
+        for field in schema:
+            if not is_label(field.name):
+                continue
+            known = labels.get(field.name)
+            if known is not None and known.type != field.type:
+                raise SchemaConflictError(
+                    f"label column {field.name} is {known.type} in one source and "
+                    f"{field.type} in another"
+                )
+            if known is None or (field.nullable and not known.nullable):
+                labels[field.name] = field.remove_metadata()
+    for name, field in labels.items():
+        if any(name not in schema.names for schema in schemas):
+            labels[name] = field.with_nullable(True)
+    names = [f.name for f in base]
+    cut = names.index(HISTOGRAM) if HISTOGRAM in names else len(base)
+    fields = base[:cut] + [labels[name] for name in sorted(labels)] + base[cut:]
+    return pa.schema(fields, metadata=_plain_metadata(first))
+
+
+def _plain_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
+    """The first source's key-value metadata without any lineage of ours."""
+    return {k: v for k, v in (schema.metadata or {}).items() if k != LINEAGE_KEY}
+
+
+def _describe(fields: Sequence[pa.Field]) -> str:
+    return "[" + ", ".join(f"{f.name}: {f.type}" for f in fields) + "]"
+
+
+def conform(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
+    """A source batch laid out as the output: missing labels as nulls, columns in target order.
+
+    Raises SchemaConflictError when a column's type is not the target's; no cast ever happens.
+    """
+    columns = []
+    for field in target:
+        index = batch.schema.get_field_index(field.name)
+        if index < 0:
+            if not is_label(field.name):
+                raise SchemaConflictError(f"column {field.name} is missing from a source")
+            columns.append(pa.nulls(batch.num_rows, field.type))
+            continue
+        column = batch.column(index)
+        if column.type != field.type:
+            raise SchemaConflictError(
+                f"column {field.name} is {column.type} in a source, {field.type} in the output"
+            )
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, schema=target)

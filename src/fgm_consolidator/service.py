@@ -1,0 +1,226 @@
+"""The sidecar loop: lock, recover, then a pass now and every interval until told to stop.
+
+SIGTERM/SIGINT are noticed between steps: no new merge starts, the merge being written may
+finish within the grace period and is rolled back cleanly past it, and a merge already written
+is always finished (renames and unlinks take milliseconds). Between passes the process sleeps
+on an event, using no CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from types import FrameType
+
+import pyarrow as pa
+
+from . import lock
+from .errors import ConsolidatorError
+from .journal import Journal
+from .layout import iter_partitions
+from .logs import log_event
+from .merge import MergeOutcome, execute
+from .plan import MergePlan, Policy, Skipped, plan_partition
+from .recovery import RecoveryReport, recover
+from .scan import PartitionScan, UnreadableFile, scan_partition
+from .states import MergeState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    journal_path: Path
+    policy: Policy = field(default_factory=Policy)
+    check_interval_s: float = 300.0
+    grace_s: float = 20.0
+
+
+class StopFlag:
+    """Set by a signal; lets the current merge run on until the grace period is over."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._event = threading.Event()
+        self._deadline: float | None = None
+
+    def request(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.grace_s
+            log_event(log, "stop-requested", signal=signum, grace_s=self.grace_s)
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def past_grace(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def wait(self, seconds: float) -> bool:
+        return self._event.wait(seconds)
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.request)
+        signal.signal(signal.SIGINT, self.request)
+
+
+@dataclass
+class PassReport:
+    recovery: RecoveryReport
+    merges: list[MergeOutcome] = field(default_factory=list)
+    unreadable: list[tuple[str, UnreadableFile]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[MergeOutcome]:
+        return [m for m in self.merges if m.state is not MergeState.SOURCES_DELETED]
+
+
+def plan_data_dir(
+    data_dir: Path, policy: Policy, journal: Journal | None, *, now: float | None = None
+) -> Iterator[tuple[PartitionScan, list[MergePlan], list[Skipped]]]:
+    """Scan and plan every partition; shared by real passes and `--dry-run`."""
+    now = time.time() if now is None else now
+    today = datetime.fromtimestamp(now, UTC).date()
+    for partition in iter_partitions(data_dir):
+        known = set()
+        held: set[str] = set()
+        if journal is not None:
+            known = {(u.name, u.size, u.mtime_ns) for u in journal.unreadable(partition)}
+            held = journal.held_names(partition)
+        scan = scan_partition(
+            data_dir,
+            partition,
+            min_age_s=policy.min_age_s,
+            now=now,
+            known_unreadable=known,
+            held=held,
+        )
+        plans, skipped = plan_partition(scan, policy, today)
+        yield scan, plans, skipped
+
+
+def consolidation_pass(
+    journal: Journal, settings: Settings, stop: StopFlag, *, today: date | None = None
+) -> PassReport:
+    report = PassReport(recovery=recover(journal, settings.data_dir, sweep=False))
+    log_recovery(report.recovery)
+    for scan, plans, skipped in plan_data_dir(settings.data_dir, settings.policy, journal):
+        for bad in scan.unreadable:
+            report.unreadable.append((scan.partition, bad))
+            if journal.record_unreadable(scan.partition, bad.name, bad.identity, bad.reason):
+                log_event(
+                    log,
+                    "file-unreadable",
+                    logging.WARNING,
+                    partition=scan.partition,
+                    file=bad.name,
+                    reason=bad.reason,
+                )
+        for skip in skipped:
+            report.skipped.append(skip)
+            log_event(
+                log,
+                "merge-skipped",
+                logging.WARNING,
+                partition=skip.partition,
+                output=skip.output,
+                reason="output name already exists",
+            )
+        for plan in plans:
+            if stop.requested:
+                return report
+            outcome = execute(
+                journal, settings.data_dir, plan, settings.policy, should_abort=stop.past_grace
+            )
+            report.merges.append(outcome)
+            log_outcome(outcome)
+        if stop.requested:
+            break
+    return report
+
+
+def log_outcome(outcome: MergeOutcome) -> None:
+    ok = outcome.state is MergeState.SOURCES_DELETED
+    log_event(
+        log,
+        "merge-finished" if ok else "merge-failed",
+        logging.INFO if ok else logging.WARNING,
+        merge_id=outcome.merge_id,
+        partition=outcome.partition,
+        output=outcome.output,
+        state=outcome.state,
+        sources=outcome.sources,
+        rows=outcome.rows,
+        bytes_in=outcome.bytes_in,
+        bytes_out=outcome.bytes_out,
+        error=outcome.error,
+    )
+
+
+def log_recovery(report: RecoveryReport) -> None:
+    for action in report.actions:
+        log_event(
+            log,
+            "recovery",
+            logging.WARNING if action.result is MergeState.NEEDS_ATTENTION else logging.INFO,
+            merge_id=action.merge_id,
+            partition=action.partition,
+            output=action.output,
+            found=action.found,
+            result=action.result,
+            action=action.action,
+            reason=action.reason,
+        )
+    for path in report.swept:
+        log_event(log, "orphan-removed", path=path)
+
+
+def run_service(settings: Settings, stop: StopFlag, *, once: bool = False) -> int:
+    """The `run` command: returns the exit code (0 also after a clean stop on a signal)."""
+    with lock.exclusive(settings.data_dir):
+        journal = Journal.open(settings.journal_path)
+        try:
+            startup = recover(journal, settings.data_dir)
+            log_recovery(startup)
+            return _loop(journal, settings, stop, once)
+        finally:
+            journal.close()
+
+
+def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> int:
+    while True:
+        started = time.monotonic()
+        ok = True
+        try:
+            report = consolidation_pass(journal, settings, stop)
+            log_event(
+                log,
+                "pass-finished",
+                merges=len(report.merges),
+                failed=len(report.failed),
+                unreadable=len(report.unreadable),
+                duration_s=round(time.monotonic() - started, 3),
+            )
+        except (ConsolidatorError, OSError, sqlite3.Error, pa.ArrowException) as exc:
+            ok = False
+            log_event(
+                log,
+                "pass-failed",
+                logging.ERROR,
+                error=exc,
+                retry_in_s=None if once else settings.check_interval_s,
+            )
+        if once or stop.requested:
+            log_event(log, "stopped", reason="signal" if stop.requested else "once")
+            return 0 if ok or stop.requested else 1
+        stop.wait(settings.check_interval_s)

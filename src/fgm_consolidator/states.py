@@ -1,0 +1,54 @@
+"""The lifecycle of one merge and the transitions the journal accepts between its states."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from .errors import IllegalTransitionError
+
+
+class MergeState(StrEnum):
+    """Frozen once released: journal rows store these strings."""
+
+    # Journaled with all its sources; nothing on disk has changed.
+    PLANNED = "planned"
+    # Our `<output>.tmp` may exist, possibly partial.
+    WRITING = "writing"
+    # A complete, fsynced `.tmp` with the recorded checksum sits beside the sources.
+    WRITTEN = "written"
+    # The output is durable under its final name; some or all sources remain.
+    RENAMED = "renamed"
+    # Terminal: the output holds every row, no source remains.
+    SOURCES_DELETED = "sources-deleted"
+    # Terminal: the sources hold every row, nothing of the merge remains.
+    ROLLED_BACK = "rolled-back"
+    # Recovery could not prove any step safe; files are left untouched for a person.
+    NEEDS_ATTENTION = "needs-attention"
+
+
+TERMINAL = frozenset({MergeState.SOURCES_DELETED, MergeState.ROLLED_BACK})
+
+ALLOWED: dict[MergeState, frozenset[MergeState]] = {
+    MergeState.PLANNED: frozenset({MergeState.WRITING, MergeState.ROLLED_BACK}),
+    MergeState.WRITING: frozenset({MergeState.WRITTEN, MergeState.ROLLED_BACK}),
+    MergeState.WRITTEN: frozenset(
+        {MergeState.RENAMED, MergeState.ROLLED_BACK, MergeState.NEEDS_ATTENTION}
+    ),
+    MergeState.RENAMED: frozenset(
+        {MergeState.SOURCES_DELETED, MergeState.ROLLED_BACK, MergeState.NEEDS_ATTENTION}
+    ),
+    MergeState.NEEDS_ATTENTION: frozenset(
+        {MergeState.RENAMED, MergeState.SOURCES_DELETED, MergeState.ROLLED_BACK}
+    ),
+    MergeState.SOURCES_DELETED: frozenset(),
+    MergeState.ROLLED_BACK: frozenset(),
+}
+
+
+def check_transition(merge_id: int, current: MergeState | None, target: MergeState) -> None:
+    if current is None:
+        if target is not MergeState.PLANNED:
+            raise IllegalTransitionError(f"merge {merge_id} must start as planned, not {target}")
+        return
+    if target not in ALLOWED[current]:
+        raise IllegalTransitionError(f"merge {merge_id} cannot go from {current} to {target}")
