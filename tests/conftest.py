@@ -1,0 +1,125 @@
+"""Shared fixtures: simulated monitor data, row oracles read two independent ways, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from fgm_consolidator.layout import iter_partitions, parse_data_file
+from fgm_consolidator.simulate import PodSpec, SimulationSpec, SimulationSummary, generate
+
+# A closed day long ago: every file is old enough, and the day-over rule applies.
+PAST = datetime(2025, 12, 30, 8, 0, 0, tzinfo=UTC)
+
+Row = tuple[Any, ...]
+
+
+def small_spec(
+    pods: tuple[PodSpec, ...] = (PodSpec("pod-a"),),
+    *,
+    rotations: int = 24,
+    start: datetime = PAST,
+    seed: int = 1,
+) -> SimulationSpec:
+    """Small files (90 rows each) so a test merges dozens of them in well under a second."""
+    return SimulationSpec(
+        pods=pods,
+        start=start,
+        rotations=rotations,
+        metrics=5,
+        containers=2,
+        seconds_per_row_sample=10,
+        seed=seed,
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def populate(data_dir: Path) -> Callable[..., SimulationSummary]:
+    def make(*pods: PodSpec, **kwargs: Any) -> SimulationSummary:
+        return generate(data_dir, small_spec(pods or (PodSpec("pod-a"),), **kwargs))
+
+    return make
+
+
+def data_files(data_dir: Path) -> list[Path]:
+    """Every parquet file a viewer would read."""
+    return [
+        data_dir / partition / name
+        for partition in iter_partitions(data_dir)
+        for name in sorted(os.listdir(data_dir / partition))
+        if parse_data_file(name) is not None
+    ]
+
+
+def tmp_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in data_dir.rglob("*.tmp"))
+
+
+def _canonical(row: dict[str, Any]) -> Row:
+    """One row independent of layout: flat `l_*` columns and map labels become one label set."""
+    labels = row.pop("labels", None)
+    label_items = dict(labels) if labels is not None else {}
+    for key in [k for k in row if k.startswith("l_")]:
+        value = row.pop(key)
+        if value is not None:
+            label_items[key[2:]] = value
+    era = "map" if labels is not None else "flat"
+    return (era, *sorted(row.items()), tuple(sorted(label_items.items())))
+
+
+def rows_pyarrow(data_dir: Path) -> Counter[Row]:
+    rows: Counter[Row] = Counter()
+    for path in data_files(data_dir):
+        for row in pq.read_table(path).to_pylist():
+            rows[_canonical(row)] += 1
+    return rows
+
+
+def rows_duckdb(data_dir: Path) -> Counter[Row]:
+    """The same multiset through DuckDB, a reader that shares no code with pyarrow."""
+    import duckdb
+
+    rows: Counter[Row] = Counter()
+    con = duckdb.connect()
+    for path in data_files(data_dir):
+        cursor = con.execute("SELECT * FROM read_parquet(?, hive_partitioning = false)", [str(path)])
+        names = [d[0] for d in cursor.description]
+        for values in cursor.fetchall():
+            row = dict(zip(names, values, strict=True))
+            if isinstance(row.get("labels"), dict):
+                row["labels"] = list(row["labels"].items())
+            if row.get("time") is not None:
+                row["time"] = row["time"].replace(tzinfo=None)
+            rows[_canonical(row)] += 1
+    return rows
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The real command in a real process, as an operator or Kubernetes would start it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "fgm_consolidator", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
+    )
