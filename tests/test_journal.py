@@ -1,0 +1,139 @@
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fgm_consolidator.durable import FileIdentity
+from fgm_consolidator.errors import IllegalTransitionError, JournalError
+from fgm_consolidator.journal import Journal, SourceRecord
+from fgm_consolidator.states import MergeState as S
+
+SOURCES = [
+    SourceRecord("metrics-20251230T100000Z.parquet", FileIdentity(1, 100, 5), 10, "f1", None),
+    SourceRecord(
+        "metrics-20251230T100130Z.parquet", FileIdentity(2, 200, 6), 20, "f1", FileIdentity(3, 9, 7)
+    ),
+]
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Journal:
+    opened = Journal.open(tmp_path / "state" / "journal.db")
+    yield opened
+    opened.close()
+
+
+def plan(journal: Journal, partition: str = "dt=2025-12-30/identifier=a", output: str = "o") -> int:
+    return journal.record_planned(
+        partition=partition, output=output, era="flat", policy={"min_files": 2},
+        sources=SOURCES, has_companion=True,
+    )  # fmt: skip
+
+
+def test_opens_in_wal_with_full_sync_and_latest_schema(journal: Journal) -> None:
+    assert journal.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert journal.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert journal.db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert set(journal.db.table_names()) >= {"merges", "sources", "transitions", "unreadable"}
+
+
+def test_a_merge_walks_the_states_and_keeps_every_transition(journal: Journal) -> None:
+    merge_id = plan(journal)
+    journal.transition(merge_id, S.WRITING, actor="merge")
+    journal.record_written(merge_id, rows=30, size=123, checksum="abc")
+    journal.transition(merge_id, S.RENAMED, actor="merge")
+    journal.transition(merge_id, S.SOURCES_DELETED, actor="recovery")
+    record = journal.merge(merge_id)
+    assert [t.state for t in record.transitions] == [
+        S.PLANNED, S.WRITING, S.WRITTEN, S.RENAMED, S.SOURCES_DELETED,
+    ]  # fmt: skip
+    assert record.transitions[-1].actor == "recovery"
+    assert (record.rows_in, record.bytes_in, record.output_rows, record.output_checksum) == (
+        30, 300, 30, "abc",
+    )  # fmt: skip
+    assert record.sources == tuple(SOURCES)
+    assert journal.unfinished() == []
+
+
+def test_illegal_transitions_raise_and_change_nothing(journal: Journal) -> None:
+    merge_id = plan(journal)
+    with pytest.raises(IllegalTransitionError, match="planned to renamed"):
+        journal.transition(merge_id, S.RENAMED, actor="merge")
+    journal.transition(merge_id, S.ROLLED_BACK, actor="merge", error="boom")
+    with pytest.raises(IllegalTransitionError, match="rolled-back to writing"):
+        journal.transition(merge_id, S.WRITING, actor="merge")
+    assert [t.state for t in journal.merge(merge_id).transitions] == [S.PLANNED, S.ROLLED_BACK]
+
+
+def test_unfinished_and_history_filters(journal: Journal) -> None:
+    done = plan(journal, output="a")
+    journal.transition(done, S.ROLLED_BACK, actor="merge")
+    open_one = plan(journal, partition="dt=2025-12-31/identifier=a", output="b")
+    journal.transition(open_one, S.WRITING, actor="merge")
+    assert [r.id for r in journal.unfinished()] == [open_one]
+    assert [r.id for r in journal.history()] == [open_one, done]
+    assert [r.id for r in journal.history(limit=1)] == [open_one]
+    assert [r.id for r in journal.history(state=S.ROLLED_BACK)] == [done]
+    assert [r.id for r in journal.history(partition="dt=2025-12-31/identifier=a")] == [open_one]
+    assert journal.history(since="2999-01-01") == []
+
+
+def test_held_names_come_from_merges_that_need_a_person(journal: Journal) -> None:
+    merge_id = plan(journal, output="consolidated-x.parquet")
+    journal.transition(merge_id, S.WRITING, actor="merge")
+    journal.record_written(merge_id, rows=30, size=1, checksum="c")
+    journal.transition(merge_id, S.NEEDS_ATTENTION, actor="recovery", error="why")
+    assert journal.held_names("dt=2025-12-30/identifier=a") == {
+        "consolidated-x.parquet", *(s.name for s in SOURCES)
+    }
+    assert journal.held_names("dt=2025-12-31/identifier=a") == set()
+
+
+def test_unreadable_files_are_recorded_once_per_version(journal: Journal) -> None:
+    part, ident = "dt=2025-12-30/identifier=a", FileIdentity(1, 10, 20)
+    assert journal.record_unreadable(part, "metrics-x.parquet", ident, "bad footer")
+    assert not journal.record_unreadable(part, "metrics-x.parquet", ident, "bad footer")
+    assert journal.record_unreadable(part, "metrics-x.parquet", FileIdentity(1, 11, 21), "again")
+    assert [(u.name, u.size) for u in journal.unreadable(part)] == [
+        ("metrics-x.parquet", 11), ("metrics-x.parquet", 10),
+    ]  # fmt: skip
+
+
+def test_reopening_keeps_history_and_does_not_migrate_twice(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    first = Journal.open(path)
+    merge_id = plan(first)
+    first.close()
+    again = Journal.open(path)
+    assert again.merge(merge_id).state is S.PLANNED
+    again.close()
+
+
+def test_a_newer_journal_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    Journal.open(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(JournalError, match="newer than this"):
+        Journal.open(path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "bad-pages", "truncated"])
+def test_a_corrupt_journal_is_refused_with_a_repair_hint(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "j.db"
+    journal = Journal.open(path)
+    for i in range(200):
+        plan(journal, output=f"o{i}")
+    journal.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    journal.close()
+    good = path.read_bytes()
+    assert len(good) > 8192
+    damaged = {
+        "garbage": b"garbage" * 1000,
+        "bad-pages": good[:4096] + b"\xff" * (len(good) - 4096),
+        "truncated": good[: len(good) // 2],
+    }[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(JournalError, match="move the journal aside") as info:
+        Journal.open(path)
+    assert str(path) in str(info.value)

@@ -1,0 +1,107 @@
+"""The planner is a pure function: these tests feed it scans built by hand."""
+
+from datetime import UTC, date, datetime, timedelta
+
+import pyarrow as pa
+
+from fgm_consolidator.durable import FileIdentity
+from fgm_consolidator.layout import format_stamp, parse_data_file
+from fgm_consolidator.plan import MB, Policy, group_sources, plan_partition
+from fgm_consolidator.scan import PartitionScan, SourceFile
+
+DAY = "dt=2025-12-30/identifier=pod-a"
+T0 = datetime(2025, 12, 30, 10, 0, 0, tzinfo=UTC)
+FLAT = pa.schema([("metric_name", pa.string()), ("l_pod", pa.string())])
+MAP = pa.schema([("metric_name", pa.string()), ("labels", pa.map_(pa.string(), pa.string()))])
+OPEN_DAY = date(2025, 12, 30)
+LATER = date(2026, 1, 5)
+
+
+def metrics(offset_s: int, size: int = 1000, schema: pa.Schema = FLAT) -> SourceFile:
+    name = f"metrics-{format_stamp(T0 + timedelta(seconds=offset_s))}.parquet"
+    parsed = parse_data_file(name)
+    assert parsed is not None
+    return SourceFile(parsed, FileIdentity(offset_s, size, 0), 10, schema, None)
+
+
+def consolidated(start_s: int, end_s: int, size: int = 1000) -> SourceFile:
+    start = format_stamp(T0 + timedelta(seconds=start_s))
+    end = format_stamp(T0 + timedelta(seconds=end_s))
+    parsed = parse_data_file(f"consolidated-{start}-{end}.parquet")
+    assert parsed is not None
+    return SourceFile(parsed, FileIdentity(start_s + 7, size, 0), 10, FLAT, None)
+
+
+def scan(*files: SourceFile, young: int = 0, extra: tuple[str, ...] = ()) -> PartitionScan:
+    names = frozenset(f.name for f in files) | frozenset(extra)
+    return PartitionScan(DAY, None, tuple(files), (), young, names)  # type: ignore[arg-type]
+
+
+def names(groups: list) -> list[list[str]]:
+    return [[s.name for s in sources] for sources, _ in groups]
+
+
+def test_windows_are_aligned_and_bounded_by_max_span() -> None:
+    files = [metrics(90 * i) for i in range(80)]  # 10:00:00 .. 11:58:30
+    groups = group_sources(files, Policy(max_span_s=3600))
+    assert [len(g[0]) for g in groups] == [40, 40]
+    assert groups[0][0][-1].name == "metrics-20251230T105830Z.parquet"
+
+
+def test_size_limit_cuts_a_window() -> None:
+    files = [metrics(90 * i, size=30 * MB) for i in range(10)]
+    groups = group_sources(files, Policy(max_output_bytes=100 * MB))
+    assert [len(g[0]) for g in groups] == [3, 3, 3, 1]
+
+
+def test_eras_split_groups_in_time_order() -> None:
+    files = [metrics(0), metrics(90), metrics(180, schema=MAP), metrics(270, schema=MAP)]
+    assert [len(g) for g in names(group_sources(files, Policy()))] == [2, 2]
+
+
+def test_min_files_counts_waiting_metrics_files_on_an_open_day() -> None:
+    few = scan(*(metrics(90 * i) for i in range(9)))
+    assert plan_partition(few, Policy(min_files=10), OPEN_DAY) == ([], [])
+    enough = scan(*(metrics(90 * i) for i in range(10)))
+    plans, skipped = plan_partition(enough, Policy(min_files=10), OPEN_DAY)
+    assert [len(p.sources) for p in plans] == [10]
+    assert plans[0].output == "consolidated-20251230T100000Z-20251230T101330Z.parquet"
+    assert skipped == []
+
+
+def test_a_closed_day_merges_its_tail_below_min_files() -> None:
+    tail = scan(*(metrics(90 * i) for i in range(3)))
+    plans, _ = plan_partition(tail, Policy(min_files=10), LATER)
+    assert [len(p.sources) for p in plans] == [3]
+    still_writing = scan(*(metrics(90 * i) for i in range(3)), young=1)
+    assert plan_partition(still_writing, Policy(min_files=10), LATER) == ([], [])
+
+
+def test_consolidated_outputs_are_merged_again_with_their_neighbours() -> None:
+    files = [consolidated(0, 900), consolidated(990, 1800), metrics(1890), metrics(1980)]
+    plans, _ = plan_partition(scan(*files), Policy(min_files=2), OPEN_DAY)
+    assert len(plans) == 1
+    assert plans[0].output == "consolidated-20251230T100000Z-20251230T103300Z.parquet"
+
+
+def test_a_full_window_is_left_alone() -> None:
+    full = consolidated(0, 3510)
+    plans, _ = plan_partition(scan(full, metrics(3600), metrics(3690)), Policy(min_files=2), OPEN_DAY)
+    assert [[s.name for s in p.sources] for p in plans] == [
+        ["metrics-20251230T110000Z.parquet", "metrics-20251230T110130Z.parquet"]
+    ]
+
+
+def test_a_taken_output_name_is_skipped_not_overwritten() -> None:
+    files = [metrics(0), metrics(90)]
+    taken = "consolidated-20251230T100000Z-20251230T100130Z.parquet"
+    plans, skipped = plan_partition(scan(*files, extra=(taken,)), Policy(min_files=2), OPEN_DAY)
+    assert plans == []
+    assert [(s.output, s.sources) for s in skipped] == [
+        (taken, ("metrics-20251230T100000Z.parquet", "metrics-20251230T100130Z.parquet"))
+    ]
+
+
+def test_single_file_groups_are_not_merges() -> None:
+    plans, _ = plan_partition(scan(metrics(0), metrics(3600)), Policy(min_files=2), OPEN_DAY)
+    assert plans == []

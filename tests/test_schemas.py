@@ -1,0 +1,80 @@
+import pyarrow as pa
+import pytest
+
+from fgm_consolidator.errors import SchemaConflictError
+from fgm_consolidator.schemas import LINEAGE_KEY, conform, era_of, fingerprint, unify
+
+BASE = [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("time", pa.timestamp("ms"), nullable=False),
+    pa.field("metric_name", pa.string(), nullable=False),
+    pa.field("value_float", pa.float64()),
+]
+HIST = pa.field("value_histogram", pa.binary())
+DICT = pa.dictionary(pa.int32(), pa.string())
+MAP = pa.field("labels", pa.map_(pa.field("key", DICT, nullable=False), DICT), nullable=False)
+
+
+def flat(*labels: str, label_type: pa.DataType = pa.string()) -> pa.Schema:
+    return pa.schema([*BASE, *(pa.field(f"l_{k}", label_type) for k in labels), HIST])
+
+
+def test_label_union_is_sorted_and_placed_before_the_histogram() -> None:
+    schema = unify([flat("pod_name", "container_id"), flat("device", "pod_name")])
+    assert schema.names == [
+        "run_id", "time", "metric_name", "value_float",
+        "l_container_id", "l_device", "l_pod_name", "value_histogram",
+    ]  # fmt: skip
+    assert all(schema.field(n).nullable for n in ("l_container_id", "l_device", "l_pod_name"))
+
+
+def test_non_nullable_label_missing_elsewhere_becomes_nullable() -> None:
+    strict = pa.schema([*BASE, pa.field("l_pod", pa.string(), nullable=False), HIST])
+    assert unify([strict, flat()]).field("l_pod").nullable
+    assert not unify([strict, strict]).field("l_pod").nullable
+
+
+def test_label_type_conflict_is_refused() -> None:
+    with pytest.raises(SchemaConflictError, match="l_pid"):
+        unify([flat("pid"), flat("pid", label_type=pa.int64())])
+
+
+def test_eras_never_share_an_output() -> None:
+    map_era = pa.schema([*BASE, MAP, HIST])
+    assert era_of(map_era) == "map"
+    assert era_of(flat("pod")) == "flat"
+    with pytest.raises(SchemaConflictError, match="eras differ"):
+        unify([flat(), map_era])
+
+
+def test_base_column_type_change_is_a_conflict() -> None:
+    micro = pa.schema([BASE[0], pa.field("time", pa.timestamp("us"), nullable=False), *BASE[2:]])
+    with pytest.raises(SchemaConflictError, match="non-label columns differ"):
+        unify([pa.schema(BASE), micro])
+
+
+def test_lineage_of_a_consolidated_source_is_not_inherited() -> None:
+    source = flat("pod").with_metadata({LINEAGE_KEY: b"{}", b"other": b"kept"})
+    assert unify([source]).metadata == {b"other": b"kept"}
+
+
+def test_fingerprint_ignores_metadata_but_not_types() -> None:
+    assert fingerprint(flat("a")) == fingerprint(flat("a").with_metadata({b"k": b"v"}))
+    assert fingerprint(flat("a")) != fingerprint(flat("a", label_type=pa.large_string()))
+
+
+def test_conform_fills_missing_labels_with_nulls_without_casting() -> None:
+    target = unify([flat("a", "b"), flat("b")])
+    batch = pa.RecordBatch.from_pylist(
+        [{"run_id": "r", "time": 5, "metric_name": "m", "value_float": 1.5, "l_b": "x"}],
+        schema=flat("b"),
+    )
+    out = conform(batch, target)
+    assert out.schema == target
+    assert out.to_pylist()[0]["l_a"] is None
+    assert out.to_pylist()[0]["l_b"] == "x"
+    wrong = pa.RecordBatch.from_pylist([{"run_id": "r", "time": 5, "metric_name": "m",
+                                         "value_float": 1.0, "l_b": 1}],
+                                       schema=flat("b", label_type=pa.int64()))  # fmt: skip
+    with pytest.raises(SchemaConflictError, match="l_b"):
+        conform(wrong, target)
