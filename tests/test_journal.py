@@ -84,7 +84,8 @@ def test_held_names_come_from_merges_that_need_a_person(journal: Journal) -> Non
     journal.record_written(merge_id, rows=30, size=1, checksum="c")
     journal.transition(merge_id, S.NEEDS_ATTENTION, actor="recovery", error="why")
     assert journal.held_names("dt=2025-12-30/identifier=a") == {
-        "consolidated-x.parquet", *(s.name for s in SOURCES)
+        "consolidated-x.parquet",
+        *(s.name for s in SOURCES),
     }
     assert journal.held_names("dt=2025-12-31/identifier=a") == set()
 

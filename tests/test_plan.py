@@ -86,7 +86,9 @@ def test_consolidated_outputs_are_merged_again_with_their_neighbours() -> None:
 
 def test_a_full_window_is_left_alone() -> None:
     full = consolidated(0, 3510)
-    plans, _ = plan_partition(scan(full, metrics(3600), metrics(3690)), Policy(min_files=2), OPEN_DAY)
+    plans, _ = plan_partition(
+        scan(full, metrics(3600), metrics(3690)), Policy(min_files=2), OPEN_DAY
+    )
     assert [[s.name for s in p.sources] for p in plans] == [
         ["metrics-20251230T110000Z.parquet", "metrics-20251230T110130Z.parquet"]
     ]

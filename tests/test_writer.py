@@ -4,14 +4,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import data_files
 
 from fgm_consolidator.durable import identity
 from fgm_consolidator.errors import MergeAborted, SourceChangedError, SourceReadError
 from fgm_consolidator.schemas import unify
 from fgm_consolidator.simulate import PodSpec
 from fgm_consolidator.writer import WriteOptions, WriteSource, write_merged
-
-from conftest import data_files
 
 
 @pytest.fixture
@@ -76,7 +75,9 @@ def test_a_corrupt_source_is_named_and_the_partial_output_removed(
     assert not target.exists()
 
 
-def test_a_source_changed_since_planning_stops_the_write(sources: list[Path], tmp_path: Path) -> None:
+def test_a_source_changed_since_planning_stops_the_write(
+    sources: list[Path], tmp_path: Path
+) -> None:
     schema = unify([pq.read_schema(p) for p in sources])
     planned = [WriteSource(p, identity(p), pq.read_metadata(p).num_rows) for p in sources]
     with open(sources[1], "ab") as handle:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -109,9 +109,7 @@ def plan_data_dir(
         yield scan, plans, skipped
 
 
-def consolidation_pass(
-    journal: Journal, settings: Settings, stop: StopFlag, *, today: date | None = None
-) -> PassReport:
+def consolidation_pass(journal: Journal, settings: Settings, stop: StopFlag) -> PassReport:
     report = PassReport(recovery=recover(journal, settings.data_dir, sweep=False))
     log_recovery(report.recovery)
     for scan, plans, skipped in plan_data_dir(settings.data_dir, settings.policy, journal):

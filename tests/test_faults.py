@@ -1,0 +1,152 @@
+"""I/O errors injected in-process at the durable seams: the merge rolls back, nothing is lost,
+and the next pass succeeds once the fault is gone. Transient errors are retried."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import data_files, rows_pyarrow, tmp_files
+
+from fgm_consolidator import durable, merge, writer
+from fgm_consolidator.journal import Journal
+from fgm_consolidator.layout import default_journal_path
+from fgm_consolidator.plan import Policy
+from fgm_consolidator.service import Settings, StopFlag, consolidation_pass
+from fgm_consolidator.simulate import PodSpec
+from fgm_consolidator.states import MergeState
+
+
+@pytest.fixture
+def setup(data_dir: Path, populate) -> Iterator[tuple[Settings, Journal]]:  # type: ignore[no-untyped-def]
+    populate(PodSpec("pod-a"), rotations=12)
+    settings = Settings(data_dir, default_journal_path(data_dir), Policy(min_files=2, min_age_s=0))
+    journal = Journal.open(settings.journal_path)
+    yield settings, journal
+    journal.close()
+
+
+def failing(exc_errno: int, times: int, real: Callable[..., object]) -> Callable[..., object]:
+    """Raise OSError(exc_errno) on the first `times` calls, then behave."""
+    calls = {"n": 0}
+
+    def fake(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise OSError(exc_errno, os.strerror(exc_errno))
+        return real(*args, **kwargs)
+
+    fake.calls = calls  # type: ignore[attr-defined]
+    return fake
+
+
+def run_pass(settings: Settings, journal: Journal):  # type: ignore[no-untyped-def]
+    return consolidation_pass(journal, settings, StopFlag(grace_s=20))
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.EDQUOT])
+def test_write_error_rolls_back_and_the_next_pass_succeeds(
+    setup, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:  # type: ignore[no-untyped-def]
+    settings, journal = setup
+    before_files = data_files(settings.data_dir)
+    before_rows = rows_pyarrow(settings.data_dir)
+    real_write = writer._HashingSink.write
+    calls = {"n": 0}
+
+    def write(self: writer._HashingSink, data: bytes) -> int:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(code, os.strerror(code))
+        return real_write(self, data)
+
+    monkeypatch.setattr(writer._HashingSink, "write", write)
+    report = run_pass(settings, journal)
+    assert [m.state for m in report.merges] == [MergeState.ROLLED_BACK]
+    assert os.strerror(code) in (report.merges[0].error or "")
+    assert data_files(settings.data_dir) == before_files
+    assert tmp_files(settings.data_dir) == []
+    assert journal.unreadable() == []  # a full disk is not the sources' fault
+
+    monkeypatch.undo()
+    report = run_pass(settings, journal)
+    assert [m.state for m in report.merges] == [MergeState.SOURCES_DELETED]
+    assert rows_pyarrow(settings.data_dir) == before_rows
+    assert len(data_files(settings.data_dir)) == 1
+
+
+def test_fsync_failure_is_not_retried_and_the_step_is_redone(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    settings, journal = setup
+    before_rows = rows_pyarrow(settings.data_dir)
+    fake = failing(errno.EIO, 1, durable.fsync_file)
+    monkeypatch.setattr(durable, "fsync_file", fake)
+    report = run_pass(settings, journal)
+    assert fake.calls["n"] == 1  # type: ignore[attr-defined]
+    assert [m.state for m in report.merges] == [MergeState.ROLLED_BACK]
+    assert tmp_files(settings.data_dir) == []
+    report = run_pass(settings, journal)
+    assert [m.state for m in report.merges] == [MergeState.SOURCES_DELETED]
+    assert rows_pyarrow(settings.data_dir) == before_rows
+
+
+@pytest.mark.parametrize("code", [errno.EBUSY, errno.EAGAIN])
+def test_transient_errors_are_retried(setup, monkeypatch: pytest.MonkeyPatch, code: int) -> None:  # type: ignore[no-untyped-def]
+    settings, journal = setup
+    fake = failing(code, 2, os.link)
+    monkeypatch.setattr(os, "link", fake)
+    report = run_pass(settings, journal)
+    assert [m.state for m in report.merges] == [MergeState.SOURCES_DELETED]
+    assert fake.calls["n"] == 4  # type: ignore[attr-defined]  # 2 failures, output + companion
+
+
+def test_failed_rename_leaves_the_merge_to_recovery(setup, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    settings, journal = setup
+    before_rows = rows_pyarrow(settings.data_dir)
+    monkeypatch.setattr(os, "link", failing(errno.EACCES, 99, os.link))
+    with pytest.raises(PermissionError):
+        run_pass(settings, journal)
+    assert [r.state for r in journal.unfinished()] == [MergeState.WRITTEN]
+    assert rows_pyarrow(settings.data_dir) == before_rows  # the .tmp is not a data file
+    monkeypatch.undo()
+    report = run_pass(settings, journal)
+    assert [a.action for a in report.recovery.actions] == ["resumed"]
+    assert rows_pyarrow(settings.data_dir) == before_rows
+    assert tmp_files(settings.data_dir) == []
+
+
+def test_failed_unlink_keeps_the_remaining_sources_until_recovery(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    settings, journal = setup
+    before_rows = rows_pyarrow(settings.data_dir)
+    real_unlink = os.unlink
+    count = {"n": 0}
+
+    def unlink(path: object) -> None:
+        if str(path).endswith(".parquet") and "metrics-" in str(path):
+            count["n"] += 1
+            if count["n"] == 3:
+                raise OSError(errno.EIO, "Input/output error")
+        real_unlink(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(OSError, match="Input/output"):
+        run_pass(settings, journal)
+    assert [r.state for r in journal.unfinished()] == [MergeState.RENAMED]
+    monkeypatch.undo()
+    report = run_pass(settings, journal)
+    assert [(a.found, a.result) for a in report.recovery.actions] == [
+        (MergeState.RENAMED, MergeState.SOURCES_DELETED)
+    ]
+    assert rows_pyarrow(settings.data_dir) == before_rows
+    assert len(data_files(settings.data_dir)) == 1
+
+
+def test_merge_module_uses_the_durable_primitives() -> None:
+    """The fault seams above only prove something if merge really goes through them."""
+    assert merge.durable is durable
