@@ -15,7 +15,10 @@ DICT = pa.dictionary(pa.int32(), pa.string())
 MAP = pa.field("labels", pa.map_(pa.field("key", DICT, nullable=False), DICT), nullable=False)
 
 
-def flat(*labels: str, label_type: pa.DataType = pa.string()) -> pa.Schema:
+UTF8 = pa.string()
+
+
+def flat(*labels: str, label_type: pa.DataType = UTF8) -> pa.Schema:
     return pa.schema([*BASE, *(pa.field(f"l_{k}", label_type) for k in labels), HIST])
 
 
