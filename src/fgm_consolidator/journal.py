@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from . import crashpoints
+from . import crashpoints, durable
 from .durable import FileIdentity
 from .errors import JournalError
 from .states import TERMINAL, MergeState, check_transition
@@ -120,9 +120,12 @@ class Journal:
                 conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                created = not path.exists()
                 conn = sqlite3.connect(path, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
+                if created:  # the new file's name must survive a power cut too
+                    durable.fsync_dir(path.parent)
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA foreign_keys=ON")
             journal = cls(Database(conn), path)
