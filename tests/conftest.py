@@ -98,7 +98,9 @@ def rows_duckdb(data_dir: Path) -> Counter[Row]:
     rows: Counter[Row] = Counter()
     con = duckdb.connect()
     for path in data_files(data_dir):
-        cursor = con.execute("SELECT * FROM read_parquet(?, hive_partitioning = false)", [str(path)])
+        cursor = con.execute(
+            "SELECT * FROM read_parquet(?, hive_partitioning = false)", [str(path)]
+        )
         names = [d[0] for d in cursor.description]
         for values in cursor.fetchall():
             row = dict(zip(names, values, strict=True))
