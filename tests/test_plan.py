@@ -107,3 +107,14 @@ def test_a_taken_output_name_is_skipped_not_overwritten() -> None:
 def test_single_file_groups_are_not_merges() -> None:
     plans, _ = plan_partition(scan(metrics(0), metrics(3600)), Policy(min_files=2), OPEN_DAY)
     assert plans == []
+
+
+def test_a_group_never_spans_a_file_left_out_of_this_pass() -> None:
+    """Else merging that file later would produce the output's own name, skipped forever."""
+    files = [metrics(0), metrics(90), metrics(270), metrics(360)]
+    unreadable = "metrics-20251230T100300Z.parquet"  # 10:03:00, between 90 s and 270 s
+    plans, _ = plan_partition(scan(*files, extra=(unreadable,)), Policy(min_files=2), OPEN_DAY)
+    assert [p.output for p in plans] == [
+        "consolidated-20251230T100000Z-20251230T100130Z.parquet",
+        "consolidated-20251230T100430Z-20251230T100600Z.parquet",
+    ]

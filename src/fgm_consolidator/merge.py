@@ -8,6 +8,7 @@ deletes its sources, whoever calls it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +25,13 @@ from .errors import (
 )
 from .journal import Journal, MergeRecord
 from .layout import companion_name, tmp_name
+from .logs import log_event
 from .plan import MergePlan, Policy
 from .schemas import LINEAGE_KEY
 from .states import MergeState
 from .writer import WriteOptions, WriteSource, write_merged
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,11 +129,24 @@ def _write_companion_tmp(folder: Path, plan: MergePlan) -> None:
 
 
 def _remember_unreadable(journal: Journal, plan: MergePlan, exc: SourceReadError) -> None:
-    """Exclude the culprit from later merges until it changes, so it cannot block its partition."""
+    """Exclude the culprit from later merges until it changes, so it cannot block its partition.
+
+    Reported with the same event as a footer the scan cannot read: a file whose pages are
+    corrupt behind a good footer is only found here, and must not go unnoticed (invariant 4).
+    """
     culprit = Path(exc.path or "").name
     for source in plan.sources:
-        if culprit in (source.name, companion_name(source.name)):
-            journal.record_unreadable(plan.partition, source.name, source.identity, exc.reason)
+        if culprit in (source.name, companion_name(source.name)) and journal.record_unreadable(
+            plan.partition, source.name, source.identity, exc.reason
+        ):
+            log_event(
+                log,
+                "file-unreadable",
+                logging.WARNING,
+                partition=plan.partition,
+                file=source.name,
+                reason=exc.reason,
+            )
 
 
 def roll_back(

@@ -6,21 +6,24 @@ Rules, in the order they cut a group:
   rewritten again and a closed day converges to one file per window;
 - size: the sum of the sources stays under `max_output_bytes`;
 - schema: only sources that `schemas.unify` accepts share an output.
-Groups keep time order and cover contiguous runs of eligible files. A partition is worked once
-it has `min_files` eligible `metrics-*` files, or once its day is over (then every group of two
-or more files is merged, so the tail of a day is not left behind).
+Groups keep time order and cover contiguous runs of eligible files: a group never spans a data
+file it cannot take now (young, unreadable, held), because once that file can be merged, its
+stamp inside the group's range would give the merge with this output the output's own name,
+and that merge would be skipped on every pass. A partition is worked once it has `min_files`
+eligible `metrics-*` files, or once its day is over (then every group of two or more files is
+merged, so the tail of a day is not left behind).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import date
+from datetime import date, datetime
 
 import pyarrow as pa
 
 from .errors import SchemaConflictError
-from .layout import format_consolidated
+from .layout import format_consolidated, parse_data_file
 from .scan import PartitionScan, SourceFile
 from .schemas import Era, era_of, unify
 
@@ -85,15 +88,29 @@ def _fits(group: Sequence[SourceFile], candidate: SourceFile, policy: Policy) ->
     )
 
 
+def _barrier_between(
+    previous: SourceFile, candidate: SourceFile, barriers: Sequence[datetime]
+) -> bool:
+    return any(previous.file.start < stamp < candidate.file.start for stamp in barriers)
+
+
 def group_sources(
-    eligible: Sequence[SourceFile], policy: Policy
+    eligible: Sequence[SourceFile], policy: Policy, barriers: Sequence[datetime] = ()
 ) -> list[tuple[list[SourceFile], pa.Schema]]:
-    """Greedy, in time order: a file joins the open group unless a rule above says no."""
+    """Greedy, in time order: a file joins the open group unless a rule above says no.
+
+    `barriers` are the start stamps of the partition's data files that are not eligible.
+    """
     groups: list[tuple[list[SourceFile], pa.Schema]] = []
     current: list[SourceFile] = []
     schema: pa.Schema | None = None
     for source in eligible:
-        if current and schema is not None and _fits(current, source, policy):
+        if (
+            current
+            and schema is not None
+            and _fits(current, source, policy)
+            and not _barrier_between(current[-1], source, barriers)
+        ):
             try:
                 schema = unify([schema, source.schema])
                 current.append(source)
@@ -106,6 +123,16 @@ def group_sources(
     if current and schema is not None:
         groups.append((current, schema))
     return groups
+
+
+def _barriers(scan: PartitionScan) -> list[datetime]:
+    """Start stamps of the data files in the folder that this pass leaves alone."""
+    eligible = {s.name for s in scan.eligible}
+    return [
+        parsed.start
+        for name in scan.names
+        if name not in eligible and (parsed := parse_data_file(name)) is not None
+    ]
 
 
 def is_day_over(partition: str, today: date) -> bool:
@@ -123,7 +150,7 @@ def plan_partition(
     plans: list[MergePlan] = []
     skipped: list[Skipped] = []
     taken = set(scan.names)
-    for sources, schema in group_sources(scan.eligible, policy):
+    for sources, schema in group_sources(scan.eligible, policy, _barriers(scan)):
         if len(sources) < 2:
             continue
         start = min(s.file.start for s in sources)

@@ -1,0 +1,440 @@
+"""Bad files never cost a row and never stall their partition (invariant 4).
+
+A file the consolidator cannot read completely stays byte-identical where it was, is reported
+once (journal `unreadable` table, a `file-unreadable` log event, `history`), and the good files
+around it are consolidated on this pass and on every later one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from conftest import PAST, data_files, rows_duckdb, rows_pyarrow, run_cli, small_spec, tmp_files
+
+from fgm_consolidator import merge
+from fgm_consolidator.cli import main
+from fgm_consolidator.journal import Journal
+from fgm_consolidator.layout import default_journal_path
+from fgm_consolidator.logs import FIELDS
+from fgm_consolidator.plan import Policy
+from fgm_consolidator.service import PassReport, Settings, StopFlag, consolidation_pass
+from fgm_consolidator.simulate import PodSpec, generate
+from fgm_consolidator.states import MergeState
+
+POD = "pod-a"
+KEY = f"dt=2025-12-30/identifier={POD}"
+LINEAGE = b"fgm_consolidator.lineage"
+
+Event = tuple[str, dict[str, Any]]
+
+
+def stamp(rotation: int) -> str:
+    return (PAST + timedelta(seconds=90 * rotation)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def metrics_name(rotation: int) -> str:
+    return f"metrics-{stamp(rotation)}.parquet"
+
+
+def consolidated_name(first: int, last: int) -> str:
+    return f"consolidated-{stamp(first)}-{stamp(last)}.parquet"
+
+
+def companion(path: Path) -> Path:
+    return path.with_suffix(".containers")
+
+
+@dataclass
+class Node:
+    """A data directory fed from a staging area, as a monitor would add files over time."""
+
+    data_dir: Path
+    staging: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.data_dir / KEY
+
+    def staged(self, rotation: int) -> Path:
+        return self.staging / KEY / metrics_name(rotation)
+
+    def arrive(self, rotations: range) -> None:
+        """Move files (and companions) in by rename: bytes and mtimes are the monitor's."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for rotation in rotations:
+            source = self.staged(rotation)
+            source.rename(self.folder / source.name)
+            companion(source).rename(companion(self.folder / source.name))
+
+    def path(self, rotation: int) -> Path:
+        return self.folder / metrics_name(rotation)
+
+
+@pytest.fixture
+def node(data_dir: Path, tmp_path: Path) -> Node:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    generate(staging, small_spec((PodSpec(POD),), rotations=30))  # 08:00:00 .. 08:43:30
+    return Node(data_dir, staging)
+
+
+@pytest.fixture
+def events() -> Iterator[list[Event]]:
+    """Every log event of the package, with its fields; independent of how logging is set up."""
+    captured: list[Event] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            captured.append((record.getMessage(), dict(getattr(record, FIELDS, {}))))
+
+    logger = logging.getLogger("fgm_consolidator")
+    handler, level = Catch(logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield captured
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def named(events: list[Event], event: str) -> list[dict[str, Any]]:
+    return [fields for name, fields in events if name == event]
+
+
+def one_pass(data_dir: Path, **policy: Any) -> PassReport:
+    settings = Settings(data_dir, default_journal_path(data_dir), Policy(min_age_s=0, **policy))
+    journal = Journal.open(settings.journal_path)
+    try:
+        return consolidation_pass(journal, settings, StopFlag(20))
+    finally:
+        journal.close()
+
+
+def unreadable_records(data_dir: Path) -> list[tuple[str, str, int, int]]:
+    journal = Journal.open(default_journal_path(data_dir), read_only=True)
+    try:
+        return [(u.partition, u.name, u.size, u.mtime_ns) for u in journal.unreadable()]
+    finally:
+        journal.close()
+
+
+def history_lines(data_dir: Path, kind: str) -> list[str]:
+    result = CliRunner().invoke(main, ["history", "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    return [line for line in result.output.splitlines() if line.startswith(f"kind={kind} ")]
+
+
+def rows_of(paths: list[Path]) -> Counter[tuple[Any, ...]]:
+    """Rows of exactly these (readable) files, independent of which `l_*` columns hold them."""
+    rows: Counter[tuple[Any, ...]] = Counter()
+    for path in paths:
+        for row in pq.read_table(path).to_pylist():
+            rows[tuple(sorted((k, v) for k, v in row.items() if v is not None))] += 1
+    return rows
+
+
+def fingerprint(path: Path) -> tuple[str, int]:
+    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+
+
+def lineage_names(path: Path) -> list[str]:
+    metadata = pq.ParquetFile(path).metadata.metadata or {}
+    return [s["name"] for s in json.loads(metadata[LINEAGE])["sources"]]
+
+
+def consolidated_only_besides(data_dir: Path, *kept: Path) -> list[Path]:
+    """The outputs, after checking every other data file has been consolidated."""
+    files = data_files(data_dir)
+    assert sorted(p for p in files if p.name.startswith("metrics-")) == sorted(kept)
+    outputs = [p for p in files if p.name.startswith("consolidated-")]
+    for output in outputs:
+        assert not {p.name for p in kept} & set(lineage_names(output))
+    assert tmp_files(data_dir) == []
+    return outputs
+
+
+def keep_mtime(path: Path, write: Callable[[Path], None]) -> None:
+    st = path.stat()
+    write(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def truncate_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def zero_bytes(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def not_parquet(path: Path) -> None:
+    path.write_bytes(b"run_id,time,metric_name\nthis is a CSV export, not parquet\n")
+
+
+CORRUPTIONS = {"truncated": truncate_half, "zero-byte": zero_bytes, "not-parquet": not_parquet}
+
+
+@pytest.mark.parametrize(
+    ("kind", "bad"),
+    [("truncated", 0), ("zero-byte", 10), ("not-parquet", 20)],
+    ids=["truncated-first", "zero-byte-middle", "not-parquet-last"],
+)
+def test_one_unreadable_file_among_twenty_good_ones(
+    node: Node, events: list[Event], kind: str, bad: int
+) -> None:
+    node.arrive(range(21))
+    path = node.path(bad)
+    keep_mtime(path, CORRUPTIONS[kind])
+    bad_print, bad_companion = fingerprint(path), fingerprint(companion(path))
+    good = [node.path(i) for i in range(21) if i != bad]
+    expected = rows_of(good)
+
+    report = one_pass(node.data_dir)
+
+    assert [(key, u.name) for key, u in report.unreadable] == [(KEY, path.name)]
+    assert report.failed == [] and len(report.merges) >= 1
+    assert fingerprint(path) == bad_print
+    assert fingerprint(companion(path)) == bad_companion
+    outputs = consolidated_only_besides(node.data_dir, path)
+    assert rows_of(outputs) == expected
+    st = path.stat()
+    assert unreadable_records(node.data_dir) == [(KEY, path.name, st.st_size, st.st_mtime_ns)]
+    reported = named(events, "file-unreadable")
+    assert [(e["partition"], e["file"]) for e in reported] == [(KEY, path.name)]
+
+    # Later passes: not reported again, and new files still get consolidated.
+    events.clear()
+    expected += rows_of([node.staged(i) for i in range(21, 25)])
+    node.arrive(range(21, 25))
+    report = one_pass(node.data_dir)
+
+    assert report.unreadable == [] and report.failed == [] and len(report.merges) >= 1
+    assert named(events, "file-unreadable") == []
+    assert fingerprint(path) == bad_print
+    outputs = consolidated_only_besides(node.data_dir, path)
+    assert rows_of(outputs) == expected
+    assert len(unreadable_records(node.data_dir)) == 1
+    [line] = history_lines(node.data_dir, "unreadable")
+    assert f'partition="{KEY}" file={path.name} size={st.st_size} ' in line
+
+
+def test_the_cli_reports_an_unreadable_file_once_and_moves_on(node: Node) -> None:
+    node.arrive(range(12))
+    path = node.path(5)
+    keep_mtime(path, truncate_half)
+    bad_print = fingerprint(path)
+    expected = rows_of([node.path(i) for i in range(12) if i != 5])
+    run = ("run", "--once", "--data-dir", str(node.data_dir), "--min-age", "0")
+
+    first = run_cli(*run)
+
+    assert first.returncode == 0, first.stderr
+    [line] = [x for x in first.stderr.splitlines() if "event=file-unreadable" in x]
+    assert "level=warning" in line and f"file={path.name}" in line
+    assert f'partition="{KEY}"' in line
+    assert fingerprint(path) == bad_print
+    assert rows_of(consolidated_only_besides(node.data_dir, path)) == expected
+
+    expected += rows_of([node.staged(i) for i in range(12, 20)])
+    node.arrive(range(12, 20))
+    second = run_cli(*run)
+
+    assert second.returncode == 0, second.stderr
+    assert "file-unreadable" not in second.stderr
+    assert "level=warning" not in second.stderr and "level=error" not in second.stderr
+    assert second.stderr.count("event=merge-finished") >= 1
+    assert fingerprint(path) == bad_print
+    assert rows_of(consolidated_only_besides(node.data_dir, path)) == expected
+    history = run_cli("history", "--data-dir", str(node.data_dir))
+    assert history.returncode == 0, history.stderr
+    unreadable = [x for x in history.stdout.splitlines() if x.startswith("kind=unreadable ")]
+    assert len(unreadable) == 1 and f"file={path.name}" in unreadable[0]
+
+
+def test_a_file_with_a_future_mtime_is_left_alone_until_its_time_comes(
+    node: Node, events: list[Event]
+) -> None:
+    """A monitor clock ahead of ours: the file may still be written, so it waits, untouched."""
+    node.arrive(range(21))
+    path = node.path(10)
+    original = path.stat()
+    tomorrow = time.time() + 86_400
+    os.utime(path, (tomorrow, tomorrow))
+    future_print = fingerprint(path)
+    expected = rows_of([node.path(i) for i in range(21)])
+
+    report = one_pass(node.data_dir)
+
+    assert report.failed == [] and report.unreadable == [] and len(report.merges) >= 1
+    assert fingerprint(path) == future_print
+    assert companion(path).exists()
+    outputs = consolidated_only_besides(node.data_dir, path)
+    assert rows_of([*outputs, path]) == expected
+    assert unreadable_records(node.data_dir) == []
+    assert named(events, "file-unreadable") == []
+
+    # Our clock catches up: the file joins its window, and the closed day converges to one file.
+    os.utime(path, ns=(original.st_atime_ns, original.st_mtime_ns))
+    report = one_pass(node.data_dir)
+
+    assert report.failed == [] and report.skipped == []
+    assert data_files(node.data_dir) == [node.folder / consolidated_name(0, 20)]
+    assert rows_of(data_files(node.data_dir)) == expected
+    assert named(events, "merge-skipped") == []
+
+
+def test_a_file_that_appears_during_a_pass_is_neither_deleted_nor_lost(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node.arrive(range(20))
+    newcomer = node.path(20)
+    staged_print = fingerprint(node.staged(20)), fingerprint(companion(node.staged(20)))
+    expected = rows_of([node.path(i) for i in range(20)] + [node.staged(20)])
+    real = merge.write_merged
+    calls: list[str] = []
+
+    def write_merged(*args: Any, **kwargs: Any) -> Any:
+        """The monitor rotates while the merge is being written (after the scan)."""
+        if not calls:
+            node.arrive(range(20, 21))
+        calls.append(str(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge, "write_merged", write_merged)
+    report = one_pass(node.data_dir)
+
+    assert len(calls) == 1 and report.failed == []
+    assert [m.output for m in report.merges] == [consolidated_name(0, 19)]
+    assert (fingerprint(newcomer), fingerprint(companion(newcomer))) == staged_print
+    outputs = consolidated_only_besides(node.data_dir, newcomer)
+    assert rows_of([*outputs, newcomer]) == expected
+
+    monkeypatch.setattr(merge, "write_merged", real)
+    report = one_pass(node.data_dir)
+
+    assert report.failed == []
+    assert data_files(node.data_dir) == [node.folder / consolidated_name(0, 20)]
+    assert rows_of(data_files(node.data_dir)) == expected
+    assert sorted(os.listdir(node.folder)) == sorted(
+        [consolidated_name(0, 20), companion(Path(consolidated_name(0, 20))).name]
+    )
+
+
+def zero_column_chunk(path: Path, column: str) -> None:
+    """Overwrite one column chunk's pages with zeros; the footer still reads."""
+    group = pq.read_metadata(path).row_group(0)
+    [chunk] = [
+        group.column(i)
+        for i in range(group.num_columns)
+        if group.column(i).path_in_schema == column
+    ]
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start : start + chunk.total_compressed_size] = bytes(chunk.total_compressed_size)
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_pages_behind_a_good_footer_roll_the_merge_back(
+    node: Node, events: list[Event]
+) -> None:
+    node.arrive(range(24))  # quarter-hour windows: 0..9, 10..19, 20..23
+    path = node.path(12)
+    keep_mtime(path, lambda p: zero_column_chunk(p, "metric_name"))
+    assert pq.read_metadata(path).num_rows == 90  # the footer reads: the scan finds it eligible
+    with pytest.raises(OSError):
+        pq.read_table(path)
+    window = [node.path(i) for i in range(10, 20)]
+    prints = {p.name: (fingerprint(p), fingerprint(companion(p))) for p in window}
+    expected = rows_of([node.path(i) for i in range(24) if i != 12])
+
+    report = one_pass(node.data_dir, max_span_s=900)
+
+    states = {m.output: m.state for m in report.merges}
+    assert states == {
+        consolidated_name(0, 9): MergeState.SOURCES_DELETED,
+        consolidated_name(10, 19): MergeState.ROLLED_BACK,
+        consolidated_name(20, 23): MergeState.SOURCES_DELETED,
+    }
+    [failed] = report.failed
+    assert failed.error is not None and path.name in failed.error
+    assert {p.name: (fingerprint(p), fingerprint(companion(p))) for p in window} == prints
+    assert not (node.folder / consolidated_name(10, 19)).exists()
+    assert not companion(node.folder / consolidated_name(10, 19)).exists()
+    assert tmp_files(node.data_dir) == []
+    st = path.stat()
+    assert unreadable_records(node.data_dir) == [(KEY, path.name, st.st_size, st.st_mtime_ns)]
+    assert [(e["partition"], e["file"]) for e in named(events, "file-unreadable")] == [
+        (KEY, path.name)
+    ]
+    assert [e["output"] for e in named(events, "merge-failed")] == [consolidated_name(10, 19)]
+
+    # The next pass consolidates the window without it, and says nothing new about it.
+    events.clear()
+    report = one_pass(node.data_dir, max_span_s=900)
+
+    assert report.failed == [] and report.unreadable == [] and len(report.merges) >= 1
+    assert named(events, "file-unreadable") == []
+    outputs = consolidated_only_besides(node.data_dir, path)
+    assert rows_of(outputs) == expected
+    assert fingerprint(path) == prints[path.name][0]
+    assert fingerprint(companion(path)) == prints[path.name][1]
+    assert len(unreadable_records(node.data_dir)) == 1
+    [line] = history_lines(node.data_dir, "unreadable")
+    assert f"file={path.name}" in line
+
+    # A third pass over the closed day has nothing left to do.
+    report = one_pass(node.data_dir, max_span_s=900)
+    assert report.merges == [] and report.skipped == []
+
+
+def int_pod_names(path: Path) -> None:
+    """What a monitor bug could write: `l_pod_name` as Int64 instead of Utf8."""
+    table = pq.read_table(path)
+    index = table.schema.get_field_index("l_pod_name")
+    numbers = pa.array([1000 + i for i in range(table.num_rows)], pa.int64())
+    table = table.set_column(index, pa.field("l_pod_name", pa.int64()), numbers)
+    pq.write_table(table, path, compression="zstd")
+
+
+def test_a_label_type_conflict_keeps_files_in_separate_outputs(node: Node) -> None:
+    node.arrive(range(8))
+    for rotation in (3, 4):
+        keep_mtime(node.path(rotation), int_pod_names)
+    expected = rows_pyarrow(node.data_dir)
+    assert rows_duckdb(node.data_dir) == expected
+
+    report = one_pass(node.data_dir)
+
+    assert report.failed == [] and report.unreadable == []
+    groups = {consolidated_name(0, 2): 0, consolidated_name(3, 4): 3, consolidated_name(5, 7): 5}
+    assert sorted(m.output for m in report.merges) == sorted(groups)
+    assert [p.name for p in data_files(node.data_dir)] == sorted(groups)
+    for name, first in groups.items():
+        output = node.folder / name
+        pod_name = pq.read_schema(output).field("l_pod_name")
+        assert pod_name.type == (pa.int64() if first == 3 else pa.utf8())
+        assert pod_name.nullable
+        last = {0: 2, 3: 4, 5: 7}[first]
+        assert lineage_names(output) == [metrics_name(i) for i in range(first, last + 1)]
+    assert rows_pyarrow(node.data_dir) == expected
+    assert rows_duckdb(node.data_dir) == expected
+    assert unreadable_records(node.data_dir) == []
+
+    # They stay apart: a later pass neither merges them nor fails on them.
+    report = one_pass(node.data_dir)
+    assert report.merges == [] and report.skipped == []
+    assert [p.name for p in data_files(node.data_dir)] == sorted(groups)
