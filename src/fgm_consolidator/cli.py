@@ -68,7 +68,7 @@ def _fail(exc: ConsolidatorError) -> click.ClickException:
 
 
 @click.group()
-@click.version_option(package_name="fgm-consolidator")
+@click.version_option(package_name="fgm-consolidator", prog_name="fgm-consolidator")
 def main() -> None:
     """Merge fine-grained-monitor's small parquet files into few large ones, crash-safely."""
 

@@ -117,7 +117,13 @@ class Journal:
     def open(cls, path: Path, *, read_only: bool = False) -> Journal:
         try:
             if read_only:
-                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+                # No `-wal` file means no writer has the journal open: `immutable` then reads
+                # it without creating `-wal`/`-shm` files, so `history` and `run --dry-run`
+                # leave the volume exactly as they found it.
+                wal = path.with_name(path.name + "-wal")
+                flags = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+                uri = f"{path.resolve().as_uri()}?{flags}"  # percent-encodes ?, # and %
+                conn = sqlite3.connect(uri, uri=True, isolation_level=None)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 created = not path.exists()
