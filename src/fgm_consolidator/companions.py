@@ -81,7 +81,8 @@ class _Reader:
         return self._take(1, field)[0]
 
     def u64(self, field: str) -> int:
-        return _U64.unpack(self._take(_U64.size, field))[0]
+        value: int = _U64.unpack(self._take(_U64.size, field))[0]
+        return value
 
     def count(self, field: str, min_item_size: int) -> int:
         """Read a length prefix and refuse it if the rest of the data could not hold that many."""

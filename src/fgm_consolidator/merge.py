@@ -105,11 +105,10 @@ def execute(
             _write_companion_tmp(folder, plan)
         durable.fsync_dir(folder)
     except (ConsolidatorError, OSError, pa.ArrowException) as exc:
-        error = str(exc)
-        roll_back(journal, folder, merge_id, plan.output, error=error, actor="merge")
+        roll_back(journal, folder, merge_id, plan.output, error=str(exc), actor="merge")
         if isinstance(exc, SourceReadError):
             _remember_unreadable(journal, plan, exc)
-        return outcome(MergeState.ROLLED_BACK, error=error)
+        return outcome(MergeState.ROLLED_BACK, error=str(exc))
     journal.record_written(merge_id, rows=result.rows, size=result.size, checksum=result.checksum)
     state, error = finish(journal, folder, journal.merge(merge_id), actor="merge")
     return outcome(state, result.size, error)
@@ -167,6 +166,8 @@ def finish(
         try:
             publish(folder, record.output)
         except NameTakenError as exc:
+            if exc.path != str(folder / record.output) and (folder / record.output).exists():
+                raise  # our output already has its final name: a roll back would keep rows twice
             roll_back(journal, folder, record.id, record.output, error=str(exc), actor=actor)
             return MergeState.ROLLED_BACK, str(exc)
         journal.transition(record.id, MergeState.RENAMED, actor=actor)
@@ -181,13 +182,22 @@ def finish(
 
 
 def publish(folder: Path, output: str) -> None:
-    """Give the output and its companion their final names, then make the names durable."""
+    """Give the output and its companion their final names, then make the names durable.
+
+    Both names are checked before either is taken, so a collision publishes nothing.
+    """
+    moves: list[tuple[Path, Path, bool]] = []
     for final in (output, companion_name(output)):
         tmp = folder / tmp_name(final)
         if not tmp.exists():
             continue  # renamed before a crash, or an output without companion
         target = folder / final
-        if target.exists() and os.path.samefile(tmp, target):
+        linked = target.exists() and os.path.samefile(tmp, target)
+        if target.exists() and not linked:
+            raise NameTakenError("name already exists, refusing to overwrite", target)
+        moves.append((tmp, target, linked))
+    for tmp, target, linked in moves:
+        if linked:
             durable.remove(tmp)  # a crash fell between link and unlink
         else:
             durable.rename_no_replace(tmp, target)

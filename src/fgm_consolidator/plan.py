@@ -23,7 +23,7 @@ from datetime import date, datetime
 import pyarrow as pa
 
 from .errors import SchemaConflictError
-from .layout import format_consolidated, parse_data_file
+from .layout import companion_name, format_consolidated, parse_data_file
 from .scan import PartitionScan, SourceFile
 from .schemas import Era, era_of, unify
 
@@ -156,7 +156,7 @@ def plan_partition(
         start = min(s.file.start for s in sources)
         end = max(s.file.end for s in sources)
         output = format_consolidated(start, end)
-        if output in taken:
+        if output in taken or companion_name(output) in taken:
             skipped.append(Skipped(scan.partition, output, tuple(s.name for s in sources)))
             continue
         taken.add(output)

@@ -1,0 +1,527 @@
+"""Crash tests: a real `fgm-consolidator` process SIGKILLs itself at a named point (crashpoints),
+the disk is checked against DESIGN.md's table of journal states, then `recover` must bring every
+merge to a terminal state with every row kept once, idempotently, and a later `run` finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import PAST, rows_pyarrow, run_cli, small_spec, tmp_files
+
+from fgm_consolidator.journal import Journal, MergeRecord
+from fgm_consolidator.layout import default_journal_path
+from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
+from fgm_consolidator.states import MergeState
+
+POD_A = "dt=2025-12-30/identifier=pod-a"
+POD_B = "dt=2025-12-30/identifier=pod-b"
+OUTPUT = "consolidated-20251230T080000Z-20251230T083430Z.parquet"
+OUTPUT_COMPANION = "consolidated-20251230T080000Z-20251230T083430Z.containers"
+SOURCES = 24  # rotations of small_spec: one merge of 24 sources per partition
+# One merge of a partition unlinks 2 temp names (publish) then 24 sources and 24 companions.
+UNLINKS_PER_MERGE = 2 + 2 * SOURCES
+EXIT_NEEDS_PERSON = 3
+INTERRUPTED = "interrupted"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def run_once(data_dir: Path, crash_at: str | None = None) -> Any:
+    env = {"FGM_CRASH_AT": crash_at} if crash_at else {"FGM_CRASH_AT": ""}
+    return run_cli(
+        "run", "--once", "--data-dir", str(data_dir), "--min-age", "0",
+        "--row-group-size", "1", env=env,
+    )  # fmt: skip
+
+
+def recover(data_dir: Path, crash_at: str | None = None) -> Any:
+    env = {"FGM_CRASH_AT": crash_at or ""}
+    return run_cli("recover", "--data-dir", str(data_dir), "--json", env=env)
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def history(data_dir: Path) -> list[dict[str, Any]]:
+    result = run_cli("history", "--data-dir", str(data_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    return json_lines(result.stdout)
+
+
+def journal_records(data_dir: Path) -> list[MergeRecord]:
+    journal = Journal.open(default_journal_path(data_dir), read_only=True)
+    try:
+        return sorted(journal.history(), key=lambda r: r.id)
+    finally:
+        journal.close()
+
+
+def unfinished(data_dir: Path) -> list[MergeRecord]:
+    journal = Journal.open(default_journal_path(data_dir), read_only=True)
+    try:
+        return journal.unfinished()
+    finally:
+        journal.close()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(data_dir: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file outside our state folder: inode, size and content."""
+    found = {}
+    for path in sorted(data_dir.rglob("*")):
+        if path.is_file() and ".fgm-consolidator" not in path.parts:
+            st = path.stat()
+            found[str(path.relative_to(data_dir))] = (st.st_ino, st.st_size, sha256(path))
+    return found
+
+
+def names_in(folder: Path) -> set[str]:
+    return set(os.listdir(folder))
+
+
+def count(folder: Path, prefix: str, suffix: str) -> int:
+    return sum(1 for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(suffix))
+
+
+def medium_spec(pods: tuple[PodSpec, ...] = (PodSpec("pod-a"),)) -> SimulationSpec:
+    """Ten times the rows of small_spec: ~6 MB of Arrow data, so several 1 MB row groups."""
+    return SimulationSpec(
+        pods=pods,
+        start=PAST,
+        rotations=SOURCES,
+        metrics=5,
+        containers=2,
+        seconds_per_row_sample=1,
+        seed=1,
+    )
+
+
+def make_data(data_dir: Path, kind: str) -> None:
+    """Data and an existing journal: the crash points below count from the first merge on."""
+    Journal.open(default_journal_path(data_dir)).close()
+    if kind == "small":
+        generate(data_dir, small_spec())
+    elif kind == TWO:
+        generate(data_dir, small_spec((PodSpec("pod-a"), PodSpec("pod-b"))))
+    elif kind == "medium":
+        generate(data_dir, medium_spec())
+    else:  # pragma: no cover - a typo in a case
+        raise AssertionError(kind)
+
+
+def assert_fully_consolidated(data_dir: Path, partitions: list[str]) -> None:
+    for partition in partitions:
+        assert names_in(data_dir / partition) == {OUTPUT, OUTPUT_COMPANION}, partition
+
+
+def assert_settled(data_dir: Path, before: Counter[Any]) -> None:
+    assert tmp_files(data_dir) == []
+    assert unfinished(data_dir) == []
+    assert rows_pyarrow(data_dir) == before
+
+
+# -- one crash per point ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """Where the process dies and what DESIGN.md's table says the disk holds at that moment."""
+
+    point: str
+    state: MergeState  # the interrupted merge's latest journal state
+    sources: int  # its metrics-*.parquet still present
+    companions: int  # its metrics-*.containers still present
+    output: bool  # final consolidated parquet present
+    output_tmp: str  # "none", "partial" or "complete"
+    companion_out: bool = False
+    companion_tmp: bool = False
+    data: str = "small"
+
+    @property
+    def partitions(self) -> list[str]:
+        return [POD_A, POD_B] if self.data == TWO else [POD_A]
+
+    @property
+    def merge_id(self) -> int:
+        return len(self.partitions)
+
+
+PLANNED, WRITING, WRITTEN = MergeState.PLANNED, MergeState.WRITING, MergeState.WRITTEN
+RENAMED, DELETED = MergeState.RENAMED, MergeState.SOURCES_DELETED
+N, TWO = SOURCES, "two-pods"
+
+# fmt: off
+CASES = [
+    Case("journal:planned", PLANNED, N, N, False, "none"),
+    Case("journal:writing", WRITING, N, N, False, "none"),
+    Case("writer:row-group", WRITING, N, N, False, "partial"),
+    Case("writer:row-group#2", WRITING, N, N, False, "partial", data="medium"),
+    Case("writer:row-group#5", WRITING, N, N, False, "partial", data="medium"),
+    Case("durable:fsync-file#1", WRITING, N, N, False, "complete"),
+    Case("durable:fsync-file#2", WRITING, N, N, False, "complete", companion_tmp=True),
+    Case("durable:fsync-dir#1", WRITING, N, N, False, "complete", companion_tmp=True),
+    Case("journal:written", WRITTEN, N, N, False, "complete", companion_tmp=True),
+    # link done, unlink of the temp name not yet: one inode under both names
+    Case("durable:linked#1", WRITTEN, N, N, True, "complete", companion_tmp=True),
+    Case("durable:unlinked#1", WRITTEN, N, N, True, "none", companion_tmp=True),
+    Case("durable:linked#2", WRITTEN, N, N, True, "none", True, companion_tmp=True),
+    Case("durable:unlinked#2", WRITTEN, N, N, True, "none", True),
+    Case("durable:fsync-dir#2", WRITTEN, N, N, True, "none", True),
+    Case("journal:renamed", RENAMED, N, N, True, "none", True),
+    # sources are unlinked one by one, each parquet then its companion
+    Case("durable:unlinked#3", RENAMED, N - 1, N, True, "none", True),
+    Case("durable:unlinked#4", RENAMED, N - 1, N - 1, True, "none", True),
+    Case("durable:unlinked#25", RENAMED, N - 12, N - 11, True, "none", True),
+    Case("durable:unlinked#50", RENAMED, 0, 0, True, "none", True),
+    Case("durable:fsync-dir#3", RENAMED, 0, 0, True, "none", True),
+    Case("journal:sources-deleted", DELETED, 0, 0, True, "none", True),
+    # the second partition's merge, the first one already finished
+    Case("journal:planned#2", PLANNED, N, N, False, "none", data=TWO),
+    Case("journal:written#2", WRITTEN, N, N, False, "complete", companion_tmp=True, data=TWO),
+    Case(f"durable:unlinked#{UNLINKS_PER_MERGE + 11}", RENAMED, N - 5, N - 4, True, "none", True,
+         data=TWO),
+]
+# fmt: on
+
+
+def check_disk(data_dir: Path, case: Case) -> None:
+    folder = data_dir / case.partitions[-1]
+    record = journal_records(data_dir)[-1]
+    assert record.id == case.merge_id
+    assert record.state is case.state
+    assert [t.actor for t in record.transitions] == ["merge"] * len(record.transitions)
+    assert count(folder, "metrics-", ".parquet") == case.sources
+    assert count(folder, "metrics-", ".containers") == case.companions
+    assert (folder / OUTPUT).exists() is case.output
+    assert (folder / OUTPUT_COMPANION).exists() is case.companion_out
+    assert (folder / (OUTPUT_COMPANION + ".tmp")).exists() is case.companion_tmp
+    tmp = folder / (OUTPUT + ".tmp")
+    assert tmp.exists() is (case.output_tmp != "none")
+    if case.output_tmp == "partial":
+        with pytest.raises(Exception, match=r"(?i)parquet|footer|size"):
+            pq.read_metadata(tmp)
+    if case.output_tmp == "complete":
+        assert pq.read_metadata(tmp).num_rows == record.rows_in
+    if case.state in (WRITTEN, RENAMED, DELETED):
+        assert record.output_checksum is not None
+        proof = folder / OUTPUT if case.output else tmp
+        assert sha256(proof) == record.output_checksum
+    if case.output and case.output_tmp == "complete":
+        assert os.path.samefile(tmp, folder / OUTPUT)
+    for earlier in case.partitions[:-1]:
+        assert names_in(data_dir / earlier) == {OUTPUT, OUTPUT_COMPANION}
+
+
+def check_recovered(data_dir: Path, case: Case, report: list[dict[str, Any]]) -> None:
+    """What recovery did to the interrupted merge, as the journal and `history` tell it."""
+    record = journal_records(data_dir)[-1]
+    merges = {m["id"]: m for m in history(data_dir) if m["kind"] == "merge"}
+    shown = merges[case.merge_id]
+    actions = [line for line in report if line["kind"] == "recovery"]
+    summary = report[-1]
+    assert summary["kind"] == "summary"
+    assert summary["needs_person"] == 0
+    assert summary["consistent"] is True
+    actors = [t.actor for t in record.transitions]
+    if case.state in (PLANNED, WRITING):
+        assert shown["state"] == "rolled-back"
+        assert INTERRUPTED in shown["error"]
+        assert str(case.state) in shown["error"]
+        assert actors[-1] == "recovery"
+        assert [a["action"] for a in actions] == ["rolled back"]
+        assert actions[0]["merge_id"] == case.merge_id
+        assert actions[0]["found"] == str(case.state)
+    elif case.state in (WRITTEN, RENAMED):
+        assert shown["state"] == "sources-deleted"
+        assert shown["error"] is None
+        resumed = [t.state for t in record.transitions if t.actor == "recovery"]
+        expected = [RENAMED, DELETED] if case.state is WRITTEN else [DELETED]
+        assert resumed == expected
+        assert [a["action"] for a in actions] == ["resumed"]
+        assert actions[0]["result"] == "sources-deleted"
+    else:
+        assert shown["state"] == "sources-deleted"
+        assert actions == []
+        assert "recovery" not in actors
+    for other in case.partitions[:-1]:
+        assert next(m for m in merges.values() if m["partition"] == other)["state"] == (
+            "sources-deleted"
+        )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.point for c in CASES])
+def test_kill_at_every_point_then_recover(data_dir: Path, case: Case) -> None:
+    make_data(data_dir, case.data)
+    before = rows_pyarrow(data_dir)
+
+    crashed = run_once(data_dir, case.point)
+    assert crashed.returncode == -9, crashed.stderr
+    check_disk(data_dir, case)
+
+    recovered = recover(data_dir)
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert_settled(data_dir, before)
+    check_recovered(data_dir, case, json_lines(recovered.stdout))
+    if case.state in (WRITTEN, RENAMED, DELETED):
+        assert_fully_consolidated(data_dir, case.partitions)
+    else:
+        folder = data_dir / case.partitions[-1]
+        assert count(folder, "metrics-", ".parquet") == SOURCES
+        assert count(folder, "metrics-", ".containers") == SOURCES
+        assert count(folder, "consolidated-", "") == 0
+
+    # a second recovery finds nothing to do and changes nothing
+    files, transitions = snapshot(data_dir), journal_records(data_dir)
+    again = recover(data_dir)
+    assert again.returncode == 0, again.stderr
+    assert json_lines(again.stdout) == [
+        {
+            "kind": "summary",
+            "merges": 0,
+            "needs_person": 0,
+            "orphans_removed": 0,
+            "consistent": True,
+        }
+    ]
+    assert snapshot(data_dir) == files
+    assert journal_records(data_dir) == transitions
+
+    final = run_once(data_dir)
+    assert final.returncode == 0, final.stderr
+    assert_settled(data_dir, before)
+    assert_fully_consolidated(data_dir, case.partitions)
+    records = journal_records(data_dir)
+    assert records[-1].state is DELETED
+    assert len(records) == case.merge_id + (case.state in (PLANNED, WRITING))
+
+
+def test_row_group_size_of_1_mb_gives_several_row_groups(data_dir: Path) -> None:
+    """The precondition of the writer:row-group#k cases above: small_spec fits one group."""
+    generate(data_dir, medium_spec())
+    assert run_once(data_dir).returncode == 0
+    assert pq.ParquetFile(data_dir / POD_A / OUTPUT).metadata.num_row_groups >= 5
+
+
+def test_kill_at_the_first_sync_of_a_fresh_data_dir(data_dir: Path) -> None:
+    """No journal yet: the first folder sync is the journal's own creation (or the first merge's);
+    either way recovery and the next run must cope."""
+    generate(data_dir, small_spec())
+    before = rows_pyarrow(data_dir)
+    assert run_once(data_dir, "durable:fsync-dir#1").returncode == -9
+    assert rows_pyarrow(data_dir) == before
+    recovered = recover(data_dir)
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert json_lines(recovered.stdout)[-1]["consistent"] is True
+    assert_settled(data_dir, before)
+    assert run_once(data_dir).returncode == 0
+    assert_settled(data_dir, before)
+    assert_fully_consolidated(data_dir, [POD_A])
+
+
+# -- a kill during recovery itself ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecoveryCrash:
+    first: str  # where `run` dies
+    second: str  # where the recovery of that dies
+    by: str  # "recover", or "run" for the start-up recovery of the service
+    result: MergeState
+
+
+RECOVERY_CRASHES = [
+    RecoveryCrash("journal:planned", "journal:rolled-back", "recover", MergeState.ROLLED_BACK),
+    RecoveryCrash("journal:writing", "journal:rolled-back", "run", MergeState.ROLLED_BACK),
+    RecoveryCrash("durable:fsync-dir#1", "durable:unlinked#1", "recover", MergeState.ROLLED_BACK),
+    RecoveryCrash("journal:written", "durable:linked#1", "recover", DELETED),
+    RecoveryCrash("journal:written", "journal:renamed", "run", DELETED),
+    RecoveryCrash("journal:renamed", "durable:unlinked#3", "recover", DELETED),
+    RecoveryCrash("durable:unlinked#7", "durable:fsync-dir#1", "recover", DELETED),
+]
+
+
+@pytest.mark.parametrize(
+    "crash", RECOVERY_CRASHES, ids=[f"{c.first}+{c.by}@{c.second}" for c in RECOVERY_CRASHES]
+)
+def test_kill_during_recovery_is_recovered(data_dir: Path, crash: RecoveryCrash) -> None:
+    make_data(data_dir, "small")
+    before = rows_pyarrow(data_dir)
+    assert run_once(data_dir, crash.first).returncode == -9
+
+    again = run_once if crash.by == "run" else recover
+    second = again(data_dir, crash.second)
+    assert second.returncode == -9, second.stdout + second.stderr
+    assert rows_pyarrow(data_dir) >= before  # every row still there, maybe twice until resumed
+
+    third = recover(data_dir)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert_settled(data_dir, before)
+    record = journal_records(data_dir)[0]
+    assert record.state is crash.result
+    assert record.transitions[-1].actor == "recovery"
+    if crash.result is MergeState.ROLLED_BACK:
+        assert INTERRUPTED in (record.error or "")
+        assert count(data_dir / POD_A, "metrics-", ".parquet") == SOURCES
+    else:
+        assert_fully_consolidated(data_dir, [POD_A])
+    # each state entered once, whoever entered it: the killed recovery left no duplicate step
+    states = [t.state for t in record.transitions]
+    assert len(states) == len(set(states))
+
+    final = run_once(data_dir)
+    assert final.returncode == 0, final.stderr
+    assert_settled(data_dir, before)
+    assert_fully_consolidated(data_dir, [POD_A])
+
+
+# -- what recovery must not do on its own -----------------------------------------------------
+
+
+def touch(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def replace_with_copy(path: Path) -> None:
+    """Same bytes, new inode: what a monitor rewriting its file would leave."""
+    copy = path.with_name(path.name + ".copy")
+    shutil.copy2(path, copy)
+    os.replace(copy, path)
+
+
+@pytest.mark.parametrize("modify", [touch, replace_with_copy], ids=["mtime", "inode"])
+def test_source_changed_after_planning_is_kept_and_flagged(data_dir: Path, modify: Any) -> None:
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "journal:renamed").returncode == -9
+    changed = sorted(folder.glob("metrics-*.parquet"))[5]
+    modify(changed)
+    files = snapshot(data_dir)
+
+    # the flag is committed, then the process dies: the next recovery must not flag twice
+    flagged = recover(data_dir, "journal:needs-attention")
+    assert flagged.returncode == -9
+    assert journal_records(data_dir)[0].state is MergeState.NEEDS_ATTENTION
+
+    for _ in range(2):
+        result = recover(data_dir)
+        assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
+        lines = json_lines(result.stdout)
+        action = lines[0]
+        assert action["kind"] == "recovery"
+        assert action["action"] == "needs a person"
+        assert action["result"] == "needs-attention"
+        assert changed.name in action["reason"]
+        assert "changed after merge 1 was planned" in action["reason"]
+        assert lines[-1]["needs_person"] == 1
+        assert lines[-1]["consistent"] is False
+        assert snapshot(data_dir) == files  # not one file deleted, the changed one included
+
+    record = journal_records(data_dir)[0]
+    assert [(t.state, t.actor) for t in record.transitions] == [
+        (PLANNED, "merge"),
+        (WRITING, "merge"),
+        (WRITTEN, "merge"),
+        (RENAMED, "merge"),
+        (MergeState.NEEDS_ATTENTION, "recovery"),
+    ]
+    assert changed.name in (record.error or "")
+    shown = history(data_dir)[0]
+    assert shown["state"] == "needs-attention"
+    assert changed.name in shown["error"]
+
+    # the service leaves a flagged merge's files alone too
+    assert run_once(data_dir).returncode == 0
+    assert snapshot(data_dir) == files
+    assert len(journal_records(data_dir)) == 1
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_output_lost_while_sources_are_gone_needs_a_person(data_dir: Path, damage: str) -> None:
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "durable:unlinked#12").returncode == -9  # 5 sources deleted
+    if damage == "missing":
+        (folder / OUTPUT).unlink()
+    else:
+        corrupt(folder / OUTPUT)
+    files = snapshot(data_dir)
+    assert count(folder, "metrics-", ".parquet") == SOURCES - 5
+
+    for _ in range(2):
+        result = recover(data_dir)
+        assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
+        action = json_lines(result.stdout)[0]
+        assert action["action"] == "needs a person"
+        assert action["found"] in ("renamed", "needs-attention")
+        what = "missing" if damage == "missing" else "corrupt (checksum differs)"
+        assert f"output {OUTPUT} is {what}" in action["reason"]
+        assert "metrics-20251230T080000Z.parquet (missing)" in action["reason"]
+        assert snapshot(data_dir) == files
+
+    record = journal_records(data_dir)[0]
+    assert record.state is MergeState.NEEDS_ATTENTION
+    assert [t.actor for t in record.transitions].count("recovery") == 1
+
+
+# -- a foreign file under the companion's final name (invariants 2 and 5) ---------------------
+
+
+def test_a_taken_companion_name_skips_the_merge(data_dir: Path) -> None:
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    (folder / OUTPUT_COMPANION).write_bytes(b"not ours")
+    before, files = rows_pyarrow(data_dir), snapshot(data_dir)
+
+    result = run_once(data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "event=merge-skipped" in result.stderr
+    assert snapshot(data_dir) == files
+    assert rows_pyarrow(data_dir) == before
+    assert journal_records(data_dir) == []
+
+
+@pytest.mark.parametrize("point", ["durable:linked#1", "durable:unlinked#1"])
+def test_companion_name_taken_after_the_output_is_published_needs_a_person(
+    data_dir: Path, point: str
+) -> None:
+    """The parquet already has its final name: rolling back now would keep every row twice."""
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    assert run_once(data_dir, point).returncode == -9
+    assert (folder / OUTPUT).exists()
+    (folder / OUTPUT_COMPANION).write_bytes(b"not ours")
+    files = snapshot(data_dir)
+
+    for _ in range(2):
+        result = recover(data_dir)
+        assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
+        action = json_lines(result.stdout)[0]
+        assert action["action"] == "needs a person"
+        assert "name already exists" in action["reason"]
+        assert OUTPUT_COMPANION in action["reason"]
+        assert snapshot(data_dir) == files
+    record = journal_records(data_dir)[0]
+    assert record.state is MergeState.NEEDS_ATTENTION
+    assert [t.actor for t in record.transitions].count("recovery") == 1

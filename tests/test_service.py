@@ -1,0 +1,323 @@
+"""The sidecar as Kubernetes runs it: a long-lived `run` process, its lock, its passes, SIGTERM.
+
+Every wait below polls a condition (a log line, a file) with a deadline; nothing sleeps in
+place of synchronisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PAST, rows_pyarrow, run_cli, small_spec, tmp_files
+
+from fgm_consolidator.journal import Journal, MergeRecord
+from fgm_consolidator.layout import default_journal_path, lock_path
+from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
+from fgm_consolidator.states import MergeState
+
+POD_A = "dt=2025-12-30/identifier=pod-a"
+POD_B = "dt=2025-12-30/identifier=pod-b"
+OUTPUT = "consolidated-20251230T080000Z-20251230T083430Z.parquet"
+OUTPUT_COMPANION = "consolidated-20251230T080000Z-20251230T083430Z.containers"
+DEADLINE_S = 30.0
+
+
+def fields(line: str) -> dict[str, str]:
+    """One `key=value` log line (logs.format_fields) back into its fields."""
+    return dict(item.split("=", 1) for item in shlex.split(line) if "=" in item)
+
+
+class Service:
+    """A `fgm-consolidator run` process whose stderr log is collected line by line."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        env = {**os.environ, "FGM_CRASH_AT": ""}
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fgm_consolidator", "run", "--data-dir", str(data_dir),
+             "--min-age", "0", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def events(self) -> list[dict[str, str]]:
+        with self._changed:
+            return [fields(line) for line in self.lines]
+
+    def wait_for(
+        self, event: str, where: Callable[[dict[str, str]], bool] = lambda _: True, n: int = 1
+    ) -> dict[str, str]:
+        """The n-th log event named `event` that satisfies `where`, waiting up to the deadline."""
+        deadline = time.monotonic() + DEADLINE_S
+        with self._changed:
+            while True:
+                found = [f for f in map(fields, self.lines) if f.get("event") == event and where(f)]
+                if len(found) >= n:
+                    return found[n - 1]
+                if not self._reader.is_alive():
+                    raise AssertionError(f"exited before {event!r}:\n" + "\n".join(self.lines))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {event!r} in time:\n" + "\n".join(self.lines))
+                self._changed.wait(left)
+
+    def terminate(self, timeout: float) -> tuple[int, float]:
+        """SIGTERM; the exit code and the seconds it took to exit."""
+        sent = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        took = time.monotonic() - sent
+        self._reader.join(timeout=DEADLINE_S)
+        return code, took
+
+
+@pytest.fixture
+def start(data_dir: Path) -> Iterator[Callable[..., Service]]:
+    started: list[Service] = []
+
+    def make(*args: str) -> Service:
+        service = Service(data_dir, *args)
+        started.append(service)
+        return service
+
+    yield make
+    for service in started:  # only our own processes, by their handle
+        if service.proc.poll() is None:
+            service.proc.kill()
+            service.proc.wait(timeout=DEADLINE_S)
+
+
+def poll(condition: Callable[[], bool], what: str, interval: float = 0.002) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and ".fgm-consolidator" not in path.parts:
+            st = path.stat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            found[str(path.relative_to(folder))] = (st.st_ino, st.st_size, digest)
+    return found
+
+
+def journal_records(data_dir: Path) -> list[MergeRecord]:
+    journal = Journal.open(default_journal_path(data_dir), read_only=True)
+    try:
+        assert journal.unfinished() == []
+        return sorted(journal.history(), key=lambda r: r.id)
+    finally:
+        journal.close()
+
+
+def names(folder: Path) -> set[str]:
+    return set(os.listdir(folder))
+
+
+# -- (a) one consolidator per data directory --------------------------------------------------
+
+
+def test_a_second_instance_is_refused_and_told_who_holds_the_lock(
+    data_dir: Path, populate: Any, start: Callable[..., Service]
+) -> None:
+    populate()
+    service = start("--check-interval", "300")
+    holder = f"pid={service.proc.pid} "
+    lock = lock_path(data_dir)
+    poll(lambda: lock.exists() and holder in lock.read_text(), "the service to hold the lock")
+    # the first pass runs at once, not after the 300 s interval
+    assert service.wait_for("pass-finished")["merges"] == "1"
+    files = snapshot(data_dir)
+
+    for command in (
+        ("run", "--once", "--data-dir", str(data_dir), "--min-age", "0"),
+        ("recover", "--data-dir", str(data_dir)),
+    ):
+        refused = run_cli(*command, env={"FGM_CRASH_AT": ""})
+        assert refused.returncode == 1, (command, refused.stdout, refused.stderr)
+        assert "another fgm-consolidator holds this data directory" in refused.stderr
+        assert holder in refused.stderr
+        assert refused.stdout == ""
+    assert snapshot(data_dir) == files
+    assert len(journal_records(data_dir)) == 1
+
+    code, _took = service.terminate(timeout=DEADLINE_S)
+    assert code == 0
+    # the kernel dropped the lock with the process: a new instance is welcome
+    after = run_cli("recover", "--data-dir", str(data_dir), env={"FGM_CRASH_AT": ""})
+    assert after.returncode == 0, after.stderr
+
+
+# -- (b) SIGTERM between passes ---------------------------------------------------------------
+
+
+def test_sigterm_while_idle_exits_0_promptly(
+    data_dir: Path, populate: Any, start: Callable[..., Service]
+) -> None:
+    populate()
+    before = rows_pyarrow(data_dir)
+    service = start("--check-interval", "300")
+    service.wait_for("pass-finished")
+    code, took = service.terminate(timeout=DEADLINE_S)
+    assert code == 0, "\n".join(service.lines)
+    assert took < 5.0
+    assert service.events[-1]["event"] == "stopped"
+    assert service.events[-1]["reason"] == "signal"
+    assert names(data_dir / POD_A) == {OUTPUT, OUTPUT_COMPANION}
+    assert rows_pyarrow(data_dir) == before
+    assert tmp_files(data_dir) == []
+
+
+# -- (c) SIGTERM during a merge ---------------------------------------------------------------
+
+
+def slow_merge_data(data_dir: Path) -> None:
+    """pod-a: 172,800 rows, a merge of about a second at zstd level 22; pod-b: small, later."""
+    generate(
+        data_dir,
+        SimulationSpec(
+            pods=(PodSpec("pod-a"),),
+            start=PAST,
+            rotations=24,
+            metrics=20,
+            containers=4,
+            seconds_per_row_sample=1,
+            seed=3,
+        ),
+    )
+    generate(data_dir, small_spec((PodSpec("pod-b"),)))
+
+
+def sigterm_once_writing(data_dir: Path, service: Service, grace_s: float) -> tuple[int, float]:
+    tmp = data_dir / POD_A / (OUTPUT + ".tmp")
+    poll(lambda: tmp.exists() or service.proc.poll() is not None, "the merge to start writing")
+    assert service.proc.poll() is None, "\n".join(service.lines)
+    return service.terminate(timeout=grace_s + DEADLINE_S)
+
+
+SLOW = ("--check-interval", "300", "--compression-level", "22", "--row-group-size", "1")
+
+
+def test_sigterm_during_a_merge_lets_it_finish_within_the_grace_period(
+    data_dir: Path, start: Callable[..., Service]
+) -> None:
+    slow_merge_data(data_dir)
+    before = rows_pyarrow(data_dir)
+    pod_b = snapshot(data_dir / POD_B)
+    service = start(*SLOW, "--grace-period", "60")
+
+    code, took = sigterm_once_writing(data_dir, service, 60)
+    assert code == 0, "\n".join(service.lines)
+    assert took < 20.0
+    order = [e["event"] for e in service.events]
+    # the signal came in while the merge was being written, and the merge still finished
+    assert order.index("stop-requested") < order.index("merge-finished")
+    assert order[-1] == "stopped"
+    assert "merge-failed" not in order
+
+    assert tmp_files(data_dir) == []
+    assert names(data_dir / POD_A) == {OUTPUT, OUTPUT_COMPANION}
+    assert snapshot(data_dir / POD_B) == pod_b  # no new merge starts after SIGTERM
+    records = journal_records(data_dir)
+    assert [(r.partition, r.state) for r in records] == [(POD_A, MergeState.SOURCES_DELETED)]
+    assert rows_pyarrow(data_dir) == before
+
+
+def test_sigterm_during_a_merge_past_the_grace_period_rolls_it_back(
+    data_dir: Path, start: Callable[..., Service]
+) -> None:
+    slow_merge_data(data_dir)
+    files = snapshot(data_dir)
+    service = start(*SLOW, "--grace-period", "0")
+
+    code, took = sigterm_once_writing(data_dir, service, 0)
+    assert code == 0, "\n".join(service.lines)
+    assert took < 5.0
+    failed = service.wait_for("merge-failed")
+    assert failed["state"] == "rolled-back"
+    assert "stopped on request" in failed["error"]
+    assert "merge-finished" not in [e["event"] for e in service.events]
+
+    assert tmp_files(data_dir) == []
+    assert snapshot(data_dir) == files  # every source byte for byte, nothing else
+    records = journal_records(data_dir)
+    assert [(r.partition, r.state) for r in records] == [(POD_A, MergeState.ROLLED_BACK)]
+    assert [t.actor for t in records[0].transitions] == ["merge"] * 3
+    assert "stopped on request" in (records[0].error or "")
+
+
+# -- (d) a pass every --check-interval --------------------------------------------------------
+
+
+def test_files_dropped_after_a_pass_are_consolidated_by_the_next(
+    data_dir: Path, tmp_path: Path, populate: Any, start: Callable[..., Service]
+) -> None:
+    populate()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    generate(staging, small_spec((PodSpec("pod-b"),)))
+    before = rows_pyarrow(data_dir) + rows_pyarrow(staging)
+
+    service = start("--check-interval", "1")
+    first = service.wait_for("pass-finished")
+    assert first["merges"] == "1"
+    assert names(data_dir / POD_A) == {OUTPUT, OUTPUT_COMPANION}
+    # the new partition appears at once, whole: no pass can see half-written files
+    os.rename(staging / POD_B, data_dir / POD_B)
+
+    merged = service.wait_for("merge-finished", lambda f: f["partition"] == POD_B)
+    service.wait_for("pass-finished", lambda f: f["merges"] == "1", n=2)
+    passes = [e for e in service.events if e["event"] == "pass-finished"]
+    code, _took = service.terminate(timeout=DEADLINE_S)
+    assert code == 0, "\n".join(service.lines)
+
+    assert merged["state"] == "sources-deleted"
+    assert len(passes) >= 2
+    stamps = [time_of(e) for e in passes]
+    gaps = [b - a for a, b in pairwise(stamps)]
+    assert min(gaps) >= 0.99  # never sooner than --check-interval after the previous pass
+    assert time_of(merged) - stamps[0] >= 0.99
+    assert names(data_dir / POD_B) == {OUTPUT, OUTPUT_COMPANION}
+    assert tmp_files(data_dir) == []
+    assert rows_pyarrow(data_dir) == before
+    assert [(r.partition, r.state) for r in journal_records(data_dir)] == [
+        (POD_A, MergeState.SOURCES_DELETED),
+        (POD_B, MergeState.SOURCES_DELETED),
+    ]
+
+
+def time_of(event: dict[str, str]) -> float:
+    return datetime.fromisoformat(event["ts"]).timestamp()
