@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,19 @@ from fgm_consolidator.simulate import PodSpec, SimulationSpec, SimulationSummary
 PAST = datetime(2025, 12, 30, 8, 0, 0, tzinfo=UTC)
 
 Row = tuple[Any, ...]
+
+
+def stamp(rotation: int) -> str:
+    """The stamp of rotation N of `small_spec`, spelled independently of `layout`."""
+    return (PAST + timedelta(seconds=90 * rotation)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def metrics_name(rotation: int) -> str:
+    return f"metrics-{stamp(rotation)}.parquet"
+
+
+def consolidated_name(first: int, last: int) -> str:
+    return f"consolidated-{stamp(first)}-{stamp(last)}.parquet"
 
 
 def small_spec(

@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import PAST, data_files, rows_duckdb, rows_pyarrow, run_cli, small_spec, tmp_files
+from conftest import (
+    consolidated_name,
+    data_files,
+    metrics_name,
+    rows_duckdb,
+    rows_pyarrow,
+    run_cli,
+    small_spec,
+    tmp_files,
+)
 
 from fgm_consolidator import merge
 from fgm_consolidator.cli import main
@@ -40,18 +48,6 @@ KEY = f"dt=2025-12-30/identifier={POD}"
 LINEAGE = b"fgm_consolidator.lineage"
 
 Event = tuple[str, dict[str, Any]]
-
-
-def stamp(rotation: int) -> str:
-    return (PAST + timedelta(seconds=90 * rotation)).strftime("%Y%m%dT%H%M%SZ")
-
-
-def metrics_name(rotation: int) -> str:
-    return f"metrics-{stamp(rotation)}.parquet"
-
-
-def consolidated_name(first: int, last: int) -> str:
-    return f"consolidated-{stamp(first)}-{stamp(last)}.parquet"
 
 
 def companion(path: Path) -> Path:

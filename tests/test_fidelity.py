@@ -13,7 +13,6 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
-    PAST,
     Row,
+    consolidated_name,
     data_files,
+    metrics_name,
     rows_duckdb,
     rows_pyarrow,
     run_cli,
@@ -78,18 +78,6 @@ PODS = (
     PodSpec("pod-up", era="map", switch_to_flat_at=7),
 )
 ROTATIONS = 48  # 08:00:00 .. 09:10:30: one full hour window and the start of the next
-
-
-def stamp(rotation: int) -> str:
-    return (PAST + timedelta(seconds=90 * rotation)).strftime("%Y%m%dT%H%M%SZ")
-
-
-def metrics_name(rotation: int) -> str:
-    return f"metrics-{stamp(rotation)}.parquet"
-
-
-def consolidated_name(first: int, last: int) -> str:
-    return f"consolidated-{stamp(first)}-{stamp(last)}.parquet"
 
 
 def partition(identifier: str) -> str:

@@ -127,25 +127,26 @@ def _write_companion_tmp(folder: Path, plan: MergePlan) -> None:
         )
 
 
-def _remember_unreadable(journal: Journal, plan: MergePlan, exc: SourceReadError) -> None:
-    """Exclude the culprit from later merges until it changes, so it cannot block its partition.
+def report_unreadable(
+    journal: Journal, partition: str, name: str, identity: durable.FileIdentity, reason: str
+) -> None:
+    """Journal a file we could not read and log it, once per version of the file.
 
-    Reported with the same event as a footer the scan cannot read: a file whose pages are
-    corrupt behind a good footer is only found here, and must not go unnoticed (invariant 4).
+    The one path for a footer the scan cannot read and for corrupt pages behind a good footer,
+    which only a merge finds: either must be reported and then left alone (invariant 4).
     """
+    if journal.record_unreadable(partition, name, identity, reason):
+        log_event(
+            log, "file-unreadable", logging.WARNING, partition=partition, file=name, reason=reason
+        )
+
+
+def _remember_unreadable(journal: Journal, plan: MergePlan, exc: SourceReadError) -> None:
+    """Exclude the culprit from later merges until it changes, so it cannot block its partition."""
     culprit = Path(exc.path or "").name
     for source in plan.sources:
-        if culprit in (source.name, companion_name(source.name)) and journal.record_unreadable(
-            plan.partition, source.name, source.identity, exc.reason
-        ):
-            log_event(
-                log,
-                "file-unreadable",
-                logging.WARNING,
-                partition=plan.partition,
-                file=source.name,
-                reason=exc.reason,
-            )
+        if culprit in (source.name, companion_name(source.name)):
+            report_unreadable(journal, plan.partition, source.name, source.identity, exc.reason)
 
 
 def roll_back(

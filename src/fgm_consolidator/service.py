@@ -26,7 +26,7 @@ from .errors import ConsolidatorError
 from .journal import Journal
 from .layout import iter_partitions
 from .logs import log_event
-from .merge import MergeOutcome, execute
+from .merge import MergeOutcome, execute, report_unreadable
 from .plan import MergePlan, Policy, Skipped, plan_partition
 from .recovery import RecoveryReport, recover
 from .scan import PartitionScan, UnreadableFile, scan_partition
@@ -115,15 +115,7 @@ def consolidation_pass(journal: Journal, settings: Settings, stop: StopFlag) -> 
     for scan, plans, skipped in plan_data_dir(settings.data_dir, settings.policy, journal):
         for bad in scan.unreadable:
             report.unreadable.append((scan.partition, bad))
-            if journal.record_unreadable(scan.partition, bad.name, bad.identity, bad.reason):
-                log_event(
-                    log,
-                    "file-unreadable",
-                    logging.WARNING,
-                    partition=scan.partition,
-                    file=bad.name,
-                    reason=bad.reason,
-                )
+            report_unreadable(journal, scan.partition, bad.name, bad.identity, bad.reason)
         for skip in skipped:
             report.skipped.append(skip)
             log_event(
