@@ -15,7 +15,7 @@ from fgm_consolidator import durable, merge, writer
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.plan import Policy
-from fgm_consolidator.service import Settings, StopFlag, consolidation_pass
+from fgm_consolidator.service import Settings, StopFlag, consolidation_pass, run_service
 from fgm_consolidator.simulate import PodSpec
 from fgm_consolidator.states import MergeState
 
@@ -108,8 +108,10 @@ def test_failed_rename_leaves_the_merge_to_recovery(setup, monkeypatch: pytest.M
     settings, journal = setup
     before_rows = rows_pyarrow(settings.data_dir)
     monkeypatch.setattr(os, "link", failing(errno.EACCES, 99, os.link))
-    with pytest.raises(PermissionError):
-        run_pass(settings, journal)
+    report = run_pass(settings, journal)
+    assert [(p, "Permission denied" in e) for p, e in report.errors] == [
+        ("dt=2025-12-30/identifier=pod-a", True)
+    ]
     assert [r.state for r in journal.unfinished()] == [MergeState.WRITTEN]
     assert rows_pyarrow(settings.data_dir) == before_rows  # the .tmp is not a data file
     monkeypatch.undo()
@@ -135,8 +137,10 @@ def test_failed_unlink_keeps_the_remaining_sources_until_recovery(
         real_unlink(path)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "unlink", unlink)
-    with pytest.raises(OSError, match="Input/output"):
-        run_pass(settings, journal)
+    report = run_pass(settings, journal)
+    assert [(p, "Input/output" in e) for p, e in report.errors] == [
+        ("dt=2025-12-30/identifier=pod-a", True)
+    ]
     assert [r.state for r in journal.unfinished()] == [MergeState.RENAMED]
     monkeypatch.undo()
     report = run_pass(settings, journal)
@@ -150,3 +154,30 @@ def test_failed_unlink_keeps_the_remaining_sources_until_recovery(
 def test_merge_module_uses_the_durable_primitives() -> None:
     """The fault seams above only prove something if merge really goes through them."""
     assert merge.durable is durable
+
+
+def test_a_failing_partition_does_not_stop_the_others(
+    data_dir: Path, populate, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    populate(PodSpec("pod-a"), PodSpec("pod-b"), rotations=12)
+    settings = Settings(data_dir, default_journal_path(data_dir), Policy(min_files=2, min_age_s=0))
+    before_rows = rows_pyarrow(data_dir)
+    real_scandir = os.scandir
+
+    def scandir(path: object) -> object:
+        if "identifier=pod-a" in str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    journal = Journal.open(settings.journal_path)
+    try:
+        report = run_pass(settings, journal)
+    finally:
+        journal.close()
+    assert [p for p, _ in report.errors] == ["dt=2025-12-30/identifier=pod-a"]
+    assert [(m.partition, m.state) for m in report.merges] == [
+        ("dt=2025-12-30/identifier=pod-b", MergeState.SOURCES_DELETED)
+    ]
+    assert rows_pyarrow(data_dir) == before_rows
+    assert run_service(settings, StopFlag(grace_s=20), once=True) == 1  # --once says so

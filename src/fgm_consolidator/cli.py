@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,11 +18,11 @@ import click
 from . import logs
 from .errors import ConsolidatorError
 from .journal import Journal
-from .layout import default_journal_path, parse_partition
+from .layout import default_journal_path, iter_partitions, parse_partition
 from .plan import MB, Policy
 from .recovery import recover
 from .reports import merge_fields, plan_fields, recovery_fields, unreadable_fields
-from .service import Settings, StopFlag, plan_data_dir, run_service
+from .service import PARTITION_ERRORS, Settings, StopFlag, plan_one, run_service
 from .states import MergeState
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -63,7 +64,8 @@ def _echo(fields: dict[str, Any], as_json: bool) -> None:
     click.echo(json.dumps(fields, default=str) if as_json else logs.format_fields(fields))
 
 
-def _fail(exc: ConsolidatorError) -> click.ClickException:
+def _fail(exc: ConsolidatorError | OSError) -> click.ClickException:
+    """One line naming the path and the reason, exit 1; an OSError's text carries its path."""
     return click.ClickException(str(exc))
 
 
@@ -158,7 +160,7 @@ def run(
         stop = StopFlag(grace_period)
         stop.install()
         code = run_service(settings, stop, once=once)
-    except ConsolidatorError as exc:
+    except (ConsolidatorError, OSError) as exc:
         raise _fail(exc) from exc
     raise SystemExit(code)
 
@@ -166,34 +168,30 @@ def run(
 def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:
     journal = Journal.open(journal_path, read_only=True) if journal_path.exists() else None
     merges = files = 0
+    now = time.time()
     try:
-        for scan, plans, skipped in plan_data_dir(data_dir, policy, journal):
+        for partition in iter_partitions(data_dir):
+            try:
+                scan, plans, skipped = plan_one(data_dir, partition, policy, journal, now)
+            except PARTITION_ERRORS as exc:
+                _echo({"kind": "error", "partition": partition, "error": str(exc)}, False)
+                continue
             for bad in scan.unreadable:
-                click.echo(
-                    logs.format_fields(
-                        {
-                            "kind": "unreadable",
-                            "partition": scan.partition,
-                            "file": bad.name,
-                            "reason": bad.reason,
-                        }
-                    )
-                )
+                _echo(
+                    {"kind": "unreadable", "partition": partition, "file": bad.name,
+                     "reason": bad.reason},
+                    False,
+                )  # fmt: skip
             for skip in skipped:
-                click.echo(
-                    logs.format_fields(
-                        {
-                            "kind": "skipped",
-                            "partition": skip.partition,
-                            "output": skip.output,
-                            "reason": "output name already exists",
-                        }
-                    )
-                )
+                _echo(
+                    {"kind": "skipped", "partition": partition, "output": skip.output,
+                     "reason": "output name already exists"},
+                    False,
+                )  # fmt: skip
             for plan in plans:
                 merges += 1
                 files += len(plan.sources)
-                click.echo(logs.format_fields(plan_fields(plan)))
+                _echo(plan_fields(plan), False)
                 for source in plan.sources:
                     click.echo(f"  {source.name} rows={source.rows} bytes={source.identity.size}")
     finally:
@@ -219,7 +217,7 @@ def recover_command(data_dir: Path, journal: Path | None, as_json: bool, log_lev
                 report = recover(opened, data_dir)
             finally:
                 opened.close()
-    except ConsolidatorError as exc:
+    except (ConsolidatorError, OSError) as exc:
         raise _fail(exc) from exc
     for action in report.actions:
         _echo(recovery_fields(action), as_json)

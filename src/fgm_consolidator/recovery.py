@@ -9,6 +9,7 @@ source is intact, and otherwise touches nothing and says why.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,13 @@ from . import durable
 from .errors import NameTakenError
 from .journal import Journal, MergeRecord
 from .layout import companion_name, is_our_tmp, iter_partitions, tmp_name
+from .logs import log_event
 from .merge import finish, roll_back
 from .states import MergeState
 
 ACTOR = "recovery"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,20 +113,26 @@ def _needs_person(journal: Journal, record: MergeRecord, reason: str) -> Recover
 
 
 def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
-    """Remove temp files of ours that no unfinished merge accounts for (e.g. journal lost)."""
+    """Remove temp files of ours that no unfinished merge accounts for (e.g. journal lost).
+
+    A folder we cannot read or clean is logged and skipped: it must not stop start-up.
+    """
     removed = []
     for partition in iter_partitions(data_dir):
         folder = data_dir / partition
-        mine = [
-            folder / entry.name
-            for entry in os.scandir(folder)
-            if is_our_tmp(entry.name) and (partition, entry.name) not in keep
-        ]
-        for path in mine:
-            if durable.remove(path):
-                removed.append(path)
-        if mine:
-            durable.fsync_dir(folder)
+        try:
+            mine = [
+                folder / entry.name
+                for entry in os.scandir(folder)
+                if is_our_tmp(entry.name) and (partition, entry.name) not in keep
+            ]
+            for path in mine:
+                if durable.remove(path):
+                    removed.append(path)
+            if mine:
+                durable.fsync_dir(folder)
+        except OSError as exc:
+            log_event(log, "sweep-failed", logging.ERROR, partition=partition, error=exc)
     return removed
 
 

@@ -13,7 +13,6 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +32,9 @@ from .scan import PartitionScan, UnreadableFile, scan_partition
 from .states import MergeState
 
 log = logging.getLogger(__name__)
+
+# What one partition may throw without stopping the pass; journal (sqlite3) errors do stop it.
+PARTITION_ERRORS = (ConsolidatorError, OSError, pa.ArrowException)
 
 
 @dataclass(frozen=True)
@@ -79,64 +81,78 @@ class PassReport:
     merges: list[MergeOutcome] = field(default_factory=list)
     unreadable: list[tuple[str, UnreadableFile]] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (partition, error)
 
     @property
     def failed(self) -> list[MergeOutcome]:
         return [m for m in self.merges if m.state is not MergeState.SOURCES_DELETED]
 
 
-def plan_data_dir(
-    data_dir: Path, policy: Policy, journal: Journal | None, *, now: float | None = None
-) -> Iterator[tuple[PartitionScan, list[MergePlan], list[Skipped]]]:
-    """Scan and plan every partition; shared by real passes and `--dry-run`."""
-    now = time.time() if now is None else now
+def plan_one(
+    data_dir: Path, partition: str, policy: Policy, journal: Journal | None, now: float
+) -> tuple[PartitionScan, list[MergePlan], list[Skipped]]:
+    """Scan and plan one partition; shared by real passes and `--dry-run`."""
+    known: set[tuple[str, int, int]] = set()
+    held: set[str] = set()
+    if journal is not None:
+        known = {(u.name, u.size, u.mtime_ns) for u in journal.unreadable(partition)}
+        held = journal.held_names(partition)
+    scan = scan_partition(
+        data_dir, partition, min_age_s=policy.min_age_s, now=now, known_unreadable=known, held=held
+    )
     today = datetime.fromtimestamp(now, UTC).date()
-    for partition in iter_partitions(data_dir):
-        known = set()
-        held: set[str] = set()
-        if journal is not None:
-            known = {(u.name, u.size, u.mtime_ns) for u in journal.unreadable(partition)}
-            held = journal.held_names(partition)
-        scan = scan_partition(
-            data_dir,
-            partition,
-            min_age_s=policy.min_age_s,
-            now=now,
-            known_unreadable=known,
-            held=held,
-        )
-        plans, skipped = plan_partition(scan, policy, today)
-        yield scan, plans, skipped
+    plans, skipped = plan_partition(scan, policy, today)
+    return scan, plans, skipped
 
 
 def consolidation_pass(journal: Journal, settings: Settings, stop: StopFlag) -> PassReport:
+    """Recover, then each partition in turn. A partition that fails (a folder we may not
+    write, an I/O error while publishing) is reported and the others go on; a journal error
+    ends the pass."""
     report = PassReport(recovery=recover(journal, settings.data_dir, sweep=False))
     log_recovery(report.recovery)
-    for scan, plans, skipped in plan_data_dir(settings.data_dir, settings.policy, journal):
-        for bad in scan.unreadable:
-            report.unreadable.append((scan.partition, bad))
-            report_unreadable(journal, scan.partition, bad.name, bad.identity, bad.reason)
-        for skip in skipped:
-            report.skipped.append(skip)
-            log_event(
-                log,
-                "merge-skipped",
-                logging.WARNING,
-                partition=skip.partition,
-                output=skip.output,
-                reason="output name already exists",
-            )
-        for plan in plans:
-            if stop.requested:
-                return report
-            outcome = execute(
-                journal, settings.data_dir, plan, settings.policy, should_abort=stop.past_grace
-            )
-            report.merges.append(outcome)
-            log_outcome(outcome)
+    now = time.time()
+    for partition in iter_partitions(settings.data_dir):
         if stop.requested:
             break
+        try:
+            _consolidate_partition(journal, settings, stop, partition, now, report)
+        except PARTITION_ERRORS as exc:
+            report.errors.append((partition, str(exc)))
+            log_event(log, "partition-failed", logging.ERROR, partition=partition, error=exc)
     return report
+
+
+def _consolidate_partition(
+    journal: Journal,
+    settings: Settings,
+    stop: StopFlag,
+    partition: str,
+    now: float,
+    report: PassReport,
+) -> None:
+    scan, plans, skipped = plan_one(settings.data_dir, partition, settings.policy, journal, now)
+    for bad in scan.unreadable:
+        report.unreadable.append((scan.partition, bad))
+        report_unreadable(journal, scan.partition, bad.name, bad.identity, bad.reason)
+    for skip in skipped:
+        report.skipped.append(skip)
+        log_event(
+            log,
+            "merge-skipped",
+            logging.WARNING,
+            partition=skip.partition,
+            output=skip.output,
+            reason="output name already exists",
+        )
+    for plan in plans:
+        if stop.requested:
+            return
+        outcome = execute(
+            journal, settings.data_dir, plan, settings.policy, should_abort=stop.past_grace
+        )
+        report.merges.append(outcome)
+        log_outcome(outcome)
 
 
 def log_outcome(outcome: MergeOutcome) -> None:
@@ -188,20 +204,23 @@ def run_service(settings: Settings, stop: StopFlag, *, once: bool = False) -> in
 
 
 def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> int:
+    """Exit code for `--once`: 1 when a partition or the pass failed (rolled-back merges are
+    not failures: their sources are intact and the next pass retries them)."""
     while True:
         started = time.monotonic()
-        ok = True
         try:
             report = consolidation_pass(journal, settings, stop)
+            ok = not report.errors
             log_event(
                 log,
                 "pass-finished",
                 merges=len(report.merges),
                 failed=len(report.failed),
                 unreadable=len(report.unreadable),
+                partition_errors=len(report.errors),
                 duration_s=round(time.monotonic() - started, 3),
             )
-        except (ConsolidatorError, OSError, sqlite3.Error, pa.ArrowException) as exc:
+        except (*PARTITION_ERRORS, sqlite3.Error) as exc:
             ok = False
             log_event(
                 log,
