@@ -8,7 +8,6 @@ already have dropped the dirty pages, so the caller must redo the whole step fro
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections.abc import Callable
@@ -125,7 +124,3 @@ def remove(path: Path) -> bool:
         return False
     crashpoints.reach("durable:unlinked")
     return True
-
-
-def is_no_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

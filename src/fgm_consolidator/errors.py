@@ -1,8 +1,9 @@
 """The one exception hierarchy of fgm-consolidator.
 
 Every error names the path it concerns and the reason, so that a log line or a CLI message is
-enough to act on. ``retryable`` says whether doing the same thing again may succeed (EINTR,
-EAGAIN, EBUSY); the durable layer retries only those.
+enough to act on. None of these is retried: the durable layer retries only OSErrors whose errno
+is in TRANSIENT_ERRNOS (doing the same thing again may succeed); everything else fails the
+merge, which is rolled back and tried again by the next pass.
 """
 
 from __future__ import annotations
@@ -16,16 +17,10 @@ TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EBUSY})
 class ConsolidatorError(Exception):
     """Base of every error this package raises on purpose; the CLI turns it into `Error: ...`."""
 
-    retryable = False
-
     def __init__(self, reason: str, path: Path | str | None = None) -> None:
         self.reason = reason
         self.path = None if path is None else str(path)
         super().__init__(f"{self.path}: {reason}" if self.path else reason)
-
-
-class ConfigError(ConsolidatorError):
-    """An option has a value we cannot run with; raised before anything is touched."""
 
 
 class LockHeldError(ConsolidatorError):
@@ -70,9 +65,3 @@ class OutputCheckError(ConsolidatorError):
 
 class MergeAborted(ConsolidatorError):
     """A merge was stopped on request (SIGTERM past the grace period) and rolled back."""
-
-
-class TransientIOError(ConsolidatorError):
-    """An I/O error that may pass if tried again (EINTR, EAGAIN, EBUSY)."""
-
-    retryable = True

@@ -79,10 +79,6 @@ def companion_name(parquet_name: str) -> str:
     return parquet_name.removesuffix(PARQUET_SUFFIX) + COMPANION_SUFFIX
 
 
-def format_partition(day: str, identifier: str) -> str:
-    return f"dt={day}/identifier={identifier}"
-
-
 def parse_partition(text: str) -> str:
     """Check a `dt=YYYY-MM-DD/identifier=<name>` key given by a person (`history --partition`)."""
     text = text.strip("/")

@@ -6,7 +6,6 @@ from datetime import datetime
 from typing import Any
 
 from .journal import MergeRecord, UnreadableRecord
-from .merge import MergeOutcome
 from .plan import MergePlan
 from .recovery import RecoveryAction
 
@@ -71,19 +70,4 @@ def plan_fields(plan: MergePlan) -> dict[str, Any]:
         "bytes_in": plan.bytes_in,
         "first": plan.sources[0].name,
         "last": plan.sources[-1].name,
-    }
-
-
-def outcome_fields(outcome: MergeOutcome) -> dict[str, Any]:
-    return {
-        "kind": "merge",
-        "id": outcome.merge_id,
-        "partition": outcome.partition,
-        "output": outcome.output,
-        "state": str(outcome.state),
-        "sources": outcome.sources,
-        "rows": outcome.rows,
-        "bytes_in": outcome.bytes_in,
-        "bytes_out": outcome.bytes_out,
-        "error": outcome.error,
     }
