@@ -185,7 +185,7 @@ def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:
             for skip in skipped:
                 _echo(
                     {"kind": "skipped", "partition": partition, "output": skip.output,
-                     "reason": "output name already exists"},
+                     "reason": skip.reason},
                     False,
                 )  # fmt: skip
             for plan in plans:

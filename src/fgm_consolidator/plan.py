@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
+from typing import ClassVar
 
 import pyarrow as pa
 
@@ -72,6 +73,8 @@ class Skipped:
     partition: str
     output: str
     sources: tuple[str, ...]
+
+    reason: ClassVar[str] = "output name already exists"
 
 
 def _window(source: SourceFile, span_s: int) -> int:

@@ -28,6 +28,7 @@ from .logs import log_event
 from .merge import MergeOutcome, execute, report_unreadable
 from .plan import MergePlan, Policy, Skipped, plan_partition
 from .recovery import RecoveryReport, recover
+from .reports import recovery_fields
 from .scan import PartitionScan, UnreadableFile, scan_partition
 from .states import MergeState
 
@@ -143,7 +144,7 @@ def _consolidate_partition(
             logging.WARNING,
             partition=skip.partition,
             output=skip.output,
-            reason="output name already exists",
+            reason=skip.reason,
         )
     for plan in plans:
         if stop.requested:
@@ -174,19 +175,12 @@ def log_outcome(outcome: MergeOutcome) -> None:
 
 
 def log_recovery(report: RecoveryReport) -> None:
+    """The same fields `recover` prints, as log events."""
     for action in report.actions:
-        log_event(
-            log,
-            "recovery",
-            logging.WARNING if action.result is MergeState.NEEDS_ATTENTION else logging.INFO,
-            merge_id=action.merge_id,
-            partition=action.partition,
-            output=action.output,
-            found=action.found,
-            result=action.result,
-            action=action.action,
-            reason=action.reason,
-        )
+        fields = recovery_fields(action)
+        del fields["kind"]
+        level = logging.WARNING if action.result is MergeState.NEEDS_ATTENTION else logging.INFO
+        log_event(log, "recovery", level, **fields)
     for path in report.swept:
         log_event(log, "orphan-removed", path=path)
 
