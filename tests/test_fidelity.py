@@ -170,6 +170,26 @@ def disk_state(data_dir: Path) -> dict[str, tuple[int, int, int, str]]:
     return state
 
 
+def by_metric(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault(row["metric_name"], []).append(row)
+    return grouped
+
+
+def check_metric_layout(path: Path, metrics: set[str]) -> None:
+    """Row group 0 names every metric (the viewer's metric list); every later row group holds
+    one metric, so min/max statistics prune all the others."""
+    parquet = pq.ParquetFile(path)
+    head = parquet.read_row_group(0, columns=["metric_name"]).column(0).to_pylist()
+    assert sorted(head) == sorted(metrics)
+    for group in range(1, parquet.metadata.num_row_groups):
+        column = parquet.metadata.row_group(group).column(
+            parquet.schema_arrow.get_field_index("metric_name")
+        )
+        assert column.statistics.min == column.statistics.max
+
+
 def check_output(path: Path, before: Before, journal: Journal) -> list[str]:
     """Everything one output must be, given its sources as read before; returns their names."""
     key = str(path.parent.relative_to(path.parents[2]))
@@ -193,16 +213,19 @@ def check_output(path: Path, before: Before, journal: Journal) -> list[str]:
     for source in sources:
         assert set(source.schema.names) <= set(schema.names)
 
-    # Rows: the concatenation of the sources' rows in name order, missing labels as null.
+    # Rows: the sources' rows, missing labels as null, laid out by metric; within each metric
+    # exactly in source order (so time order within every metric and container holds).
     expected = [{name: row.get(name) for name in schema.names} for s in sources for row in s.rows]
-    assert pq.read_table(path).to_pylist() == expected
+    assert by_metric(pq.read_table(path).to_pylist()) == by_metric(expected)
+    check_metric_layout(path, {row["metric_name"] for row in expected})
 
     # Statistics and a page index on every column chunk; min/max the viewer prunes with.
     metadata = pq.ParquetFile(path).metadata
+    written = pq.read_table(path).to_pylist()
     start = 0
     for index in range(metadata.num_row_groups):
         group = metadata.row_group(index)
-        rows = expected[start : start + group.num_rows]
+        rows = written[start : start + group.num_rows]
         start += group.num_rows
         for column in range(group.num_columns):
             chunk = group.column(column)
@@ -341,12 +364,12 @@ def test_outputs_under_the_limits_are_merged_again_with_their_neighbours(
         assert check_output(final, before, journal) == quarters
     finally:
         journal.close()
-    # Through both generations: the original files' rows, in the original order.
+    # Through both generations: the original files' rows, each metric in the original order.
     schema = pq.read_schema(final)
     originals = [before[key][metrics_name(i)] for i in range(24)]
-    assert pq.read_table(final).to_pylist() == [
-        {name: row.get(name) for name in schema.names} for s in originals for row in s.rows
-    ]
+    assert by_metric(pq.read_table(final).to_pylist()) == by_metric(
+        [{name: row.get(name) for name in schema.names} for s in originals for row in s.rows]
+    )
     companions = [s.companion for s in originals if s.companion is not None]
     assert list(read_companion(final.with_suffix(".containers")).containers) == union_by_id(
         companions

@@ -26,7 +26,26 @@ def write(paths: list[Path], target: Path, **kwargs) -> object:  # type: ignore[
     return write_merged(inputs, target, schema, options, metadata={b"k": b"v"}, **kwargs)
 
 
-def test_output_holds_every_row_in_source_order(sources: list[Path], tmp_path: Path) -> None:
+def rows_by_metric(rows: list[dict[str, object]]) -> dict[object, list[object]]:
+    grouped: dict[object, list[object]] = {}
+    for row in rows:
+        grouped.setdefault(row["metric_name"], []).append((row["time"], row["l_container_id"]))
+    return grouped
+
+
+def metric_ranges(target: Path) -> list[tuple[str, str]]:
+    metadata = pq.read_metadata(target)
+    column = pq.read_schema(target).get_field_index("metric_name")
+    return [
+        (metadata.row_group(i).column(column).statistics.min,
+         metadata.row_group(i).column(column).statistics.max)
+        for i in range(metadata.num_row_groups)
+    ]  # fmt: skip
+
+
+def test_output_holds_every_row_each_metric_in_source_order(
+    sources: list[Path], tmp_path: Path
+) -> None:
     target = tmp_path / "out.parquet.tmp"
     result = write(sources, target)
     expected = pa.concat_tables(
@@ -34,21 +53,38 @@ def test_output_holds_every_row_in_source_order(sources: list[Path], tmp_path: P
     ).to_pylist()
     got = pq.read_table(target).to_pylist()
     assert len(got) == result.rows == len(expected)
-    assert [r["time"] for r in got] == [r["time"] for r in expected]
-    assert [r["metric_name"] for r in got] == [r["metric_name"] for r in expected]
+    assert rows_by_metric(got) == rows_by_metric(expected)
     assert result.checksum == hashlib.sha256(target.read_bytes()).hexdigest()
     assert result.size == target.stat().st_size
-    assert pq.read_schema(target).metadata[b"k"] == b"v"
 
 
-def test_row_groups_are_cut_by_the_byte_budget(sources: list[Path], tmp_path: Path) -> None:
+def test_row_group_0_names_every_metric_and_the_others_hold_one_each(
+    sources: list[Path], tmp_path: Path
+) -> None:
+    target = tmp_path / "out.parquet.tmp"
+    result = write(sources, target)
+    metrics = sorted({r["metric_name"] for p in sources for r in pq.read_table(p).to_pylist()})
+    head = pq.ParquetFile(target).read_row_group(0).column("metric_name").to_pylist()
+    assert head == metrics  # one row each, in metric order
+    ranges = metric_ranges(target)
+    assert ranges[0] == (metrics[0], metrics[-1])
+    assert [low for low, high in ranges[1:] if low == high] == metrics  # all fit: one group each
+    assert result.row_groups == len(ranges) == 1 + len(metrics)
+
+
+def test_a_metric_larger_than_a_row_group_is_split_in_order(
+    sources: list[Path], tmp_path: Path
+) -> None:
     one_batch = pq.read_table(sources[0]).nbytes
     target = tmp_path / "out.parquet.tmp"
-    result = write(sources, target, options=WriteOptions(row_group_bytes=one_batch * 2))
-    metadata = pq.read_metadata(target)
-    assert result.row_groups == metadata.num_row_groups == 3
-    sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-    assert sizes == [180, 180, 180]
+    write(sources, target, options=WriteOptions(row_group_bytes=one_batch // 4))
+    ranges = metric_ranges(target)
+    assert all(low == high for low, high in ranges[1:])
+    assert len(ranges) - 1 > len({low for low, _ in ranges[1:]})  # some metric split
+    got = pq.read_table(target).to_pylist()
+    for rows in rows_by_metric(got).values():
+        times = [time for time, _ in rows]
+        assert times == sorted(times)
 
 
 def test_an_existing_target_is_never_overwritten(sources: list[Path], tmp_path: Path) -> None:

@@ -114,8 +114,8 @@ def main() -> None:
 @_option(
     "--row-group-size",
     type=click.IntRange(min=1),
-    default=64,
-    help="Output row group target in MB of memory; bounds the write buffer.",
+    default=8,
+    help="Largest output row group, in MB of memory; the write buffer is 4 of these.",
 )
 @_option(
     "--grace-period",

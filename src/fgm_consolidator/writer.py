@@ -1,14 +1,16 @@
 """Copy the rows of many parquet sources into one new file, one bounded buffer at a time.
 
 The writer knows nothing of the journal or of final names: it creates the file it is given
-exclusively, streams every source batch by batch (never a whole file), cuts an output row group
-each time the buffer reaches `row_group_bytes`, syncs, and proves the result by reading its
-footer back. Whatever reading a source throws becomes a SourceReadError naming that source, so
-the caller can tell a bad input from a bad disk.
+exclusively, streams every source batch by batch (never a whole file) into row groups laid out
+by metric (see `clustering`), syncs, and proves the result by reading its footer back. Sources
+are read twice: once for their `metric_name` column alone, to find the first row of every
+metric for row group 0, then whole. Whatever reading a source throws becomes a
+SourceReadError naming that source, so the caller can tell a bad input from a bad disk.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import os
@@ -21,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import crashpoints, durable
+from .clustering import METRIC, FirstRows, MetricBuckets, without_rows
 from .durable import FileIdentity
 from .errors import (
     MergeAborted,
@@ -32,6 +35,7 @@ from .errors import (
 from .schemas import conform
 
 READ_BATCH_ROWS = 65_536
+CONTAINER_ID = "l_container_id"
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,13 @@ class WriteSource:
 @dataclass(frozen=True)
 class WriteOptions:
     compression_level: int = 3
-    row_group_bytes: int = 64_000_000
+    row_group_bytes: int = 8_000_000
+    # Rows of all metrics may wait this many row groups' worth before the largest must leave.
+    buffer_row_groups: int = 4
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.buffer_row_groups * self.row_group_bytes
 
 
 @dataclass(frozen=True)
@@ -94,8 +104,11 @@ def _open_source(source: WriteSource) -> pq.ParquetFile:
     return pq.ParquetFile(handle)
 
 
-def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """Batches of one source laid out as `target`; any read failure names the source."""
+def _source_batches(
+    source: WriteSource, read: Callable[[pq.ParquetFile], Iterator[pa.RecordBatch]]
+) -> Iterator[pa.RecordBatch]:
+    """Batches `read` takes from one source; any failure names the source. Only reading is
+    guarded: what the caller does with a batch (writing, say) raises as itself."""
     try:
         parquet = _open_source(source)
     except (OSError, pa.ArrowException) as exc:
@@ -103,15 +116,57 @@ def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBat
     with parquet:
         rows = 0
         try:
-            for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS):
+            for batch in read(parquet):
                 rows += batch.num_rows
-                yield conform(batch, target)
+                yield batch
         except SchemaConflictError as exc:
             raise SourceReadError(exc.reason, source.path) from exc
         except (OSError, pa.ArrowException) as exc:
             raise SourceReadError(f"read failed after {rows} rows: {exc}", source.path) from exc
-        if rows != source.rows:
-            raise SourceReadError(f"footer promised {source.rows} rows, read {rows}", source.path)
+
+
+def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """Every row of one source, in file order, laid out as `target`."""
+
+    def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
+        for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS):
+            yield conform(batch, target)
+
+    rows = 0
+    for batch in _source_batches(source, read):
+        rows += batch.num_rows
+        yield batch
+    if rows != source.rows:
+        raise SourceReadError(f"footer promised {source.rows} rows, read {rows}", source.path)
+
+
+def iter_metric_names(source: WriteSource) -> Iterator[pa.Array]:
+    """The `metric_name` column of one source, in file order: a cheap first look."""
+
+    def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
+        yield from parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=[METRIC])
+
+    for batch in _source_batches(source, read):
+        yield batch.column(0)
+
+
+def read_rows(source: WriteSource, rows: list[int], target: pa.Schema) -> list[pa.RecordBatch]:
+    """The given rows of one source, laid out as `target`; only their row groups are read."""
+
+    def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
+        starts = [0]
+        for index in range(parquet.metadata.num_row_groups):
+            starts.append(starts[-1] + parquet.metadata.row_group(index).num_rows)
+        groups = sorted({bisect.bisect_right(starts, row) - 1 for row in rows})
+        for group in groups:
+            offset = starts[group]
+            for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group]):
+                wanted = [r - offset for r in rows if offset <= r < offset + batch.num_rows]
+                if wanted:
+                    yield conform(batch.take(pa.array(wanted, pa.int64())), target)
+                offset += batch.num_rows
+
+    return list(_source_batches(source, read))
 
 
 def write_merged(
@@ -158,37 +213,73 @@ def _stream(
         write_statistics=True,
         write_page_index=True,
         store_schema=True,
+        bloom_filter_options=_bloom_filters(schema),
     )
-    buffer: list[pa.RecordBatch] = []
-    buffered = 0
     row_groups = 0
 
-    def flush() -> None:
-        nonlocal buffer, buffered, row_groups
-        if not buffer:
-            return
-        table = pa.Table.from_batches(buffer, schema=schema)
+    def write_row_group(table: pa.Table) -> None:
+        nonlocal row_groups
+        if should_abort():
+            raise MergeAborted("stopped on request while writing", target)
         writer.write_table(table, row_group_size=max(table.num_rows, 1))
-        buffer, buffered = [], 0
         row_groups += 1
         crashpoints.reach("writer:row-group")
 
     try:
-        for source in sources:
+        first = _first_rows(sources)
+        head = _head(sources, first, schema)
+        if head.num_rows:
+            write_row_group(head)
+        buckets = MetricBuckets(
+            schema,
+            write_row_group,
+            row_group_bytes=options.row_group_bytes,
+            buffer_bytes=options.buffer_bytes,
+        )
+        for index, source in enumerate(sources):
+            taken = first.rows_of(index)
+            offset = 0
             for batch in iter_source(source, schema):
                 if should_abort():
                     raise MergeAborted("stopped on request while writing", target)
-                buffer.append(batch)
-                buffered += batch.nbytes
-                if buffered >= options.row_group_bytes:
-                    flush()
-        flush()
+                for piece in without_rows(batch, offset, taken):
+                    buckets.add(piece)
+                offset += batch.num_rows
+        buckets.finish()
     except BaseException:
         with contextlib.suppress(Exception):
             writer.close()
         raise
     writer.close()
     return row_groups
+
+
+def _bloom_filters(schema: pa.Schema) -> dict[str, dict[str, float]] | None:
+    """A bloom filter on the container id lets the viewer skip a row group for a container
+    that never ran in it. Few distinct ids per row group, so a small filter is exact enough."""
+    if CONTAINER_ID not in schema.names:
+        return None
+    return {CONTAINER_ID: {"ndv": 1024, "fpp": 0.01}}
+
+
+def _first_rows(sources: Sequence[WriteSource]) -> FirstRows:
+    first = FirstRows()
+    for index, source in enumerate(sources):
+        offset = 0
+        for names in iter_metric_names(source):
+            first.observe(index, offset, names)
+            offset += len(names)
+    return first
+
+
+def _head(sources: Sequence[WriteSource], first: FirstRows, schema: pa.Schema) -> pa.Table:
+    """Row group 0: the first row of every metric, in metric order (see `clustering`)."""
+    batches: list[pa.RecordBatch] = []
+    for index, source in enumerate(sources):
+        rows = first.rows_of(index)
+        if rows:
+            batches.extend(read_rows(source, rows, schema))
+    return pa.Table.from_batches(batches, schema=schema).sort_by(METRIC)
 
 
 def _check_output(path: Path, schema: pa.Schema, rows: int, size: int) -> None:
