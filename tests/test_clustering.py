@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from fgm_consolidator.clustering import FirstRows, MetricBuckets, split_by_metric, without_rows
+from fgm_consolidator.clustering import FirstRows, MetricSorter, metric_runs, without_rows
 
 
 def batch(metrics: list[str], start: int = 0) -> pa.RecordBatch:
@@ -24,59 +24,43 @@ class Recorder:
         self.groups.append(list(zip(names, table.column("seq").to_pylist(), strict=True)))
 
 
-def buckets(recorder: Recorder, row_group_bytes: int, buffer_bytes: int) -> MetricBuckets:
-    schema = batch([]).schema
-    return MetricBuckets(
-        schema, recorder, row_group_bytes=row_group_bytes, buffer_bytes=buffer_bytes
-    )
+def sorter(recorder: Recorder, row_group_bytes: int, buffer_bytes: int) -> MetricSorter:
+    return MetricSorter(recorder, row_group_bytes=row_group_bytes, buffer_bytes=buffer_bytes)
 
 
-def test_split_keeps_arrival_order_within_each_metric() -> None:
-    pieces = split_by_metric(batch(["b", "a", "b", "c", "a", "b"]))
-    assert [(name, piece.column("seq").to_pylist()) for name, piece in pieces] == [
-        ("a", [1, 4]),
-        ("b", [0, 2, 5]),
-        ("c", [3]),
-    ]
-
-
-def test_buckets_leave_in_metric_order_at_the_end_one_group_each() -> None:
+def test_rows_wait_until_the_buffer_is_full_then_leave_one_group_per_metric() -> None:
     recorder = Recorder()
-    into = buckets(recorder, row_group_bytes=10**9, buffer_bytes=10**9)
-    into.add(batch(["b", "a", "b"]))
-    into.add(batch(["a", "c"], start=3))
-    assert recorder.groups == []
-    into.finish()
-    assert recorder.groups == [[("a", 1), ("a", 3)], [("b", 0), ("b", 2)], [("c", 4)]]
-
-
-def test_a_full_bucket_leaves_as_soon_as_it_reaches_a_row_group() -> None:
-    recorder = Recorder()
-    first, second = batch(["a", "b", "a"]), batch(["a", "b"], start=3)
-    sizes = [dict((name, p.nbytes) for name, p in split_by_metric(b)) for b in (first, second)]
-    # Just above what `a` holds after the first batch and what `b` holds after both.
-    threshold = max(sizes[0]["a"], sizes[0]["b"] + sizes[1]["b"]) + 1
-    assert sizes[0]["a"] + sizes[1]["a"] >= threshold
-    into = buckets(recorder, row_group_bytes=threshold, buffer_bytes=10**9)
+    first, second = batch(["b", "a", "b"]), batch(["a", "c"], start=3)
+    into = sorter(recorder, row_group_bytes=10**9, buffer_bytes=first.nbytes + second.nbytes)
     into.add(first)
     assert recorder.groups == []
     into.add(second)
-    assert recorder.groups == [[("a", 0), ("a", 2), ("a", 3)]]
-    into.finish()
-    assert recorder.groups[1:] == [[("b", 1), ("b", 4)]]
+    assert recorder.groups == [[("a", 1), ("a", 3)], [("b", 0), ("b", 2)], [("c", 4)]]
 
 
-def test_over_the_buffer_budget_the_largest_bucket_leaves_first() -> None:
+def test_each_buffer_leaves_on_its_own_so_a_metric_spans_groups_in_order() -> None:
     recorder = Recorder()
-    first = batch(["a", "b", "b", "c"])
-    budget = sum(piece.nbytes for _, piece in split_by_metric(first))
-    into = buckets(recorder, row_group_bytes=10**9, buffer_bytes=budget)
+    first = batch(["b", "a", "b"])
+    into = sorter(recorder, row_group_bytes=10**9, buffer_bytes=first.nbytes)
     into.add(first)
-    assert recorder.groups == []
-    into.add(batch(["b"], start=4))
-    assert recorder.groups == [[("b", 1), ("b", 2), ("b", 4)]]
-    into.finish()
-    assert recorder.groups[1:] == [[("a", 0)], [("c", 3)]]
+    into.add(batch(["a", "b"], start=3))
+    assert recorder.groups == [[("a", 1)], [("b", 0), ("b", 2)]]
+    into.flush()
+    assert recorder.groups[2:] == [[("a", 3)], [("b", 4)]]
+    into.flush()  # nothing left: nothing written
+    assert len(recorder.groups) == 4
+
+
+def test_a_metric_larger_than_a_row_group_is_cut_into_equal_groups() -> None:
+    recorder = Recorder()
+    rows = batch(["a"] * 10 + ["b"])
+    into = sorter(recorder, row_group_bytes=rows.nbytes // 3, buffer_bytes=10**9)
+    into.add(rows)
+    into.flush()
+    sizes = [len(group) for group in recorder.groups if group[0][0] == "a"]
+    assert len(sizes) >= 3 and sum(sizes) == 10
+    assert len(set(sizes[:-1])) == 1 and sizes[-1] <= sizes[0]  # only the last is shorter
+    assert [seq for group in recorder.groups for _, seq in group] == list(range(11))
 
 
 @pytest.mark.parametrize(
@@ -106,3 +90,8 @@ def test_first_rows_finds_each_metric_where_it_first_appears() -> None:
     assert first.rows_of(0) == [0, 1, 4]
     assert first.rows_of(1) == [0]
     assert first.rows_of(2) == []
+
+
+def test_metric_runs_cover_a_sorted_column_exactly() -> None:
+    names = pa.chunked_array([["a", "a"], ["b"], ["b", "c"]])
+    assert metric_runs(names) == [(0, 2), (2, 2), (4, 1)]

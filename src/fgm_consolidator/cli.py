@@ -114,8 +114,8 @@ def main() -> None:
 @_option(
     "--row-group-size",
     type=click.IntRange(min=1),
-    default=8,
-    help="Largest output row group, in MB of memory; the write buffer is 4 of these.",
+    default=4,
+    help="Largest output row group, in MB of buffered rows; the write buffer is 4 of these.",
 )
 @_option(
     "--grace-period",

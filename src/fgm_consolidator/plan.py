@@ -40,7 +40,7 @@ class Policy:
     max_output_bytes: int = 500 * MB
     max_span_s: int = 3600
     compression_level: int = 3
-    row_group_bytes: int = 8 * MB
+    row_group_bytes: int = 4 * MB
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)

@@ -10,11 +10,12 @@ SourceReadError naming that source, so the caller can tell a bad input from a ba
 
 from __future__ import annotations
 
+import base64
 import bisect
 import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import crashpoints, durable
-from .clustering import METRIC, FirstRows, MetricBuckets, without_rows
+from .clustering import METRIC, FirstRows, MetricSorter, without_rows
 from .durable import FileIdentity
 from .errors import (
     MergeAborted,
@@ -36,6 +37,7 @@ from .schemas import conform
 
 READ_BATCH_ROWS = 65_536
 CONTAINER_ID = "l_container_id"
+ARROW_SCHEMA = b"ARROW:schema"
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class WriteSource:
 @dataclass(frozen=True)
 class WriteOptions:
     compression_level: int = 3
-    row_group_bytes: int = 8_000_000
+    row_group_bytes: int = 4_000_000
     # Rows of all metrics may wait this many row groups' worth before the largest must leave.
     buffer_row_groups: int = 4
 
@@ -91,8 +93,9 @@ class _HashingSink:
         self.closed = True  # the handle is synced and closed by write_merged
 
 
-def _open_source(source: WriteSource) -> pq.ParquetFile:
-    """Open a source and prove it is the very file that was planned."""
+def _open_source(source: WriteSource, as_dictionary: Collection[str] = ()) -> pq.ParquetFile:
+    """Open a source and prove it is the very file that was planned; the columns named in
+    `as_dictionary` are read dictionary-encoded, whatever the file says."""
     handle = open(source.path, "rb")  # noqa: SIM115 - owned by the returned ParquetFile
     st = os.fstat(handle.fileno())
     now = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
@@ -101,16 +104,36 @@ def _open_source(source: WriteSource) -> pq.ParquetFile:
         raise SourceChangedError(
             f"changed since it was planned ({source.identity} -> {now})", source.path
         )
-    return pq.ParquetFile(handle)
+    parquet = pq.ParquetFile(handle)
+    wanted = [name for name in parquet.schema_arrow.names if name in as_dictionary]
+    if not wanted:
+        return parquet
+    return pq.ParquetFile(handle, metadata=parquet.metadata, read_dictionary=wanted)
+
+
+def buffer_schema(schema: pa.Schema) -> pa.Schema:
+    """How rows wait in memory: text columns dictionary-encoded, as they are on disk, which
+    makes a buffer hold about five times the rows and sorting it move indices, not strings.
+    They are written as they are (parquet has no dictionary type, only the encoding) and the
+    output's stored Arrow schema is `schema`, so readers see the sources' plain strings."""
+    fields = [
+        field.with_type(pa.dictionary(pa.int32(), pa.utf8()))
+        if field.type == pa.utf8() and field.name != METRIC
+        else field
+        for field in schema
+    ]
+    return pa.schema(fields, metadata=schema.metadata)
 
 
 def _source_batches(
-    source: WriteSource, read: Callable[[pq.ParquetFile], Iterator[pa.RecordBatch]]
+    source: WriteSource,
+    read: Callable[[pq.ParquetFile], Iterator[pa.RecordBatch]],
+    as_dictionary: Collection[str] = (),
 ) -> Iterator[pa.RecordBatch]:
     """Batches `read` takes from one source; any failure names the source. Only reading is
     guarded: what the caller does with a batch (writing, say) raises as itself."""
     try:
-        parquet = _open_source(source)
+        parquet = _open_source(source, as_dictionary)
     except (OSError, pa.ArrowException) as exc:
         raise SourceReadError(f"cannot open: {exc}", source.path) from exc
     with parquet:
@@ -125,6 +148,10 @@ def _source_batches(
             raise SourceReadError(f"read failed after {rows} rows: {exc}", source.path) from exc
 
 
+def _dictionary_names(target: pa.Schema) -> set[str]:
+    return {field.name for field in target if pa.types.is_dictionary(field.type)}
+
+
 def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBatch]:
     """Every row of one source, in file order, laid out as `target`."""
 
@@ -133,7 +160,7 @@ def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBat
             yield conform(batch, target)
 
     rows = 0
-    for batch in _source_batches(source, read):
+    for batch in _source_batches(source, read, _dictionary_names(target)):
         rows += batch.num_rows
         yield batch
     if rows != source.rows:
@@ -144,7 +171,9 @@ def iter_metric_names(source: WriteSource) -> Iterator[pa.Array]:
     """The `metric_name` column of one source, in file order: a cheap first look."""
 
     def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
-        yield from parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=[METRIC])
+        yield from parquet.iter_batches(
+            use_threads=False, batch_size=READ_BATCH_ROWS, columns=[METRIC]
+        )
 
     for batch in _source_batches(source, read):
         yield batch.column(0)
@@ -160,13 +189,15 @@ def read_rows(source: WriteSource, rows: list[int], target: pa.Schema) -> list[p
         groups = sorted({bisect.bisect_right(starts, row) - 1 for row in rows})
         for group in groups:
             offset = starts[group]
-            for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group]):
+            for batch in parquet.iter_batches(
+                use_threads=False, batch_size=READ_BATCH_ROWS, row_groups=[group]
+            ):
                 wanted = [r - offset for r in rows if offset <= r < offset + batch.num_rows]
                 if wanted:
                     yield conform(batch.take(pa.array(wanted, pa.int64())), target)
                 offset += batch.num_rows
 
-    return list(_source_batches(source, read))
+    return list(_source_batches(source, read, _dictionary_names(target)))
 
 
 def write_merged(
@@ -202,17 +233,18 @@ def _stream(
     should_abort: Callable[[], bool],
     target: Path,
 ) -> int:
+    buffered = buffer_schema(schema)
     writer = pq.ParquetWriter(
         sink,
-        schema,
+        buffered.remove_metadata(),
         version="2.6",
         data_page_version="2.0",
         compression="zstd",
         compression_level=options.compression_level,
-        use_dictionary=True,
+        use_dictionary=_dictionary_columns(schema),
         write_statistics=True,
         write_page_index=True,
-        store_schema=True,
+        store_schema=False,  # the stored schema is the output's, added below
         bloom_filter_options=_bloom_filters(schema),
     )
     row_groups = 0
@@ -227,11 +259,10 @@ def _stream(
 
     try:
         first = _first_rows(sources)
-        head = _head(sources, first, schema)
+        head = _head(sources, first, buffered)
         if head.num_rows:
             write_row_group(head)
-        buckets = MetricBuckets(
-            schema,
+        rows = MetricSorter(
             write_row_group,
             row_group_bytes=options.row_group_bytes,
             buffer_bytes=options.buffer_bytes,
@@ -239,19 +270,39 @@ def _stream(
         for index, source in enumerate(sources):
             taken = first.rows_of(index)
             offset = 0
-            for batch in iter_source(source, schema):
+            for batch in iter_source(source, buffered):
                 if should_abort():
                     raise MergeAborted("stopped on request while writing", target)
                 for piece in without_rows(batch, offset, taken):
-                    buckets.add(piece)
+                    rows.add(piece)
                 offset += batch.num_rows
-        buckets.finish()
+        rows.flush()
+        writer.add_key_value_metadata({**(schema.metadata or {}), ARROW_SCHEMA: _stored(schema)})
     except BaseException:
         with contextlib.suppress(Exception):
             writer.close()
         raise
     writer.close()
     return row_groups
+
+
+def _stored(schema: pa.Schema) -> bytes:
+    """The Arrow schema as pyarrow stores it (base64 of its IPC form). Readers take every
+    type from it, so text written from dictionary buffers reads back as the plain strings
+    the sources had: parquet itself has no dictionary type, only the encoding."""
+    return base64.b64encode(schema.remove_metadata().serialize().to_pybytes())
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Dictionary-encode the text columns (names, kinds, run ids, labels), as the monitor
+    does; numbers and sketches are nearly all distinct, so a dictionary only costs time."""
+    columns: list[str] = []
+    for field in schema:
+        if pa.types.is_map(field.type):
+            columns += [f"{field.name}.key_value.key", f"{field.name}.key_value.value"]
+        elif pa.types.is_string(field.type) or pa.types.is_dictionary(field.type):
+            columns.append(field.name)
+    return columns
 
 
 def _bloom_filters(schema: pa.Schema) -> dict[str, dict[str, float]] | None:
