@@ -3,6 +3,13 @@
 The public surface is small: the CLI (`fgm-consolidator`), and for programs the pieces below.
 """
 
+import os
+
+# pyarrow's bundled allocators keep freed memory for reuse: a day of data peaks at 190 MB with
+# them against 130 MB with the C library's, which hands it back. Arrow reads this once, when
+# it loads, so it is set before any module of ours imports pyarrow; an operator's choice wins.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import ConsolidatorError
