@@ -13,9 +13,7 @@ PROBE = "import fgm_consolidator, pyarrow; print(pyarrow.default_memory_pool().b
 
 
 @pytest.mark.parametrize(("chosen", "expected"), [(None, "system"), ("mimalloc", "mimalloc")])
-def test_the_memory_pool_is_the_system_one_unless_chosen(
-    chosen: str | None, expected: str
-) -> None:
+def test_the_memory_pool_is_the_system_one_unless_chosen(chosen: str | None, expected: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
     if chosen is not None:
         env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
