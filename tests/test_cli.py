@@ -51,10 +51,12 @@ CONTRACT_OPTIONS = {
         "--max-output-size",
         "--max-span",
         "--compression-level",
+        "--history-retention-days",
         "--once",
         "--dry-run",
     ],
     "recover": ["--data-dir", "--journal", "--json"],
+    "status": ["--data-dir", "--journal", "--json", "--check-interval", "--stale-after"],
     "history": [
         "--data-dir",
         "--journal",
