@@ -10,6 +10,9 @@ service does and reports database + WAL bytes and the time each step took. Strat
   `PRAGMA incremental_vacuum` and a TRUNCATE checkpoint.
 
     python scripts/bench_retention.py --merges 10000 --old-fraction 0.9
+
+`--steady-days N` instead runs N days of a service: `--merges` merges a day, then the daily
+prune (`retention.prune`, 30 days), and prints the journal's size every 10 days.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from fgm_consolidator import retention
 from fgm_consolidator.journal import Journal
 
 STATES = ["planned", "writing", "written", "renamed", "sources-deleted"]
@@ -32,13 +36,13 @@ def journal_bytes(path: Path) -> int:
     return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
 
-def fill(path: Path, merges: int, old_fraction: float, now: datetime) -> None:
+def fill(path: Path, merges: int, old_fraction: float, now: datetime, first_id: int = 1) -> None:
     """Bulk insert in one transaction (the real service commits each step; same rows)."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN")
     old = int(merges * old_fraction)
-    for merge_id in range(1, merges + 1):
-        age = timedelta(days=60) if merge_id <= old else timedelta(days=1)
+    for merge_id in range(first_id, first_id + merges):
+        age = timedelta(days=60) if merge_id - first_id < old else timedelta(days=1)
         at = (now - age + timedelta(seconds=merge_id)).isoformat(timespec="milliseconds")
         start = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(hours=merge_id)
         partition = f"dt={start.date()}/identifier=pod-{merge_id % 7}"
@@ -125,12 +129,31 @@ def measure(strategy: str, merges: int, old_fraction: float, folder: Path) -> di
     }
 
 
+def steady(days: int, per_day: int, folder: Path) -> None:
+    path = folder / "steady.db"
+    Journal.open(path).close()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    for day in range(days):
+        now = start + timedelta(days=day + 1)
+        fill(path, per_day, 0.0, now, first_id=day * per_day + 1)  # finished a day before `now`
+        journal = Journal.open(path)
+        report = retention.prune(journal, 30, now)
+        journal.close()
+        if (day + 1) % 10 == 0:
+            print(json.dumps({"day": day + 1, "bytes": journal_bytes(path),
+                              "pruned": report.merges, "vacuumed": report.vacuumed}))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--merges", type=int, default=10_000)
     parser.add_argument("--old-fraction", type=float, default=0.9)
+    parser.add_argument("--steady-days", type=int, default=0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fgm-retention-") as tmp:
+        if args.steady_days:
+            steady(args.steady_days, args.merges, Path(tmp))
+            return
         for strategy in ("none", "vacuum", "incremental"):
             print(json.dumps(measure(strategy, args.merges, args.old_fraction, Path(tmp))))
 
