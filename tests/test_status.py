@@ -459,6 +459,10 @@ def test_status_of_a_partition_of_1000_files_is_quick(data_dir: Path) -> None:
     assert summary["waiting"] == 1000
     # ~1 s on an idle 2-core machine, half of it Python and pyarrow starting; generous margin
     assert min(took) < 10.0, took
+    # the liveness probe reads the journal only: no partition lines, no footers read
+    live = run_cli("status", "--data-dir", str(data_dir), "--json", "--liveness")
+    assert live.returncode == EXIT_HEALTHY, live.stdout + live.stderr
+    assert [line["kind"] for line in status_json(live)] == ["status"]
 
 
 def test_status_works_on_a_journal_from_before_pass_records(

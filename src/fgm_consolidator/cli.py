@@ -369,7 +369,8 @@ def _emit(rows: Iterable[dict[str, Any]], as_json: bool) -> None:
 @_option(
     "--liveness",
     is_flag=True,
-    help="Judge only whether the service is stuck (exit 4, 5), not what needs a person.",
+    help="Only whether the service is stuck (exit 4, 5), from the journal alone: no disk scan,"
+    " no exit 3.",
 )
 def status(
     data_dir: Path,

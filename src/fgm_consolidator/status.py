@@ -190,7 +190,8 @@ def compute_status(
 ) -> Status:
     """`check_interval_s` None: the interval the service recorded with its last pass.
 
-    `liveness` leaves out what needs a person: a restart cannot help with that.
+    `liveness` leaves out what needs a person, since a restart cannot help with that, and the
+    look at the data directory, so that a frequent probe reads the journal only.
     """
     journal = Journal.open(journal_path, read_only=True) if journal_path.exists() else None
     try:
@@ -199,7 +200,9 @@ def compute_status(
         success = journal.last_successful_pass() if journal else None
         transition = _at(journal.latest_transition_at()) if journal else None
         unfinished = journal.unfinished() if journal else []
-        backlog, unreadable = _look_at_partitions(data_dir, journal, _policy(last), now)
+        backlog, unreadable = (
+            ([], []) if liveness else _look_at_partitions(data_dir, journal, _policy(last), now)
+        )
     finally:
         if journal is not None:
             journal.close()
