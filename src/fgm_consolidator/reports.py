@@ -133,7 +133,7 @@ def status_fields(status: Status) -> dict[str, Any]:
         "stale_after": status.stale_after,
         "needs_person": len(status.needs_person),
         "unfinished": len(status.unfinished),
-        "waiting": sum(b.waiting for b in status.backlog),
-        "unreadable": len(status.unreadable),
+        "waiting": sum(b.waiting for b in status.backlog) if status.scanned else None,
+        "unreadable": len(status.unreadable) if status.scanned else None,
         "journal_bytes": status.journal_bytes,
     }

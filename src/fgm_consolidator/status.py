@@ -63,6 +63,7 @@ class Status:
     progress_at: datetime | None  # the latest sign that the service gets somewhere
     needs_person: tuple[MergeRecord, ...]
     unfinished: tuple[MergeRecord, ...]  # in progress, or interrupted until the next start
+    scanned: bool  # False for --liveness: backlog and unreadable were not looked at
     backlog: tuple[Backlog, ...]
     unreadable: tuple[UnreadableRecord, ...]
     journal_bytes: int
@@ -220,6 +221,7 @@ def compute_status(
         progress_at=_progress(started, last, success, transition),
         needs_person=tuple(r for r in unfinished if r.state is MergeState.NEEDS_ATTENTION),
         unfinished=tuple(r for r in unfinished if r.state is not MergeState.NEEDS_ATTENTION),
+        scanned=not liveness,
         backlog=tuple(backlog),
         unreadable=tuple(unreadable),
         journal_bytes=journal_bytes(journal_path),
