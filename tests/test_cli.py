@@ -51,10 +51,12 @@ CONTRACT_OPTIONS = {
         "--max-output-size",
         "--max-span",
         "--compression-level",
+        "--history-retention-days",
         "--once",
         "--dry-run",
     ],
     "recover": ["--data-dir", "--journal", "--json"],
+    "status": ["--data-dir", "--journal", "--json", "--check-interval", "--stale-after"],
     "history": [
         "--data-dir",
         "--journal",
@@ -217,7 +219,8 @@ def journaled(
 ) -> Journaled:
     """Three merges by one `run --once`: P1 and P3 succeed, P2 fails writing and rolls back.
 
-    Clock readings: merge 1 takes minutes 0-4, merge 2 minutes 5-7, merge 3 minutes 8-12.
+    Clock readings: the pass record starts at minute 0, merge 1 takes minutes 1-5, merge 2
+    minutes 6-8, merge 3 minutes 9-13.
     """
     populate(PodSpec("pod-a"), start=PAST - timedelta(days=1))
     populate(PodSpec("pod-a"), PodSpec("pod-b"))
@@ -241,7 +244,7 @@ def journaled(
 def expected_merges(j: Journaled) -> dict[int, dict[str, Any]]:
     """history --json of the `journaled` fixture, built from what was generated."""
     merges: dict[int, dict[str, Any]] = {}
-    for merge_id, partition, first_minute in ((1, P1, 0), (2, P2, 5), (3, P3, 8)):
+    for merge_id, partition, first_minute in ((1, P1, 1), (2, P2, 6), (3, P3, 9)):
         files = j.before[partition]
         fields: dict[str, Any] = {
             "kind": "merge",
@@ -501,7 +504,7 @@ def test_history_takes_its_options_from_the_environment(journaled: Journaled) ->
     result = invoke("history", env=env)
     assert result.exit_code == 0
     assert json_lines(result.stdout) == [merges[1]]
-    result = invoke("history", env={**env, "FGM_SINCE": "2026-01-01T10:00:01"})
+    result = invoke("history", env={**env, "FGM_SINCE": "2026-01-01T10:01:01"})
     assert (result.exit_code, result.stdout) == (0, "")
     journal = journaled.data_dir / ".fgm-consolidator" / "journal.db"
     moved = journaled.data_dir.parent / "moved.db"
@@ -589,14 +592,14 @@ def test_history_agrees_with_the_disk(journaled: Journaled) -> None:
         (["--state", "sources-deleted"], [3, 1]),
         (["--state", "needs-attention"], []),
         (["--since", "2026-01-01"], [3, 2, 1]),
-        (["--since", "2026-01-01T10:05:00"], [3, 2]),  # exactly when merge 2 was planned
-        (["--since", "2026-01-01 10:05:01"], [3]),
-        (["--since", "2026-01-01T10:08:00"], [3]),
-        (["--since", "2026-01-01T10:08:01"], []),
+        (["--since", "2026-01-01T10:06:00"], [3, 2]),  # exactly when merge 2 was planned
+        (["--since", "2026-01-01 10:06:01"], [3]),
+        (["--since", "2026-01-01T10:09:00"], [3]),
+        (["--since", "2026-01-01T10:09:01"], []),
         (["--since", "2026-01-02"], []),
         (["--state", "sources-deleted", "--limit", "1"], [3]),
-        (["--state", "sources-deleted", "--since", "2026-01-01T10:00:01"], [3]),
-        (["--partition", P1, "--since", "2026-01-01T10:05:00"], []),
+        (["--state", "sources-deleted", "--since", "2026-01-01T10:01:01"], [3]),
+        (["--partition", P1, "--since", "2026-01-01T10:06:00"], []),
         (["--partition", P3, "--state", "sources-deleted", "--limit", "1"], [3]),
     ],
 )
@@ -630,15 +633,15 @@ def test_history_lists_unreadable_files_after_the_merges(
         "partition": P2,
         "file": bad.name,
         "size": len(b"not parquet at all"),
-        "first_seen": stamp(0),  # seen before the partition's merge was planned
+        "first_seen": stamp(1),  # seen after the pass began, before the merge was planned
     }
     assert bad.read_bytes() == b"not parquet at all"
     only_done = invoke("history", "--data-dir", data_dir, "--json", "--state", "sources-deleted")
     assert [r["kind"] for r in json_lines(only_done.stdout)] == ["merge"]
-    # --since applies to both: first_seen 10:00, the merge planned at 10:01
-    later = invoke("history", "--data-dir", data_dir, "--json", "--since", "2026-01-01T10:00:01")
+    # --since applies to both: first_seen 10:01, the merge planned at 10:02
+    later = invoke("history", "--data-dir", data_dir, "--json", "--since", "2026-01-01T10:01:01")
     assert [r["kind"] for r in json_lines(later.stdout)] == ["merge"]
-    latest = invoke("history", "--data-dir", data_dir, "--json", "--since", "2026-01-01T10:01:01")
+    latest = invoke("history", "--data-dir", data_dir, "--json", "--since", "2026-01-01T10:02:01")
     assert latest.stdout == ""
 
 

@@ -33,8 +33,10 @@ def plan(journal: Journal, partition: str = "dt=2025-12-30/identifier=a", output
 def test_opens_in_wal_with_full_sync_and_latest_schema(journal: Journal) -> None:
     assert journal.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert journal.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert journal.db.execute("PRAGMA user_version").fetchone()[0] == 1
-    assert set(journal.db.table_names()) >= {"merges", "sources", "transitions", "unreadable"}
+    assert journal.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert set(journal.db.table_names()) >= {
+        "merges", "sources", "transitions", "unreadable", "passes", "prunes",
+    }  # fmt: skip
 
 
 def test_a_merge_walks_the_states_and_keeps_every_transition(journal: Journal) -> None:

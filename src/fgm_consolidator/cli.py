@@ -7,6 +7,7 @@ for every command), which is how a container is configured.
 from __future__ import annotations
 
 import json
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -15,19 +16,27 @@ from typing import Any, TypeVar
 
 import click
 
-from . import logs
-from .errors import ConsolidatorError
+from . import config, logs
+from .errors import ConfigError, ConsolidatorError
 from .journal import Journal
 from .layout import default_journal_path, iter_partitions, parse_partition
 from .plan import MB, Policy
 from .recovery import recover
-from .reports import merge_fields, plan_fields, recovery_fields, unreadable_fields
+from .reports import (
+    backlog_fields,
+    merge_fields,
+    pass_fields,
+    plan_fields,
+    problem_fields,
+    recovery_fields,
+    status_fields,
+    unreadable_fields,
+)
 from .service import PARTITION_ERRORS, Settings, StopFlag, plan_one, run_service
 from .states import MergeState
+from .status import EXIT_NEEDS_PERSON, compute_status
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_NEEDS_PERSON = 3
 
 
 def _option(name: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
@@ -67,6 +76,16 @@ def _echo(fields: dict[str, Any], as_json: bool) -> None:
 def _fail(exc: ConsolidatorError | OSError) -> click.ClickException:
     """One line naming the path and the reason, exit 1; an OSError's text carries its path."""
     return click.ClickException(str(exc))
+
+
+def _check_config(check: Callable[[], None]) -> None:
+    """A value `config` refuses is a usage error of its option, like click's own: exit 2."""
+    try:
+        check()
+    except ConfigError as exc:
+        ctx = click.get_current_context()
+        param = next(p for p in ctx.command.params if exc.option in p.opts)
+        raise click.BadParameter(exc.reason, ctx=ctx, param=param) from exc
 
 
 @click.group()
@@ -123,6 +142,12 @@ def main() -> None:
     default=20.0,
     help="Seconds a merge in progress may run on after SIGTERM before it is rolled back.",
 )
+@_option(
+    "--history-retention-days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    help="Days the journal keeps finished merges; unfinished and failed ones stay.",
+)
 @_option("--once", is_flag=True, help="Recover, run one pass, exit.")
 @_option("--dry-run", is_flag=True, help="Print the plan; change nothing, not even the journal.")
 @_log_level
@@ -137,11 +162,21 @@ def run(
     compression_level: int,
     row_group_size: int,
     grace_period: float,
+    history_retention_days: float,
     once: bool,
     dry_run: bool,
     log_level: str,
 ) -> None:
     """Run the sidecar: lock, recover, then consolidate every --check-interval seconds."""
+    journal_path = journal or default_journal_path(data_dir)
+    numbers = {
+        "--check-interval": check_interval,
+        "--min-age": min_age,
+        "--grace-period": grace_period,
+        "--history-retention-days": history_retention_days,
+    }
+    _check_config(lambda: config.check_finite(numbers))
+    _check_config(lambda: config.check_journal(journal_path, data_dir))
     logs.configure(log_level)
     policy = Policy(
         min_files=min_files,
@@ -151,12 +186,13 @@ def run(
         compression_level=compression_level,
         row_group_bytes=row_group_size * MB,
     )
-    journal_path = journal or default_journal_path(data_dir)
     try:
         if dry_run:
             _print_plan(data_dir, journal_path, policy)
             return
-        settings = Settings(data_dir, journal_path, policy, check_interval, grace_period)
+        settings = Settings(
+            data_dir, journal_path, policy, check_interval, grace_period, history_retention_days
+        )
         stop = StopFlag(grace_period)
         stop.install()
         code = run_service(settings, stop, once=once)
@@ -209,10 +245,12 @@ def recover_command(data_dir: Path, journal: Path | None, as_json: bool, log_lev
     """Resume or roll back every interrupted merge; exit 3 if a person must decide."""
     from . import lock
 
+    journal_path = journal or default_journal_path(data_dir)
+    _check_config(lambda: config.check_journal(journal_path, data_dir))
     logs.configure(log_level)
     try:
         with lock.exclusive(data_dir):
-            opened = Journal.open(journal or default_journal_path(data_dir))
+            opened = Journal.open(journal_path)
             try:
                 report = recover(opened, data_dir)
             finally:
@@ -310,6 +348,62 @@ def history(
 def _emit(rows: Iterable[dict[str, Any]], as_json: bool) -> None:
     for fields in rows:
         _echo(fields, as_json)
+
+
+@main.command()
+@_data_dir(writable=False)
+@_journal
+@_json
+@_option(
+    "--check-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds between passes. [default: what the service recorded with its last pass]",
+)
+@_option(
+    "--stale-after",
+    type=click.FloatRange(min=1),
+    default=3.0,
+    help="Unhealthy (exit 4) when no pass succeeded for this many check intervals.",
+)
+@_option(
+    "--liveness",
+    is_flag=True,
+    help="Only whether the service is stuck (exit 4, 5), from the journal alone: no disk scan,"
+    " no exit 3.",
+)
+def status(
+    data_dir: Path,
+    journal: Path | None,
+    as_json: bool,
+    check_interval: float | None,
+    stale_after: float,
+    liveness: bool,
+) -> None:
+    """Health for people and probes; read-only. Exit 0 healthy, 3 a merge needs a person,
+    4 no successful pass for --stale-after check intervals, 5 never ran here."""
+    numbers = {"--stale-after": stale_after}
+    if check_interval is not None:
+        numbers["--check-interval"] = check_interval
+    _check_config(lambda: config.check_finite(numbers))
+    try:
+        report = compute_status(
+            data_dir,
+            journal or default_journal_path(data_dir),
+            check_interval_s=check_interval,
+            stale_after=stale_after,
+            liveness=liveness,
+        )
+    except (ConsolidatorError, OSError, sqlite3.Error) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if report.last_pass is not None:
+        _echo(pass_fields(report.last_pass), as_json)
+    _emit(map(backlog_fields, report.backlog), as_json)
+    _emit(map(unreadable_fields, report.unreadable), as_json)
+    _emit(map(merge_fields, report.needs_person + report.unfinished), as_json)
+    _emit(map(problem_fields, report.problems), as_json)
+    _echo(status_fields(report), as_json)
+    raise SystemExit(report.exit_code)
 
 
 @main.command()

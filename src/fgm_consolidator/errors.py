@@ -23,6 +23,14 @@ class ConsolidatorError(Exception):
         super().__init__(f"{self.path}: {reason}" if self.path else reason)
 
 
+class ConfigError(ConsolidatorError):
+    """An option's value cannot work; refused at start-up, before anything is touched."""
+
+    def __init__(self, option: str, reason: str) -> None:
+        self.option = option
+        super().__init__(reason)
+
+
 class LockHeldError(ConsolidatorError):
     """Another consolidator holds the data directory's lock (invariant 7)."""
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,66 @@ class MergeRecord:
         return self.transitions[-1].error
 
 
+class PassResult(StrEnum):
+    """How a consolidation pass ended. Frozen once released: journal rows store these strings."""
+
+    # Every partition was worked (a rolled-back merge is retried by the next pass).
+    OK = "ok"
+    # A partition could not be worked, or the pass stopped on an error.
+    FAILED = "failed"
+    # A signal cut the pass short.
+    STOPPED = "stopped"
+    # The process died during the pass; set by the next pass to start.
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    id: int
+    started: str
+    ended: str | None
+    result: PassResult | None  # None while the pass runs (or until the next one starts)
+    merges_finished: int
+    merges_failed: int
+    partition_errors: int
+    unreadable: int
+    error: str | None
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PruneCounts:
+    merges: int
+    passes: int
+
+
+# Merges whose history may go: finished before the cutoff and never flagged for a person;
+# a rolled-back merge only once every one of its sources went into a later merge (its failure
+# is then no longer the latest word on those files). The newest merge always stays, so an id
+# is never handed out twice (outputs carry their merge id in their lineage).
+_PRUNABLE = """
+SELECT m.id FROM merges m
+JOIN transitions last ON last.id = (SELECT max(t.id) FROM transitions t WHERE t.merge_id = m.id)
+WHERE last.at < :cutoff
+  AND m.id < (SELECT max(id) FROM merges)
+  AND NOT EXISTS (
+    SELECT 1 FROM transitions f WHERE f.merge_id = m.id AND f.state = 'needs-attention')
+  AND (
+    last.state = 'sources-deleted'
+    OR (last.state = 'rolled-back' AND NOT EXISTS (
+      SELECT 1 FROM sources s WHERE s.merge_id = m.id AND NOT EXISTS (
+        SELECT 1 FROM merges later JOIN sources ls ON ls.merge_id = later.id
+        WHERE later.partition = m.partition AND later.id > m.id AND ls.name = s.name))))
+"""
+
+# Pass records before the cutoff, except the newest and the newest successful one (`status`).
+_PRUNABLE_PASSES = """
+DELETE FROM passes WHERE started < :cutoff AND result IS NOT NULL
+  AND id <> (SELECT max(id) FROM passes)
+  AND id <> coalesce((SELECT max(id) FROM passes WHERE result = 'ok'), -1)
+"""
+
+
 @dataclass(frozen=True)
 class UnreadableRecord:
     partition: str
@@ -146,6 +207,11 @@ class Journal:
 
     def close(self) -> None:
         self.db.conn.close()
+
+    @staticmethod
+    def now() -> datetime:
+        """The clock every recorded time comes from; what is compared with them uses it too."""
+        return datetime.fromisoformat(utc_now())
 
     def _check_integrity(self) -> None:
         result = self.db.execute("PRAGMA quick_check").fetchone()[0]
@@ -278,6 +344,90 @@ class Journal:
             )
         return cursor.rowcount == 1
 
+    def begin_pass(self, settings: Mapping[str, Any]) -> int:
+        """Record a pass as running; a pass left running by a dead process becomes interrupted."""
+        with self.transaction():
+            self.db.execute(
+                "UPDATE passes SET result = ? WHERE result IS NULL", (str(PassResult.INTERRUPTED),)
+            )
+            cursor = self.db.execute(
+                "INSERT INTO passes (started, settings) VALUES (?, ?)",
+                (utc_now(), json.dumps(dict(settings), sort_keys=True)),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def end_pass(
+        self,
+        pass_id: int,
+        result: PassResult,
+        *,
+        merges_finished: int = 0,
+        merges_failed: int = 0,
+        partition_errors: int = 0,
+        unreadable: int = 0,
+        error: str | None = None,
+    ) -> None:
+        with self.transaction():
+            self.db.execute(
+                "UPDATE passes SET ended = ?, result = ?, merges_finished = ?, merges_failed = ?,"
+                " partition_errors = ?, unreadable = ?, error = ? WHERE id = ? AND result IS NULL",
+                (
+                    utc_now(),
+                    str(result),
+                    merges_finished,
+                    merges_failed,
+                    partition_errors,
+                    unreadable,
+                    error,
+                    pass_id,
+                ),
+            )
+
+    def prune(self, *, cutoff: str, at: str) -> PruneCounts:
+        """Forget finished history older than `cutoff` (ISO 8601, UTC), in one transaction.
+
+        Only what `_PRUNABLE` allows: nothing unfinished, flagged for a person, or the latest
+        failure of files still waiting is ever removed.
+        """
+        with self.transaction():
+            ids = [row[0] for row in self.db.execute(_PRUNABLE, {"cutoff": cutoff})]
+            doomed = json.dumps(ids)
+            for table, column in (("transitions", "merge_id"), ("sources", "merge_id")):
+                self.db.execute(
+                    f"DELETE FROM {table} WHERE {column} IN (SELECT value FROM json_each(?))",
+                    [doomed],
+                )
+            self.db.execute(
+                "DELETE FROM merges WHERE id IN (SELECT value FROM json_each(?))", [doomed]
+            )
+            passes = self.db.execute(_PRUNABLE_PASSES, {"cutoff": cutoff}).rowcount
+            self.db.execute("DELETE FROM prunes WHERE at < ?", [cutoff])
+            self.db.execute(
+                "INSERT INTO prunes (at, cutoff, merges, passes) VALUES (?, ?, ?, ?)",
+                (at, cutoff, len(ids), passes),
+            )
+        return PruneCounts(len(ids), passes)
+
+    def free_fraction(self) -> float:
+        """Share of the database's pages that are free (left by deletes, reused by inserts)."""
+        pages = int(self.db.execute("PRAGMA page_count").fetchone()[0])
+        free = int(self.db.execute("PRAGMA freelist_count").fetchone()[0])
+        return free / pages if pages else 0.0
+
+    def compact(self, *, vacuum: bool) -> None:
+        """Give space back to the file system after a prune.
+
+        VACUUM rewrites the database through the WAL (its scratch copy is kept in memory: a
+        container's /tmp may be read-only, and what is left after a prune is small); the
+        TRUNCATE checkpoint then copies the WAL home and empties it, since a WAL file never
+        shrinks by itself from the size of its largest transaction.
+        """
+        if vacuum:
+            self.db.execute("PRAGMA temp_store = MEMORY")
+            self.db.execute("VACUUM")
+            self.db.execute("PRAGMA temp_store = DEFAULT")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
     # -- reads ----------------------------------------------------------------------------
 
     def _current_state(self, merge_id: int) -> MergeState | None:
@@ -399,3 +549,46 @@ class Journal:
                 held.add(record.output)
                 held.update(s.name for s in record.sources)
         return held
+
+    def _has_passes(self) -> bool:
+        """A journal opened read-only may predate migration 2 until `run` migrates it."""
+        return self._user_version() >= 2
+
+    def _pass(self, where: str, params: Sequence[Any] = ()) -> PassRecord | None:
+        if not self._has_passes():
+            return None
+        rows = list(
+            self.db.query(f"SELECT * FROM passes WHERE {where} ORDER BY id DESC LIMIT 1", params)
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return PassRecord(
+            id=r["id"],
+            started=r["started"],
+            ended=r["ended"],
+            result=None if r["result"] is None else PassResult(r["result"]),
+            merges_finished=r["merges_finished"],
+            merges_failed=r["merges_failed"],
+            partition_errors=r["partition_errors"],
+            unreadable=r["unreadable"],
+            error=r["error"],
+            settings=json.loads(r["settings"]),
+        )
+
+    def last_pass(self) -> PassRecord | None:
+        return self._pass("1")
+
+    def last_successful_pass(self) -> PassRecord | None:
+        return self._pass("result = ?", [str(PassResult.OK)])
+
+    def last_prune_at(self) -> str | None:
+        if not self._has_passes():
+            return None
+        row = self.db.execute("SELECT max(at) FROM prunes").fetchone()
+        return None if row[0] is None else str(row[0])
+
+    def latest_transition_at(self) -> str | None:
+        """When any merge last changed state: a long pass that is getting somewhere."""
+        row = self.db.execute("SELECT at FROM transitions ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else str(row[0])

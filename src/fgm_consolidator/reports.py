@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .journal import MergeRecord, UnreadableRecord
+from .journal import MergeRecord, PassRecord, UnreadableRecord
 from .plan import MergePlan
 from .recovery import RecoveryAction
+
+if TYPE_CHECKING:  # status imports service, which imports this module
+    from .status import Backlog, Problem, Status
 
 
 def _duration_s(record: MergeRecord) -> float:
@@ -42,7 +45,7 @@ def unreadable_fields(record: UnreadableRecord) -> dict[str, Any]:
         "file": record.name,
         "size": record.size,
         "reason": record.reason,
-        "first_seen": record.first_seen,
+        "first_seen": record.first_seen or None,  # empty: `status` found it before `run` did
     }
 
 
@@ -70,4 +73,67 @@ def plan_fields(plan: MergePlan) -> dict[str, Any]:
         "bytes_in": plan.bytes_in,
         "first": plan.sources[0].name,
         "last": plan.sources[-1].name,
+    }
+
+
+def pass_fields(record: PassRecord) -> dict[str, Any]:
+    return {
+        "kind": "pass",
+        "id": record.id,
+        "started": record.started,
+        "ended": record.ended,
+        "result": str(record.result) if record.result else "running",
+        "merges_finished": record.merges_finished,
+        "merges_failed": record.merges_failed,
+        "partition_errors": record.partition_errors,
+        "unreadable": record.unreadable,
+        "error": record.error,
+    }
+
+
+def backlog_fields(backlog: Backlog) -> dict[str, Any]:
+    return {
+        "kind": "partition",
+        "partition": backlog.partition,
+        "waiting": backlog.waiting,
+        "mergeable": backlog.mergeable,
+        "young": backlog.young,
+        "unreadable": backlog.unreadable,
+        "error": backlog.error,
+    }
+
+
+def problem_fields(problem: Problem) -> dict[str, Any]:
+    return {"kind": "problem", "exit_code": problem.exit_code, "problem": problem.text}
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="milliseconds")
+
+
+def status_fields(status: Status) -> dict[str, Any]:
+    """The summary line: health first, then what it was judged on."""
+    last, success = status.last_pass, status.last_success
+    progress = status.progress_at
+    return {
+        "kind": "status",
+        "healthy": not status.problems,
+        "exit_code": status.exit_code,
+        "now": _iso(status.now),
+        "last_pass_started": last.started if last else None,
+        "last_pass_ended": last.ended if last else None,
+        "last_pass_result": (str(last.result) if last.result else "running") if last else None,
+        "last_success": success.ended if success else None,
+        "service_started": _iso(status.service_started),
+        "progress_age_s": None
+        if progress is None
+        else round((status.now - progress).total_seconds(), 3),
+        "threshold_s": status.threshold_s,
+        "check_interval_s": status.check_interval_s,
+        "stale_after": status.stale_after,
+        "needs_person": len(status.needs_person),
+        "unfinished": len(status.unfinished),
+        "waiting": sum(b.waiting for b in status.backlog) if status.scanned else None,
+        "unreadable": len(status.unreadable) if status.scanned else None,
+        "journal_bytes": status.journal_bytes,
     }

@@ -8,6 +8,7 @@ on an event, using no CPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sqlite3
@@ -20,9 +21,9 @@ from types import FrameType
 
 import pyarrow as pa
 
-from . import lock
+from . import lock, retention
 from .errors import ConsolidatorError
-from .journal import Journal
+from .journal import Journal, PassResult
 from .layout import iter_partitions
 from .logs import log_event
 from .merge import MergeOutcome, execute, report_unreadable
@@ -45,6 +46,15 @@ class Settings:
     policy: Policy = field(default_factory=Policy)
     check_interval_s: float = 300.0
     grace_s: float = 20.0
+    retention_days: float = 30.0
+
+    def as_record(self) -> dict[str, object]:
+        """What each pass record keeps, so `status` judges by the settings really in use."""
+        return {
+            "policy": self.policy.as_dict(),
+            "check_interval_s": self.check_interval_s,
+            "retention_days": self.retention_days,
+        }
 
 
 class StopFlag:
@@ -88,6 +98,11 @@ class PassReport:
     def failed(self) -> list[MergeOutcome]:
         return [m for m in self.merges if m.state is not MergeState.SOURCES_DELETED]
 
+    def result(self, stopped: bool) -> PassResult:
+        if stopped:
+            return PassResult.STOPPED
+        return PassResult.FAILED if self.errors else PassResult.OK
+
 
 def plan_one(
     data_dir: Path, partition: str, policy: Policy, journal: Journal | None, now: float
@@ -121,6 +136,26 @@ def consolidation_pass(journal: Journal, settings: Settings, stop: StopFlag) -> 
         except PARTITION_ERRORS as exc:
             report.errors.append((partition, str(exc)))
             log_event(log, "partition-failed", logging.ERROR, partition=partition, error=exc)
+    return report
+
+
+def recorded_pass(journal: Journal, settings: Settings, stop: StopFlag) -> PassReport:
+    """A pass with its record in the journal, opened before and closed after it."""
+    pass_id = journal.begin_pass(settings.as_record())
+    try:
+        report = consolidation_pass(journal, settings, stop)
+    except Exception as exc:
+        with contextlib.suppress(sqlite3.Error):  # the journal may be what failed
+            journal.end_pass(pass_id, PassResult.FAILED, error=str(exc))
+        raise
+    journal.end_pass(
+        pass_id,
+        report.result(stop.requested),
+        merges_finished=len(report.merges) - len(report.failed),
+        merges_failed=len(report.failed),
+        partition_errors=len(report.errors),
+        unreadable=len(report.unreadable),
+    )
     return report
 
 
@@ -203,7 +238,7 @@ def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> i
     while True:
         started = time.monotonic()
         try:
-            report = consolidation_pass(journal, settings, stop)
+            report = recorded_pass(journal, settings, stop)
             ok = not report.errors
             log_event(
                 log,
@@ -223,6 +258,8 @@ def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> i
                 error=exc,
                 retry_in_s=None if once else settings.check_interval_s,
             )
+        if not stop.requested:
+            retention.prune_if_due(journal, settings.retention_days)
         if once or stop.requested:
             log_event(log, "stopped", reason="signal" if stop.requested else "once")
             return 0 if ok or stop.requested else 1

@@ -1,0 +1,64 @@
+"""Start-up checks of the configuration that click's types cannot express, before anything is
+touched: no journal created, no lock taken, no folder made.
+
+click already refuses what a type can say (a data dir that is missing or not writable,
+min-files below 2, an interval not above 0), but it lets `nan` and `inf` through every float
+range: `--min-age nan` would make every file eligible however young, `--check-interval nan`
+would loop without sleeping and `inf` would crash after the first pass. The journal must live
+on the data's file system so that it sees the same crashes as the data (DESIGN.md); that is
+checked here too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def check_finite(values: Mapping[str, float]) -> None:
+    """`values` maps an option's name (`--min-age`) to its value."""
+    for option, value in values.items():
+        if not math.isfinite(value):
+            raise ConfigError(option, f"must be a finite number (got {value})")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The path itself or its nearest existing parent: where a new file would be created."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def check_journal(journal: Path, data_dir: Path) -> None:
+    """The journal (or the folder it would be created in) for a command that writes it."""
+    journal = journal.absolute()
+    existing = _existing_ancestor(journal)
+    if existing == journal:
+        if not journal.is_file():
+            raise ConfigError("--journal", f"{journal} exists and is not a regular file")
+        folder = journal.parent
+        if not os.access(journal, os.R_OK | os.W_OK):
+            raise ConfigError("--journal", f"{journal} must be readable and writable")
+    else:
+        folder = existing
+        if not folder.is_dir():
+            raise ConfigError("--journal", f"{folder} is not a directory, so {journal} cannot be")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError("--journal", f"{folder} must be writable to hold the journal")
+    journal_dev, data_dev = os.stat(folder).st_dev, os.stat(data_dir).st_dev
+    if journal_dev != data_dev:
+        raise ConfigError(
+            "--journal",
+            f"{journal} is on another file system than --data-dir {data_dir} "
+            f"(device {_device(journal_dev)} vs {_device(data_dev)}); the journal must live on "
+            "the data volume to see the same crashes",
+        )
+
+
+def _device(dev: int) -> str:
+    return f"{os.major(dev)}:{os.minor(dev)}"

@@ -1,0 +1,235 @@
+"""Is the consolidator working, and does anything need a person? The answer `status` prints.
+
+Read-only, so that it can run as an exec probe beside a running service: the journal is opened
+read-only (no lock taken, no file created) and the data directory is only listed and its
+footers read, by the same scan and planner a pass uses, with the settings the service recorded
+with its last pass. Health has three parts:
+
+- the service makes progress: a successful pass ended, or the running pass started or moved a
+  merge, within `stale_after` x the check interval;
+- a service that just started gets that same window before its first successful pass (its
+  start is when it took the data directory's lock; the lock file's mtime says when);
+- no merge waits for a person (state needs-attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .journal import Journal, MergeRecord, PassRecord, UnreadableRecord
+from .layout import iter_partitions, lock_path
+from .plan import Policy
+from .retention import journal_bytes
+from .scan import UnreadableFile
+from .service import PARTITION_ERRORS, plan_one
+from .states import MergeState
+
+DEFAULT_CHECK_INTERVAL_S = 300.0
+
+EXIT_HEALTHY = 0
+EXIT_NEEDS_PERSON = 3  # as `recover`
+EXIT_STALE = 4
+EXIT_NEVER_RAN = 5
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """One partition as the next pass would see it."""
+
+    partition: str
+    waiting: int  # metrics-* files old enough and readable: not consolidated yet
+    mergeable: int  # files the next pass would merge (the rest wait for --min-files or time)
+    young: int  # files younger than --min-age: the monitor may still write them
+    unreadable: int
+    error: str | None = None  # the partition could not be looked at
+
+
+@dataclass(frozen=True)
+class Problem:
+    exit_code: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Status:
+    now: datetime
+    check_interval_s: float
+    stale_after: float
+    service_started: datetime | None  # when a process last took the data directory's lock
+    last_pass: PassRecord | None
+    last_success: PassRecord | None
+    progress_at: datetime | None  # the latest sign that the service gets somewhere
+    needs_person: tuple[MergeRecord, ...]
+    unfinished: tuple[MergeRecord, ...]  # in progress, or interrupted until the next start
+    scanned: bool  # False for --liveness: backlog and unreadable were not looked at
+    backlog: tuple[Backlog, ...]
+    unreadable: tuple[UnreadableRecord, ...]
+    journal_bytes: int
+    problems: tuple[Problem, ...]
+
+    @property
+    def threshold_s(self) -> float:
+        return self.stale_after * self.check_interval_s
+
+    @property
+    def exit_code(self) -> int:
+        return self.problems[0].exit_code if self.problems else EXIT_HEALTHY
+
+
+def _at(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _service_started(data_dir: Path) -> datetime | None:
+    try:
+        mtime = lock_path(data_dir).stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return datetime.fromtimestamp(mtime, UTC)
+
+
+def _policy(last: PassRecord | None) -> Policy:
+    """The policy the service runs with, as its last pass recorded it (defaults before one)."""
+    recorded = dict(last.settings.get("policy", {})) if last else {}
+    known = {f.name for f in fields(Policy)}
+    return Policy(**{k: v for k, v in recorded.items() if k in known})
+
+
+def _still_there(folder: Path, record: UnreadableRecord) -> bool:
+    try:
+        st = (folder / record.name).stat()
+    except FileNotFoundError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (record.size, record.mtime_ns)
+
+
+def _not_yet_recorded(partition: str, bad: UnreadableFile) -> UnreadableRecord:
+    """Found by this look, before the service did: no first-seen time yet."""
+    size, mtime_ns = bad.identity.size, bad.identity.mtime_ns
+    return UnreadableRecord(partition, bad.name, size, mtime_ns, bad.reason, "")
+
+
+def _look_at_partitions(
+    data_dir: Path, journal: Journal | None, policy: Policy, now: datetime
+) -> tuple[list[Backlog], list[UnreadableRecord]]:
+    backlog: list[Backlog] = []
+    unreadable: list[UnreadableRecord] = []
+    for partition in iter_partitions(data_dir):
+        folder = data_dir / partition
+        try:
+            scan, plans, _ = plan_one(data_dir, partition, policy, journal, now.timestamp())
+            known = journal.unreadable(partition) if journal else []
+        except PARTITION_ERRORS as exc:
+            backlog.append(Backlog(partition, 0, 0, 0, 0, error=str(exc)))
+            continue
+        bad = [r for r in known if r.name in scan.names and _still_there(folder, r)]
+        bad += [_not_yet_recorded(partition, u) for u in scan.unreadable]
+        unreadable += bad
+        waiting = sum(1 for s in scan.eligible if s.file.kind == "metrics")
+        mergeable = sum(len(p.sources) for p in plans)
+        if waiting or bad:  # young files alone: the monitor's current file, or our new output
+            backlog.append(Backlog(partition, waiting, mergeable, scan.young, len(bad)))
+    return backlog, unreadable
+
+
+def _progress(
+    service_started: datetime | None,
+    last: PassRecord | None,
+    success: PassRecord | None,
+    latest_transition: datetime | None,
+) -> datetime | None:
+    marks = [service_started, _at(success.ended) if success else None]
+    if last is not None and last.result is None:  # running, or died and not restarted yet
+        started = _at(last.started)
+        marks.append(started)
+        if started and latest_transition and latest_transition >= started:
+            marks.append(latest_transition)
+    present = [m for m in marks if m is not None]
+    return max(present) if present else None
+
+
+def _problems(status: Status, journal_path: Path) -> list[Problem]:
+    """Most urgent first: a service that does not work, then what a person must decide."""
+    found: list[Problem] = []
+    limit = (
+        f"{status.threshold_s:g} s = {status.stale_after:g} x the check interval of "
+        f"{status.check_interval_s:g} s"
+    )
+    if status.progress_at is None:
+        where = "no journal" if not journal_path.exists() else "no pass recorded"
+        found.append(
+            Problem(EXIT_NEVER_RAN, f"{where}: `fgm-consolidator run` has not started here")
+        )
+    else:
+        age = (status.now - status.progress_at).total_seconds()
+        if age > status.threshold_s:
+            failed = status.last_pass
+            why = f"; last pass {failed.result}: {failed.error}" if failed and failed.error else ""
+            found.append(Problem(EXIT_STALE, f"no progress for {age:.0f} s (limit {limit}){why}"))
+    if status.needs_person:
+        ids = ", ".join(str(r.id) for r in status.needs_person)
+        found.append(
+            Problem(
+                EXIT_NEEDS_PERSON,
+                f"{len(status.needs_person)} merge(s) need a person (ids {ids}); "
+                "see `fgm-consolidator history --state needs-attention`",
+            )
+        )
+    return found
+
+
+def compute_status(
+    data_dir: Path,
+    journal_path: Path,
+    *,
+    check_interval_s: float | None = None,
+    stale_after: float = 3.0,
+    liveness: bool = False,
+    now: datetime | None = None,
+) -> Status:
+    """`check_interval_s` None: the interval the service recorded with its last pass.
+
+    `liveness` leaves out what needs a person, since a restart cannot help with that, and the
+    look at the data directory, so that a frequent probe reads the journal only.
+    """
+    journal = Journal.open(journal_path, read_only=True) if journal_path.exists() else None
+    try:
+        now = now or Journal.now()
+        last = journal.last_pass() if journal else None
+        success = journal.last_successful_pass() if journal else None
+        transition = _at(journal.latest_transition_at()) if journal else None
+        unfinished = journal.unfinished() if journal else []
+        backlog, unreadable = (
+            ([], []) if liveness else _look_at_partitions(data_dir, journal, _policy(last), now)
+        )
+    finally:
+        if journal is not None:
+            journal.close()
+    if check_interval_s is None:
+        recorded = last.settings.get("check_interval_s") if last else None
+        check_interval_s = float(recorded or DEFAULT_CHECK_INTERVAL_S)
+    started = _service_started(data_dir)
+    status = Status(
+        now=now,
+        check_interval_s=check_interval_s,
+        stale_after=stale_after,
+        service_started=started,
+        last_pass=last,
+        last_success=success,
+        progress_at=_progress(started, last, success, transition),
+        needs_person=tuple(r for r in unfinished if r.state is MergeState.NEEDS_ATTENTION),
+        unfinished=tuple(r for r in unfinished if r.state is not MergeState.NEEDS_ATTENTION),
+        scanned=not liveness,
+        backlog=tuple(backlog),
+        unreadable=tuple(unreadable),
+        journal_bytes=journal_bytes(journal_path),
+        problems=(),
+    )
+    problems = tuple(
+        p
+        for p in _problems(status, journal_path)
+        if not (liveness and p.exit_code == EXIT_NEEDS_PERSON)
+    )
+    return replace(status, problems=problems)

@@ -1,0 +1,197 @@
+"""A bad configuration stops the command at start-up with one line naming the option, exit 2
+like every click usage error, before anything is touched: no journal, no lock, no folder.
+
+Every case runs the real command in a real process, as a container would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from fgm_consolidator.layout import default_journal_path
+
+
+def env_name(option: str) -> str:
+    return "FGM_" + option.removeprefix("--").replace("-", "_").upper()
+
+
+def usage_error(option: str, reason: str) -> str:
+    return f"Error: Invalid value for '{option}' (env var: '{env_name(option)}'): {reason}"
+
+
+def assert_refused(proc: subprocess.CompletedProcess[str], option: str, reason: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines()[-1] == usage_error(option, reason)
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value", "reason"),
+    [
+        ("run", "--check-interval", "nan", "must be a finite number (got nan)"),
+        ("run", "--check-interval", "inf", "must be a finite number (got inf)"),
+        ("run", "--check-interval", "0", "0.0 is not in the range x>0."),
+        ("run", "--check-interval", "-5", "-5.0 is not in the range x>0."),
+        ("run", "--min-files", "1", "1 is not in the range x>=2."),
+        ("run", "--min-age", "-1", "-1.0 is not in the range x>=0."),
+        ("run", "--min-age", "nan", "must be a finite number (got nan)"),
+        ("run", "--grace-period", "inf", "must be a finite number (got inf)"),
+        ("run", "--history-retention-days", "0", "0.0 is not in the range x>0."),
+        ("run", "--history-retention-days", "nan", "must be a finite number (got nan)"),
+        ("status", "--check-interval", "nan", "must be a finite number (got nan)"),
+        ("status", "--check-interval", "0", "0.0 is not in the range x>0."),
+        ("status", "--stale-after", "0.5", "0.5 is not in the range x>=1."),
+        ("status", "--stale-after", "inf", "must be a finite number (got inf)"),
+    ],
+)
+def test_a_bad_number_is_refused_before_anything_is_touched(
+    data_dir: Path, tmp_path: Path, command: str, option: str, value: str, reason: str
+) -> None:
+    journal = tmp_path / "elsewhere" / "journal.db"
+    args = [command, "--data-dir", str(data_dir), "--journal", str(journal), option, value]
+    assert_refused(run_cli(*args), option, reason)
+    assert os.listdir(data_dir) == []
+    assert not journal.parent.exists()
+
+
+def test_a_bad_number_from_the_environment_names_the_variable(data_dir: Path) -> None:
+    proc = run_cli("run", env={"FGM_DATA_DIR": str(data_dir), "FGM_CHECK_INTERVAL": "inf"})
+    assert_refused(proc, "--check-interval", "must be a finite number (got inf)")
+    assert "FGM_CHECK_INTERVAL" in proc.stderr.splitlines()[-1]
+    assert os.listdir(data_dir) == []
+
+
+@pytest.fixture
+def other_file_system(data_dir: Path) -> Iterator[Path]:
+    """A folder name on a file system other than the data's (that does not exist yet)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(data_dir).st_dev:
+        pytest.skip("no second file system (tmpfs /dev/shm) to put a journal on")
+    folder = shm / f"fgm-test-{uuid.uuid4().hex}"
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("command", ["run", "recover"])
+def test_a_journal_on_another_file_system_is_refused(
+    data_dir: Path, other_file_system: Path, command: str
+) -> None:
+    journal = other_file_system / "state" / "journal.db"
+    proc = run_cli(command, "--data-dir", str(data_dir), "--journal", str(journal))
+    theirs, ours = os.stat("/dev/shm").st_dev, os.stat(data_dir).st_dev
+    assert_refused(
+        proc,
+        "--journal",
+        f"{journal} is on another file system than --data-dir {data_dir} (device"
+        f" {os.major(theirs)}:{os.minor(theirs)} vs {os.major(ours)}:{os.minor(ours)});"
+        " the journal must live on the data volume to see the same crashes",
+    )
+    assert not other_file_system.exists()
+    assert os.listdir(data_dir) == []
+
+
+def test_a_journal_under_a_file_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    journal = afile / "journal.db"
+    proc = run_cli("run", "--once", "--data-dir", str(data_dir), "--journal", str(journal))
+    assert_refused(proc, "--journal", f"{afile} is not a directory, so {journal} cannot be")
+    assert afile.read_text() == "not a folder"
+    assert os.listdir(data_dir) == []
+
+
+def test_a_journal_that_is_a_folder_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "journal.db"
+    folder.mkdir()
+    proc = run_cli("recover", "--data-dir", str(data_dir), "--journal", str(folder))
+    assert_refused(proc, "--journal", f"File '{folder}' is a directory.")
+    assert os.listdir(folder) == [] and os.listdir(data_dir) == []
+
+
+def test_the_default_journal_passes_the_check(data_dir: Path) -> None:
+    proc = run_cli("run", "--once", "--data-dir", str(data_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert default_journal_path(data_dir).exists()
+
+
+# -- permissions: as a user whom file modes bind ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unprivileged(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A command prefix under which file modes apply: root without CAP_DAC_OVERRIDE (as a
+    container's non-root user would be), or nothing when we are not root."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root, and no setpriv to drop the file-mode override")
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    locked = tmp_path_factory.mktemp("probe")
+    locked.chmod(0o555)
+    probe = f"import os, sys; sys.exit(os.access({str(locked)!r}, os.W_OK))"
+    try:
+        works = subprocess.run([*prefix, sys.executable, "-c", probe], check=False, timeout=60)
+    except OSError:
+        works = None
+    finally:
+        locked.chmod(0o755)
+    if works is None or works.returncode != 0:
+        pytest.skip("cannot drop root's file-mode override here")
+    return prefix
+
+
+def run_as(prefix: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "fgm_consolidator", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def read_only(data_dir: Path) -> Iterator[Path]:
+    data_dir.chmod(0o555)
+    yield data_dir
+    data_dir.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["run", "recover"])
+def test_a_data_dir_that_is_not_writable_is_refused(
+    read_only: Path, unprivileged: list[str], command: str
+) -> None:
+    proc = run_as(unprivileged, command, "--data-dir", str(read_only))
+    assert_refused(proc, "--data-dir", f"Directory '{read_only}' is not writable.")
+    assert os.listdir(read_only) == []
+
+
+def test_status_reads_a_data_dir_it_may_not_write(read_only: Path, unprivileged: list[str]) -> None:
+    proc = run_as(unprivileged, "status", "--data-dir", str(read_only))
+    assert proc.returncode == 5, proc.stdout + proc.stderr  # never ran here, and says so
+    assert os.listdir(read_only) == []
+
+
+def test_a_journal_folder_that_is_not_writable_is_refused(
+    data_dir: Path, tmp_path: Path, unprivileged: list[str]
+) -> None:
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o555)
+    journal = folder / "state" / "journal.db"
+    try:
+        proc = run_as(unprivileged, "run", "--data-dir", str(data_dir), "--journal", str(journal))
+        assert_refused(proc, "--journal", f"{folder} must be writable to hold the journal")
+        assert os.listdir(folder) == [] and os.listdir(data_dir) == []
+    finally:
+        folder.chmod(0o755)
