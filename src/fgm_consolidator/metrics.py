@@ -112,12 +112,13 @@ class MetricsObserver(Observer):
         self.pass_running.set(1)
 
     def observe_merge(self, outcome: MergeOutcome) -> None:
-        self.merges.labels(str(outcome.state)).inc()
+        """The merge is counted last: a scrape that sees it also sees its files and rows."""
         if outcome.state is MergeState.SOURCES_DELETED:
             self.files.inc(outcome.sources)
             self.rows.inc(outcome.rows)
             self.bytes_in.inc(outcome.bytes_in)
             self.bytes_out.inc(outcome.bytes_out or 0)
+        self.merges.labels(str(outcome.state)).inc()
 
     def observe_pass(self, report: PassReport | None, duration_s: float, journal: Journal) -> None:
         ok = report is not None and not report.errors
