@@ -157,6 +157,8 @@ def test_metrics_during_and_after_a_pass_match_the_journal_and_the_disk(
 
         code, _took = service.terminate(timeout=DEADLINE_S)
         assert code == 0, "\n".join(service.lines)
+        # SIGTERM while idle starts no empty pass that would zero the backlog on the way out
+        assert [e["event"] for e in service.events].count("pass-finished") == 1
 
 
 def read_journal(data_dir: Path) -> tuple[list[MergeRecord], list[UnreadableRecord]]:

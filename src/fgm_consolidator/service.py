@@ -241,7 +241,7 @@ def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> i
                 retry_in_s=None if once else settings.check_interval_s,
             )
         settings.observer.observe_pass(report, time.monotonic() - started, journal)
-        if once or stop.requested:
+        # a signal during the wait ends the loop there: no pass starts after SIGTERM
+        if once or stop.requested or stop.wait(settings.check_interval_s):
             log_event(log, "stopped", reason="signal" if stop.requested else "once")
             return 0 if ok or stop.requested else 1
-        stop.wait(settings.check_interval_s)
