@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from . import config, logs
+from . import config, logs, progress
 from .errors import ConfigError, ConsolidatorError
 from .journal import Journal
 from .layout import default_journal_path, iter_partitions, parse_partition
+from .metrics import MetricsObserver, serving
+from .observe import Observer, Observers
 from .plan import MB, Policy
 from .recovery import recover
 from .reports import (
@@ -66,6 +70,12 @@ _log_level = _option(
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default="info",
     help="Least severe log event printed (to stderr).",
+)
+_log_format = _option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS, case_sensitive=False),
+    default="text",
+    help="Log lines as key=value text or as one JSON object each.",
 )
 
 
@@ -150,7 +160,15 @@ def main() -> None:
 )
 @_option("--once", is_flag=True, help="Recover, run one pass, exit.")
 @_option("--dry-run", is_flag=True, help="Print the plan; change nothing, not even the journal.")
+@_option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics on this port (0: any free port, logged). [default: off]",
+)
+@_option("--metrics-addr", default="0.0.0.0", help="Address the metrics port listens on.")
 @_log_level
+@_log_format
 def run(
     data_dir: Path,
     journal: Path | None,
@@ -165,7 +183,10 @@ def run(
     history_retention_days: float,
     once: bool,
     dry_run: bool,
+    metrics_port: int | None,
+    metrics_addr: str,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the sidecar: lock, recover, then consolidate every --check-interval seconds."""
     journal_path = journal or default_journal_path(data_dir)
@@ -177,28 +198,54 @@ def run(
     }
     _check_config(lambda: config.check_finite(numbers))
     _check_config(lambda: config.check_journal(journal_path, data_dir))
-    logs.configure(log_level)
-    policy = Policy(
-        min_files=min_files,
-        min_age_s=min_age,
-        max_output_bytes=max_output_size * MB,
-        max_span_s=max_span,
-        compression_level=compression_level,
-        row_group_bytes=row_group_size * MB,
-    )
-    try:
-        if dry_run:
-            _print_plan(data_dir, journal_path, policy)
-            return
-        settings = Settings(
-            data_dir, journal_path, policy, check_interval, grace_period, history_retention_days
+    with ExitStack() as stack:
+        shown = _configure_logs(stack, log_level, log_format, progress_bar=once and not dry_run)
+        policy = Policy(
+            min_files=min_files,
+            min_age_s=min_age,
+            max_output_bytes=max_output_size * MB,
+            max_span_s=max_span,
+            compression_level=compression_level,
+            row_group_bytes=row_group_size * MB,
         )
-        stop = StopFlag(grace_period)
-        stop.install()
-        code = run_service(settings, stop, once=once)
-    except (ConsolidatorError, OSError) as exc:
-        raise _fail(exc) from exc
+        try:
+            if dry_run:
+                _print_plan(data_dir, journal_path, policy)
+                return
+            observer = Observers(shown, *_metrics(stack, data_dir, metrics_port, metrics_addr))
+            settings = Settings(
+                data_dir,
+                journal_path,
+                policy,
+                check_interval,
+                grace_period,
+                retention_days=history_retention_days,
+                observer=observer,
+            )
+            stop = StopFlag(grace_period)
+            stop.install()
+            code = run_service(settings, stop, once=once)
+        except (ConsolidatorError, OSError) as exc:
+            raise _fail(exc) from exc
     raise SystemExit(code)
+
+
+def _configure_logs(stack: ExitStack, level: str, fmt: str, *, progress_bar: bool) -> Observer:
+    """Logs go to stderr; with progress shown, through the progress display (a bar on a tty)."""
+    if not progress_bar:
+        logs.configure(level, fmt)
+        return Observer()
+    shown, stream = stack.enter_context(progress.shown(sys.stderr))
+    logs.configure(level, fmt, stream)
+    return shown
+
+
+def _metrics(stack: ExitStack, data_dir: Path, port: int | None, addr: str) -> list[Observer]:
+    if port is None:
+        return []
+    metrics = MetricsObserver(data_dir)
+    stack.enter_context(serving(metrics, port, addr))
+    return [metrics]
 
 
 def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:
@@ -241,22 +288,26 @@ def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:
 @_journal
 @_json
 @_log_level
-def recover_command(data_dir: Path, journal: Path | None, as_json: bool, log_level: str) -> None:
+@_log_format
+def recover_command(
+    data_dir: Path, journal: Path | None, as_json: bool, log_level: str, log_format: str
+) -> None:
     """Resume or roll back every interrupted merge; exit 3 if a person must decide."""
     from . import lock
 
     journal_path = journal or default_journal_path(data_dir)
     _check_config(lambda: config.check_journal(journal_path, data_dir))
-    logs.configure(log_level)
-    try:
-        with lock.exclusive(data_dir):
-            opened = Journal.open(journal_path)
-            try:
-                report = recover(opened, data_dir)
-            finally:
-                opened.close()
-    except (ConsolidatorError, OSError) as exc:
-        raise _fail(exc) from exc
+    with ExitStack() as stack:
+        shown = _configure_logs(stack, log_level, log_format, progress_bar=True)
+        try:
+            with lock.exclusive(data_dir):
+                opened = Journal.open(journal_path)
+                try:
+                    report = recover(opened, data_dir, observer=shown)
+                finally:
+                    opened.close()
+        except (ConsolidatorError, OSError) as exc:
+            raise _fail(exc) from exc
     for action in report.actions:
         _echo(recovery_fields(action), as_json)
     for path in report.swept:

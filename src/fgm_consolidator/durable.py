@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from tenacity import (
-    before_sleep_log,
+    RetryCallState,
     retry,
     retry_if_exception,
     stop_after_attempt,
@@ -25,6 +25,7 @@ from tenacity import (
 
 from . import crashpoints
 from .errors import TRANSIENT_ERRNOS, NameTakenError
+from .logs import log_event
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,26 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
 
 
+def _log_retry(state: RetryCallState) -> None:
+    """One structured line per retry; inside a merge it carries the merge's fields too."""
+    log_event(
+        log,
+        "transient-error-retry",
+        logging.WARNING,
+        call=getattr(state.fn, "__name__", None),
+        attempt=state.attempt_number,
+        error=state.outcome.exception() if state.outcome else None,
+        retry_in_s=round(state.next_action.sleep, 3) if state.next_action else None,
+    )
+
+
 def retry_transient(func: Callable[..., T]) -> Callable[..., T]:
     """Retry only errors that may pass on their own; ENOSPC, EIO or EACCES surface at once."""
     return retry(
         retry=retry_if_exception(_is_transient),
         stop=stop_after_attempt(5),
         wait=wait_exponential(multiplier=0.05, max=2.0),
-        before_sleep=before_sleep_log(log, logging.WARNING),
+        before_sleep=_log_retry,
         reraise=True,
     )(func)
 

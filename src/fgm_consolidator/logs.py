@@ -1,22 +1,60 @@
-"""Structured logs: one event per line, `key=value` pairs a person can read and a machine can parse.
+"""Structured logs: one event per line, as `key=value` pairs or as one JSON object.
 
 Callers log an event name and fields (`log_event(log, "merge-finished", merge_id=3, ...)`);
-the formatter renders them. Every line about a merge carries its id, partition and output.
+the formatter renders them. Every line about a merge carries its id, partition and output:
+code that works on one merge runs inside `context(merge_id=..., partition=..., output=...)`,
+whose fields join every event logged inside it, including events of lower layers (a retried
+rename) and the error that escapes it (logged by whoever catches it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from types import MappingProxyType
+from typing import Any, Protocol
 
 FIELDS = "fgm_fields"
+FORMATS = ("text", "json")
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+_context: ContextVar[Mapping[str, Any]] = ContextVar("fgm_log_context", default=EMPTY)
+
+
+class Stream(Protocol):
+    """Where log lines go: a text stream, or a progress bar that prints them above itself."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
-    logger.log(level, event, extra={FIELDS: fields})
+    merged = dict(_context.get())
+    for value in fields.values():
+        if isinstance(value, BaseException):
+            merged.update(getattr(value, FIELDS, {}))
+    merged.update(fields)
+    logger.log(level, event, extra={FIELDS: merged})
+
+
+@contextmanager
+def context(**fields: Any) -> Iterator[None]:
+    """Add `fields` to every event logged in this block and to the exception leaving it."""
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    except Exception as exc:
+        if not hasattr(exc, FIELDS):
+            setattr(exc, FIELDS, dict(_context.get()))
+        raise
+    finally:
+        _context.reset(token)
 
 
 def _quote(value: Any) -> str:
@@ -32,22 +70,33 @@ def format_fields(fields: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={_quote(value)}" for key, value in fields.items() if value is not None)
 
 
+def _record_fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+        "level": record.levelname.lower(),
+        "event": record.getMessage(),
+        **getattr(record, FIELDS, {}),
+    }
+    if record.exc_info:
+        fields["exception"] = formatter.formatException(record.exc_info)
+    return fields
+
+
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "event": record.getMessage(),
-            **getattr(record, FIELDS, {}),
-        }
-        if record.exc_info:
-            fields["exception"] = self.formatException(record.exc_info)
-        return format_fields(fields)
+        return format_fields(_record_fields(record, self))
 
 
-def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(KeyValueFormatter())
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; values JSON cannot hold (paths, errors) become their text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(_record_fields(record, self), default=str)
+
+
+def configure(level: str = "INFO", fmt: str = "text", stream: Stream | None = None) -> None:
+    handler: logging.StreamHandler[Any] = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger("fgm_consolidator")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

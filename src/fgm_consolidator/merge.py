@@ -25,7 +25,7 @@ from .errors import (
 )
 from .journal import Journal, MergeRecord
 from .layout import companion_name, tmp_name
-from .logs import log_event
+from .logs import context, log_event
 from .plan import MergePlan, Policy
 from .schemas import LINEAGE_KEY
 from .states import MergeState
@@ -65,32 +65,45 @@ def execute(
     *,
     should_abort: Callable[[], bool] = lambda: False,
 ) -> MergeOutcome:
-    folder = data_dir / plan.partition
-    has_companion = any(s.companion is not None for s in plan.sources)
     merge_id = journal.record_planned(
         partition=plan.partition,
         output=plan.output,
         era=plan.era,
         policy=policy.as_dict(),
         sources=[s.record() for s in plan.sources],
-        has_companion=has_companion,
+        has_companion=_has_companion(plan),
+    )
+    with context(merge_id=merge_id, partition=plan.partition, output=plan.output):
+        state, size, error = _write_and_finish(
+            journal, data_dir, plan, policy, merge_id, should_abort
+        )
+    return MergeOutcome(
+        merge_id,
+        plan.partition,
+        plan.output,
+        state,
+        len(plan.sources),
+        plan.rows_in,
+        plan.bytes_in,
+        size,
+        error,
     )
 
-    def outcome(
-        state: MergeState, size: int | None = None, error: str | None = None
-    ) -> MergeOutcome:
-        return MergeOutcome(
-            merge_id,
-            plan.partition,
-            plan.output,
-            state,
-            len(plan.sources),
-            plan.rows_in,
-            plan.bytes_in,
-            size,
-            error,
-        )
 
+def _has_companion(plan: MergePlan) -> bool:
+    return any(s.companion is not None for s in plan.sources)
+
+
+def _write_and_finish(
+    journal: Journal,
+    data_dir: Path,
+    plan: MergePlan,
+    policy: Policy,
+    merge_id: int,
+    should_abort: Callable[[], bool],
+) -> tuple[MergeState, int | None, str | None]:
+    """From `planned` to a terminal state: the state reached, the output's size, the error."""
+    folder = data_dir / plan.partition
     journal.transition(merge_id, MergeState.WRITING, actor="merge")
     try:
         result = write_merged(
@@ -101,17 +114,17 @@ def execute(
             metadata=lineage(merge_id, plan),
             should_abort=should_abort,
         )
-        if has_companion:
+        if _has_companion(plan):
             _write_companion_tmp(folder, plan)
         durable.fsync_dir(folder)
     except (ConsolidatorError, OSError, pa.ArrowException) as exc:
         roll_back(journal, folder, merge_id, plan.output, error=str(exc), actor="merge")
         if isinstance(exc, SourceReadError):
             _remember_unreadable(journal, plan, exc)
-        return outcome(MergeState.ROLLED_BACK, error=str(exc))
+        return MergeState.ROLLED_BACK, None, str(exc)
     journal.record_written(merge_id, rows=result.rows, size=result.size, checksum=result.checksum)
     state, error = finish(journal, folder, journal.merge(merge_id), actor="merge")
-    return outcome(state, result.size, error)
+    return state, result.size, error
 
 
 def _write_companion_tmp(folder: Path, plan: MergePlan) -> None:

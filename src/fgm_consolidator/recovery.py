@@ -18,8 +18,9 @@ from . import durable
 from .errors import NameTakenError
 from .journal import Journal, MergeRecord
 from .layout import companion_name, is_our_tmp, iter_partitions, tmp_name
-from .logs import log_event
+from .logs import context, log_event
 from .merge import finish, roll_back
+from .observe import Observer
 from .states import MergeState
 
 ACTOR = "recovery"
@@ -136,10 +137,18 @@ def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
     return removed
 
 
-def recover(journal: Journal, data_dir: Path, *, sweep: bool = True) -> RecoveryReport:
+def recover(
+    journal: Journal, data_dir: Path, *, sweep: bool = True, observer: Observer | None = None
+) -> RecoveryReport:
+    observer = observer or Observer()
     report = RecoveryReport()
-    for record in journal.unfinished():
-        report.actions.append(resolve(journal, data_dir, record))
+    unfinished = journal.unfinished()
+    observer.recovery_started(len(unfinished))
+    for record in unfinished:
+        with context(merge_id=record.id, partition=record.partition, output=record.output):
+            action = resolve(journal, data_dir, record)
+        report.actions.append(action)
+        observer.observe_recovery(action)
     if sweep:
         keep = {
             (record.partition, tmp_name(name))

@@ -68,6 +68,7 @@ def prune(journal: Journal, retention_days: float, now: datetime) -> PruneReport
     log_event(
         log,
         "journal-pruned",
+        logging.INFO if report.merges or report.passes else logging.DEBUG,  # no daily noise
         cutoff=report.cutoff,
         merges=report.merges,
         passes=report.passes,

@@ -27,6 +27,7 @@ from .journal import Journal, PassResult
 from .layout import iter_partitions
 from .logs import log_event
 from .merge import MergeOutcome, execute, report_unreadable
+from .observe import Observer
 from .plan import MergePlan, Policy, Skipped, plan_partition
 from .recovery import RecoveryReport, recover
 from .reports import recovery_fields
@@ -47,6 +48,7 @@ class Settings:
     check_interval_s: float = 300.0
     grace_s: float = 20.0
     retention_days: float = 30.0
+    observer: Observer = field(default_factory=Observer)  # metrics, progress; no-op by default
 
     def as_record(self) -> dict[str, object]:
         """What each pass record keeps, so `status` judges by the settings really in use."""
@@ -93,6 +95,7 @@ class PassReport:
     unreadable: list[tuple[str, UnreadableFile]] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (partition, error)
+    backlog: dict[str, int] = field(default_factory=dict)  # partition -> eligible files left
 
     @property
     def failed(self) -> list[MergeOutcome]:
@@ -128,7 +131,9 @@ def consolidation_pass(journal: Journal, settings: Settings, stop: StopFlag) -> 
     report = PassReport(recovery=recover(journal, settings.data_dir, sweep=False))
     log_recovery(report.recovery)
     now = time.time()
-    for partition in iter_partitions(settings.data_dir):
+    partitions = list(iter_partitions(settings.data_dir))
+    settings.observer.pass_started(partitions)
+    for partition in partitions:
         if stop.requested:
             break
         try:
@@ -136,6 +141,7 @@ def consolidation_pass(journal: Journal, settings: Settings, stop: StopFlag) -> 
         except PARTITION_ERRORS as exc:
             report.errors.append((partition, str(exc)))
             log_event(log, "partition-failed", logging.ERROR, partition=partition, error=exc)
+        settings.observer.partition_done(partition)
     return report
 
 
@@ -181,14 +187,24 @@ def _consolidate_partition(
             output=skip.output,
             reason=skip.reason,
         )
+    consolidated: set[str] = set()
     for plan in plans:
         if stop.requested:
-            return
+            break
         outcome = execute(
             journal, settings.data_dir, plan, settings.policy, should_abort=stop.past_grace
         )
         report.merges.append(outcome)
         log_outcome(outcome)
+        settings.observer.observe_merge(outcome)
+        if outcome.state is MergeState.SOURCES_DELETED:
+            consolidated.update(source.name for source in plan.sources)
+    report.backlog[partition] = backlog(scan, consolidated)
+
+
+def backlog(scan: PartitionScan, consolidated: set[str]) -> int:
+    """Eligible `metrics-*` files this pass did not consolidate (held back, failed, stopped)."""
+    return sum(1 for s in scan.eligible if s.file.kind == "metrics" and s.name not in consolidated)
 
 
 def log_outcome(outcome: MergeOutcome) -> None:
@@ -225,7 +241,7 @@ def run_service(settings: Settings, stop: StopFlag, *, once: bool = False) -> in
     with lock.exclusive(settings.data_dir):
         journal = Journal.open(settings.journal_path)
         try:
-            startup = recover(journal, settings.data_dir)
+            startup = recover(journal, settings.data_dir, observer=settings.observer)
             log_recovery(startup)
             return _loop(journal, settings, stop, once)
         finally:
@@ -237,6 +253,7 @@ def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> i
     not failures: their sources are intact and the next pass retries them)."""
     while True:
         started = time.monotonic()
+        report: PassReport | None = None
         try:
             report = recorded_pass(journal, settings, stop)
             ok = not report.errors
@@ -258,9 +275,10 @@ def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> i
                 error=exc,
                 retry_in_s=None if once else settings.check_interval_s,
             )
+        settings.observer.observe_pass(report, time.monotonic() - started, journal)
         if not stop.requested:
             retention.prune_if_due(journal, settings.retention_days)
-        if once or stop.requested:
+        # a signal during the wait ends the loop there: no pass starts after SIGTERM
+        if once or stop.requested or stop.wait(settings.check_interval_s):
             log_event(log, "stopped", reason="signal" if stop.requested else "once")
             return 0 if ok or stop.requested else 1
-        stop.wait(settings.check_interval_s)
