@@ -183,4 +183,22 @@ def test_a_taken_metrics_port_fails_at_start_up_naming_the_option(data_dir: Path
     assert result.stderr.splitlines()[-1] == (
         f"Error: --metrics-port {port}: cannot listen on 127.0.0.1: Address already in use"
     )
-    assert not (data_dir / ".fgm-consolidator").exists()  # refused before anything was touched
+    assert not default_journal_path(data_dir).exists()  # no journal, no merge: nothing touched
+
+
+def test_a_second_instance_on_the_same_port_is_refused_by_the_lock_not_the_port(
+    data_dir: Path,
+) -> None:
+    generate(data_dir, small_spec((PodSpec("pod-a"),)))
+    with running(data_dir, "--metrics-port", "0", "--metrics-addr", "127.0.0.1") as first:
+        port = serving_port(first)
+        first.wait_for("pass-finished")
+        second = run_cli(
+            "run", "--once", "--data-dir", str(data_dir),
+            "--metrics-port", str(port), "--metrics-addr", "127.0.0.1",
+        )  # fmt: skip
+        assert second.returncode == 1
+        assert "another fgm-consolidator holds this data directory" in second.stderr, second.stderr
+        assert scrape(port)  # the first one still serves
+        code, _took = first.terminate(timeout=DEADLINE_S)
+        assert code == 0

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -212,7 +212,8 @@ def run(
             if dry_run:
                 _print_plan(data_dir, journal_path, policy)
                 return
-            observer = Observers(shown, *_metrics(stack, data_dir, metrics_port, metrics_addr))
+            metrics, serve = _metrics(data_dir, metrics_port, metrics_addr)
+            observer = Observers(shown, *metrics)
             settings = Settings(
                 data_dir,
                 journal_path,
@@ -224,7 +225,12 @@ def run(
             )
             stop = StopFlag(grace_period)
             stop.install()
-            code = run_service(settings, stop, once=once)
+            code = run_service(
+                settings,
+                stop,
+                once=once,
+                serve=serve,
+            )
         except (ConsolidatorError, OSError) as exc:
             raise _fail(exc) from exc
     raise SystemExit(code)
@@ -240,12 +246,14 @@ def _configure_logs(stack: ExitStack, level: str, fmt: str, *, progress_bar: boo
     return shown
 
 
-def _metrics(stack: ExitStack, data_dir: Path, port: int | None, addr: str) -> list[Observer]:
+def _metrics(
+    data_dir: Path, port: int | None, addr: str
+) -> tuple[list[Observer], Callable[[], AbstractContextManager[None]]]:
+    """The metrics observer and its endpoint, or neither when no port is set."""
     if port is None:
-        return []
+        return [], nullcontext
     metrics = MetricsObserver(data_dir)
-    stack.enter_context(serving(metrics, port, addr))
-    return [metrics]
+    return [metrics], lambda: serving(metrics, port, addr)
 
 
 def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:

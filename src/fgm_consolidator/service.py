@@ -14,6 +14,8 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -236,9 +238,17 @@ def log_recovery(report: RecoveryReport) -> None:
         log_event(log, "orphan-removed", path=path)
 
 
-def run_service(settings: Settings, stop: StopFlag, *, once: bool = False) -> int:
-    """The `run` command: returns the exit code (0 also after a clean stop on a signal)."""
-    with lock.exclusive(settings.data_dir):
+def run_service(
+    settings: Settings,
+    stop: StopFlag,
+    *,
+    once: bool = False,
+    serve: Callable[[], AbstractContextManager[None]] = nullcontext,
+) -> int:
+    """The `run` command: returns the exit code (0 also after a clean stop on a signal).
+    `serve` (the metrics endpoint) starts only once the lock is ours, so a second instance is
+    refused by the lock, with its holder named, not by a port it cannot bind."""
+    with lock.exclusive(settings.data_dir), serve():
         journal = Journal.open(settings.journal_path)
         try:
             startup = recover(journal, settings.data_dir, observer=settings.observer)
