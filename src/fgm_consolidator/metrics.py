@@ -11,7 +11,6 @@ Cardinality is fixed: no metric has a partition or file label.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -23,10 +22,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from .errors import ConsolidatorError
-from .journal import Journal, UnreadableRecord
+from .journal import Journal
 from .logs import log_event
 from .observe import Observer
 from .states import MergeState
+from .status import still_on_disk
 
 if TYPE_CHECKING:
     from .merge import MergeOutcome
@@ -132,25 +132,12 @@ class MetricsObserver(Observer):
             self.backlog_files.set(sum(waiting))
             self.backlog_partitions.set(len(waiting))
         try:
-            self.unreadable.set(len(still_unreadable(self.data_dir, journal.unreadable())))
+            self.unreadable.set(sum(still_on_disk(self.data_dir, r) for r in journal.unreadable()))
             self.needs_person.set(
                 sum(1 for r in journal.unfinished() if r.state is MergeState.NEEDS_ATTENTION)
             )
         except (sqlite3.Error, ConsolidatorError) as exc:  # metrics never stop the service
             log_event(log, "metrics-refresh-failed", logging.WARNING, error=exc)
-
-
-def still_unreadable(data_dir: Path, records: Sequence[UnreadableRecord]) -> list[UnreadableRecord]:
-    """The journal remembers every unreadable version of a file; count those still on disk."""
-    present = []
-    for record in records:
-        try:
-            st = os.stat(data_dir / record.partition / record.name)
-        except OSError:
-            continue
-        if (st.st_size, st.st_mtime_ns) == (record.size, record.mtime_ns):
-            present.append(record)
-    return present
 
 
 @contextmanager

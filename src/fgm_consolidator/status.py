@@ -97,10 +97,11 @@ def _policy(last: PassRecord | None) -> Policy:
     return Policy(**{k: v for k, v in recorded.items() if k in known})
 
 
-def _still_there(folder: Path, record: UnreadableRecord) -> bool:
+def still_on_disk(data_dir: Path, record: UnreadableRecord) -> bool:
+    """The journal remembers every unreadable version of a file; is this one still there?"""
     try:
-        st = (folder / record.name).stat()
-    except FileNotFoundError:
+        st = (data_dir / record.partition / record.name).stat()
+    except OSError:
         return False
     return (st.st_size, st.st_mtime_ns) == (record.size, record.mtime_ns)
 
@@ -117,14 +118,13 @@ def _look_at_partitions(
     backlog: list[Backlog] = []
     unreadable: list[UnreadableRecord] = []
     for partition in iter_partitions(data_dir):
-        folder = data_dir / partition
         try:
             scan, plans, _ = plan_one(data_dir, partition, policy, journal, now.timestamp())
             known = journal.unreadable(partition) if journal else []
         except PARTITION_ERRORS as exc:
             backlog.append(Backlog(partition, 0, 0, 0, 0, error=str(exc)))
             continue
-        bad = [r for r in known if r.name in scan.names and _still_there(folder, r)]
+        bad = [r for r in known if r.name in scan.names and still_on_disk(data_dir, r)]
         bad += [_not_yet_recorded(partition, u) for u in scan.unreadable]
         unreadable += bad
         waiting = sum(1 for s in scan.eligible if s.file.kind == "metrics")
