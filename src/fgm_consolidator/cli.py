@@ -21,7 +21,13 @@ from .journal import Journal
 from .layout import default_journal_path, iter_partitions, parse_partition
 from .plan import MB, Policy
 from .recovery import recover
-from .reports import merge_fields, plan_fields, recovery_fields, unreadable_fields
+from .reports import (
+    lineage_fields,
+    merge_fields,
+    plan_fields,
+    recovery_fields,
+    unreadable_fields,
+)
 from .service import PARTITION_ERRORS, Settings, StopFlag, plan_one, run_service
 from .states import MergeState
 
@@ -223,7 +229,9 @@ def recover_command(data_dir: Path, journal: Path | None, as_json: bool, log_lev
         _echo(recovery_fields(action), as_json)
     for path in report.swept:
         _echo({"kind": "orphan-removed", "path": str(path)}, as_json)
-    people = len(report.needs_person)
+    for found in report.lineage:
+        _echo(lineage_fields(found), as_json)
+    people = len(report.needs_person) + len(report.uncertain)
     summary = {
         "kind": "summary",
         "merges": len(report.actions),

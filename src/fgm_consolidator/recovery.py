@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import durable
-from .errors import NameTakenError
+from . import companions, durable, lineage
+from .errors import CompanionError, NameTakenError
 from .journal import Journal, MergeRecord
 from .layout import companion_name, is_our_tmp, iter_partitions, tmp_name
 from .logs import log_event
@@ -38,14 +38,31 @@ class RecoveryAction:
     reason: str
 
 
+@dataclass(frozen=True)
+class LineageAction:
+    """A file an output's lineage says it holds, found beside it without an unfinished merge
+    of our journal to explain it (the journal was lost, or another instance was at work)."""
+
+    partition: str
+    output: str
+    file: str
+    removed: bool
+    reason: str
+
+
 @dataclass
 class RecoveryReport:
     actions: list[RecoveryAction] = field(default_factory=list)
     swept: list[Path] = field(default_factory=list)
+    lineage: list[LineageAction] = field(default_factory=list)
 
     @property
     def needs_person(self) -> list[RecoveryAction]:
         return [a for a in self.actions if a.result is MergeState.NEEDS_ATTENTION]
+
+    @property
+    def uncertain(self) -> list[LineageAction]:
+        return [a for a in self.lineage if not a.removed]
 
 
 def checksum(path: Path) -> str | None:
@@ -137,14 +154,132 @@ def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
 
 
 def recover(journal: Journal, data_dir: Path, *, sweep: bool = True) -> RecoveryReport:
+    """`sweep` (start-up and the `recover` command, under the lock) also removes orphan temp
+    files and settles, from their lineage, outputs whose sources are still present."""
     report = RecoveryReport()
     for record in journal.unfinished():
         report.actions.append(resolve(journal, data_dir, record))
     if sweep:
+        unfinished = journal.unfinished()
         keep = {
             (record.partition, tmp_name(name))
-            for record in journal.unfinished()
+            for record in unfinished
             for name in (record.output, companion_name(record.output))
         }
         report.swept = sweep_orphans(data_dir, keep)
+        busy = {(record.partition, record.output) for record in unfinished}
+        report.lineage = recover_from_lineage(data_dir, busy)
     return report
+
+
+def recover_from_lineage(data_dir: Path, busy: set[tuple[str, str]]) -> list[LineageAction]:
+    """Remove the present files that an output provably holds already; report the rest.
+
+    A file goes only when an output's lineage lists it with its row count, the output reads
+    back completely, and the file's rows equal the output's rows at the place the lineage
+    gives. A file that two outputs claim, an output that does not read back, a file that
+    differs: all stay where they are, reported, and held out of later merges. Outputs of an
+    unfinished merge of our journal (`busy`) are the journal's business.
+    """
+    actions: list[LineageAction] = []
+    for partition in iter_partitions(data_dir):
+        folder = data_dir / partition
+        try:
+            actions.extend(_settle_partition(folder, partition, busy))
+        except OSError as exc:
+            log_event(log, "lineage-check-failed", logging.ERROR, partition=partition, error=exc)
+    return actions
+
+
+def _settle_partition(
+    folder: Path, partition: str, busy: set[tuple[str, str]]
+) -> list[LineageAction]:
+    names = lineage.list_names(folder)
+    held = lineage.lineages(folder, names)
+    shared = lineage.overlaps(held)
+    actions = []
+    removed = False
+    for output, claim in held.items():
+        if (partition, output) in busy:
+            continue
+        if output in shared:
+            others = ", ".join(sorted(shared[output]))
+            reason = f"{output} and {others} list the same sources: rows may be there twice"
+            actions.append(LineageAction(partition, output, others, False, reason))
+        for name in sorted(claim.names & names):
+            action = _settle_source(folder, partition, output, claim, name, held, shared)
+            removed = removed or action.removed
+            actions.append(action)
+    if removed:
+        durable.fsync_dir(folder)
+    for action in actions:
+        level = logging.INFO if action.removed else logging.WARNING
+        log_event(
+            log,
+            "lineage-recovery",
+            level,
+            partition=partition,
+            output=action.output,
+            file=action.file,
+            action="removed" if action.removed else "kept",
+            reason=action.reason,
+        )
+    return actions
+
+
+def _settle_source(
+    folder: Path,
+    partition: str,
+    output: str,
+    claim: lineage.Lineage,
+    name: str,
+    held: dict[str, lineage.Lineage],
+    shared: dict[str, set[str]],
+) -> LineageAction:
+    def kept(reason: str) -> LineageAction:
+        return LineageAction(partition, output, name, False, reason)
+
+    claimants = sorted(o for o, c in held.items() if name in c.names)
+    if len(claimants) > 1 or output in shared:
+        return kept(f"listed by several outputs ({', '.join(claimants)}); a person decides")
+    path = folder / name
+    before = durable.identity(path)
+    problem = lineage.output_reads_back(folder / output, claim) or lineage.source_matches(
+        folder / output, claim, path
+    )
+    if problem is not None:
+        return kept(problem)
+    if durable.identity(path) != before:
+        return kept(f"{name} changed while it was compared")
+    _make_durable(folder / output)
+    note = _settle_companion(folder, output, name)
+    durable.remove(path)
+    return LineageAction(
+        partition, output, name, True, f"every row is in {output} (lineage and content){note}"
+    )
+
+
+def _make_durable(path: Path) -> None:
+    """The output's bytes and name on disk before anything it holds is deleted."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    durable.fsync_dir(path.parent)
+
+
+def _settle_companion(folder: Path, output: str, name: str) -> str:
+    """Remove the source's companion when the output's covers every container of it."""
+    theirs_path = folder / companion_name(name)
+    if not theirs_path.exists():
+        return ""
+    try:
+        theirs = companions.read_companion(theirs_path)
+        ours = companions.read_companion(folder / companion_name(output))
+    except CompanionError as exc:
+        return f"; companion kept ({exc.reason})"
+    missing = {c.container_id for c in theirs.containers} - {
+        c.container_id for c in ours.containers
+    }
+    if missing:
+        return f"; companion kept ({len(missing)} containers not in {companion_name(output)})"
+    durable.remove(theirs_path)
+    return ""

@@ -7,7 +7,7 @@ from typing import Any
 
 from .journal import MergeRecord, UnreadableRecord
 from .plan import MergePlan
-from .recovery import RecoveryAction
+from .recovery import LineageAction, RecoveryAction
 
 
 def _duration_s(record: MergeRecord) -> float:
@@ -55,6 +55,17 @@ def recovery_fields(action: RecoveryAction) -> dict[str, Any]:
         "found": str(action.found),
         "result": str(action.result),
         "action": action.action,
+        "reason": action.reason,
+    }
+
+
+def lineage_fields(action: LineageAction) -> dict[str, Any]:
+    return {
+        "kind": "lineage",
+        "partition": action.partition,
+        "output": action.output,
+        "file": action.file,
+        "action": "removed" if action.removed else "kept, needs a person",
         "reason": action.reason,
     }
 

@@ -20,7 +20,8 @@ from types import FrameType
 
 import pyarrow as pa
 
-from . import lock
+from . import lineage, lock
+from .backoff import Backoff
 from .errors import ConsolidatorError
 from .journal import Journal
 from .layout import iter_partitions
@@ -83,6 +84,7 @@ class PassReport:
     unreadable: list[tuple[str, UnreadableFile]] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (partition, error)
+    deferred: list[str] = field(default_factory=list)  # partitions waiting out a backoff
 
     @property
     def failed(self) -> list[MergeOutcome]:
@@ -98,6 +100,8 @@ def plan_one(
     if journal is not None:
         known = {(u.name, u.size, u.mtime_ns) for u in journal.unreadable(partition)}
         held = journal.held_names(partition)
+    folder = data_dir / partition
+    held |= lineage.claimed_names(folder, lineage.list_names(folder))
     scan = scan_partition(
         data_dir, partition, min_age_s=policy.min_age_s, now=now, known_unreadable=known, held=held
     )
@@ -106,21 +110,37 @@ def plan_one(
     return scan, plans, skipped
 
 
-def consolidation_pass(journal: Journal, settings: Settings, stop: StopFlag) -> PassReport:
+def consolidation_pass(
+    journal: Journal, settings: Settings, stop: StopFlag, backoff: Backoff | None = None
+) -> PassReport:
     """Recover, then each partition in turn. A partition that fails (a folder we may not
-    write, an I/O error while publishing) is reported and the others go on; a journal error
-    ends the pass."""
+    write, an I/O error while writing or publishing) is reported and the others go on; a
+    journal error ends the pass. With `backoff`, a partition that failed is skipped until its
+    backoff is over, so a full disk is not hit with a whole merge every interval."""
     report = PassReport(recovery=recover(journal, settings.data_dir, sweep=False))
     log_recovery(report.recovery)
     now = time.time()
     for partition in iter_partitions(settings.data_dir):
         if stop.requested:
             break
+        if backoff is not None and not backoff.due(partition):
+            report.deferred.append(partition)
+            continue
+        merges_before = len(report.merges)
         try:
             _consolidate_partition(journal, settings, stop, partition, now, report)
         except PARTITION_ERRORS as exc:
             report.errors.append((partition, str(exc)))
             log_event(log, "partition-failed", logging.ERROR, partition=partition, error=exc)
+            if backoff is not None:
+                backoff.failed(partition, exc)
+            continue
+        if backoff is not None:
+            faults = [m.error for m in report.merges[merges_before:] if m.retry_later]
+            if faults:
+                backoff.failed(partition, faults[0])
+            else:
+                backoff.succeeded(partition)
     return report
 
 
@@ -197,14 +217,21 @@ def run_service(settings: Settings, stop: StopFlag, *, once: bool = False) -> in
             journal.close()
 
 
+PASS = "<pass>"  # the backoff key of a pass that failed as a whole (recovery, the journal)
+
+
 def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> int:
     """Exit code for `--once`: 1 when a partition or the pass failed (rolled-back merges are
-    not failures: their sources are intact and the next pass retries them)."""
+    not failures: their sources are intact and the next pass retries them). A pass that fails
+    as a whole is retried after a growing wait, not every interval."""
+    backoff = Backoff(settings.check_interval_s)
     while True:
         started = time.monotonic()
+        wait = settings.check_interval_s
         try:
-            report = consolidation_pass(journal, settings, stop)
+            report = consolidation_pass(journal, settings, stop, backoff)
             ok = not report.errors
+            backoff.succeeded(PASS)
             log_event(
                 log,
                 "pass-finished",
@@ -212,18 +239,17 @@ def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> i
                 failed=len(report.failed),
                 unreadable=len(report.unreadable),
                 partition_errors=len(report.errors),
+                deferred=len(report.deferred),
                 duration_s=round(time.monotonic() - started, 3),
             )
         except (*PARTITION_ERRORS, sqlite3.Error) as exc:
             ok = False
+            if not once:
+                wait = backoff.failed(PASS, exc)
             log_event(
-                log,
-                "pass-failed",
-                logging.ERROR,
-                error=exc,
-                retry_in_s=None if once else settings.check_interval_s,
+                log, "pass-failed", logging.ERROR, error=exc, retry_in_s=None if once else wait
             )
         if once or stop.requested:
             log_event(log, "stopped", reason="signal" if stop.requested else "once")
             return 0 if ok or stop.requested else 1
-        stop.wait(settings.check_interval_s)
+        stop.wait(wait)
