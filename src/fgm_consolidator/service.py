@@ -209,6 +209,14 @@ def run_service(settings: Settings, stop: StopFlag, *, once: bool = False) -> in
     """The `run` command: returns the exit code (0 also after a clean stop on a signal)."""
     with lock.exclusive(settings.data_dir):
         journal = Journal.open(settings.journal_path)
+        log_event(
+            log,
+            "started",
+            data_dir=settings.data_dir,
+            journal=settings.journal_path,
+            check_interval_s=settings.check_interval_s,
+            once=once,
+        )
         try:
             startup = recover(journal, settings.data_dir)
             log_recovery(startup)
