@@ -42,7 +42,7 @@ from test_crash import (
     run_once,
     snapshot,
 )
-from test_service import DEADLINE_S, SLOW, Service, fields, poll, running, slow_merge_data
+from test_service import DEADLINE_S, SLOW, Service, fields, poll, running
 
 from fgm_consolidator import lineage, merge
 from fgm_consolidator.journal import Journal, MergeRecord
@@ -448,16 +448,19 @@ def test_a_truncated_journal_stops_with_a_repair_hint_and_deletes_nothing(
 def test_a_source_changed_while_the_merge_is_written_is_kept_and_nothing_is_published(
     data_dir: Path, service: Callable[..., Service], modify: str
 ) -> None:
-    """Regression: a change after the writer had read the file was found only after the
-    output was published: the merge then needed a person, with the rows shown twice."""
-    slow_merge_data(data_dir)
+    """The first source gets a new mtime, or is replaced by a copy (new inode), once the
+    writer has opened it. Regression: such a change was found only after the output was
+    published; the merge then needed a person, with the rows shown twice meanwhile."""
+    make_data(data_dir, "medium")  # ~3 MB of rows: several 1 MB row groups
     before, files = rows_pyarrow(data_dir), contents(data_dir)
     folder = data_dir / POD_A
     first = sorted(folder.glob("metrics-*.parquet"))[0]
     running_ = service(*SLOW, "--grace-period", "0")
     tmp = folder / (OUTPUT + ".tmp")
-    # a row group is on disk: the writer has read the first source already
-    poll(lambda: tmp.exists() and tmp.stat().st_size > 0, "the first row group")
+    # a row group is on disk (past the 4-byte magic): the writer has opened and proved the
+    # first source already; the process is held still while the file changes under it
+    poll(lambda: tmp.exists() and tmp.stat().st_size > 4, "the first row group")
+    running_.proc.send_signal(signal.SIGSTOP)
     if modify == "touch":
         st = first.stat()
         os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
@@ -466,11 +469,12 @@ def test_a_source_changed_while_the_merge_is_written_is_kept_and_nothing_is_publ
         shutil.copy2(first, copy)
         os.replace(copy, first)
     changed = snapshot_file(first)
+    running_.proc.send_signal(signal.SIGCONT)
     failed = running_.wait_for("merge-failed", lambda f: f["partition"] == POD_A)
     assert failed["state"] == "rolled-back"
     assert "changed before the output was published" in failed["error"]
     assert first.name in failed["error"]
-    code, _took = running_.terminate(timeout=DEADLINE_S)  # pod-b's merge, if begun, rolls back
+    code, _took = running_.terminate(timeout=DEADLINE_S)
     assert code == 0
     assert snapshot_file(first) == changed
     assert not (folder / OUTPUT).exists() and tmp_files(data_dir) == []
@@ -576,9 +580,9 @@ def test_sigterm_at_random_moments_exits_0_at_a_step_boundary(
     stamps = sorted({name.name for name in names})
     expected: Counter[Any] = Counter()
     outcomes: Counter[str] = Counter()
-    for iteration in range(5):
+    for iteration in range(4):
         # ten more rotations of every pod arrive before each start
-        batch = set(stamps[10 * iteration : 10 * iteration + 10])
+        batch = set(stamps[12 * iteration : 12 * iteration + 12])
         for name in (n for n in names if n.name in batch):
             for moved in (name, name.with_suffix(".containers")):
                 (data_dir / moved).parent.mkdir(parents=True, exist_ok=True)

@@ -282,6 +282,48 @@ def test_failing_unlink_waits_with_the_output_published_then_finishes(
     assert_settled(data_dir, before)
 
 
+def test_a_journal_that_cannot_sync_fails_the_pass_until_it_can(
+    data_dir: Path, tmp_path: Path, service: Callable[..., Service]
+) -> None:
+    """SQLite syncs with fdatasync: every commit fails, so nothing on disk may change."""
+    make_data(data_dir)
+    before, sources = rows_pyarrow(data_dir), data_files(data_dir)
+    fiu = Fiu(tmp_path / "fiu")
+    running = service(
+        "--check-interval", str(INTERVAL),
+        prefix=fiu.prefix(f"enable name=posix/io/sync/fdatasync,failinfo={errno.EIO}"),
+    )  # fmt: skip
+    waits = [float(running.wait_for("pass-failed", n=n)["retry_in_s"]) for n in (1, 2, 3)]
+    assert waits == [INTERVAL, INTERVAL * 2, INTERVAL * 4]
+    assert running.wait_for("pass-failed")["error"] == "disk I/O error"
+    assert data_files(data_dir) == sources and tmp_files(data_dir) == []
+    assert records(data_dir) == []  # no commit took
+
+    fiu.control(running.proc.pid, "disable name=posix/io/sync/fdatasync")
+    assert running.wait_for("merge-finished")["merge_id"] == "1"
+    assert running.wait_for("recovered")["key"] == "<pass>"
+    stop(running)
+    assert_settled(data_dir, before)
+
+
+def test_short_writes_everywhere_still_give_a_complete_output(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Half of all write(2) calls write only part of their buffer (libfiu's write/reduce).
+
+    Regression: the output sink took one write call as the whole buffer, so such a merge
+    failed its size check (or, worse, would have hashed bytes that never reached the disk)."""
+    make_data(data_dir)
+    before = rows_pyarrow(data_dir)
+    fiu = Fiu(tmp_path / "fiu")
+    shorten = "enable_random name=posix/io/rw/write/reduce,probability=0.5"
+    result = run_once(data_dir, fiu.prefix(shorten))
+    assert result.returncode == 0, result.stderr
+    [record] = records(data_dir)
+    assert record.state is MergeState.SOURCES_DELETED, record.error
+    assert_settled(data_dir, before)
+
+
 # -- strace: one chosen call fails ------------------------------------------------------------
 
 

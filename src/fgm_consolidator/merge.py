@@ -249,8 +249,9 @@ def _yield_to(
             if record.state is not MergeState.NEEDS_ATTENTION:
                 journal.transition(record.id, MergeState.NEEDS_ATTENTION, actor=actor, error=error)
             return MergeState.NEEDS_ATTENTION, error
-    for name in (record.output, companion_name(record.output)):
-        durable.remove(folder / name)
+    durable.remove(folder / record.output)
+    if record.has_companion:
+        durable.remove(folder / companion_name(record.output))
     durable.fsync_dir(folder)
     error = f"{names} already hold(s) sources of {record.output}; withdrawn, sources kept"
     journal.transition(record.id, MergeState.ROLLED_BACK, actor=actor, error=error)

@@ -262,7 +262,7 @@ def _settle_source(
 def _make_durable(path: Path) -> None:
     """The output's bytes and name on disk before anything it holds is deleted."""
     with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+        durable.fsync_file(handle)
     durable.fsync_dir(path.parent)
 
 
