@@ -102,6 +102,7 @@ def test_every_line_of_a_run_parses_in_both_formats_and_they_agree(
 
     assert row_groups >= 5  # and yet no line per row group:
     assert Counter(f["event"] for f in as_json) == {
+        "started": 1,
         "merge-finished": 2,
         "file-unreadable": 1,
         "progress": 3,

@@ -109,8 +109,11 @@ def test_run_once_on_a_terminal_draws_a_bar_and_keeps_log_lines_whole(data_dir: 
         assert f"  {done}/3" in terminal
     assert re.search(rf"\[#+\]  3/3  {PARTITIONS[-1]}", terminal)  # full at the end
     events = log_lines(terminal)
-    assert [e["event"] for e in events] == ["merge-finished"] * 3 + ["pass-finished", "stopped"]
-    assert [e["partition"] for e in events[:3]] == PARTITIONS
+    assert [e["event"] for e in events] == ["started"] + ["merge-finished"] * 3 + [
+        "pass-finished",
+        "stopped",
+    ]
+    assert [e["partition"] for e in events[1:4]] == PARTITIONS
 
 
 def test_run_once_in_a_pipe_logs_plain_progress_lines(data_dir: Path) -> None:
@@ -125,7 +128,7 @@ def test_run_once_in_a_pipe_logs_plain_progress_lines(data_dir: Path) -> None:
     ]
     # each partition's progress line follows its merge
     order = [e["event"] for e in events]
-    assert order == ["merge-finished", "progress"] * 3 + ["pass-finished", "stopped"]
+    assert order == ["started"] + ["merge-finished", "progress"] * 3 + ["pass-finished", "stopped"]
 
 
 def test_the_long_running_service_shows_no_progress(data_dir: Path) -> None:

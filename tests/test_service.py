@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
@@ -43,16 +44,25 @@ def fields(line: str) -> dict[str, str]:
 class Service:
     """A `fgm-consolidator run` process whose stderr log is collected line by line."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
-        env = {**os.environ, "FGM_CRASH_AT": ""}
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        prefix: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        """`prefix` runs the service under a wrapper (fiu-run, strace, faketime)."""
+        full_env = {**os.environ, "FGM_CRASH_AT": "", **(env or {})}
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fgm_consolidator", "run", "--data-dir", str(data_dir),
-             "--min-age", "0", *args],
+            [*prefix, sys.executable, "-m", "fgm_consolidator", "run", "--data-dir",
+             str(data_dir), "--min-age", "0", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
+            env=full_env,
+            preexec_fn=preexec_fn,
         )  # fmt: skip
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -100,20 +110,29 @@ class Service:
         return code, took
 
 
-@pytest.fixture
-def start(data_dir: Path) -> Iterator[Callable[..., Service]]:
+@contextmanager
+def running(data_dir: Path) -> Iterator[Callable[..., Service]]:
+    """Start services at will; whatever still runs at the end is killed, by its own handle."""
     started: list[Service] = []
 
-    def make(*args: str) -> Service:
-        service = Service(data_dir, *args)
+    def make(*args: str, **kwargs: Any) -> Service:
+        service = Service(data_dir, *args, **kwargs)
         started.append(service)
         return service
 
-    yield make
-    for service in started:  # only our own processes, by their handle
-        if service.proc.poll() is None:
-            service.proc.kill()
-            service.proc.wait(timeout=DEADLINE_S)
+    try:
+        yield make
+    finally:
+        for service in started:
+            if service.proc.poll() is None:
+                service.proc.kill()
+                service.proc.wait(timeout=DEADLINE_S)
+
+
+@pytest.fixture
+def start(data_dir: Path) -> Iterator[Callable[..., Service]]:
+    with running(data_dir) as make:
+        yield make
 
 
 def poll(condition: Callable[[], bool], what: str, interval: float = 0.002) -> None:

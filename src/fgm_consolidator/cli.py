@@ -28,6 +28,7 @@ from .plan import MB, Policy
 from .recovery import recover
 from .reports import (
     backlog_fields,
+    lineage_fields,
     merge_fields,
     pass_fields,
     plan_fields,
@@ -320,7 +321,9 @@ def recover_command(
         _echo(recovery_fields(action), as_json)
     for path in report.swept:
         _echo({"kind": "orphan-removed", "path": str(path)}, as_json)
-    people = len(report.needs_person)
+    for found in report.lineage:
+        _echo(lineage_fields(found), as_json)
+    people = len(report.needs_person) + len(report.uncertain)
     summary = {
         "kind": "summary",
         "merges": len(report.actions),

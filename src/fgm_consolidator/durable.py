@@ -81,6 +81,18 @@ def create_exclusive(path: Path) -> BinaryIO:
     return os.fdopen(fd, "wb", buffering=0)
 
 
+def write_all(handle: BinaryIO, data: bytes | memoryview) -> None:
+    """Write every byte or raise: an unbuffered write may be short (RLIMIT_FSIZE, a nearly full
+    disk, a signal), and a short write taken as whole would shift every later byte of the file.
+    The retry after a short write reports the real error (EFBIG, ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        written = handle.write(view)
+        if not written:
+            raise OSError(f"write returned {written!r} with {len(view)} bytes left")
+        view = view[written:]
+
+
 def fsync_file(handle: BinaryIO) -> None:
     handle.flush()
     os.fsync(handle.fileno())
@@ -102,7 +114,7 @@ def write_new_file(path: Path, data: bytes) -> None:
     handle = create_exclusive(path)
     try:
         with handle:
-            handle.write(data)
+            write_all(handle, data)
             fsync_file(handle)
     except BaseException:
         remove(path)

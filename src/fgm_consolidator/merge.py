@@ -7,7 +7,6 @@ deletes its sources, whoever calls it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -16,9 +15,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from . import companions, durable
+from . import companions, durable, lineage
 from .errors import (
     ConsolidatorError,
+    MergeAborted,
     NameTakenError,
     SourceChangedError,
     SourceReadError,
@@ -27,7 +27,6 @@ from .journal import Journal, MergeRecord
 from .layout import companion_name, tmp_name
 from .logs import context, log_event
 from .plan import MergePlan, Policy
-from .schemas import LINEAGE_KEY
 from .states import MergeState
 from .writer import WriteOptions, WriteSource, write_merged
 
@@ -45,16 +44,14 @@ class MergeOutcome:
     bytes_in: int
     bytes_out: int | None
     error: str | None = None
+    # The failure lies on our side of the disk (no space, EIO, a check of our own output), not
+    # in a source: the same merge would fail again right now, so the service backs off.
+    retry_later: bool = False
 
 
-def lineage(merge_id: int, plan: MergePlan) -> dict[bytes, bytes]:
+def lineage_of(merge_id: int, plan: MergePlan) -> dict[bytes, bytes]:
     """What an output holds, readable without the journal: merge id, source names and rows."""
-    doc = {
-        "merge_id": merge_id,
-        "rows": plan.rows_in,
-        "sources": [{"name": s.name, "rows": s.rows} for s in plan.sources],
-    }
-    return {LINEAGE_KEY: json.dumps(doc, separators=(",", ":")).encode()}
+    return lineage.encode(merge_id, [(s.name, s.rows) for s in plan.sources])
 
 
 def execute(
@@ -74,7 +71,7 @@ def execute(
         has_companion=_has_companion(plan),
     )
     with context(merge_id=merge_id, partition=plan.partition, output=plan.output):
-        state, size, error = _write_and_finish(
+        state, size, error, retry_later = _write_and_finish(
             journal, data_dir, plan, policy, merge_id, should_abort
         )
     return MergeOutcome(
@@ -87,6 +84,7 @@ def execute(
         plan.bytes_in,
         size,
         error,
+        retry_later,
     )
 
 
@@ -101,8 +99,9 @@ def _write_and_finish(
     policy: Policy,
     merge_id: int,
     should_abort: Callable[[], bool],
-) -> tuple[MergeState, int | None, str | None]:
-    """From `planned` to a terminal state: the state reached, the output's size, the error."""
+) -> tuple[MergeState, int | None, str | None, bool]:
+    """From `planned` to a terminal state: the state reached, the output's size, the error,
+    and whether the failure is on our side of the disk (see MergeOutcome.retry_later)."""
     folder = data_dir / plan.partition
     journal.transition(merge_id, MergeState.WRITING, actor="merge")
     try:
@@ -111,20 +110,41 @@ def _write_and_finish(
             folder / tmp_name(plan.output),
             plan.schema,
             WriteOptions(policy.compression_level, policy.row_group_bytes),
-            metadata=lineage(merge_id, plan),
+            metadata=lineage_of(merge_id, plan),
             should_abort=should_abort,
         )
         if _has_companion(plan):
             _write_companion_tmp(folder, plan)
         durable.fsync_dir(folder)
+        _check_sources(folder, plan)
     except (ConsolidatorError, OSError, pa.ArrowException) as exc:
-        roll_back(journal, folder, merge_id, plan.output, error=str(exc), actor="merge")
+        # A temp name someone else created is theirs (an instance that got past the lock).
+        foreign = Path(exc.filename).name if isinstance(exc, FileExistsError) else None
+        roll_back(
+            journal, folder, merge_id, plan.output, error=str(exc), actor="merge", keep=foreign
+        )
         if isinstance(exc, SourceReadError):
             _remember_unreadable(journal, plan, exc)
-        return MergeState.ROLLED_BACK, None, str(exc)
+        not_ours = (SourceReadError, SourceChangedError, MergeAborted)
+        return MergeState.ROLLED_BACK, None, str(exc), not isinstance(exc, not_ours)
     journal.record_written(merge_id, rows=result.rows, size=result.size, checksum=result.checksum)
     state, error = finish(journal, folder, journal.merge(merge_id), actor="merge")
-    return state, result.size, error
+    return state, result.size, error, False
+
+
+def _check_sources(folder: Path, plan: MergePlan) -> None:
+    """Every source still the file we planned, before anything is published: a source gone or
+    replaced now means another process is at work here, and publishing would duplicate rows."""
+    for source in plan.sources:
+        path = folder / source.name
+        try:
+            now = durable.identity(path)
+        except FileNotFoundError:
+            raise SourceChangedError("gone before the output was published", path) from None
+        if now != source.identity:
+            raise SourceChangedError(
+                f"changed before the output was published ({source.identity} -> {now})", path
+            )
 
 
 def _write_companion_tmp(folder: Path, plan: MergePlan) -> None:
@@ -163,11 +183,19 @@ def _remember_unreadable(journal: Journal, plan: MergePlan, exc: SourceReadError
 
 
 def roll_back(
-    journal: Journal, folder: Path, merge_id: int, output: str, *, error: str, actor: str
+    journal: Journal,
+    folder: Path,
+    merge_id: int,
+    output: str,
+    *,
+    error: str,
+    actor: str,
+    keep: str | None = None,
 ) -> None:
-    """Remove our temp files (never a final name) and mark the merge rolled back."""
+    """Remove our temp files (never a final name, nor `keep`) and mark the merge rolled back."""
     for name in (tmp_name(output), tmp_name(companion_name(output))):
-        durable.remove(folder / name)
+        if name != keep:
+            durable.remove(folder / name)
     durable.fsync_dir(folder)
     journal.transition(merge_id, MergeState.ROLLED_BACK, actor=actor, error=error)
 
@@ -185,6 +213,9 @@ def finish(
             roll_back(journal, folder, record.id, record.output, error=str(exc), actor=actor)
             return MergeState.ROLLED_BACK, str(exc)
         journal.transition(record.id, MergeState.RENAMED, actor=actor)
+    rivals = _rivals(folder, record)
+    if rivals:
+        return _yield_to(journal, folder, record, rivals, actor=actor)
     try:
         delete_sources(folder, record)
     except SourceChangedError as exc:
@@ -193,6 +224,52 @@ def finish(
         return MergeState.NEEDS_ATTENTION, str(exc)
     journal.transition(record.id, MergeState.SOURCES_DELETED, actor=actor)
     return MergeState.SOURCES_DELETED, None
+
+
+def _rivals(folder: Path, record: MergeRecord) -> dict[str, lineage.Lineage]:
+    """Other live outputs whose lineage lists one of our sources: checked after our output is
+    durable and before any source goes, so of two merges of the same file (two instances that
+    got past the lock) the later one to look always sees the earlier one's output."""
+    ours = {s.name for s in record.sources}
+    found = lineage.lineages(folder, lineage.list_names(folder))
+    return {
+        name: held for name, held in found.items() if name != record.output and held.names & ours
+    }
+
+
+def _yield_to(
+    journal: Journal,
+    folder: Path,
+    record: MergeRecord,
+    rivals: dict[str, lineage.Lineage],
+    *,
+    actor: str,
+) -> tuple[MergeState, str | None]:
+    """Withdraw our output when a rival holds our sources' rows too, if that provably loses
+    nothing: each source is intact, or gone and listed by a rival. Otherwise a person decides."""
+    listed = set().union(*(held.names for held in rivals.values()))
+    names = ", ".join(sorted(rivals))
+    for source in record.sources:
+        path = folder / source.name
+        try:
+            intact = durable.identity(path) == source.identity
+        except FileNotFoundError:
+            intact = source.name in listed
+        if not intact:
+            error = (
+                f"{names} also hold(s) sources of {record.output}, and {source.name} is "
+                f"changed or gone without a rival holding it; nothing deleted"
+            )
+            if record.state is not MergeState.NEEDS_ATTENTION:
+                journal.transition(record.id, MergeState.NEEDS_ATTENTION, actor=actor, error=error)
+            return MergeState.NEEDS_ATTENTION, error
+    durable.remove(folder / record.output)
+    if record.has_companion:
+        durable.remove(folder / companion_name(record.output))
+    durable.fsync_dir(folder)
+    error = f"{names} already hold(s) sources of {record.output}; withdrawn, sources kept"
+    journal.transition(record.id, MergeState.ROLLED_BACK, actor=actor, error=error)
+    return MergeState.ROLLED_BACK, error
 
 
 def publish(folder: Path, output: str) -> None:

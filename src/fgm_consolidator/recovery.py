@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import durable
-from .errors import NameTakenError
+from . import companions, durable, lineage
+from .errors import CompanionError, NameTakenError
 from .journal import Journal, MergeRecord
 from .layout import companion_name, is_our_tmp, iter_partitions, tmp_name
 from .logs import context, log_event
@@ -39,14 +39,31 @@ class RecoveryAction:
     reason: str
 
 
+@dataclass(frozen=True)
+class LineageAction:
+    """A file an output's lineage says it holds, found beside it without an unfinished merge
+    of our journal to explain it (the journal was lost, or another instance was at work)."""
+
+    partition: str
+    output: str
+    file: str
+    removed: bool
+    reason: str
+
+
 @dataclass
 class RecoveryReport:
     actions: list[RecoveryAction] = field(default_factory=list)
     swept: list[Path] = field(default_factory=list)
+    lineage: list[LineageAction] = field(default_factory=list)
 
     @property
     def needs_person(self) -> list[RecoveryAction]:
         return [a for a in self.actions if a.result is MergeState.NEEDS_ATTENTION]
+
+    @property
+    def uncertain(self) -> list[LineageAction]:
+        return [a for a in self.lineage if not a.removed]
 
 
 def checksum(path: Path) -> str | None:
@@ -140,6 +157,8 @@ def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
 def recover(
     journal: Journal, data_dir: Path, *, sweep: bool = True, observer: Observer | None = None
 ) -> RecoveryReport:
+    """`sweep` (start-up and the `recover` command, under the lock) also removes orphan temp
+    files and settles, from their lineage, outputs whose sources are still present."""
     observer = observer or Observer()
     report = RecoveryReport()
     unfinished = journal.unfinished()
@@ -150,10 +169,146 @@ def recover(
         report.actions.append(action)
         observer.observe_recovery(action)
     if sweep:
+        unfinished = journal.unfinished()
         keep = {
             (record.partition, tmp_name(name))
-            for record in journal.unfinished()
+            for record in unfinished
             for name in (record.output, companion_name(record.output))
         }
         report.swept = sweep_orphans(data_dir, keep)
+        busy = {(record.partition, record.output) for record in unfinished}
+        report.lineage = recover_from_lineage(data_dir, busy)
     return report
+
+
+def recover_from_lineage(data_dir: Path, busy: set[tuple[str, str]]) -> list[LineageAction]:
+    """Remove the present files that an output provably holds already; report the rest.
+
+    A file goes only when an output's lineage lists it with its row count, the output reads
+    back completely, and the file's rows equal the output's rows at the place the lineage
+    gives. A file that two outputs claim, an output that does not read back, a file that
+    differs: all stay where they are, reported, and held out of later merges. Outputs of an
+    unfinished merge of our journal (`busy`) are the journal's business.
+    """
+    actions: list[LineageAction] = []
+    for partition in iter_partitions(data_dir):
+        folder = data_dir / partition
+        try:
+            actions.extend(_settle_partition(folder, partition, busy))
+        except OSError as exc:
+            log_event(log, "lineage-check-failed", logging.ERROR, partition=partition, error=exc)
+    return actions
+
+
+def _settle_partition(
+    folder: Path, partition: str, busy: set[tuple[str, str]]
+) -> list[LineageAction]:
+    names = lineage.list_names(folder)
+    held = lineage.lineages(folder, names)
+    shared = lineage.overlaps(held)
+    actions = []
+    removed = False
+    for output, claim in held.items():
+        if (partition, output) in busy:
+            continue
+        if output in shared:
+            others = ", ".join(sorted(shared[output]))
+            reason = f"{output} and {others} list the same sources: rows may be there twice"
+            actions.append(LineageAction(partition, output, others, False, reason))
+        present = sorted(claim.names & names)
+        before = {name: durable.identity(folder / name) for name in present}
+        problems: dict[str, str] = {}
+        if present and output not in shared:
+            unreadable = lineage.output_reads_back(folder / output, claim)
+            problems = (
+                dict.fromkeys(present, unreadable)
+                if unreadable
+                else lineage.unproven(folder / output, claim, [folder / name for name in present])
+            )
+        for name in present:
+            action = _settle_source(
+                folder,
+                partition,
+                output,
+                claim,
+                name,
+                held,
+                shared,
+                (problems.get(name), before[name]),
+            )
+            removed = removed or action.removed
+            actions.append(action)
+    if removed:
+        durable.fsync_dir(folder)
+    for action in actions:
+        level = logging.INFO if action.removed else logging.WARNING
+        log_event(
+            log,
+            "lineage-recovery",
+            level,
+            partition=partition,
+            output=action.output,
+            file=action.file,
+            action="removed" if action.removed else "kept",
+            reason=action.reason,
+        )
+    return actions
+
+
+def _settle_source(
+    folder: Path,
+    partition: str,
+    output: str,
+    claim: lineage.Lineage,
+    name: str,
+    held: dict[str, lineage.Lineage],
+    shared: dict[str, set[str]],
+    checked: tuple[str | None, durable.FileIdentity],
+) -> LineageAction:
+    """`checked`: why the output was not shown to hold every present source's rows (None when
+    it was), and this source's identity from before that proof."""
+
+    def kept(reason: str) -> LineageAction:
+        return LineageAction(partition, output, name, False, reason)
+
+    claimants = sorted(o for o, c in held.items() if name in c.names)
+    if len(claimants) > 1 or output in shared:
+        return kept(f"listed by several outputs ({', '.join(claimants)}); a person decides")
+    path = folder / name
+    proof, before = checked
+    if proof is not None:
+        return kept(proof)
+    if durable.identity(path) != before:
+        return kept(f"{name} changed while it was compared")
+    _make_durable(folder / output)
+    note = _settle_companion(folder, output, name)
+    durable.remove(path)
+    return LineageAction(
+        partition, output, name, True, f"every row is in {output} (lineage and content){note}"
+    )
+
+
+def _make_durable(path: Path) -> None:
+    """The output's bytes and name on disk before anything it holds is deleted."""
+    with open(path, "rb") as handle:
+        durable.fsync_file(handle)
+    durable.fsync_dir(path.parent)
+
+
+def _settle_companion(folder: Path, output: str, name: str) -> str:
+    """Remove the source's companion when the output's covers every container of it."""
+    theirs_path = folder / companion_name(name)
+    if not theirs_path.exists():
+        return ""
+    try:
+        theirs = companions.read_companion(theirs_path)
+        ours = companions.read_companion(folder / companion_name(output))
+    except CompanionError as exc:
+        return f"; companion kept ({exc.reason})"
+    missing = {c.container_id for c in theirs.containers} - {
+        c.container_id for c in ours.containers
+    }
+    if missing:
+        return f"; companion kept ({len(missing)} containers not in {companion_name(output)})"
+    durable.remove(theirs_path)
+    return ""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .journal import MergeRecord, PassRecord, UnreadableRecord
 from .plan import MergePlan
-from .recovery import RecoveryAction
+from .recovery import LineageAction, RecoveryAction
 
 if TYPE_CHECKING:  # status imports service, which imports this module
     from .status import Backlog, Problem, Status
@@ -58,6 +58,17 @@ def recovery_fields(action: RecoveryAction) -> dict[str, Any]:
         "found": str(action.found),
         "result": str(action.result),
         "action": action.action,
+        "reason": action.reason,
+    }
+
+
+def lineage_fields(action: LineageAction) -> dict[str, Any]:
+    return {
+        "kind": "lineage",
+        "partition": action.partition,
+        "output": action.output,
+        "file": action.file,
+        "action": "removed" if action.removed else "kept, needs a person",
         "reason": action.reason,
     }
 

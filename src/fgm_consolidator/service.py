@@ -23,7 +23,8 @@ from types import FrameType
 
 import pyarrow as pa
 
-from . import lock, retention
+from . import lineage, lock, retention
+from .backoff import Backoff
 from .errors import ConsolidatorError
 from .journal import Journal, PassResult
 from .layout import iter_partitions
@@ -98,6 +99,7 @@ class PassReport:
     skipped: list[Skipped] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (partition, error)
     backlog: dict[str, int] = field(default_factory=dict)  # partition -> eligible files left
+    deferred: list[str] = field(default_factory=list)  # partitions waiting out a backoff
 
     @property
     def failed(self) -> list[MergeOutcome]:
@@ -118,6 +120,8 @@ def plan_one(
     if journal is not None:
         known = {(u.name, u.size, u.mtime_ns) for u in journal.unreadable(partition)}
         held = journal.held_names(partition)
+    folder = data_dir / partition
+    held |= lineage.claimed_names(folder, lineage.list_names(folder))
     scan = scan_partition(
         data_dir, partition, min_age_s=policy.min_age_s, now=now, known_unreadable=known, held=held
     )
@@ -126,10 +130,13 @@ def plan_one(
     return scan, plans, skipped
 
 
-def consolidation_pass(journal: Journal, settings: Settings, stop: StopFlag) -> PassReport:
+def consolidation_pass(
+    journal: Journal, settings: Settings, stop: StopFlag, backoff: Backoff | None = None
+) -> PassReport:
     """Recover, then each partition in turn. A partition that fails (a folder we may not
-    write, an I/O error while publishing) is reported and the others go on; a journal error
-    ends the pass."""
+    write, an I/O error while writing or publishing) is reported and the others go on; a
+    journal error ends the pass. With `backoff`, a partition that failed is skipped until its
+    backoff is over, so a full disk is not hit with a whole merge every interval."""
     report = PassReport(recovery=recover(journal, settings.data_dir, sweep=False))
     log_recovery(report.recovery)
     now = time.time()
@@ -138,20 +145,41 @@ def consolidation_pass(journal: Journal, settings: Settings, stop: StopFlag) -> 
     for partition in partitions:
         if stop.requested:
             break
+        if backoff is not None and not backoff.due(partition):
+            report.deferred.append(partition)
+            settings.observer.partition_done(partition)
+            continue
+        merges_before = len(report.merges)
         try:
             _consolidate_partition(journal, settings, stop, partition, now, report)
         except PARTITION_ERRORS as exc:
             report.errors.append((partition, str(exc)))
             log_event(log, "partition-failed", logging.ERROR, partition=partition, error=exc)
+            if backoff is not None:
+                backoff.failed(partition, exc)
+        else:
+            if backoff is not None:
+                _settle_backoff(backoff, partition, report.merges[merges_before:])
         settings.observer.partition_done(partition)
     return report
 
 
-def recorded_pass(journal: Journal, settings: Settings, stop: StopFlag) -> PassReport:
+def _settle_backoff(backoff: Backoff, partition: str, merges: list[MergeOutcome]) -> None:
+    """A merge that failed on our side of the disk (full, EIO) would fail again right now."""
+    faults = [m.error for m in merges if m.retry_later]
+    if faults:
+        backoff.failed(partition, faults[0])
+    else:
+        backoff.succeeded(partition)
+
+
+def recorded_pass(
+    journal: Journal, settings: Settings, stop: StopFlag, backoff: Backoff | None = None
+) -> PassReport:
     """A pass with its record in the journal, opened before and closed after it."""
     pass_id = journal.begin_pass(settings.as_record())
     try:
-        report = consolidation_pass(journal, settings, stop)
+        report = consolidation_pass(journal, settings, stop, backoff)
     except Exception as exc:
         with contextlib.suppress(sqlite3.Error):  # the journal may be what failed
             journal.end_pass(pass_id, PassResult.FAILED, error=str(exc))
@@ -250,6 +278,14 @@ def run_service(
     refused by the lock, with its holder named, not by a port it cannot bind."""
     with lock.exclusive(settings.data_dir), serve():
         journal = Journal.open(settings.journal_path)
+        log_event(
+            log,
+            "started",
+            data_dir=settings.data_dir,
+            journal=settings.journal_path,
+            check_interval_s=settings.check_interval_s,
+            once=once,
+        )
         try:
             startup = recover(journal, settings.data_dir, observer=settings.observer)
             log_recovery(startup)
@@ -258,15 +294,22 @@ def run_service(
             journal.close()
 
 
+PASS = "<pass>"  # the backoff key of a pass that failed as a whole (recovery, the journal)
+
+
 def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> int:
     """Exit code for `--once`: 1 when a partition or the pass failed (rolled-back merges are
-    not failures: their sources are intact and the next pass retries them)."""
+    not failures: their sources are intact and the next pass retries them). A pass that fails
+    as a whole is retried after a growing wait, not every interval."""
+    backoff = Backoff(settings.check_interval_s)
     while True:
         started = time.monotonic()
         report: PassReport | None = None
+        wait = settings.check_interval_s
         try:
-            report = recorded_pass(journal, settings, stop)
+            report = recorded_pass(journal, settings, stop, backoff)
             ok = not report.errors
+            backoff.succeeded(PASS)
             log_event(
                 log,
                 "pass-finished",
@@ -274,21 +317,20 @@ def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> i
                 failed=len(report.failed),
                 unreadable=len(report.unreadable),
                 partition_errors=len(report.errors),
+                deferred=len(report.deferred),
                 duration_s=round(time.monotonic() - started, 3),
             )
         except (*PARTITION_ERRORS, sqlite3.Error) as exc:
             ok = False
+            if not once:
+                wait = backoff.failed(PASS, exc)
             log_event(
-                log,
-                "pass-failed",
-                logging.ERROR,
-                error=exc,
-                retry_in_s=None if once else settings.check_interval_s,
+                log, "pass-failed", logging.ERROR, error=exc, retry_in_s=None if once else wait
             )
         settings.observer.observe_pass(report, time.monotonic() - started, journal)
         if not stop.requested:
             retention.prune_if_due(journal, settings.retention_days)
         # a signal during the wait ends the loop there: no pass starts after SIGTERM
-        if once or stop.requested or stop.wait(settings.check_interval_s):
+        if once or stop.requested or stop.wait(wait):
             log_event(log, "stopped", reason="signal" if stop.requested else "once")
             return 0 if ok or stop.requested else 1

@@ -78,7 +78,7 @@ class _HashingSink:
 
     def write(self, data: bytes) -> int:
         view = memoryview(data)
-        self.handle.write(view)
+        durable.write_all(self.handle, view)
         self.digest.update(view)
         self.size += len(view)
         return len(view)

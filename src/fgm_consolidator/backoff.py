@@ -1,0 +1,66 @@
+"""Bounded exponential backoff for whatever keeps failing: a partition, or the whole pass.
+
+A full disk, a failing device or a folder we may not write does not go away between two passes;
+retrying at every interval would rewrite (and delete) a whole output each time and fill the log
+with the same error. After `n` consecutive failures a key waits `interval * 2**(n-1)`, capped,
+before it is tried again; the first success resets it and is logged, so an operator sees both
+the start and the end of an outage. Times are monotonic: a wall-clock jump changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .logs import log_event
+
+log = logging.getLogger(__name__)
+
+# The longest wait is this many intervals, but never more than MAX_WAIT_S (nor less than one
+# interval): with the default 300 s interval a failing partition is retried at least hourly.
+MAX_DOUBLINGS = 5
+MAX_WAIT_S = 3600.0
+
+
+def cap_for(interval_s: float) -> float:
+    return max(interval_s, min(interval_s * float(2**MAX_DOUBLINGS), MAX_WAIT_S))
+
+
+@dataclass
+class Backoff:
+    interval_s: float
+    failures: dict[str, int] = field(default_factory=dict)
+    due_at: dict[str, float] = field(default_factory=dict)
+
+    def delay(self, key: str) -> float:
+        """The wait after the failures recorded so far (one interval when there are none)."""
+        count = self.failures.get(key, 0)
+        return min(self.interval_s * float(2 ** max(count - 1, 0)), cap_for(self.interval_s))
+
+    def due(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return now >= self.due_at.get(key, float("-inf"))
+
+    def failed(self, key: str, error: object, now: float | None = None) -> float:
+        """Record one more failure; returns the seconds to wait before `key` is tried again."""
+        now = time.monotonic() if now is None else now
+        self.failures[key] = self.failures.get(key, 0) + 1
+        wait = self.delay(key)
+        self.due_at[key] = now + wait
+        log_event(
+            log,
+            "backing-off",
+            logging.WARNING,
+            key=key,
+            failures=self.failures[key],
+            retry_in_s=round(wait, 3),
+            error=error,
+        )
+        return wait
+
+    def succeeded(self, key: str) -> None:
+        count = self.failures.pop(key, 0)
+        self.due_at.pop(key, None)
+        if count:
+            log_event(log, "recovered", key=key, failures=count)

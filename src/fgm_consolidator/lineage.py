@@ -1,0 +1,224 @@
+"""What each output says it holds, readable without the journal.
+
+Every output carries its lineage in its parquet key-value metadata: the merge id, its rows, and
+each source's name and rows. That is enough, with the journal lost, to tell which live files
+an output already holds, and to prove it row by row: every row of the files still present is
+among the output's rows (`rows_contained`). Only names that parse as ours are
+read, and a file whose lineage does not decode simply has none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ConsolidatorError
+from .layout import parse_data_file
+from .schemas import LINEAGE_KEY, conform
+
+
+@dataclass(frozen=True)
+class LineageSource:
+    name: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class Lineage:
+    merge_id: int
+    rows: int
+    sources: tuple[LineageSource, ...]
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(s.name for s in self.sources)
+
+    def offset_of(self, name: str) -> int:
+        """Where `name`'s rows start in the output."""
+        offset = 0
+        for source in self.sources:
+            if source.name == name:
+                return offset
+            offset += source.rows
+        raise KeyError(name)
+
+    def rows_of(self, name: str) -> int:
+        return next(s.rows for s in self.sources if s.name == name)
+
+
+def encode(merge_id: int, sources: Sequence[tuple[str, int]]) -> dict[bytes, bytes]:
+    doc = {
+        "merge_id": merge_id,
+        "rows": sum(rows for _, rows in sources),
+        "sources": [{"name": name, "rows": rows} for name, rows in sources],
+    }
+    return {LINEAGE_KEY: json.dumps(doc, separators=(",", ":")).encode()}
+
+
+def decode(metadata: Mapping[bytes, bytes] | None) -> Lineage | None:
+    """The lineage in a footer's key-value metadata; None when absent or not ours."""
+    raw = (metadata or {}).get(LINEAGE_KEY)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+        sources = tuple(LineageSource(str(s["name"]), int(s["rows"])) for s in doc["sources"])
+        return Lineage(int(doc["merge_id"]), int(doc["rows"]), sources)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def read(path: Path) -> Lineage | None:
+    try:
+        return decode(pq.read_metadata(path).metadata)
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def lineages(folder: Path, names: Collection[str]) -> dict[str, Lineage]:
+    """The lineage of every output of ours among `names` that has one."""
+    found = {}
+    for name in sorted(names):
+        parsed = parse_data_file(name)
+        if parsed is not None and parsed.kind == "consolidated":
+            held = read(folder / name)
+            if held is not None:
+                found[name] = held
+    return found
+
+
+def overlaps(held: Mapping[str, Lineage]) -> dict[str, set[str]]:
+    """Outputs listing a source that another live output lists too: those rows are in the
+    folder twice, whether the source is still there or not."""
+    first: dict[str, str] = {}
+    shared: dict[str, set[str]] = {}
+    for output, lineage in held.items():
+        for name in lineage.names:
+            other = first.setdefault(name, output)
+            if other != output:
+                shared.setdefault(output, set()).add(other)
+                shared.setdefault(other, set()).add(output)
+    return shared
+
+
+def claimed_names(folder: Path, names: Collection[str]) -> set[str]:
+    """Files whose rows are in the folder twice by the outputs' own account: every present
+    file named by a present output's lineage, those outputs, and outputs sharing a source.
+    None may be planned into a new merge: that would make the duplicate permanent."""
+    present = set(names)
+    held = lineages(folder, present)
+    found: set[str] = set()
+    for output, lineage in held.items():
+        if lineage.names & present:
+            found.add(output)
+            found.update(lineage.names & present)
+    for output, others in overlaps(held).items():
+        found.add(output)
+        found.update(others)
+    return found
+
+
+def list_names(folder: Path) -> set[str]:
+    return {entry.name for entry in os.scandir(folder)}
+
+
+# -- proof ---------------------------------------------------------------------------------
+
+
+def output_reads_back(path: Path, held: Lineage) -> str | None:
+    """None when every row group of `path` decodes and the rows add up; else why not."""
+    try:
+        parquet = pq.ParquetFile(path)
+        with parquet:
+            listed = parquet.metadata.num_rows
+            rows = sum(batch.num_rows for batch in parquet.iter_batches())
+    except (OSError, pa.ArrowException) as exc:
+        return f"output does not read back: {exc}"
+    total = sum(s.rows for s in held.sources)
+    if not rows == listed == held.rows == total:
+        return f"output has {rows} rows (footer {listed}), its lineage lists {held.rows} ({total})"
+    return None
+
+
+# Fingerprints kept in memory at once while proving containment; more rows take more passes.
+BUCKET_ROWS = 500_000
+
+
+def unproven(output: Path, held: Lineage, sources: Sequence[Path]) -> dict[str, str]:
+    """Why each present source is not shown to lie inside the output; a source not in the
+    answer is proven, and may go.
+
+    Outputs are laid out by metric, so a source's rows are spread over its output rather than
+    found at an offset: the proof counts row fingerprints instead, and hands each output row
+    to one source only, so it stays exact for rows two sources share. Fingerprints are split
+    into buckets by value to keep memory bounded; each bucket reads the files again.
+    """
+    problems: dict[str, str] = {}
+    try:
+        counted: list[Path] = []
+        for source in sources:
+            rows, listed = pq.read_metadata(source).num_rows, held.rows_of(source.name)
+            if rows == listed:
+                counted.append(source)
+            else:
+                problems[source.name] = (
+                    f"{source.name} has {rows} rows, the lineage of {output.name} lists {listed}"
+                )
+        missing = _rows_not_found(output, counted, held)
+    except (OSError, pa.ArrowException, ValueError, KeyError, ConsolidatorError) as exc:
+        return {s.name: f"cannot compare {s.name} with {output.name}: {exc}" for s in sources}
+    for name, rows in missing.items():
+        problems[name] = f"{name} differs from its rows in {output.name} ({rows} rows not found)"
+    return problems
+
+
+def _rows_not_found(output: Path, sources: Sequence[Path], held: Lineage) -> Counter[str]:
+    schema = pq.read_schema(output)
+    total = sum(held.rows_of(source.name) for source in sources)
+    buckets = max(1, -(-total // BUCKET_ROWS))
+    missing: Counter[str] = Counter()
+    for bucket in range(buckets):
+        wanted = {
+            source.name: [
+                f
+                for batch in pq.ParquetFile(source).iter_batches()
+                for f in _fingerprints(conform(batch, schema))
+                if f % buckets == bucket
+            ]
+            for source in sources
+        }
+        looked_for = {f for found in wanted.values() for f in found}
+        have = Counter(
+            f
+            for batch in pq.ParquetFile(output).iter_batches()
+            for f in _fingerprints(batch)
+            if f in looked_for
+        )
+        for name, found in wanted.items():
+            for f in found:
+                if have[f] > 0:
+                    have[f] -= 1
+                else:
+                    missing[name] += 1
+    return missing
+
+
+def _fingerprints(batch: pa.RecordBatch) -> list[int]:
+    columns = [[_hashable(value) for value in column.to_pylist()] for column in batch.columns]
+    return [hash(row) for row in zip(*columns, strict=True)]
+
+
+def _hashable(value: object) -> object:
+    """Equal values, equal hashes: NaN equals NaN here, and map entries become tuples."""
+    if isinstance(value, float) and value != value:
+        return ("NaN",)
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(item) for item in value)
+    return value
