@@ -285,6 +285,29 @@ def test_open_rotation_is_footerless_until_finished(tmp_path: Path) -> None:
     assert written.companion is not None and written.companion.exists()
 
 
+def test_container_lifetime_sets_how_often_slots_change() -> None:
+    def distinct_ids(lifetime: tuple[int, int]) -> int:
+        spec = SimulationSpec(
+            pods=(PodSpec("p"),),
+            start=START,
+            rotations=20,
+            containers=3,
+            container_lifetime=lifetime,
+        )
+        return len({c.container_id for r in range(20) for c in containers_at(spec, "p", r)})
+
+    # A slot whose containers live 40 rotations changes at most once in 20; at 2-4, each of
+    # the 3 slots changes at least 4 times.
+    assert distinct_ids((40, 40)) <= 2 * 3
+    assert distinct_ids((2, 4)) >= 5 * 3
+
+
+@pytest.mark.parametrize("lifetime", [(0, 3), (4, 2)])
+def test_spec_rejects_impossible_container_lifetime(lifetime: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="container_lifetime"):
+        SimulationSpec(pods=(), start=START, rotations=1, container_lifetime=lifetime)
+
+
 def test_spec_rejects_naive_start() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         SimulationSpec(pods=(), start=datetime(2025, 1, 1), rotations=1)
