@@ -237,6 +237,15 @@ def test_upgrade_switches_era_run_and_fetch_index(tree: tuple[Path, SimulationSu
     assert min(before.column("fetch_index").to_pylist()) == 3 * 90
 
 
+def _snapshot(root: Path) -> dict[str, tuple[bytes, float]]:
+    """Every file under `root` with its bytes and mtime."""
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
     spec = SimulationSpec(
         pods=(PodSpec("p", era="map", switch_to_flat_at=2),),
@@ -248,20 +257,24 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
         seed=3,
     )
 
-    def snapshot(root: Path) -> dict[str, tuple[bytes, float]]:
-        return {
-            str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime)
-            for p in root.rglob("*")
-            if p.is_file()
-        }
-
     generate(tmp_path / "a", spec)
     generate(tmp_path / "b", spec)
     generate(tmp_path / "c", SimulationSpec(**{**spec.__dict__, "seed": 4}))
-    a, b, c = (snapshot(tmp_path / n) for n in "abc")
+    a, b, c = (_snapshot(tmp_path / n) for n in "abc")
     assert a == b
     assert a.keys() == c.keys()
     assert a != c
+
+
+def test_rotations_written_in_shares_equal_the_whole(tmp_path: Path) -> None:
+    """A benchmark splits one spec over processes; the files must not depend on the split."""
+    whole = generate(tmp_path / "whole", SPEC)
+    first = generate(tmp_path / "split", SPEC, only=range(0, 3))
+    second = generate(tmp_path / "split", SPEC, only=range(3, SPEC.rotations))
+
+    assert first.files == 3 * len(SPEC.pods)
+    assert first.rows + second.rows == whole.rows
+    assert _snapshot(tmp_path / "split") == _snapshot(tmp_path / "whole")
 
 
 def test_open_rotation_is_footerless_until_finished(tmp_path: Path) -> None:

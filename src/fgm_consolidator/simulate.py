@@ -561,9 +561,15 @@ def rotation_start(spec: SimulationSpec, rotation: int) -> datetime:
     return _whole_second(spec.start) + timedelta(seconds=rotation * spec.rotation_seconds)
 
 
-def iter_rotations(data_dir: Path, spec: SimulationSpec) -> Iterator[WrittenRotation]:
-    """Rotation by rotation, every pod at each step, in the order a node would produce them."""
-    for rotation in range(spec.rotations):
+def iter_rotations(
+    data_dir: Path, spec: SimulationSpec, only: range | None = None
+) -> Iterator[WrittenRotation]:
+    """Rotation by rotation, every pod at each step, in the order a node would produce them.
+
+    `only` limits it to some rotations of the spec: since every file is a pure function of
+    (spec, rotation), separate processes can each write a share of one spec.
+    """
+    for rotation in range(spec.rotations) if only is None else only:
         start = rotation_start(spec, rotation)
         for pod in spec.pods:
             yield write_rotation(
@@ -576,10 +582,12 @@ def iter_rotations(data_dir: Path, spec: SimulationSpec) -> Iterator[WrittenRota
             )
 
 
-def generate(data_dir: Path, spec: SimulationSpec) -> SimulationSummary:
-    """Write `spec.rotations` complete files per pod under `data_dir`."""
+def generate(
+    data_dir: Path, spec: SimulationSpec, only: range | None = None
+) -> SimulationSummary:
+    """Write `spec.rotations` complete files per pod under `data_dir` (or the `only` ones)."""
     files = rows = size = companions = 0
-    for written in iter_rotations(Path(data_dir), spec):
+    for written in iter_rotations(Path(data_dir), spec, only):
         files += 1
         rows += written.rows
         size += written.bytes
