@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import json
 import multiprocessing
 import os
 import platform
@@ -20,13 +21,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from pathlib import Path
+from typing import TypeAlias
 
 import pyarrow as pa
 
@@ -36,6 +37,7 @@ except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from fgm_consolidator import simulate
 
+Era: TypeAlias = simulate.Era
 ROTATIONS_PER_DAY = 960
 # A busy node per FORMATS.md: ~200k rows per 90 s file. 50 metrics x 45 containers x 90 s
 # = 202,500 rows; `--scale` multiplies the containers, so rows per file scale with it.
@@ -177,31 +179,54 @@ class ChildRun:
         return "\n".join((self.stderr or self.stdout).strip().splitlines()[-lines:])
 
 
+# Spawns the measured command and reports its rusage. A child's ru_maxrss is not its own:
+# exec records the high-water RSS of the memory it replaces, and a child forked (or vforked)
+# from this benchmark starts with the benchmark's memory, so a 20 MiB command measured
+# straight from a 300 MiB parent reads 300 MiB. This launcher is a bare interpreter of about
+# 10 MiB, so the command it spawns starts from that.
+_LAUNCHER = """
+import json, os, sys, time
+report, command = sys.argv[1], sys.argv[2:]
+started = time.perf_counter()
+pid = os.posix_spawnp(command[0], command, os.environ)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - started
+with open(report, "w") as out:
+    json.dump({"code": os.waitstatus_to_exitcode(status), "wall": wall, "user": usage.ru_utime,
+               "system": usage.ru_stime, "maxrss_kib": usage.ru_maxrss}, out)
+"""
+
+
 def run_child(command: Sequence[str], env: Mapping[str, str] | None = None) -> ChildRun:
-    """Run `command` to completion and take its rusage with wait4, which reports that child
-    alone: RUSAGE_CHILDREN would keep the maximum over every child reaped so far."""
+    """Run `command` to completion and take its own wall, CPU and peak RSS (see _LAUNCHER)."""
     full_env = {**os.environ, **(env or {})}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        started = time.perf_counter()
-        try:
-            proc = subprocess.Popen(list(command), stdout=out, stderr=err, env=full_env)
-        except OSError as exc:
-            raise BenchError(f"{command[0]}: cannot start: {exc}") from exc
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: Popen must not wait
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        tempfile.NamedTemporaryFile("r", suffix=".json") as report,
+    ):
+        launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, report.name, *command]
+        launched = subprocess.run(launcher, stdout=out, stderr=err, env=full_env, check=False)
         out.seek(0)
         err.seek(0)
-        return ChildRun(
-            command=tuple(command),
-            returncode=proc.returncode,
-            wall_s=wall,
-            user_s=usage.ru_utime,
-            system_s=usage.ru_stime,
-            max_rss_bytes=usage.ru_maxrss * 1024,  # KiB on Linux
-            stdout=out.read(),
-            stderr=err.read(),
-        )
+        stdout, stderr = out.read(), err.read()
+        try:
+            usage = json.load(report)
+        except ValueError as exc:
+            raise BenchError(
+                f"{command[0]}: could not be started (launcher exit {launched.returncode}):"
+                f" {stderr.strip()[-500:]}"
+            ) from exc
+    return ChildRun(
+        command=tuple(command),
+        returncode=usage["code"],
+        wall_s=usage["wall"],
+        user_s=usage["user"],
+        system_s=usage["system"],
+        max_rss_bytes=usage["maxrss_kib"] * 1024,  # KiB on Linux
+        stdout=stdout,
+        stderr=stderr,
+    )
 
 
 def consolidator_command() -> list[str]:
@@ -291,7 +316,7 @@ def generate_day(
     shape: DayShape,
     *,
     identifiers: Sequence[str] = ("fine-grained-monitor-0",),
-    era: simulate.Era = "flat",
+    era: Era = "flat",
     seed: int = 0,
 ) -> simulate.SimulationSummary:
     """`shape.rotations` files from midnight of `day` for each identifier, written by one

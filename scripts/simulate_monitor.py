@@ -36,7 +36,7 @@ def _pods(args: argparse.Namespace) -> tuple[simulate.PodSpec, ...]:
         if args.pods.isdigit()
         else [n for n in args.pods.split(",") if n]
     )
-    era = "map" if args.era in ("map", "upgrade") else "flat"
+    era: simulate.Era = "map" if args.era in ("map", "upgrade") else "flat"
     switch = None
     if args.era == "upgrade":
         planned = args.rotations or args.count
