@@ -134,17 +134,7 @@ def run_tool(tool: str, era: str, partition: Path, work: Path) -> Outcome:
     if tool == "fgm-consolidator":
         data_dir = target / "data"
         benchlib.link_tree(partition.parents[1], data_dir)
-        run = benchlib.run_child(
-            [
-                *benchlib.consolidator_command(),
-                "run",
-                "--once",
-                "--min-age",
-                "0",
-                "--data-dir",
-                str(data_dir),
-            ]
-        )
+        run = benchlib.run_consolidator(data_dir, check=False)
         outputs = benchlib.parquet_files(data_dir)
     else:
         target.mkdir(parents=True)
