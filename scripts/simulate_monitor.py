@@ -36,7 +36,7 @@ def _pods(args: argparse.Namespace) -> tuple[simulate.PodSpec, ...]:
         if args.pods.isdigit()
         else [n for n in args.pods.split(",") if n]
     )
-    era = "map" if args.era in ("map", "upgrade") else "flat"
+    era: simulate.Era = "map" if args.era in ("map", "upgrade") else "flat"
     switch = None
     if args.era == "upgrade":
         planned = args.rotations or args.count
@@ -58,6 +58,14 @@ def _parse_start(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _lifetime(text: str) -> tuple[int, int]:
+    shortest, _, longest = text.partition(",")
+    try:
+        return int(shortest), int(longest or shortest)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX rotations") from None
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
@@ -72,6 +80,7 @@ def _spec(args: argparse.Namespace, start: datetime, rotations: int) -> simulate
         containers=args.containers,
         seconds_per_row_sample=args.stride,
         seed=args.seed,
+        container_lifetime=args.container_lifetime,
     )
 
 
@@ -150,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--containers", type=int, default=4)
     common.add_argument("--stride", type=int, default=1, help="seconds between samples")
     common.add_argument("--seed", type=int, default=0)
+    common.add_argument(
+        "--container-lifetime",
+        type=_lifetime,
+        default=(2, 4),
+        metavar="MIN,MAX",
+        help="rotations a container lives (default 2,4: heavy churn; a real node: 40,960)",
+    )
     common.add_argument("--no-companions", action="store_true")
     common.add_argument("--companion-version", type=int, choices=(1, 2), default=2)
     modes = parser.add_subparsers(dest="mode", required=True)

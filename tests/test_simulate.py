@@ -237,6 +237,15 @@ def test_upgrade_switches_era_run_and_fetch_index(tree: tuple[Path, SimulationSu
     assert min(before.column("fetch_index").to_pylist()) == 3 * 90
 
 
+def _snapshot(root: Path) -> dict[str, tuple[bytes, float]]:
+    """Every file under `root` with its bytes and mtime."""
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
     spec = SimulationSpec(
         pods=(PodSpec("p", era="map", switch_to_flat_at=2),),
@@ -248,20 +257,24 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
         seed=3,
     )
 
-    def snapshot(root: Path) -> dict[str, tuple[bytes, float]]:
-        return {
-            str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime)
-            for p in root.rglob("*")
-            if p.is_file()
-        }
-
     generate(tmp_path / "a", spec)
     generate(tmp_path / "b", spec)
     generate(tmp_path / "c", SimulationSpec(**{**spec.__dict__, "seed": 4}))
-    a, b, c = (snapshot(tmp_path / n) for n in "abc")
+    a, b, c = (_snapshot(tmp_path / n) for n in "abc")
     assert a == b
     assert a.keys() == c.keys()
     assert a != c
+
+
+def test_rotations_written_in_shares_equal_the_whole(tmp_path: Path) -> None:
+    """A benchmark splits one spec over processes; the files must not depend on the split."""
+    whole = generate(tmp_path / "whole", SPEC)
+    first = generate(tmp_path / "split", SPEC, only=range(0, 3))
+    second = generate(tmp_path / "split", SPEC, only=range(3, SPEC.rotations))
+
+    assert first.files == 3 * len(SPEC.pods)
+    assert first.rows + second.rows == whole.rows
+    assert _snapshot(tmp_path / "split") == _snapshot(tmp_path / "whole")
 
 
 def test_open_rotation_is_footerless_until_finished(tmp_path: Path) -> None:
@@ -283,6 +296,29 @@ def test_open_rotation_is_footerless_until_finished(tmp_path: Path) -> None:
     assert written.rows == pq.ParquetFile(handle.path).metadata.num_rows == 7 * 5 * 2
     assert handle.path.stat().st_mtime == (START + timedelta(seconds=7)).timestamp()
     assert written.companion is not None and written.companion.exists()
+
+
+def test_container_lifetime_sets_how_often_slots_change() -> None:
+    def distinct_ids(lifetime: tuple[int, int]) -> int:
+        spec = SimulationSpec(
+            pods=(PodSpec("p"),),
+            start=START,
+            rotations=20,
+            containers=3,
+            container_lifetime=lifetime,
+        )
+        return len({c.container_id for r in range(20) for c in containers_at(spec, "p", r)})
+
+    # A slot whose containers live 40 rotations changes at most once in 20; at 2-4, each of
+    # the 3 slots changes at least 4 times.
+    assert distinct_ids((40, 40)) <= 2 * 3
+    assert distinct_ids((2, 4)) >= 5 * 3
+
+
+@pytest.mark.parametrize("lifetime", [(0, 3), (4, 2)])
+def test_spec_rejects_impossible_container_lifetime(lifetime: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="container_lifetime"):
+        SimulationSpec(pods=(), start=START, rotations=1, container_lifetime=lifetime)
 
 
 def test_spec_rejects_naive_start() -> None:

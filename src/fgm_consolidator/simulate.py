@@ -103,6 +103,10 @@ class SimulationSpec:
     containers: int = 4
     seconds_per_row_sample: int = 1
     seed: int = 0
+    # Rotations a container lives, drawn per slot from this range. The short default makes
+    # tests see containers (and `l_*` columns) come and go within a few files; a real node
+    # keeps most containers for hours, which is what a benchmark of the viewer wants.
+    container_lifetime: tuple[int, int] = (2, 4)
 
     def __post_init__(self) -> None:
         if self.start.tzinfo is None:
@@ -112,6 +116,9 @@ class SimulationSpec:
                 raise ValueError(f"{name} must be at least 1")
         if self.rotations < 0:
             raise ValueError("rotations must not be negative")
+        shortest, longest = self.container_lifetime
+        if not 1 <= shortest <= longest:
+            raise ValueError("container_lifetime must be (shortest, longest) with 1 <= shortest")
 
 
 @dataclass(frozen=True)
@@ -251,11 +258,13 @@ def _node_name(seed: int, identifier: str) -> str:
     return f"ip-10-{rng.randrange(256)}-{rng.randrange(256)}-{rng.randrange(1, 255)}.ec2.internal"
 
 
-def _slot_generation(seed: int, identifier: str, slot: int, rotation: int) -> int:
-    """Each slot replaces its container every 2-4 rotations, at a slot-specific phase, so
-    within any 5 rotations slot 0 changes at least once."""
+def _slot_generation(
+    seed: int, identifier: str, slot: int, rotation: int, lifetimes: tuple[int, int]
+) -> int:
+    """Each slot replaces its container every `lifetimes` rotations (2-4 by default), at a
+    slot-specific phase, so by default within any 5 rotations slot 0 changes at least once."""
     rng = _rng(seed, identifier, "slot", slot)
-    lifetime = rng.randint(2, 4)
+    lifetime = rng.randint(*lifetimes)
     return (rotation + rng.randrange(lifetime)) // lifetime
 
 
@@ -288,7 +297,7 @@ def containers_at(spec: SimulationSpec, identifier: str, rotation: int) -> tuple
             spec.seed,
             identifier,
             slot,
-            _slot_generation(spec.seed, identifier, slot, rotation),
+            _slot_generation(spec.seed, identifier, slot, rotation, spec.container_lifetime),
             spec.containers,
         )
         for slot in range(spec.containers)
@@ -552,9 +561,15 @@ def rotation_start(spec: SimulationSpec, rotation: int) -> datetime:
     return _whole_second(spec.start) + timedelta(seconds=rotation * spec.rotation_seconds)
 
 
-def iter_rotations(data_dir: Path, spec: SimulationSpec) -> Iterator[WrittenRotation]:
-    """Rotation by rotation, every pod at each step, in the order a node would produce them."""
-    for rotation in range(spec.rotations):
+def iter_rotations(
+    data_dir: Path, spec: SimulationSpec, only: range | None = None
+) -> Iterator[WrittenRotation]:
+    """Rotation by rotation, every pod at each step, in the order a node would produce them.
+
+    `only` limits it to some rotations of the spec: since every file is a pure function of
+    (spec, rotation), separate processes can each write a share of one spec.
+    """
+    for rotation in range(spec.rotations) if only is None else only:
         start = rotation_start(spec, rotation)
         for pod in spec.pods:
             yield write_rotation(
@@ -567,10 +582,12 @@ def iter_rotations(data_dir: Path, spec: SimulationSpec) -> Iterator[WrittenRota
             )
 
 
-def generate(data_dir: Path, spec: SimulationSpec) -> SimulationSummary:
-    """Write `spec.rotations` complete files per pod under `data_dir`."""
+def generate(
+    data_dir: Path, spec: SimulationSpec, only: range | None = None
+) -> SimulationSummary:
+    """Write `spec.rotations` complete files per pod under `data_dir` (or the `only` ones)."""
     files = rows = size = companions = 0
-    for written in iter_rotations(Path(data_dir), spec):
+    for written in iter_rotations(Path(data_dir), spec, only):
         files += 1
         rows += written.rows
         size += written.bytes

@@ -1,0 +1,404 @@
+#!/usr/bin/env python3
+"""Throughput and cost: one partition consolidated by fgm-consolidator and by the tools a user
+would reach for instead, each in its own child process (wall, CPU and peak RSS from wait4).
+
+- fgm-consolidator: `run --once --min-age 0` on a hard-linked copy of the data directory;
+- duckdb: `COPY (SELECT * FROM read_parquet(files, union_by_name = true)) TO out (FORMAT
+  parquet, COMPRESSION zstd)`;
+- polars: `scan_parquet(files, schema=<every file's columns>, missing_columns="insert")
+  .sink_parquet(out, compression="zstd")`;
+- pyarrow: `dataset.write_dataset(dataset(files, schema=unify_schemas(...)), out, zstd)`.
+Each alternative is given what it needs to keep the `l_*` columns that differ between files
+(union by name / a unified schema); without that, all three fail or drop columns.
+
+Fidelity is checked for every tool: the output's Arrow types per column against the input's,
+and the rows as a multiset (DuckDB: count and sum of a hash of each row over all columns,
+read back with union by name) - values can survive a type change, so both are reported.
+A flat-era and a map-era partition are both run, so dictionary labels are exercised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import benchlib
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TOOLS = ("fgm-consolidator", "duckdb", "polars", "pyarrow")
+INVOCATIONS = {
+    "fgm-consolidator": "fgm-consolidator run --once --min-age 0 --data-dir <copy>",
+    "duckdb": "COPY (SELECT * FROM read_parquet(files, union_by_name = true)) TO out"
+    " (FORMAT parquet, COMPRESSION zstd)",
+    "polars": "pl.scan_parquet(files, schema=<all files' columns>, missing_columns='insert')"
+    ".sink_parquet(out, compression='zstd')",
+    "pyarrow": "ds.write_dataset(ds.dataset(files, schema=pa.unify_schemas(<all>)), out,"
+    " file_options=<zstd>)",
+}
+SKIPPED = 3  # a worker's exit code when its tool is not installed
+ERAS: tuple[benchlib.Era, ...] = ("flat", "map")
+
+
+# -- the workers: each runs alone in a child, importing only its own tool ---------------------
+
+
+def _inputs(source: Path) -> list[str]:
+    return [str(p) for p in sorted(source.glob("*.parquet"))]
+
+
+def work_duckdb(source: Path, output: Path) -> None:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(
+        "COPY (SELECT * FROM read_parquet($1, union_by_name = true, hive_partitioning = false))"
+        f" TO '{output / 'duckdb.parquet'}' (FORMAT parquet, COMPRESSION zstd)",
+        [_inputs(source)],
+    )
+
+
+def work_polars(source: Path, output: Path) -> None:
+    import polars as pl
+
+    files = _inputs(source)
+    schema: dict[str, Any] = {}
+    for path in files:
+        schema.update(pl.read_parquet_schema(path))
+    frame = pl.scan_parquet(files, schema=schema, missing_columns="insert")
+    frame.sink_parquet(output / "polars.parquet", compression="zstd")
+
+
+def work_pyarrow(source: Path, output: Path) -> None:
+    import pyarrow.dataset as ds
+
+    files = _inputs(source)
+    schema = pa.unify_schemas([pq.read_schema(path) for path in files])
+    dataset = ds.dataset(files, schema=schema, format="parquet")
+    options = ds.ParquetFileFormat().make_write_options(compression="zstd")
+    ds.write_dataset(dataset, output, format="parquet", file_options=options)
+
+
+WORKERS: dict[str, Callable[[Path, Path], None]] = {
+    "duckdb": work_duckdb,
+    "polars": work_polars,
+    "pyarrow": work_pyarrow,
+}
+
+
+def worker_main(tool: str, source: Path, output: Path) -> int:
+    try:
+        WORKERS[tool](source, output)
+    except ImportError as exc:
+        print(f"skipped: {tool} is not installed ({exc})")
+        return SKIPPED
+    return 0
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    types: str  # "exact" or what changed
+    values: str  # "kept", "n/a" or what differs
+
+
+@dataclass(frozen=True)
+class Outcome:
+    era: str
+    tool: str
+    bytes_in: int
+    run: benchlib.ChildRun | None
+    outputs: list[Path]
+    fidelity: Fidelity | None
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.run is not None and self.run.returncode == 0
+
+    @property
+    def cpu_per_gb(self) -> float | None:
+        return self.run.cpu_s / (self.bytes_in / 1e9) if self.ok and self.run else None
+
+
+def run_tool(tool: str, era: str, partition: Path, work: Path) -> Outcome:
+    """`partition` is a monitor partition folder; nothing of it is changed."""
+    bytes_in = benchlib.total_size(partition.glob("*.parquet"))
+    target = work / f"{era}-{tool}"
+    if tool == "fgm-consolidator":
+        data_dir = target / "data"
+        benchlib.link_tree(partition.parents[1], data_dir)
+        run = benchlib.run_consolidator(data_dir, check=False)
+        outputs = benchlib.parquet_files(data_dir)
+    else:
+        target.mkdir(parents=True)
+        run = benchlib.run_child(
+            [sys.executable, __file__, "--worker", tool, str(partition), str(target)]
+        )
+        outputs = sorted(target.rglob("*.parquet"))
+    if run.returncode == SKIPPED:
+        return Outcome(era, tool, bytes_in, None, [], None, run.stdout.strip())
+    if run.returncode != 0:
+        return Outcome(era, tool, bytes_in, run, [], None, f"failed: {run.tail(3)}")
+    return Outcome(era, tool, bytes_in, run, outputs, check_fidelity(partition, outputs))
+
+
+def _types(paths: Sequence[Path]) -> dict[str, pa.Field]:
+    """Column name -> Arrow field, as a reader of each file's footer sees it."""
+    fields: dict[str, pa.Field] = {}
+    for path in paths:
+        for item in pq.read_schema(path):
+            fields.setdefault(item.name, item)
+    return fields
+
+
+def _contract_order(names: Sequence[str], base: Sequence[str]) -> list[str]:
+    """FORMATS.md's column order: base columns, `l_*` sorted (or `labels`), histogram last."""
+
+    def rank(name: str) -> tuple[int, int, str]:
+        if name == "value_histogram":
+            return (2, 0, name)
+        if name.startswith("l_") or name == "labels":
+            return (1, 0, name)
+        return (0, base.index(name) if name in base else len(base), name)
+
+    return sorted(names, key=rank)
+
+
+def compare_types(inputs: Sequence[Path], outputs: Sequence[Path]) -> str:
+    """What changed, one entry per kind of change with the columns it hit."""
+    before, after = _types(inputs), _types(outputs)
+    changes = [f"{name} lost" for name in before if name not in after]
+    changes += [f"{name} added" for name in after if name not in before]
+    grouped: dict[str, list[str]] = {}
+    for name, item in before.items():
+        other = after.get(name)
+        if other is None:
+            continue
+        if not other.type.equals(item.type):
+            grouped.setdefault(f"{item.type} -> {other.type}", []).append(name)
+        if other.nullable != item.nullable:
+            grouped.setdefault(f"nullable {item.nullable} -> {other.nullable}", []).append(name)
+    changes += [f"{change}: {', '.join(names)}" for change, names in grouped.items()]
+    base = pq.read_schema(inputs[0]).names
+    for path in outputs:
+        names = pq.read_schema(path).names
+        if names != _contract_order(names, base):
+            changes.append(f"column order of {path.name}: {', '.join(names[-3:])} last")
+            break
+    return "; ".join(changes) if changes else "exact"
+
+
+def _fingerprint(paths: Sequence[Path], columns: Sequence[str]) -> tuple[int, int]:
+    """Rows and the sum of a hash per row: equal for equal multisets of rows. A map is hashed
+    as its entries, so a map written as a list of key/value structs hashes the same."""
+    import duckdb
+
+    con = duckdb.connect()
+    source = "read_parquet($1, union_by_name = true, hive_partitioning = false)"
+    files = [str(p) for p in paths]
+    described = con.execute(f"DESCRIBE SELECT * FROM {source}", [files]).fetchall()
+    types = {row[0]: str(row[1]) for row in described}
+    terms = [f'map_entries("{c}")' if types[c].startswith("MAP(") else f'"{c}"' for c in columns]
+    row = con.execute(
+        f"SELECT count(*), coalesce(sum(hash({', '.join(terms)})), 0) FROM {source}", [files]
+    ).fetchone()
+    con.close()
+    if row is None:
+        raise benchlib.BenchError(f"{paths[0].parent}: DuckDB returned no fingerprint")
+    return int(row[0]), int(row[1])
+
+
+def compare_values(inputs: Sequence[Path], outputs: Sequence[Path]) -> str:
+    if benchlib.installed_version("duckdb") is None:
+        return "n/a (duckdb not installed)"
+    columns = sorted(_types(inputs))
+    lost = [c for c in columns if c not in _types(outputs)]
+    if lost:
+        return "columns lost: " + ", ".join(lost)
+    rows_in, hash_in = _fingerprint(inputs, columns)
+    rows_out, hash_out = _fingerprint(outputs, columns)
+    if rows_in != rows_out:
+        return f"rows {rows_in:,} -> {rows_out:,}"
+    return "kept" if hash_in == hash_out else "DIFFER (same row count)"
+
+
+def check_fidelity(partition: Path, outputs: Sequence[Path]) -> Fidelity:
+    inputs = sorted(partition.glob("*.parquet"))
+    if not outputs:
+        return Fidelity("no output", "no output")
+    return Fidelity(compare_types(inputs, outputs), compare_values(inputs, outputs))
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+
+def _relative(value: float | None, reference: float | None) -> str:
+    return benchlib.ratio(value, reference)
+
+
+def print_report(outcomes: Sequence[Outcome]) -> None:
+    ours = {o.era: o for o in outcomes if o.tool == "fgm-consolidator" and o.ok}
+    rows = []
+    for o in outcomes:
+        base = ours.get(o.era)
+        run, ref = o.run, base.run if base else None
+        rows.append(
+            [
+                o.era,
+                o.tool,
+                _relative(o.cpu_per_gb, base.cpu_per_gb if base else None) if o.ok else "-",
+                _relative(run.max_rss_bytes, ref.max_rss_bytes if ref else None)
+                if o.ok and run
+                else "-",
+                ("yes" if o.fidelity.types == "exact" else "no") if o.fidelity else "-",
+                o.fidelity.values if o.fidelity else o.note or "-",
+            ]
+        )
+    benchlib.print_table(
+        "Consolidating one partition, relative to fgm-consolidator (lower is better)",
+        ["era", "tool", "CPU s per GB", "peak RSS", "types exact", "rows and values"],
+        rows,
+    )
+    benchlib.print_table(
+        "Absolute figures (one child process per tool)",
+        [
+            "era",
+            "tool",
+            "MB in",
+            "wall s",
+            "CPU s",
+            "CPU s per GB in",
+            "peak RSS MiB",
+            "output files",
+            "MB out",
+        ],
+        [_absolute_row(o) for o in outcomes],
+    )
+    benchlib.print_table(
+        "Type changes",
+        ["era", "tool", "types"],
+        [[o.era, o.tool, o.fidelity.types if o.fidelity else o.note] for o in outcomes],
+    )
+    for line in target_lines(outcomes):
+        print(line)
+    print("\ninvocations (ZSTD at each tool's default level):")
+    for tool in dict.fromkeys(o.tool for o in outcomes):
+        print(f"- {tool}: `{INVOCATIONS[tool]}`")
+
+
+def _absolute_row(o: Outcome) -> list[object]:
+    if not o.ok or o.run is None:
+        return [o.era, o.tool, benchlib.megabytes(o.bytes_in), *["-"] * 5, o.note or "skipped"]
+    return [
+        o.era,
+        o.tool,
+        benchlib.megabytes(o.bytes_in),
+        benchlib.seconds(o.run.wall_s),
+        benchlib.seconds(o.run.cpu_s),
+        f"{o.cpu_per_gb:.1f}" if o.cpu_per_gb is not None else "-",
+        benchlib.mebibytes(o.run.max_rss_bytes),
+        len(o.outputs),
+        benchlib.megabytes(benchlib.total_size(o.outputs)),
+    ]
+
+
+def target_lines(outcomes: Sequence[Outcome]) -> list[str]:
+    lines = []
+    for era in dict.fromkeys(o.era for o in outcomes):
+        here = [o for o in outcomes if o.era == era and o.ok and o.run is not None]
+        ours = next((o for o in here if o.tool == "fgm-consolidator"), None)
+        others = [o for o in here if o.tool != "fgm-consolidator"]
+        if ours is None or ours.run is None or not others:
+            lines.append(
+                f"targets ({era}): not judged (fgm-consolidator or every alternative missing)"
+            )
+            continue
+        fastest = min(others, key=lambda o: o.cpu_per_gb or 0.0)
+        leanest = min(others, key=lambda o: o.run.max_rss_bytes if o.run else 0)
+        cpu_ok = (ours.cpu_per_gb or 0.0) <= (fastest.cpu_per_gb or 0.0)
+        rss = ours.run.max_rss_bytes
+        lean_rss = leanest.run.max_rss_bytes if leanest.run else 0
+        exact = [o.tool for o in here if o.fidelity and o.fidelity.types == "exact"]
+        lines += [
+            f"target ({era}): CPU s per GB <= fastest alternative ({fastest.tool}):"
+            f" {ours.cpu_per_gb:.1f} vs {fastest.cpu_per_gb:.1f} ({'met' if cpu_ok else 'MISSED'})",
+            f"target ({era}): peak RSS <= half the leanest ({leanest.tool}):"
+            f" {benchlib.mebibytes(rss)} vs {benchlib.mebibytes(lean_rss)} MiB"
+            f" ({'met' if rss <= lean_rss / 2 else 'MISSED'})",
+            f"target ({era}): only fgm-consolidator keeps every type: exact = {exact or 'none'}"
+            f" ({'met' if exact == ['fgm-consolidator'] else 'MISSED'})",
+        ]
+    return lines
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = benchlib.common_arguments(__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--scale", type=float, default=0.1, help="1.0 = a busy node, ~200k rows per file"
+    )
+    parser.add_argument("--metrics", type=int, default=benchlib.DEFAULT_METRICS)
+    parser.add_argument("--rotations", type=int, default=480, help="files per partition")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset")
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("TOOL", "SOURCE", "OUTPUT"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.scale, args.metrics, args.rotations = 0.05, 10, 16
+    unknown = set(args.tools.split(",")) - set(TOOLS)
+    if unknown:
+        parser.error(
+            f"--tools: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TOOLS)}"
+        )
+    return args
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    shape = benchlib.DayShape.from_scale(args.scale, args.metrics, rotations=args.rotations)
+    tools = [t for t in TOOLS if t in args.tools.split(",")]
+    benchlib.print_header(
+        "Throughput and cost: one partition, fgm-consolidator vs the alternatives",
+        "duckdb",
+        "polars",
+        options={"partition": shape.describe(), "eras": "flat, map", "tools": ", ".join(tools)},
+    )
+    day = benchlib.past_day(5)
+    outcomes = []
+    for era in ERAS:
+        identifier = f"monitor-{era}"
+        source = work / f"source-{era}"
+        benchlib.generate_day(
+            source, day, shape, identifiers=(identifier,), era=era, seed=args.seed
+        )
+        partition = benchlib.partition_dir(source, day, identifier)
+        for tool in tools:
+            outcomes.append(run_tool(tool, era, partition, work))
+    print_report(outcomes)
+    failed = [o for o in outcomes if o.tool == "fgm-consolidator" and not o.ok]
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        tool, source, output = args.worker
+        return worker_main(tool, Path(source), Path(output))
+    try:
+        with benchlib.work_dir(args.work_dir, args.keep) as work:
+            return run(args, work)
+    except benchlib.BenchError as exc:
+        return benchlib.report_error(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
