@@ -106,7 +106,7 @@ def measure(strategy: str, merges: int, old_fraction: float, folder: Path) -> di
     before = journal_bytes(path)
     cutoff = (now - timedelta(days=30)).isoformat(timespec="milliseconds")
     t0 = time.perf_counter()
-    counts = journal.prune(cutoff=cutoff)
+    counts = journal.prune(cutoff=cutoff, at=now.isoformat(timespec="milliseconds"))
     t1 = time.perf_counter()
     after_prune = journal_bytes(path)
     free = journal.free_fraction()
