@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
@@ -24,43 +28,82 @@ class Recorder:
         self.groups.append(list(zip(names, table.column("seq").to_pylist(), strict=True)))
 
 
-def sorter(recorder: Recorder, row_group_bytes: int, buffer_bytes: int) -> MetricSorter:
-    return MetricSorter(recorder, row_group_bytes=row_group_bytes, buffer_bytes=buffer_bytes)
+def sorter(
+    recorder: Recorder, folder: Path, row_group_bytes: int, buffer_bytes: int
+) -> MetricSorter:
+    return MetricSorter(
+        recorder, row_group_bytes=row_group_bytes, buffer_bytes=buffer_bytes, spill_folder=folder
+    )
 
 
-def test_rows_wait_until_the_buffer_is_full_then_leave_one_group_per_metric() -> None:
+def test_rows_that_fit_the_buffer_leave_at_the_end_one_group_per_metric(tmp_path: Path) -> None:
     recorder = Recorder()
-    first, second = batch(["b", "a", "b"]), batch(["a", "c"], start=3)
-    into = sorter(recorder, row_group_bytes=10**9, buffer_bytes=first.nbytes + second.nbytes)
-    into.add(first)
+    into = sorter(recorder, tmp_path, row_group_bytes=10**9, buffer_bytes=10**9)
+    into.add(batch(["b", "a", "b"]))
+    into.add(batch(["a", "c"], start=3))
     assert recorder.groups == []
-    into.add(second)
+    into.finish()
     assert recorder.groups == [[("a", 1), ("a", 3)], [("b", 0), ("b", 2)], [("c", 4)]]
 
 
-def test_each_buffer_leaves_on_its_own_so_a_metric_spans_groups_in_order() -> None:
+def test_runs_parked_on_disk_come_back_one_group_per_metric_in_order(tmp_path: Path) -> None:
+    """Every batch fills the buffer, so each is sorted and parked: the output is the same."""
     recorder = Recorder()
-    first = batch(["b", "a", "b"])
-    into = sorter(recorder, row_group_bytes=10**9, buffer_bytes=first.nbytes)
-    into.add(first)
-    into.add(batch(["a", "b"], start=3))
-    assert recorder.groups == [[("a", 1)], [("b", 0), ("b", 2)]]
-    into.flush()
-    assert recorder.groups[2:] == [[("a", 3)], [("b", 4)]]
-    into.flush()  # nothing left: nothing written
-    assert len(recorder.groups) == 4
+    opened = spill_files_opened(tmp_path)
+    into = sorter(recorder, tmp_path, row_group_bytes=10**9, buffer_bytes=1)
+    into.add(batch(["b", "a", "b"]))
+    into.add(batch(["a", "c"], start=3))
+    into.add(batch(["c", "b", "a"], start=5))
+    assert recorder.groups == [] and opened() == 1
+    into.finish()
+    assert recorder.groups == [
+        [("a", 1), ("a", 3), ("a", 7)],
+        [("b", 0), ("b", 2), ("b", 6)],
+        [("c", 4), ("c", 5)],
+    ]
+    assert list(tmp_path.iterdir()) == []  # the spill has no name, and it is closed
 
 
-def test_a_metric_larger_than_a_row_group_is_cut_into_equal_groups() -> None:
+def spill_files_opened(folder: Path) -> Callable[[], int]:
+    """How many files the process holds open in `folder` (the spill is anonymous)."""
+    fd_dir = Path("/proc/self/fd")
+
+    def count() -> int:
+        return sum(1 for fd in fd_dir.iterdir() if _points_into(fd, folder))
+
+    return count
+
+
+def _points_into(fd: Path, folder: Path) -> bool:
+    try:
+        return os.readlink(fd).startswith(str(folder))
+    except OSError:
+        return False
+
+
+def test_a_metric_larger_than_a_row_group_is_cut_in_order(tmp_path: Path) -> None:
     recorder = Recorder()
-    rows = batch(["a"] * 10 + ["b"])
-    into = sorter(recorder, row_group_bytes=rows.nbytes // 3, buffer_bytes=10**9)
-    into.add(rows)
-    into.flush()
-    sizes = [len(group) for group in recorder.groups if group[0][0] == "a"]
-    assert len(sizes) >= 3 and sum(sizes) == 10
-    assert len(set(sizes[:-1])) == 1 and sizes[-1] <= sizes[0]  # only the last is shorter
-    assert [seq for group in recorder.groups for _, seq in group] == list(range(11))
+    into = sorter(recorder, tmp_path, row_group_bytes=batch(["a"] * 4).nbytes, buffer_bytes=1)
+    for start in range(0, 12, 3):
+        into.add(batch(["a", "a", "b"], start=start))
+    into.finish()
+    a_groups = [group for group in recorder.groups if group[0][0] == "a"]
+    assert len(a_groups) > 1
+    assert [seq for group in a_groups for _, seq in group] == [0, 1, 3, 4, 6, 7, 9, 10]
+    assert all(len({name for name, _ in group}) == 1 for group in recorder.groups)
+
+
+def test_a_failure_while_writing_closes_the_spill(tmp_path: Path) -> None:
+    def failing(_table: pa.Table) -> None:
+        raise OSError(28, "No space left on device")
+
+    into = MetricSorter(failing, row_group_bytes=10**9, buffer_bytes=1, spill_folder=tmp_path)
+    opened = spill_files_opened(tmp_path)
+    into.add(batch(["a", "b"]))
+    assert opened() == 1
+    with pytest.raises(OSError):
+        into.finish()
+    assert opened() == 0
 
 
 @pytest.mark.parametrize(

@@ -43,11 +43,13 @@ def metric_ranges(target: Path) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("buffer", ["in-memory", "parked-on-disk"])
 def test_output_holds_every_row_each_metric_in_source_order(
-    sources: list[Path], tmp_path: Path
+    sources: list[Path], tmp_path: Path, buffer: str
 ) -> None:
     target = tmp_path / "out.parquet.tmp"
-    result = write(sources, target)
+    tiny = WriteOptions(row_group_bytes=1, buffer_row_groups=1)  # every batch parked, then merged
+    result = write(sources, target, options=tiny if buffer == "parked-on-disk" else WriteOptions())
     expected = pa.concat_tables(
         [pq.read_table(p) for p in sources], promote_options="default"
     ).to_pylist()

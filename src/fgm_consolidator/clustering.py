@@ -2,10 +2,9 @@
 
 The viewer prunes row groups by `metric_name` min/max statistics. A plain merge keeps the
 monitor's mixed row groups, whose statistics span every metric, so nothing is pruned and every
-byte is decoded again. Here rows wait in arrival order until a buffer of `buffer_bytes` is
-full, are then sorted by metric (a stable sort) and leave as row groups of one metric each. A
-metric spans a few row groups of a large output, one or more per buffer, in time order. Memory
-is bounded by the buffer plus one metric's copy, never by the size of the output.
+byte is decoded again. Here rows are sorted by metric with an external sort (`MetricSorter`):
+a bounded buffer, sorted runs parked on disk, then each metric written out whole, so every
+row group after the first holds one metric and memory never grows with the output.
 
 Row group 0 is different: it holds the first row of every metric, because the viewer builds its
 metric list from the first row group of the newest file, and that file may be ours. Taking the
@@ -16,7 +15,10 @@ time order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -64,12 +66,55 @@ def metric_runs(names: pa.ChunkedArray) -> list[tuple[int, int]]:
     return runs
 
 
-class MetricSorter:
-    """Buffered rows leave sorted by metric, as row groups of at most about `row_group_bytes`.
+class Spill:
+    """Sorted runs parked on disk until every row of the output has been seen.
 
-    One sort per buffer and one `take` per metric, so only one metric is ever copied at a
-    time: splitting every batch per metric as it arrives costs five times the CPU (a `take`
-    per metric per batch), and copying the whole buffer sorted doubles the memory."""
+    An anonymous file (O_TMPFILE where the system has it) in the output's folder: it has no
+    name, so a crash cannot leave it behind, and it sits on the volume whose space the output
+    needs anyway. Each run is its own LZ4-compressed Arrow IPC stream, so runs of different
+    sources keep their own dictionaries and any one of them reads back alone.
+    """
+
+    OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
+
+    def __init__(self, folder: Path, schema: pa.Schema) -> None:
+        self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - closed by close()
+        self._schema = schema
+        self._size = 0
+        self.runs: dict[str, list[tuple[int, int]]] = {}  # metric -> (offset, length) in order
+
+    def park(self, name: str, run: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self._schema, options=self.OPTIONS) as writer:
+            writer.write_table(run)
+        data = sink.getvalue()
+        self._file.write(data)
+        self.runs.setdefault(name, []).append((self._size, data.size))
+        self._size += data.size
+
+    def read(self, name: str) -> Iterator[pa.RecordBatch]:
+        """The parked rows of one metric, run after run, in the order they were parked."""
+        self._file.flush()
+        for offset, length in self.runs.get(name, []):
+            data = os.pread(self._file.fileno(), length, offset)
+            if len(data) != length:
+                raise OSError(f"spill file ended early: {len(data)} of {length} bytes at {offset}")
+            yield from pa.ipc.open_stream(pa.py_buffer(data))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MetricSorter:
+    """Rows leave sorted by metric, one row group per metric (more for a metric larger than
+    `row_group_bytes`), whatever the size of the output.
+
+    Rows wait in arrival order until `buffer_bytes` of them have come, then are sorted (one
+    stable sort, one `take` per metric so only one metric is copied at a time) and, when the
+    output is larger than one buffer, parked on disk as one run per metric (`Spill`). At the
+    end each metric's runs are read back in order and written out together: an external sort,
+    so memory is bounded by the buffer while a metric still gets few, large row groups.
+    """
 
     def __init__(
         self,
@@ -77,28 +122,68 @@ class MetricSorter:
         *,
         row_group_bytes: int,
         buffer_bytes: int,
+        spill_folder: Path,
     ) -> None:
         self._write = write_row_group
         self._row_group_bytes = row_group_bytes
         self._buffer_bytes = buffer_bytes
+        self._spill_folder = spill_folder
         self._batches: list[pa.RecordBatch] = []
         self._buffered = 0
+        self._spill: Spill | None = None
 
     def add(self, batch: pa.RecordBatch) -> None:
         self._batches.append(batch)
         self._buffered += batch.nbytes
         if self._buffered >= self._buffer_bytes:
-            self.flush()
+            self._park_buffer()
 
-    def flush(self) -> None:
+    def finish(self) -> None:
+        """Write every row out; the spill, if any, is gone afterwards (even on an error)."""
+        if self._spill is None:  # the whole output fitted in the buffer
+            for _name, run in self._sorted_buffer():
+                self._write_metric(run.to_batches())
+            return
+        try:
+            self._park_buffer()
+            for name in sorted(self._spill.runs):
+                self._write_metric(self._spill.read(name))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+
+    def _park_buffer(self) -> None:
+        if self._spill is None:
+            self._spill = Spill(self._spill_folder, self._batches[0].schema)
+        for name, run in self._sorted_buffer():
+            self._spill.park(name, run)
+
+    def _sorted_buffer(self) -> Iterator[tuple[str, pa.Table]]:
         if not self._batches:
             return
-        table = pa.Table.from_batches(self._batches)
+        # One dictionary per column for the whole buffer: each `take` then moves indices only,
+        # instead of unifying every batch's dictionaries again (2.5 times faster).
+        table = pa.Table.from_batches(self._batches).unify_dictionaries()
         self._batches, self._buffered = [], 0
-        order = pc.sort_indices(table.column(METRIC))
-        for offset, length in metric_runs(table.column(METRIC).take(order)):
+        names = table.column(METRIC)
+        order = pc.sort_indices(names)
+        for offset, length in metric_runs(names.take(order)):
             run = table.take(order.slice(offset, length))
-            parts = max(1, -(-run.nbytes // self._row_group_bytes))
-            rows = -(-length // parts)
-            for start in range(0, length, rows):
-                self._write(run.slice(start, rows))
+            yield run.column(METRIC)[0].as_py(), run
+
+    def _write_metric(self, batches: Iterable[pa.RecordBatch]) -> None:
+        """One metric's rows, in order, as row groups of about `row_group_bytes` at most."""
+        pending: list[pa.RecordBatch] = []
+        size = 0
+        for batch in batches:
+            if pending and size + batch.nbytes > self._row_group_bytes:
+                self._write(pa.Table.from_batches(pending))
+                pending, size = [], 0
+            pending.append(batch)
+            size += batch.nbytes
+        if pending:
+            self._write(pa.Table.from_batches(pending))

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import footers
 from .errors import ConsolidatorError
 from .layout import parse_data_file
 from .schemas import LINEAGE_KEY, conform
@@ -77,7 +78,7 @@ def decode(metadata: Mapping[bytes, bytes] | None) -> Lineage | None:
 
 def read(path: Path) -> Lineage | None:
     try:
-        return decode(pq.read_metadata(path).metadata)
+        return decode(footers.read(path).metadata)
     except (OSError, pa.ArrowException):
         return None
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from . import footers
 from .durable import FileIdentity
 from .errors import SourceReadError
 from .journal import SourceRecord
@@ -62,13 +62,10 @@ class PartitionScan:
 def read_footer(path: Path) -> tuple[FileIdentity, int, pa.Schema]:
     """Identity, row count and Arrow schema, taken from one open file so they agree."""
     try:
-        with open(path, "rb") as handle:
-            st = os.fstat(handle.fileno())
-            metadata = pq.ParquetFile(handle).metadata
-            schema = metadata.schema.to_arrow_schema()
-            return FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns), metadata.num_rows, schema
+        footer = footers.read(path)
     except (OSError, pa.ArrowException) as exc:
         raise SourceReadError(f"unreadable parquet footer: {exc}", path) from exc
+    return footer.identity, footer.rows, footer.schema
 
 
 def optional_identity(path: Path) -> FileIdentity | None:

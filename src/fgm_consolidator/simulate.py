@@ -582,9 +582,7 @@ def iter_rotations(
             )
 
 
-def generate(
-    data_dir: Path, spec: SimulationSpec, only: range | None = None
-) -> SimulationSummary:
+def generate(data_dir: Path, spec: SimulationSpec, only: range | None = None) -> SimulationSummary:
     """Write `spec.rotations` complete files per pod under `data_dir` (or the `only` ones)."""
     files = rows = size = companions = 0
     for written in iter_rotations(Path(data_dir), spec, only):

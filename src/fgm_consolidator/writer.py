@@ -51,8 +51,9 @@ class WriteSource:
 class WriteOptions:
     compression_level: int = 3
     row_group_bytes: int = 4_000_000
-    # Rows of all metrics may wait this many row groups' worth before the largest must leave.
-    buffer_row_groups: int = 4
+    # Rows wait in memory up to this many row groups' worth before they are sorted and parked
+    # on disk; the layout does not depend on it, only memory and the number of parked runs.
+    buffer_row_groups: int = 2
 
     @property
     def buffer_bytes(self) -> int:
@@ -266,17 +267,21 @@ def _stream(
             write_row_group,
             row_group_bytes=options.row_group_bytes,
             buffer_bytes=options.buffer_bytes,
+            spill_folder=target.parent,
         )
-        for index, source in enumerate(sources):
-            taken = first.rows_of(index)
-            offset = 0
-            for batch in iter_source(source, buffered):
-                if should_abort():
-                    raise MergeAborted("stopped on request while writing", target)
-                for piece in without_rows(batch, offset, taken):
-                    rows.add(piece)
-                offset += batch.num_rows
-        rows.flush()
+        try:
+            for index, source in enumerate(sources):
+                taken = first.rows_of(index)
+                offset = 0
+                for batch in iter_source(source, buffered):
+                    if should_abort():
+                        raise MergeAborted("stopped on request while writing", target)
+                    for piece in without_rows(batch, offset, taken):
+                        rows.add(piece)
+                    offset += batch.num_rows
+            rows.finish()
+        finally:
+            rows.close()
         writer.add_key_value_metadata({**(schema.metadata or {}), ARROW_SCHEMA: _stored(schema)})
     except BaseException:
         with contextlib.suppress(Exception):

@@ -1,0 +1,56 @@
+"""Parquet footers, read once per version of a file.
+
+A sidecar looks at the same outputs on every pass (to plan, and for their lineage); a day that
+is over holds only outputs, and months of them stay on disk. Remembering each footer by the
+file's identity (inode, size, mtime) makes a pass cost a `stat` per file it has seen before,
+so its work follows the new files, not the history. A file rewritten in place gets a new
+identity and is read again. Bounded: the oldest entries are forgotten first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .durable import FileIdentity
+
+CAPACITY = 4096  # about a month of hourly outputs for five identifiers
+
+
+@dataclass(frozen=True)
+class Footer:
+    identity: FileIdentity
+    rows: int
+    schema: pa.Schema
+    metadata: dict[bytes, bytes]
+
+
+_seen: OrderedDict[Path, Footer] = OrderedDict()
+
+
+def read(path: Path) -> Footer:
+    """The footer of `path`; raises OSError or pyarrow's error when it does not read."""
+    st = os.stat(path)
+    known = _seen.get(path)
+    if known is not None and known.identity == FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns):
+        _seen.move_to_end(path)
+        return known
+    with open(path, "rb") as handle:  # identity and footer from one open file, so they agree
+        st = os.fstat(handle.fileno())
+        metadata = pq.ParquetFile(handle).metadata
+        footer = Footer(
+            FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns),
+            metadata.num_rows,
+            metadata.schema.to_arrow_schema(),
+            dict(metadata.metadata or {}),
+        )
+    _seen[path] = footer
+    _seen.move_to_end(path)
+    while len(_seen) > CAPACITY:
+        _seen.popitem(last=False)
+    return footer

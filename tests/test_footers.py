@@ -1,0 +1,77 @@
+"""Footers are read once per version of a file, and a changed file is read again."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fgm_consolidator import footers
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every footer parse, recorded: a cache hit must not open the file at all."""
+    seen: list[object] = []
+    real = pq.ParquetFile
+
+    def counting(source: object, *args: object, **kwargs: object) -> pq.ParquetFile:
+        seen.append(source)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(footers.pq, "ParquetFile", counting)
+    monkeypatch.setattr(footers, "_seen", type(footers._seen)())
+    return seen
+
+
+def write(path: Path, rows: int, key: bytes = b"v") -> None:
+    table = pa.table({"x": pa.array(range(rows), pa.int64())}).replace_schema_metadata({b"k": key})
+    pq.write_table(table, path)
+
+
+def test_an_unchanged_file_is_parsed_once(tmp_path: Path, parses: list[object]) -> None:
+    path = tmp_path / "a.parquet"
+    write(path, 3)
+    first, again = footers.read(path), footers.read(path)
+    assert again is first and len(parses) == 1
+    assert (first.rows, first.schema.names, first.metadata[b"k"]) == (3, ["x"], b"v")
+
+
+def test_a_file_with_a_new_identity_is_read_again(tmp_path: Path, parses: list[object]) -> None:
+    path = tmp_path / "a.parquet"
+    write(path, 3)
+    assert footers.read(path).rows == 3
+    replacement = tmp_path / "b.parquet"
+    write(replacement, 5, b"w")
+    os.replace(replacement, path)
+    fresh = footers.read(path)
+    assert (fresh.rows, fresh.metadata[b"k"], len(parses)) == (5, b"w", 2)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # touched: read again
+    assert footers.read(path) is not fresh and len(parses) == 3
+
+
+def test_the_cache_forgets_the_oldest_beyond_its_capacity(
+    tmp_path: Path, parses: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(footers, "CAPACITY", 2)
+    paths = [tmp_path / f"{n}.parquet" for n in range(3)]
+    for path in paths:
+        write(path, 1)
+        footers.read(path)
+    assert list(footers._seen) == paths[1:]
+    footers.read(paths[0])  # forgotten: parsed again
+    assert len(parses) == 4
+
+
+def test_a_file_that_does_not_read_raises_and_is_not_remembered(
+    tmp_path: Path, parses: list[object]
+) -> None:
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"not parquet")
+    with pytest.raises(pa.ArrowException):
+        footers.read(path)
+    assert path not in footers._seen
