@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from conftest import PAST, rows_pyarrow, run_cli, small_spec, tmp_files
+from oracle import check, expected_rows
 
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path
@@ -268,6 +269,7 @@ def check_recovered(data_dir: Path, case: Case, report: list[dict[str, Any]]) ->
 def test_kill_at_every_point_then_recover(data_dir: Path, case: Case) -> None:
     make_data(data_dir, case.data)
     before = rows_pyarrow(data_dir)
+    expected = expected_rows(data_dir)
 
     crashed = run_once(data_dir, case.point)
     assert crashed.returncode == -9, crashed.stderr
@@ -300,6 +302,7 @@ def test_kill_at_every_point_then_recover(data_dir: Path, case: Case) -> None:
     ]
     assert snapshot(data_dir) == files
     assert journal_records(data_dir) == transitions
+    assert check(data_dir, expected).violations == []
 
     final = run_once(data_dir)
     assert final.returncode == 0, final.stderr
@@ -308,6 +311,7 @@ def test_kill_at_every_point_then_recover(data_dir: Path, case: Case) -> None:
     records = journal_records(data_dir)
     assert records[-1].state is DELETED
     assert len(records) == case.merge_id + (case.state in (PLANNED, WRITING))
+    assert check(data_dir, expected).violations == []
 
 
 def test_row_group_size_of_1_mb_gives_several_row_groups(data_dir: Path) -> None:
@@ -361,6 +365,7 @@ RECOVERY_CRASHES = [
 def test_kill_during_recovery_is_recovered(data_dir: Path, crash: RecoveryCrash) -> None:
     make_data(data_dir, "small")
     before = rows_pyarrow(data_dir)
+    expected = expected_rows(data_dir)
     assert run_once(data_dir, crash.first).returncode == -9
 
     again = run_once if crash.by == "run" else recover
@@ -371,6 +376,7 @@ def test_kill_during_recovery_is_recovered(data_dir: Path, crash: RecoveryCrash)
     third = recover(data_dir)
     assert third.returncode == 0, third.stdout + third.stderr
     assert_settled(data_dir, before)
+    assert check(data_dir, expected).violations == []
     record = journal_records(data_dir)[0]
     assert record.state is crash.result
     assert record.transitions[-1].actor == "recovery"
@@ -387,6 +393,7 @@ def test_kill_during_recovery_is_recovered(data_dir: Path, crash: RecoveryCrash)
     assert final.returncode == 0, final.stderr
     assert_settled(data_dir, before)
     assert_fully_consolidated(data_dir, [POD_A])
+    assert check(data_dir, expected).violations == []
 
 
 # -- what recovery must not do on its own -----------------------------------------------------

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import durable
+from . import crashpoints, durable
 from .errors import NameTakenError
 from .journal import Journal, MergeRecord
 from .layout import companion_name, is_our_tmp, iter_partitions, tmp_name
@@ -131,6 +131,7 @@ def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
                     removed.append(path)
             if mine:
                 durable.fsync_dir(folder)
+                crashpoints.reach("recovery:swept")
         except OSError as exc:
             log_event(log, "sweep-failed", logging.ERROR, partition=partition, error=exc)
     return removed
@@ -139,7 +140,9 @@ def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
 def recover(journal: Journal, data_dir: Path, *, sweep: bool = True) -> RecoveryReport:
     report = RecoveryReport()
     for record in journal.unfinished():
-        report.actions.append(resolve(journal, data_dir, record))
+        action = resolve(journal, data_dir, record)
+        report.actions.append(action)
+        crashpoints.reach(f"recovery:{action.action.replace(' ', '-')}")
     if sweep:
         keep = {
             (record.partition, tmp_name(name))
