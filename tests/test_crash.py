@@ -532,3 +532,30 @@ def test_companion_name_taken_after_the_output_is_published_needs_a_person(
     record = journal_records(data_dir)[0]
     assert record.state is MergeState.NEEDS_ATTENTION
     assert [t.actor for t in record.transitions].count("recovery") == 1
+
+
+@pytest.mark.parametrize("point", ["durable:linked#1", "durable:linked#2"])
+def test_a_copy_of_the_output_under_its_final_name_is_not_kept_twice(
+    data_dir: Path, point: str
+) -> None:
+    """Regression: killed between link and unlink, then the directory copied without hard
+    links (a backup restored, `cp -r`): the final name holds the temp file's very bytes on
+    another inode. Recovery took that for a foreign file, rolled the merge back and left the
+    output beside its sources: every row twice."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    folder = data_dir / POD_A
+    assert run_once(data_dir, point).returncode == -9
+    final = OUTPUT if point.endswith("#1") else OUTPUT_COMPANION
+    copy = folder / (final + ".copy")
+    shutil.copy2(folder / final, copy)
+    os.replace(copy, folder / final)
+    assert not os.path.samefile(folder / final, folder / (final + ".tmp"))
+
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [a["action"] for a in json_lines(result.stdout) if a["kind"] == "recovery"] == [
+        "resumed"
+    ]
+    assert check(data_dir, expected).violations == []
+    assert_fully_consolidated(data_dir, [POD_A])
