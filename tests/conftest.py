@@ -6,8 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,20 @@ def small_spec(
         seconds_per_row_sample=10,
         seed=seed,
     )
+
+
+@pytest.fixture(scope="module")
+def fast_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder on tmpfs when there is one, for harnesses that make thousands of trees: a kill
+    -9 leaves the page cache alone and the power-loss shim decides itself what is durable, so
+    real fsyncs there only cost time (a lot of it on a disk other tests keep busy)."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path_factory.mktemp("fast")
+        return
+    path = Path(tempfile.mkdtemp(prefix="fgm-tests-", dir=shm))
+    yield path
+    shutil.rmtree(path)
 
 
 @pytest.fixture

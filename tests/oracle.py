@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from fgm_consolidator import companions, lock
 from fgm_consolidator.durable import FileIdentity, identity
 from fgm_consolidator.errors import ConsolidatorError
-from fgm_consolidator.journal import Journal, MergeRecord
+from fgm_consolidator.journal import Journal, MergeRecord, UnreadableRecord
 from fgm_consolidator.layout import (
     COMPANION_SUFFIX,
     PARQUET_SUFFIX,
@@ -147,15 +147,22 @@ def _examples(items: Iterable[Any]) -> str:
     return ", ".join(listed[:EXAMPLES]) + more
 
 
-def read_live(data_dir: Path, report: OracleReport) -> list[LiveFile]:
-    """Read every live file whole (a footer is not enough: pages can be torn) and companions."""
+def read_live(
+    data_dir: Path, report: OracleReport, unreadable: set[tuple[str, str, int, int]]
+) -> list[LiveFile]:
+    """Read every live file whole (a footer is not enough: pages can be torn) and companions.
+
+    `unreadable` holds (partition, name, size, mtime_ns) of the files the journal reported
+    unreadable: left alone as they are, they are no violation (invariant 4)."""
     live = []
     for partition, path in data_file_paths(data_dir):
         try:
             table = pq.read_table(path)
             found = identity(path)
         except (OSError, pa.ArrowException) as exc:
-            report.add(f"{path}: does not read back: {exc}")
+            st = path.stat()
+            if (partition, path.name, st.st_size, st.st_mtime_ns) not in unreadable:
+                report.add(f"{path}: does not read back: {exc}")
             continue
         live.append(LiveFile(partition, path, found, table.num_rows, row_keys(table, partition)))
     for partition in iter_partitions(data_dir):
@@ -199,12 +206,18 @@ def check_rows(live: list[LiveFile], expected: Counter[RowKey], report: OracleRe
 
 
 def journal_records(data_dir: Path, journal_path: Path | None = None) -> list[MergeRecord]:
+    return read_journal(data_dir, journal_path)[0]
+
+
+def read_journal(
+    data_dir: Path, journal_path: Path | None = None
+) -> tuple[list[MergeRecord], list[UnreadableRecord]]:
     path = journal_path or default_journal_path(data_dir)
     if not path.exists():
-        return []
+        return [], []
     journal = Journal.open(path, read_only=True)
     try:
-        return sorted(journal.history(), key=lambda r: r.id)
+        return sorted(journal.history(), key=lambda r: r.id), journal.unreadable()
     finally:
         journal.close()
 
@@ -329,7 +342,30 @@ def check(
     report = OracleReport()
     if idempotence:
         check_idempotent(data_dir, journal_path, report)
-    live = read_live(data_dir, report)
+    records, unreadable = read_journal(data_dir, journal_path)
+    reported = {(u.partition, u.name, u.size, u.mtime_ns) for u in unreadable}
+    live = read_live(data_dir, report, reported)
     check_rows(live, expected, report)
-    check_journal(data_dir, journal_records(data_dir, journal_path), live, report)
+    check_journal(data_dir, records, live, report)
+    check_unreadable_kept(data_dir, records, unreadable, report)
     return report
+
+
+def check_unreadable_kept(
+    data_dir: Path,
+    records: list[MergeRecord],
+    unreadable: list[UnreadableRecord],
+    report: OracleReport,
+) -> None:
+    """Invariant 4: a file reported unreadable is never deleted (unless it became readable
+    later and a finished merge took it, as the monitor's file does once its footer is out)."""
+    merged = {
+        (r.partition, s.name)
+        for r in records
+        if r.state is MergeState.SOURCES_DELETED
+        for s in r.sources
+    }
+    for file in unreadable:
+        path = data_dir / file.partition / file.name
+        if not path.exists() and (file.partition, file.name) not in merged:
+            report.add(f"{path}: reported unreadable, then deleted")

@@ -1,5 +1,6 @@
 """White-box kill points, enumerated rather than listed: every point a small multi-source merge
-reaches, at every occurrence, kills a real `run` process; then a `recover` process is killed in
+reaches (with a start-up sweep of an orphan temp file and an unreadable leftover reported on the
+way), at every occurrence, kills a real `run` process; then a `recover` process is killed in
 its turn, recovery runs again, a quiescent pass follows, and the oracle checks the six
 conditions of issue 3.
 
@@ -48,6 +49,8 @@ MERGE_POINTS = {
     "journal:renamed",
     "journal:sources-deleted",
     "journal:migrated",
+    "journal:unreadable",
+    "recovery:swept",
     "writer:row-group",
     "durable:created",
     "durable:fsync-file",
@@ -82,17 +85,34 @@ def cli(*args: str, crash_at: str = "", count: Path | None = None) -> int:
     return result.returncode
 
 
+# Beside the four sources: a crash leftover of the monitor (no footer, reported unreadable and
+# left alone) and a temp file of ours that no journal knows (swept at start-up).
+LEFTOVER = "dt=2025-12-30/identifier=pod-a/metrics-20251230T081000Z.parquet"
+ORPHAN = "dt=2025-12-30/identifier=pod-a/consolidated-20251230T070000Z-20251230T071500Z.parquet.tmp"
+
+
+@pytest.fixture
+def scratch(fast_root: Path, request: pytest.FixtureRequest) -> Path:
+    path = fast_root / request.node.name
+    path.mkdir()
+    return path
+
+
 @pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
-    root = tmp_path_factory.mktemp("kill-points")
-    data_dir = root / "template"
+def template(fast_root: Path) -> Template:
+    root = fast_root / "template"
+    root.mkdir()
+    data_dir = root / "data"
     data_dir.mkdir()
     generate(data_dir, SPEC)
+    expected = expected_rows(data_dir)
+    (data_dir / LEFTOVER).write_bytes(b"PAR1" + bytes(100))
+    (data_dir / ORPHAN).write_bytes(b"PAR1 partial")
     dry = clone_tree(data_dir, root / "dry")
     count = root / "dry.count"
     assert cli("run", "--once", "--data-dir", str(dry), *RUN_ARGS, count=count) == 0
     reached = crashpoints.read_reached(count)
-    return Template(data_dir, expected_rows(data_dir), crashpoints.occurrences(reached))
+    return Template(data_dir, expected, crashpoints.occurrences(reached))
 
 
 def recovery_reaches(crashed: Path, scratch: Path) -> list[str]:
@@ -126,27 +146,28 @@ def test_the_dry_run_reaches_every_merge_point(template: Template) -> None:
     names = {spec.partition("#")[0] for spec in template.run_kills}
     assert names == MERGE_POINTS
     assert "writer:row-group#2" in template.run_kills
-    assert "durable:unlinked#10" in template.run_kills  # 2 temp names + 4 sources + 4 companions
+    # the orphan, 2 temp names, 4 sources and 4 companions
+    assert "durable:unlinked#11" in template.run_kills
 
 
-def test_kill_at_every_point_and_occurrence_of_a_merge(template: Template, tmp_path: Path) -> None:
+def test_kill_at_every_point_and_occurrence_of_a_merge(template: Template, scratch: Path) -> None:
     """Each run kill is followed by one recovery kill, at the middle of what recovery does; the
     journal commits, where recovery takes its distinct paths, get a recovery kill at every point
     (see the next test)."""
     failures = {}
     recovery_kills = 0
     for i, spec in enumerate(template.run_kills):
-        crashed = clone_tree(template.data_dir, tmp_path / f"case-{i}")
+        crashed = clone_tree(template.data_dir, scratch / f"case-{i}")
         code = cli("run", "--once", "--data-dir", str(crashed), *RUN_ARGS, crash_at=spec)
         if code != -9:
             failures[spec] = [f"run was to die at {spec}, exited {code}"]
             continue
-        reaches = recovery_reaches(crashed, tmp_path / f"case-{i}-dry")
+        reaches = recovery_reaches(crashed, scratch / f"case-{i}-dry")
         if reaches:
             j = (len(reaches) + 1) // 2
             recovery_kills += 1
             violations = kill_recovery_then_check(
-                template, crashed, tmp_path / f"case-{i}-r{j}", reaches, j
+                template, crashed, scratch / f"case-{i}-r{j}", reaches, j
             )
         else:
             violations = settle_and_check(template, crashed)
@@ -156,22 +177,22 @@ def test_kill_at_every_point_and_occurrence_of_a_merge(template: Template, tmp_p
     assert recovery_kills >= len(template.run_kills) // 2
 
 
-@pytest.mark.parametrize(
-    "state", ["planned", "writing", "written", "renamed"], ids=lambda s: f"journal:{s}"
-)
+# `renamed` is left out on purpose: a recovery from `written` commits `renamed` half-way, so
+# killing it at every later point already covers every kill of a recovery from `renamed`.
+@pytest.mark.parametrize("state", ["planned", "writing", "written"], ids=lambda s: f"journal:{s}")
 def test_kill_at_every_point_of_the_recovery_of_each_state(
-    template: Template, tmp_path: Path, state: str
+    template: Template, scratch: Path, state: str
 ) -> None:
     """The run dies right after journaling `state`; recovery is then killed at each of its
     points in turn (each from the same crashed state), recovered, settled and checked."""
-    crashed = clone_tree(template.data_dir, tmp_path / "crashed")
+    crashed = clone_tree(template.data_dir, scratch / "crashed")
     code = cli("run", "--once", "--data-dir", str(crashed), *RUN_ARGS, crash_at=f"journal:{state}")
     assert code == -9
-    reaches = recovery_reaches(crashed, tmp_path / "dry")
+    reaches = recovery_reaches(crashed, scratch / "dry")
     assert reaches[-1] in ("recovery:rolled-back", "recovery:resumed")
     failures = {}
     for j in range(1, len(reaches) + 1):
-        violations = kill_recovery_then_check(template, crashed, tmp_path / f"r{j}", reaches, j)
+        violations = kill_recovery_then_check(template, crashed, scratch / f"r{j}", reaches, j)
         if violations:
             failures[f"{reaches[j - 1]} (#{j})"] = violations
     assert failures == {}

@@ -21,12 +21,9 @@ on each variant, then a quiescent pass, then the oracle checks all six condition
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import sys
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,29 +237,16 @@ def run_workload(data_dir: Path, disk: Disk, skip_sync_in: str | None = None) ->
     return False
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Where every tree of this file lives: a tmpfs when there is one. The shim decides what is
-    durable, so real fsyncs only cost time (hundreds of them per crash point, on a busy disk)."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path_factory.mktemp("power")
-        return
-    path = Path(tempfile.mkdtemp(prefix="fgm-power-", dir=shm))
-    yield path
-    shutil.rmtree(path)
-
-
 @pytest.fixture
-def scratch(root: Path, request: pytest.FixtureRequest) -> Path:
-    path = root / request.node.name
+def scratch(fast_root: Path, request: pytest.FixtureRequest) -> Path:
+    path = fast_root / request.node.name
     path.mkdir()
     return path
 
 
 @pytest.fixture(scope="module")
-def workload(root: Path) -> Workload:
-    template = root / "template"
+def workload(fast_root: Path) -> Workload:
+    template = fast_root / "template"
     template.mkdir()
     generate(template, SPEC)
     return Workload(template.resolve(), expected_rows(template))
