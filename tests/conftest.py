@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from oracle import canonical_row
 
-from fgm_consolidator.layout import iter_partitions, parse_data_file
+from fgm_consolidator.layout import STATE_DIR, iter_partitions, parse_data_file
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, SimulationSummary, generate
 
 # A closed day long ago: every file is old enough, and the day-over rule applies.
@@ -55,6 +58,20 @@ def small_spec(
     )
 
 
+@pytest.fixture(scope="module")
+def fast_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder on tmpfs when there is one, for harnesses that make thousands of trees: a kill
+    -9 leaves the page cache alone and the power-loss shim decides itself what is durable, so
+    real fsyncs there only cost time (a lot of it on a disk other tests keep busy)."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path_factory.mktemp("fast")
+        return
+    path = Path(tempfile.mkdtemp(prefix="fgm-tests-", dir=shm))
+    yield path
+    shutil.rmtree(path)
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
@@ -84,23 +101,11 @@ def tmp_files(data_dir: Path) -> list[Path]:
     return sorted(p for p in data_dir.rglob("*.tmp"))
 
 
-def _canonical(row: dict[str, Any]) -> Row:
-    """One row independent of layout: flat `l_*` columns and map labels become one label set."""
-    labels = row.pop("labels", None)
-    label_items = dict(labels) if labels is not None else {}
-    for key in [k for k in row if k.startswith("l_")]:
-        value = row.pop(key)
-        if value is not None:
-            label_items[key[2:]] = value
-    era = "map" if labels is not None else "flat"
-    return (era, *sorted(row.items()), tuple(sorted(label_items.items())))
-
-
 def rows_pyarrow(data_dir: Path) -> Counter[Row]:
     rows: Counter[Row] = Counter()
     for path in data_files(data_dir):
         for row in pq.read_table(path).to_pylist():
-            rows[_canonical(row)] += 1
+            rows[canonical_row(row)] += 1
     return rows
 
 
@@ -121,7 +126,7 @@ def rows_duckdb(data_dir: Path) -> Counter[Row]:
                 row["labels"] = list(row["labels"].items())
             if row.get("time") is not None:
                 row["time"] = row["time"].replace(tzinfo=None)
-            rows[_canonical(row)] += 1
+            rows[canonical_row(row)] += 1
     return rows
 
 
@@ -138,3 +143,19 @@ def run_cli(
         env=full_env,
         check=False,
     )
+
+
+def clone_tree(source: Path, target: Path) -> Path:
+    """A copy of a data directory that shares every data file's inode (hard links), so the
+    identities the journal recorded stay true; the state folder is copied, because SQLite
+    writes its files in place. Neither recovery nor a pass ever writes into an existing data
+    file, so one crashed state can be recovered many times, each clone on its own."""
+    for root, _dirs, names in os.walk(source):
+        relative = Path(root).relative_to(source)
+        (target / relative).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if STATE_DIR in relative.parts:
+                shutil.copy2(Path(root) / name, target / relative / name)
+            else:
+                os.link(Path(root) / name, target / relative / name)
+    return target

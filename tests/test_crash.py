@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from conftest import PAST, rows_pyarrow, run_cli, small_spec, tmp_files
+from oracle import check, expected_rows
 
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path
@@ -268,6 +269,7 @@ def check_recovered(data_dir: Path, case: Case, report: list[dict[str, Any]]) ->
 def test_kill_at_every_point_then_recover(data_dir: Path, case: Case) -> None:
     make_data(data_dir, case.data)
     before = rows_pyarrow(data_dir)
+    expected = expected_rows(data_dir)
 
     crashed = run_once(data_dir, case.point)
     assert crashed.returncode == -9, crashed.stderr
@@ -300,6 +302,7 @@ def test_kill_at_every_point_then_recover(data_dir: Path, case: Case) -> None:
     ]
     assert snapshot(data_dir) == files
     assert journal_records(data_dir) == transitions
+    assert check(data_dir, expected).violations == []
 
     final = run_once(data_dir)
     assert final.returncode == 0, final.stderr
@@ -308,6 +311,7 @@ def test_kill_at_every_point_then_recover(data_dir: Path, case: Case) -> None:
     records = journal_records(data_dir)
     assert records[-1].state is DELETED
     assert len(records) == case.merge_id + (case.state in (PLANNED, WRITING))
+    assert check(data_dir, expected).violations == []
 
 
 def test_row_group_size_of_1_mb_gives_several_row_groups(data_dir: Path) -> None:
@@ -361,6 +365,7 @@ RECOVERY_CRASHES = [
 def test_kill_during_recovery_is_recovered(data_dir: Path, crash: RecoveryCrash) -> None:
     make_data(data_dir, "small")
     before = rows_pyarrow(data_dir)
+    expected = expected_rows(data_dir)
     assert run_once(data_dir, crash.first).returncode == -9
 
     again = run_once if crash.by == "run" else recover
@@ -371,6 +376,7 @@ def test_kill_during_recovery_is_recovered(data_dir: Path, crash: RecoveryCrash)
     third = recover(data_dir)
     assert third.returncode == 0, third.stdout + third.stderr
     assert_settled(data_dir, before)
+    assert check(data_dir, expected).violations == []
     record = journal_records(data_dir)[0]
     assert record.state is crash.result
     assert record.transitions[-1].actor == "recovery"
@@ -387,6 +393,7 @@ def test_kill_during_recovery_is_recovered(data_dir: Path, crash: RecoveryCrash)
     assert final.returncode == 0, final.stderr
     assert_settled(data_dir, before)
     assert_fully_consolidated(data_dir, [POD_A])
+    assert check(data_dir, expected).violations == []
 
 
 # -- what recovery must not do on its own -----------------------------------------------------
@@ -525,3 +532,30 @@ def test_companion_name_taken_after_the_output_is_published_needs_a_person(
     record = journal_records(data_dir)[0]
     assert record.state is MergeState.NEEDS_ATTENTION
     assert [t.actor for t in record.transitions].count("recovery") == 1
+
+
+@pytest.mark.parametrize("point", ["durable:linked#1", "durable:linked#2"])
+def test_a_copy_of_the_output_under_its_final_name_is_not_kept_twice(
+    data_dir: Path, point: str
+) -> None:
+    """Regression: killed between link and unlink, then the directory copied without hard
+    links (a backup restored, `cp -r`): the final name holds the temp file's very bytes on
+    another inode. Recovery took that for a foreign file, rolled the merge back and left the
+    output beside its sources: every row twice."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    folder = data_dir / POD_A
+    assert run_once(data_dir, point).returncode == -9
+    final = OUTPUT if point.endswith("#1") else OUTPUT_COMPANION
+    copy = folder / (final + ".copy")
+    shutil.copy2(folder / final, copy)
+    os.replace(copy, folder / final)
+    assert not os.path.samefile(folder / final, folder / (final + ".tmp"))
+
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [a["action"] for a in json_lines(result.stdout) if a["kind"] == "recovery"] == [
+        "resumed"
+    ]
+    assert check(data_dir, expected).violations == []
+    assert_fully_consolidated(data_dir, [POD_A])

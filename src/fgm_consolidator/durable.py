@@ -78,7 +78,9 @@ def identity(path: Path) -> FileIdentity:
 def create_exclusive(path: Path) -> BinaryIO:
     """Open a new file for writing; fails if the name exists, so a stale file is never reused."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    return os.fdopen(fd, "wb", buffering=0)
+    handle = os.fdopen(fd, "wb", buffering=0)
+    crashpoints.reach("durable:created")
+    return handle
 
 
 def write_all(handle: BinaryIO, data: bytes | memoryview) -> None:
@@ -139,6 +141,7 @@ def rename_no_replace(src: Path, dst: Path) -> None:
         raise NameTakenError("name already exists, refusing to overwrite", dst) from None
     crashpoints.reach("durable:linked")
     remove(src)
+    crashpoints.reach("durable:renamed")
 
 
 @retry_transient

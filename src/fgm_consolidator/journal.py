@@ -187,23 +187,30 @@ class Journal:
                 conn = sqlite3.connect(uri, uri=True, isolation_level=None)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                created = not path.exists()
                 conn = sqlite3.connect(path, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
-                if created:  # the new file's name must survive a power cut too
-                    durable.fsync_dir(path.parent)
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA foreign_keys=ON")
             journal = cls(Database(conn), path)
             journal._check_integrity()
             if not read_only:
+                if journal._user_version() == 0:
+                    journal._sync_new_names()
                 journal._migrate()
             else:
                 journal._check_version()
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot open journal ({exc}); {REPAIR_HINT}", path) from exc
         return journal
+
+    def _sync_new_names(self) -> None:
+        """A journal not yet migrated may be brand new, and so may its folder: make both names
+        survive a power cut before the first commit relies on them. SQLite syncs its own `-wal`
+        name; nobody else syncs the state folder's entry in the data directory. Done until the
+        first migration commits, so a kill right after creating the file cannot skip it."""
+        durable.fsync_dir(self.path.parent)
+        durable.fsync_dir(self.path.parent.parent)
 
     def close(self) -> None:
         self.db.conn.close()
@@ -244,6 +251,7 @@ class Journal:
                 if self.db.conn.in_transaction:
                     self.db.execute("ROLLBACK")
                 raise
+            crashpoints.reach("journal:migrated")
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -342,6 +350,7 @@ class Journal:
                 " first_seen) VALUES (?, ?, ?, ?, ?, ?)",
                 (partition, name, identity.size, identity.mtime_ns, reason, utc_now()),
             )
+        crashpoints.reach("journal:unreadable")
         return cursor.rowcount == 1
 
     def begin_pass(self, settings: Mapping[str, Any]) -> int:

@@ -7,6 +7,7 @@ deletes its sources, whoever calls it.
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
 from collections.abc import Callable
@@ -283,16 +284,23 @@ def publish(folder: Path, output: str) -> None:
         if not tmp.exists():
             continue  # renamed before a crash, or an output without companion
         target = folder / final
-        linked = target.exists() and os.path.samefile(tmp, target)
-        if target.exists() and not linked:
+        published = target.exists() and _same_file_or_bytes(tmp, target)
+        if target.exists() and not published:
             raise NameTakenError("name already exists, refusing to overwrite", target)
-        moves.append((tmp, target, linked))
-    for tmp, target, linked in moves:
-        if linked:
+        moves.append((tmp, target, published))
+    for tmp, target, published in moves:
+        if published:
             durable.remove(tmp)  # a crash fell between link and unlink
         else:
             durable.rename_no_replace(tmp, target)
     durable.fsync_dir(folder)
+
+
+def _same_file_or_bytes(tmp: Path, target: Path) -> bool:
+    """The final name already holds the temp file: the same inode (killed between link and
+    unlink), or the same bytes on another inode (that state copied without hard links). Taking
+    the second for a foreign file would roll back and keep every row twice."""
+    return os.path.samefile(tmp, target) or filecmp.cmp(tmp, target, shallow=False)
 
 
 def delete_sources(folder: Path, record: MergeRecord) -> None:

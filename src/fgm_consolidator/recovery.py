@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import companions, durable, lineage
+from . import companions, crashpoints, durable, lineage
 from .errors import CompanionError, NameTakenError
 from .journal import Journal, MergeRecord
 from .layout import companion_name, is_our_tmp, iter_partitions, tmp_name
@@ -149,6 +149,7 @@ def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
                     removed.append(path)
             if mine:
                 durable.fsync_dir(folder)
+                crashpoints.reach("recovery:swept")
         except OSError as exc:
             log_event(log, "sweep-failed", logging.ERROR, partition=partition, error=exc)
     return removed
@@ -167,6 +168,7 @@ def recover(
         with context(merge_id=record.id, partition=record.partition, output=record.output):
             action = resolve(journal, data_dir, record)
         report.actions.append(action)
+        crashpoints.reach(f"recovery:{action.action.replace(' ', '-')}")
         observer.observe_recovery(action)
     if sweep:
         unfinished = journal.unfinished()

@@ -509,15 +509,19 @@ class OpenRotation:
             store_schema=True,
         )
 
+    def table(self, seconds: int) -> pa.Table:
+        """The rows `finish(seconds)` writes: a harness can learn them before they exist."""
+        cols = _rows(self._spec, self._run, self._containers, self.start, seconds)
+        build = _map_table if self._run.era == "map" else _flat_table
+        return build(cols, self.schema)
+
     def finish(self, seconds: int | None = None) -> WrittenRotation:
         """Write the window's rows as one row group and the footer, then the companion.
 
         `seconds` shorter than the rotation models a graceful shutdown mid-window.
         """
         seconds = self._spec.rotation_seconds if seconds is None else seconds
-        cols = _rows(self._spec, self._run, self._containers, self.start, seconds)
-        build = _map_table if self._run.era == "map" else _flat_table
-        table = build(cols, self.schema)
+        table = self.table(seconds)
         self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
         self._writer.close()
         end = (self.start + timedelta(seconds=seconds)).timestamp()

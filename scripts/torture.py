@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Black-box kill -9 torture: a live monitor keeps rotating files while `fgm-consolidator run`
+is killed at random moments and restarted, again and again; at the end the monitor stops, one
+quiescent pass settles everything, and the oracle (tests/oracle.py) checks every promise.
+
+    torture.py --kills 1000                 # a long run, seed chosen and printed
+    torture.py --kills 50 --seed 7          # reproduce the delays of seed 7
+
+The monitor runs in this process (a thread writing 1 s rotations for each pod): it learns each
+file's rows before it finishes the file, so the expected multiset lives here, outside the data
+directory. Every `--check-every` kills, while the consolidator is dead, the rows of every
+finished file must all be in some live file (invariant 1 at that instant; a row may be there
+twice until recovery). Exit status 1 on any violation; the work folder is then kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the one copy of the oracle
+
+from oracle import (  # noqa: E402
+    RowKey,
+    check,
+    data_file_paths,
+    journal_records,
+    row_keys,
+)
+
+from fgm_consolidator import simulate  # noqa: E402
+from fgm_consolidator.journal import MergeRecord  # noqa: E402
+from fgm_consolidator.layout import default_journal_path  # noqa: E402
+from fgm_consolidator.states import TERMINAL, MergeState  # noqa: E402
+
+ROTATION_S = 1
+# The consolidator as the torture runs it: short passes, files eligible three rotations after
+# their window closed (the monitor's open file is never old enough), small windows so outputs
+# are themselves merged again while new files keep arriving.
+RUN_ARGS = (
+    "--check-interval", "0.2", "--min-age", "3", "--min-files", "2",
+    "--max-span", "120", "--row-group-size", "1", "--log-level", "info",
+)  # fmt: skip
+SETTLE_ARGS = ("--min-age", "0", "--min-files", "2", "--max-span", "120", "--row-group-size", "1")
+
+
+class Monitor(threading.Thread):
+    """fine-grained-monitor in `live` mode, one rotation a second per pod, rows recorded first."""
+
+    def __init__(self, data_dir: Path, pods: int, seed: int) -> None:
+        super().__init__(name="monitor", daemon=True)
+        self.spec = simulate.SimulationSpec(
+            pods=tuple(simulate.PodSpec(f"fine-grained-monitor-{i}") for i in range(pods)),
+            start=datetime.now(UTC).replace(microsecond=0),
+            rotations=0,
+            rotation_seconds=ROTATION_S,
+            metrics=10,
+            containers=3,
+            seed=seed,
+        )
+        self.data_dir = data_dir
+        self.lock = threading.Lock()
+        self.expected: Counter[RowKey] = Counter()
+        self.finished: set[Path] = set()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            rotation = 0
+            while not self.stop.is_set():
+                self._rotate(rotation)
+                rotation += 1
+        except BaseException as exc:  # reported as a violation by the harness
+            self.error = exc
+
+    def _rotate(self, rotation: int) -> None:
+        start = simulate.rotation_start(self.spec, rotation)
+        handles = [
+            simulate.OpenRotation(
+                self.data_dir,
+                pod,
+                start,
+                spec=self.spec,
+                run=simulate.run_at(self.spec, pod, rotation),
+                containers=simulate.containers_at(self.spec, pod.identifier, rotation),
+            )
+            for pod in self.spec.pods
+        ]
+        self.stop.wait(max(0.0, start.timestamp() + ROTATION_S - time.time()))
+        for handle in handles:
+            partition = str(handle.path.parent.relative_to(self.data_dir))
+            keys = row_keys(handle.table(ROTATION_S), partition)
+            with self.lock:  # recorded and finished as one step, for the mid-run check
+                self.expected.update(keys)
+                handle.finish(ROTATION_S)
+                self.finished.add(handle.path)
+
+    def snapshot(self) -> tuple[Counter[RowKey], set[Path]]:
+        with self.lock:
+            return Counter(self.expected), set(self.finished)
+
+
+@dataclass
+class Figures:
+    seed: int
+    kills: int = 0
+    kills_in_a_merge: int = 0  # kills that left a merge unfinished in the journal
+    mid_run_checks: int = 0
+    violations: list[str] = field(default_factory=list)
+
+
+def rows_now(data_dir: Path, finished: set[Path], figures: Figures) -> Counter[RowKey]:
+    """Rows of the live files; a file the monitor is still writing is skipped."""
+    found: Counter[RowKey] = Counter()
+    for partition, path in data_file_paths(data_dir):
+        try:
+            found.update(row_keys(pq.read_table(path), partition))
+        except FileNotFoundError:
+            continue
+        except (OSError, pa.ArrowException) as exc:
+            if path in finished or path.name.startswith("consolidated-"):
+                figures.violations.append(f"kill {figures.kills}: {path} unreadable: {exc}")
+    return found
+
+
+def check_nothing_lost(data_dir: Path, monitor: Monitor, figures: Figures) -> None:
+    expected, finished = monitor.snapshot()
+    lost = expected - rows_now(data_dir, finished, figures)
+    figures.mid_run_checks += 1
+    if lost:
+        figures.violations.append(
+            f"after kill {figures.kills}: {sum(lost.values())} rows of finished files in no "
+            "live file"
+        )
+
+
+def unfinished_merges(data_dir: Path) -> int:
+    return sum(r.state not in TERMINAL for r in journal_records(data_dir))
+
+
+def consolidator(data_dir: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "FGM_CRASH_AT": "", "FGM_CRASH_COUNT": ""}
+    with open(log, "ab") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fgm_consolidator", "run", "--data-dir", str(data_dir), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            env=env,
+        )
+
+
+def kill_loop(
+    args: argparse.Namespace, data_dir: Path, log: Path, monitor: Monitor, figures: Figures
+) -> None:
+    delays = random.Random(args.seed)
+    for _ in range(args.kills):
+        proc = consolidator(data_dir, log, *RUN_ARGS)
+        try:
+            code = proc.wait(timeout=delays.uniform(args.min_delay, args.max_delay))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            code = proc.wait()
+        else:
+            figures.violations.append(f"the consolidator exited on its own (rc={code})")
+            return
+        figures.kills += 1
+        figures.kills_in_a_merge += unfinished_merges(data_dir) > 0
+        if args.check_every and figures.kills % args.check_every == 0:
+            check_nothing_lost(data_dir, monitor, figures)
+        if figures.kills % 100 == 0:
+            done = f"{figures.kills} kills, {len(figures.violations)} violations"
+            print(f"... {done}", file=sys.stderr, flush=True)
+
+
+def merge_figures(records: list[MergeRecord]) -> dict[str, int]:
+    """What the journal says happened to every merge, and who finished it."""
+
+    def by_recovery(record: MergeRecord) -> bool:
+        return record.transitions[-1].actor == "recovery"
+
+    return {
+        "merges": len(records),
+        "finished": sum(r.state is MergeState.SOURCES_DELETED for r in records),
+        "resumed_by_recovery": sum(
+            r.state is MergeState.SOURCES_DELETED and by_recovery(r) for r in records
+        ),
+        "rolled_back_by_recovery": sum(
+            r.state is MergeState.ROLLED_BACK and by_recovery(r) for r in records
+        ),
+        "rolled_back_by_merge": sum(
+            r.state is MergeState.ROLLED_BACK and not by_recovery(r) for r in records
+        ),
+        "unfinished": sum(r.state not in TERMINAL for r in records),
+    }
+
+
+def torture(args: argparse.Namespace, work: Path) -> Figures:
+    data_dir = work / "data"
+    data_dir.mkdir()
+    log = work / "consolidator.log"
+    figures = Figures(args.seed)
+    monitor = Monitor(data_dir, args.pods, args.seed)
+    monitor.start()
+    try:
+        kill_loop(args, data_dir, log, monitor, figures)
+    finally:
+        monitor.stop.set()
+        monitor.join()
+    if monitor.error is not None:
+        figures.violations.append(f"the monitor failed: {monitor.error!r}")
+    settle = consolidator(data_dir, log, "--once", *SETTLE_ARGS)
+    if settle.wait() != 0:
+        figures.violations.append(f"the quiescent pass exited {settle.returncode}; see {log}")
+    expected, _ = monitor.snapshot()
+    report = check(data_dir, expected, journal_path=default_journal_path(data_dir))
+    figures.violations.extend(report.violations)
+    records = journal_records(data_dir)
+    shown = {
+        "seed": figures.seed,
+        "kills": figures.kills,
+        "kills_in_a_merge": figures.kills_in_a_merge,
+        **merge_figures(records),
+        "files_written": len(monitor.finished),
+        "rows_written": sum(expected.values()),
+        "rows_checked": report.rows_checked,
+        "live_files": report.files_checked,
+        "mid_run_checks": figures.mid_run_checks,
+        "violations": len(figures.violations),
+    }
+    print(" ".join(f"{key}={value}" for key, value in shown.items()), flush=True)
+    for violation in figures.violations:
+        print(f"VIOLATION {violation}", flush=True)
+    return figures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=None, help="default: a random one, printed")
+    parser.add_argument("--kills", type=int, default=50)
+    parser.add_argument("--pods", type=int, default=12, help="monitor instances (partitions)")
+    parser.add_argument("--min-delay", type=float, default=0.05, help="seconds before a kill")
+    parser.add_argument("--max-delay", type=float, default=2.0)
+    parser.add_argument("--check-every", type=int, default=10, help="0: only the final check")
+    parser.add_argument("--work-dir", type=Path, help="default: a new temp folder")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(2**31)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="fgm-torture-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"seed={args.seed} work={work}", flush=True)
+    figures = torture(args, work)
+    if figures.violations or args.keep:
+        print(f"work folder kept: {work}", flush=True)
+    else:
+        shutil.rmtree(work)
+    return 1 if figures.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

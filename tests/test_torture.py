@@ -1,0 +1,35 @@
+"""The bounded version of `scripts/torture.py`: fifty kill -9s of a running consolidator while a
+live monitor rotates files, then the oracle. The long run (1,000 kills and more) is by hand."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KILLS = 50
+
+
+def figures(line: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in line.split())
+
+
+def test_fifty_kills_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "torture.py"), "--kills", str(KILLS),
+         "--seed", "20251230", "--max-delay", "1.0", "--work-dir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    header, summary = result.stdout.splitlines()[:2]
+    assert header.startswith("seed=20251230 ")
+    shown = figures(summary)
+    assert shown["kills"] == str(KILLS)
+    assert shown["violations"] == "0"
+    assert shown["unfinished"] == "0"
+    assert int(shown["finished"]) > 0
+    assert int(shown["rows_checked"]) == int(shown["rows_written"]) > 0
+    assert int(shown["live_files"]) < int(shown["files_written"])  # it did consolidate
+    assert int(shown["mid_run_checks"]) == KILLS // 10
+    assert not (tmp_path / "work").exists()  # removed when nothing was found
