@@ -13,9 +13,10 @@ from fgm_consolidator.simulate import PodSpec
 from fgm_consolidator.writer import WriteOptions, WriteSource, write_merged
 
 
-@pytest.fixture
-def sources(data_dir: Path, populate) -> list[Path]:  # type: ignore[no-untyped-def]
-    populate(PodSpec("pod-a"), rotations=6)
+@pytest.fixture(params=["flat", "map"])
+def sources(request, data_dir: Path, populate) -> list[Path]:  # type: ignore[no-untyped-def]
+    """Both eras: the map era's labels are nested dictionaries, which the spill must carry."""
+    populate(PodSpec("pod-a", era=request.param), rotations=6)
     return data_files(data_dir)
 
 
@@ -29,7 +30,8 @@ def write(paths: list[Path], target: Path, **kwargs) -> object:  # type: ignore[
 def rows_by_metric(rows: list[dict[str, object]]) -> dict[object, list[object]]:
     grouped: dict[object, list[object]] = {}
     for row in rows:
-        grouped.setdefault(row["metric_name"], []).append((row["time"], row["l_container_id"]))
+        container = row.get("l_container_id", dict(row.get("labels") or []).get("container_id"))
+        grouped.setdefault(row["metric_name"], []).append((row["time"], container))
     return grouped
 
 

@@ -145,7 +145,7 @@ def main() -> None:
     "--row-group-size",
     type=click.IntRange(min=1),
     default=4,
-    help="Largest output row group, in MB of buffered rows; the write buffer is 2 of these.",
+    help="Largest output row group, in MB of buffered rows; it is also the write buffer.",
 )
 @_option(
     "--grace-period",

@@ -15,10 +15,12 @@ time order.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -71,8 +73,10 @@ class Spill:
 
     An anonymous file (O_TMPFILE where the system has it) in the output's folder: it has no
     name, so a crash cannot leave it behind, and it sits on the volume whose space the output
-    needs anyway. Each run is its own LZ4-compressed Arrow IPC stream, so runs of different
-    sources keep their own dictionaries and any one of them reads back alone.
+    needs anyway. Each parked buffer is one LZ4-compressed Arrow IPC file holding one batch per
+    metric (its runs share one set of dictionaries); reading a metric back reads and decodes
+    only that metric's batches. One IPC stream per run instead cost a schema and every
+    dictionary per run: with 50 metrics that tripled the CPU of a merge.
     """
 
     OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
@@ -80,29 +84,72 @@ class Spill:
     def __init__(self, folder: Path, schema: pa.Schema) -> None:
         self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - closed by close()
         self._schema = schema
+        self._parts: list[tuple[int, int]] = []  # (offset, length) of each parked buffer
         self._size = 0
-        self.runs: dict[str, list[tuple[int, int]]] = {}  # metric -> (offset, length) in order
+        self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+        self.runs: dict[str, list[tuple[int, int]]] = {}  # metric -> (part, batch) in order
 
-    def park(self, name: str, run: pa.Table) -> None:
+    def park(self, runs: Iterable[tuple[str, pa.Table]]) -> None:
+        """One buffer's runs, sorted by metric and sharing their dictionaries."""
+        part = len(self._parts)
         sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, self._schema, options=self.OPTIONS) as writer:
-            writer.write_table(run)
+        with pa.ipc.new_file(sink, self._schema, options=self.OPTIONS) as writer:
+            for index, (name, run) in enumerate(runs):
+                writer.write_batch(run.combine_chunks().to_batches()[0])
+                self.runs.setdefault(name, []).append((part, index))
         data = sink.getvalue()
         self._file.write(data)
-        self.runs.setdefault(name, []).append((self._size, data.size))
+        self._parts.append((self._size, data.size))
         self._size += data.size
 
     def read(self, name: str) -> Iterator[pa.RecordBatch]:
         """The parked rows of one metric, run after run, in the order they were parked."""
         self._file.flush()
-        for offset, length in self.runs.get(name, []):
-            data = os.pread(self._file.fileno(), length, offset)
-            if len(data) != length:
-                raise OSError(f"spill file ended early: {len(data)} of {length} bytes at {offset}")
-            yield from pa.ipc.open_stream(pa.py_buffer(data))
+        for part, index in self.runs.get(name, []):
+            if part not in self._readers:
+                offset, length = self._parts[part]
+                window = _Window(self._file.fileno(), offset, length)
+                self._readers[part] = pa.ipc.open_file(pa.PythonFile(window, mode="r"))
+            yield self._readers[part].get_batch(index)
 
     def close(self) -> None:
+        self._readers.clear()
         self._file.close()
+
+
+class _Window(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file, read with pread, as a file of its own.
+
+    Not a memory map: the pages of a mapping count in the process's RSS (about 15 MB more at
+    peak on a day of 50 metrics), and the spill is read once, in order, anyway.
+    """
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        super().__init__()
+        self._fd, self._offset, self._length, self._position = fd, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = max(0, base + position)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self._length - self._position)
+        if wanted <= 0:
+            return 0
+        data = os.pread(self._fd, wanted, self._offset + self._position)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
 
 
 class MetricSorter:
@@ -159,15 +206,15 @@ class MetricSorter:
     def _park_buffer(self) -> None:
         if self._spill is None:
             self._spill = Spill(self._spill_folder, self._batches[0].schema)
-        for name, run in self._sorted_buffer():
-            self._spill.park(name, run)
+        self._spill.park(self._sorted_buffer())
 
     def _sorted_buffer(self) -> Iterator[tuple[str, pa.Table]]:
         if not self._batches:
             return
-        # One dictionary per column for the whole buffer: each `take` then moves indices only,
-        # instead of unifying every batch's dictionaries again (2.5 times faster).
-        table = pa.Table.from_batches(self._batches).unify_dictionaries()
+        # One chunk and one dictionary per column (nested ones too) for the whole buffer: each
+        # `take` then moves indices only (2.5 times faster than unifying every batch's
+        # dictionaries again), and every run shares the dictionaries it is parked with.
+        table = pa.Table.from_batches(self._batches).unify_dictionaries().combine_chunks()
         self._batches, self._buffered = [], 0
         names = table.column(METRIC)
         order = pc.sort_indices(names)
@@ -181,9 +228,15 @@ class MetricSorter:
         size = 0
         for batch in batches:
             if pending and size + batch.nbytes > self._row_group_bytes:
-                self._write(pa.Table.from_batches(pending))
+                self._write(_one_dictionary(pending))
                 pending, size = [], 0
             pending.append(batch)
             size += batch.nbytes
         if pending:
-            self._write(pa.Table.from_batches(pending))
+            self._write(_one_dictionary(pending))
+
+
+def _one_dictionary(batches: list[pa.RecordBatch]) -> pa.Table:
+    """A row group whose text has one dictionary per column: given several, the parquet
+    writer falls back to decoding the text to plain strings, which costs time and memory."""
+    return pa.Table.from_batches(batches).unify_dictionaries()

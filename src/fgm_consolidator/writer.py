@@ -52,8 +52,9 @@ class WriteOptions:
     compression_level: int = 3
     row_group_bytes: int = 4_000_000
     # Rows wait in memory up to this many row groups' worth before they are sorted and parked
-    # on disk; the layout does not depend on it, only memory and the number of parked runs.
-    buffer_row_groups: int = 2
+    # on disk; the layout does not depend on it, only memory and the number of parked runs
+    # (one: 112-125 MB peak on a day; two: 124-139 MB, for 10-20% less CPU).
+    buffer_row_groups: int = 1
 
     @property
     def buffer_bytes(self) -> int:
