@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fgm_consolidator import footers
+from fgm_consolidator.schemas import LINEAGE_KEY
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def test_an_unchanged_file_is_parsed_once(tmp_path: Path, parses: list[object]) 
     write(path, 3)
     first, again = footers.read(path), footers.read(path)
     assert again is first and len(parses) == 1
-    assert (first.rows, first.schema.names, first.metadata[b"k"]) == (3, ["x"], b"v")
+    assert (first.rows, first.schema.names, first.schema.metadata[b"k"]) == (3, ["x"], b"v")
 
 
 def test_a_file_with_a_new_identity_is_read_again(tmp_path: Path, parses: list[object]) -> None:
@@ -48,7 +49,7 @@ def test_a_file_with_a_new_identity_is_read_again(tmp_path: Path, parses: list[o
     write(replacement, 5, b"w")
     os.replace(replacement, path)
     fresh = footers.read(path)
-    assert (fresh.rows, fresh.metadata[b"k"], len(parses)) == (5, b"w", 2)
+    assert (fresh.rows, fresh.schema.metadata[b"k"], len(parses)) == (5, b"w", 2)
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # touched: read again
     assert footers.read(path) is not fresh and len(parses) == 3
@@ -75,3 +76,15 @@ def test_a_file_that_does_not_read_raises_and_is_not_remembered(
     with pytest.raises(pa.ArrowException):
         footers.read(path)
     assert path not in footers._seen
+
+
+def test_files_with_one_schema_share_it_and_lineage_stays_out_of_it(
+    tmp_path: Path, parses: list[object]
+) -> None:
+    for name, lineage in (("a", b'{"merge_id":1}'), ("b", b'{"merge_id":2}')):
+        table = pa.table({"x": pa.array([1], pa.int64())})
+        meta = {b"k": b"v", LINEAGE_KEY: lineage}
+        pq.write_table(table.replace_schema_metadata(meta), tmp_path / f"{name}.parquet")
+    a, b = footers.read(tmp_path / "a.parquet"), footers.read(tmp_path / "b.parquet")
+    assert a.schema is b.schema and a.schema.metadata == {b"k": b"v"}
+    assert (a.lineage, b.lineage) == (b'{"merge_id":1}', b'{"merge_id":2}')

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .durable import FileIdentity
+from .schemas import LINEAGE_KEY
 
 CAPACITY = 4096  # about a month of hourly outputs for five identifiers
 
@@ -26,11 +27,22 @@ CAPACITY = 4096  # about a month of hourly outputs for five identifiers
 class Footer:
     identity: FileIdentity
     rows: int
-    schema: pa.Schema
-    metadata: dict[bytes, bytes]
+    schema: pa.Schema  # without our lineage, and one object for every file that shares it
+    lineage: bytes | None  # the raw lineage of an output of ours
 
 
 _seen: OrderedDict[Path, Footer] = OrderedDict()
+_schemas: dict[tuple[pa.Schema, tuple[tuple[bytes, bytes], ...]], pa.Schema] = {}
+
+
+def _shared(schema: pa.Schema) -> pa.Schema:
+    """Files of one era and label set share one schema object, so remembering thousands of
+    footers costs little more than remembering their names."""
+    if len(_schemas) > CAPACITY:
+        _schemas.clear()
+    # Schema equality ignores key-value metadata; the key does not.
+    key = (schema, tuple(sorted((schema.metadata or {}).items())))
+    return _schemas.setdefault(key, schema)
 
 
 def read(path: Path) -> Footer:
@@ -43,11 +55,13 @@ def read(path: Path) -> Footer:
     with open(path, "rb") as handle:  # identity and footer from one open file, so they agree
         st = os.fstat(handle.fileno())
         metadata = pq.ParquetFile(handle).metadata
+        schema = metadata.schema.to_arrow_schema()
+        kept = {k: v for k, v in (schema.metadata or {}).items() if k != LINEAGE_KEY}
         footer = Footer(
             FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns),
             metadata.num_rows,
-            metadata.schema.to_arrow_schema(),
-            dict(metadata.metadata or {}),
+            _shared(schema.with_metadata(kept)),
+            (metadata.metadata or {}).get(LINEAGE_KEY),
         )
     _seen[path] = footer
     _seen.move_to_end(path)

@@ -78,9 +78,10 @@ def decode(metadata: Mapping[bytes, bytes] | None) -> Lineage | None:
 
 def read(path: Path) -> Lineage | None:
     try:
-        return decode(footers.read(path).metadata)
+        raw = footers.read(path).lineage
     except (OSError, pa.ArrowException):
         return None
+    return decode({LINEAGE_KEY: raw} if raw is not None else None)
 
 
 def lineages(folder: Path, names: Collection[str]) -> dict[str, Lineage]:

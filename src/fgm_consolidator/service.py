@@ -23,7 +23,7 @@ from types import FrameType
 
 import pyarrow as pa
 
-from . import lineage, lock, retention
+from . import lineage, lock, memory, retention
 from .backoff import Backoff
 from .errors import ConsolidatorError
 from .journal import Journal, PassResult
@@ -224,6 +224,7 @@ def _consolidate_partition(
         outcome = execute(
             journal, settings.data_dir, plan, settings.policy, should_abort=stop.past_grace
         )
+        memory.release()
         report.merges.append(outcome)
         log_outcome(outcome)
         settings.observer.observe_merge(outcome)
