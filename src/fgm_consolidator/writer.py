@@ -35,7 +35,9 @@ from .errors import (
 )
 from .schemas import conform
 
-READ_BATCH_ROWS = 65_536
+# Rows decoded from a source at a time. A busy node's file is one row group of ~200k rows:
+# 64k-row batches put 150 MB at peak on 40 such files, 16k-row batches 120 MB (+10% CPU).
+READ_BATCH_ROWS = 16_384
 CONTAINER_ID = "l_container_id"
 ARROW_SCHEMA = b"ARROW:schema"
 
