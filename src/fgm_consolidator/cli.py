@@ -22,7 +22,6 @@ from . import config, logs, progress
 from .errors import ConfigError, ConsolidatorError
 from .journal import Journal
 from .layout import default_journal_path, iter_partitions, parse_partition
-from .metrics import MetricsObserver, serving
 from .observe import Observer, Observers
 from .plan import MB, Policy
 from .recovery import recover
@@ -253,6 +252,9 @@ def _metrics(
     """The metrics observer and its endpoint, or neither when no port is set."""
     if port is None:
         return [], nullcontext
+    # Imported only when asked for: prometheus-client is 2 MB of the process's floor.
+    from .metrics import MetricsObserver, serving
+
     metrics = MetricsObserver(data_dir)
     return [metrics], lambda: serving(metrics, port, addr)
 
