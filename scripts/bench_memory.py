@@ -214,11 +214,7 @@ def run(args: argparse.Namespace, extra: list[str], work: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parse_args(argv)
-    try:
-        with benchlib.work_dir(args.work_dir, args.keep) as work:
-            return run(args, extra, work)
-    except benchlib.BenchError as exc:
-        return benchlib.report_error(exc)
+    return benchlib.in_work_dir(args.work_dir, args.keep, lambda work: run(args, extra, work))
 
 
 if __name__ == "__main__":

@@ -393,11 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         tool, source, output = args.worker
         return worker_main(tool, Path(source), Path(output))
-    try:
-        with benchlib.work_dir(args.work_dir, args.keep) as work:
-            return run(args, work)
-    except benchlib.BenchError as exc:
-        return benchlib.report_error(exc)
+    return benchlib.in_work_dir(args.work_dir, args.keep, lambda work: run(args, work))
 
 
 if __name__ == "__main__":

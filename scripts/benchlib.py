@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -465,3 +465,13 @@ def work_dir(requested: Path | None, keep: bool) -> Iterator[Path]:
 def report_error(exc: BenchError) -> int:
     print(f"Error: {exc}", file=sys.stderr)
     return 1
+
+
+def in_work_dir(work_dir_arg: Path | None, keep: bool, body: Callable[[Path], int]) -> int:
+    """Run a benchmark's body in the folder `--work-dir`/`--keep` ask for; a BenchError becomes
+    a report and an exit code, the one way every script fails."""
+    try:
+        with work_dir(work_dir_arg, keep) as work:
+            return body(work)
+    except BenchError as exc:
+        return report_error(exc)

@@ -159,3 +159,21 @@ def clone_tree(source: Path, target: Path) -> Path:
             else:
                 os.link(Path(root) / name, target / relative / name)
     return target
+
+
+class JournalClock:
+    """What `journal.utc_now` returns while installed; a test moves it by setting `at`."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> str:
+        return self.at.isoformat(timespec="milliseconds")
+
+
+def install_journal_clock(monkeypatch: pytest.MonkeyPatch, at: datetime) -> JournalClock:
+    from fgm_consolidator import journal
+
+    clock = JournalClock(at)
+    monkeypatch.setattr(journal, "utc_now", clock)
+    return clock

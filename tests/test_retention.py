@@ -15,9 +15,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import JournalClock as Clock
+from conftest import install_journal_clock, run_cli
 
-from fgm_consolidator import journal as journal_module
 from fgm_consolidator import retention
 from fgm_consolidator.durable import FileIdentity
 from fgm_consolidator.journal import Journal, PassResult, SourceRecord
@@ -33,21 +33,9 @@ OTHER = "dt=2026-01-15/identifier=pod-b"
 FINISHED = [S.PLANNED, S.WRITING, S.WRITTEN, S.RENAMED, S.SOURCES_DELETED]
 
 
-class Clock:
-    """What `journal.utc_now` returns; a test moves it."""
-
-    def __init__(self) -> None:
-        self.at = OLD
-
-    def __call__(self) -> str:
-        return self.at.isoformat(timespec="milliseconds")
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    ticking = Clock()
-    monkeypatch.setattr(journal_module, "utc_now", ticking)
-    return ticking
+    return install_journal_clock(monkeypatch, OLD)
 
 
 @pytest.fixture

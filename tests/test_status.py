@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PAST, data_files, run_cli
+from conftest import PAST, data_files, install_journal_clock, run_cli
+from conftest import JournalClock as Clock
 
-from fgm_consolidator import journal as journal_module
 from fgm_consolidator import service as service_module
 from fgm_consolidator.journal import Journal, PassResult
 from fgm_consolidator.layout import default_journal_path, lock_path
@@ -46,21 +46,9 @@ T0 = datetime(2026, 2, 1, 12, 0, tzinfo=UTC)
 DEADLINE_S = 30.0
 
 
-class Clock:
-    """What `journal.utc_now` returns; a test moves it."""
-
-    def __init__(self) -> None:
-        self.at = T0
-
-    def __call__(self) -> str:
-        return self.at.isoformat(timespec="milliseconds")
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    ticking = Clock()
-    monkeypatch.setattr(journal_module, "utc_now", ticking)
-    return ticking
+    return install_journal_clock(monkeypatch, T0)
 
 
 def seconds(n: float) -> timedelta:
