@@ -73,6 +73,14 @@ def fast_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture
+def scratch(fast_root: Path, request: pytest.FixtureRequest) -> Path:
+    """One test's own folder under `fast_root`."""
+    path = fast_root / request.node.name
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
     path.mkdir()

@@ -91,13 +91,6 @@ LEFTOVER = "dt=2025-12-30/identifier=pod-a/metrics-20251230T081000Z.parquet"
 ORPHAN = "dt=2025-12-30/identifier=pod-a/consolidated-20251230T070000Z-20251230T071500Z.parquet.tmp"
 
 
-@pytest.fixture
-def scratch(fast_root: Path, request: pytest.FixtureRequest) -> Path:
-    path = fast_root / request.node.name
-    path.mkdir()
-    return path
-
-
 @pytest.fixture(scope="module")
 def template(fast_root: Path) -> Template:
     root = fast_root / "template"

@@ -237,13 +237,6 @@ def run_workload(data_dir: Path, disk: Disk, skip_sync_in: str | None = None) ->
     return False
 
 
-@pytest.fixture
-def scratch(fast_root: Path, request: pytest.FixtureRequest) -> Path:
-    path = fast_root / request.node.name
-    path.mkdir()
-    return path
-
-
 @pytest.fixture(scope="module")
 def workload(fast_root: Path) -> Workload:
     template = fast_root / "template"
