@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fgm_consolidator.clustering import FirstRows, MetricSorter, metric_runs, without_rows
+from fgm_consolidator.clustering import FirstRows, MetricSorter, without_rows
+from fgm_consolidator.errors import SourceChangedError
 
 
 def batch(metrics: list[str], start: int = 0) -> pa.RecordBatch:
@@ -32,7 +33,11 @@ def sorter(
     recorder: Recorder, folder: Path, row_group_bytes: int, buffer_bytes: int
 ) -> MetricSorter:
     return MetricSorter(
-        recorder, row_group_bytes=row_group_bytes, buffer_bytes=buffer_bytes, spill_folder=folder
+        recorder,
+        metrics=["c", "b", "a"],
+        row_group_bytes=row_group_bytes,
+        buffer_bytes=buffer_bytes,
+        spill_folder=folder,
     )
 
 
@@ -97,7 +102,9 @@ def test_a_failure_while_writing_closes_the_spill(tmp_path: Path) -> None:
     def failing(_table: pa.Table) -> None:
         raise OSError(28, "No space left on device")
 
-    into = MetricSorter(failing, row_group_bytes=10**9, buffer_bytes=1, spill_folder=tmp_path)
+    into = MetricSorter(
+        failing, metrics=["a", "b"], row_group_bytes=10**9, buffer_bytes=1, spill_folder=tmp_path
+    )
     opened = spill_files_opened(tmp_path)
     into.add(batch(["a", "b"]))
     assert opened() == 1
@@ -135,6 +142,14 @@ def test_first_rows_finds_each_metric_where_it_first_appears() -> None:
     assert first.rows_of(2) == []
 
 
-def test_metric_runs_cover_a_sorted_column_exactly() -> None:
-    names = pa.chunked_array([["a", "a"], ["b"], ["b", "c"]])
-    assert metric_runs(names) == [(0, 2), (2, 2), (4, 1)]
+@pytest.mark.parametrize("buffer_bytes", [1, 10**9])
+def test_a_metric_the_first_read_did_not_see_is_refused(tmp_path: Path, buffer_bytes: int) -> None:
+    """The sort key is a row's place among the metrics seen first; a newcomer means a source
+    changed between the two reads, and no row may be dropped or misplaced for it."""
+    recorder = Recorder()
+    into = sorter(recorder, tmp_path, row_group_bytes=10**9, buffer_bytes=buffer_bytes)
+    with pytest.raises(SourceChangedError, match="'z'"):
+        into.add(batch(["a", "z"]))
+        into.finish()
+    into.close()
+    assert recorder.groups == []

@@ -160,7 +160,7 @@ def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBat
     """Every row of one source, in file order, laid out as `target`."""
 
     def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
-        for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS):
+        for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, use_threads=False):
             yield conform(batch, target)
 
     rows = 0
@@ -246,7 +246,7 @@ def _stream(
         compression="zstd",
         compression_level=options.compression_level,
         use_dictionary=_dictionary_columns(schema),
-        write_statistics=True,
+        write_statistics=_statistics_columns(schema),
         write_page_index=True,
         store_schema=False,  # the stored schema is the output's, added below
         bloom_filter_options=_bloom_filters(schema),
@@ -268,6 +268,7 @@ def _stream(
             write_row_group(head)
         rows = MetricSorter(
             write_row_group,
+            metrics=first.positions,
             row_group_bytes=options.row_group_bytes,
             buffer_bytes=options.buffer_bytes,
             spill_folder=target.parent,
@@ -311,6 +312,30 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
         elif pa.types.is_string(field.type) or pa.types.is_dictionary(field.type):
             columns.append(field.name)
     return columns
+
+
+def _statistics_columns(schema: pa.Schema) -> list[str]:
+    """Min/max statistics where a reader can prune by them: numbers and times, the metric name
+    (how the viewer finds a metric's row groups) and the container id. Not on the other text
+    (labels, kinds, run ids, sketches): a row group holds one metric of every container, so
+    their range spans nearly every value, and computing it cost a fifth of writing a row group.
+    """
+    return [
+        field.name
+        for field in schema
+        if field.name in (METRIC, CONTAINER_ID) or not _is_text_or_nested(field.type)
+    ]
+
+
+def _is_text_or_nested(kind: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_dictionary(kind)
+        or pa.types.is_nested(kind)
+    )
 
 
 def _bloom_filters(schema: pa.Schema) -> dict[str, dict[str, float]] | None:
