@@ -40,13 +40,40 @@ class FirstRows:
         self.positions: dict[str, Position] = {}
 
     def observe(self, source_index: int, offset: int, names: pa.Array) -> None:
-        """`names` are the metric names of rows `offset`... of source `source_index`, in order."""
-        for name in pc.unique(names).to_pylist():
+        """`names` are the metric names of rows `offset`... of source `source_index`, in order
+        (plain or, as they are read, dictionary-encoded)."""
+        codes = _encoded(names)
+        for code in pc.unique(codes.indices).to_pylist():
+            name = codes.dictionary[code].as_py()
             if name not in self.positions:
-                self.positions[name] = (source_index, offset + pc.index(names, name).as_py())
+                row = pc.index(codes.indices, pa.scalar(code, codes.indices.type)).as_py()
+                self.positions[name] = (source_index, offset + row)
 
     def rows_of(self, source_index: int) -> list[int]:
         return sorted(row for index, row in self.positions.values() if index == source_index)
+
+
+def metric_ranks(names: pa.Array, metrics: list[str], where: Path) -> pa.Array:
+    """Each row's metric as its place in `metrics` (sorted): an int32 sort key, which sorts six
+    times faster than the names. Names are looked up once per dictionary entry, not per row.
+    A name missing from `metrics` means a source changed between two reads (`where` is the
+    output's folder, for the message)."""
+    codes = _encoded(names)
+    value_set = pa.array(metrics, codes.dictionary.type)
+    ranks = pc.take(pc.index_in(codes.dictionary, value_set=value_set), codes.indices)
+    if ranks.null_count:
+        unknown = sorted(set(pc.filter(names, ranks.is_null()).to_pylist()))
+        raise SourceChangedError(
+            f"a source changed between two reads: metrics {unknown} were not there at first",
+            where,
+        )
+    return ranks
+
+
+def _encoded(names: pa.Array) -> pa.DictionaryArray:
+    if pa.types.is_dictionary(names.type):
+        return names
+    return pc.dictionary_encode(names)
 
 
 def without_rows(batch: pa.RecordBatch, offset: int, rows: list[int]) -> list[pa.RecordBatch]:
@@ -231,15 +258,7 @@ class MetricSorter:
             offset += rows
 
     def _ranks(self, names: pa.Array) -> pa.Array:
-        """Each row's metric as its place in the sorted list of the output's metrics."""
-        ranks = pc.index_in(names, value_set=pa.array(self._metrics, names.type))
-        if ranks.null_count:
-            unknown = sorted(set(pc.filter(names, ranks.is_null()).to_pylist()))
-            raise SourceChangedError(
-                f"a source changed between two reads: metrics {unknown} were not there at first",
-                self._spill_folder,
-            )
-        return ranks
+        return metric_ranks(names, self._metrics, self._spill_folder)
 
     def _write_metric(self, batches: Iterable[pa.RecordBatch]) -> None:
         """One metric's rows, in order, as row groups of about `row_group_bytes` at most."""

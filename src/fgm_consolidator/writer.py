@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import crashpoints, durable
-from .clustering import METRIC, FirstRows, MetricSorter, without_rows
+from .clustering import METRIC, FirstRows, MetricSorter, metric_ranks, without_rows
 from .durable import FileIdentity
 from .errors import (
     MergeAborted,
@@ -118,12 +119,12 @@ def _open_source(source: WriteSource, as_dictionary: Collection[str] = ()) -> pq
 def buffer_schema(schema: pa.Schema) -> pa.Schema:
     """How rows wait in memory: text columns dictionary-encoded, as they are on disk, which
     makes a buffer hold about five times the rows and sorting it move indices, not strings.
-    They are written as they are (parquet has no dictionary type, only the encoding) and the
-    output's stored Arrow schema is `schema`, so readers see the sources' plain strings."""
+    They are written as they are (parquet has no dictionary type, only the encoding; the
+    statistics of a dictionary column cover the values its rows use, so a row group of one
+    metric still says so) and the output's stored Arrow schema is `schema`, so readers see the
+    sources' plain strings."""
     fields = [
-        field.with_type(pa.dictionary(pa.int32(), pa.utf8()))
-        if field.type == pa.utf8() and field.name != METRIC
-        else field
+        field.with_type(pa.dictionary(pa.int32(), pa.utf8())) if field.type == pa.utf8() else field
         for field in schema
     ]
     return pa.schema(fields, metadata=schema.metadata)
@@ -179,7 +180,7 @@ def iter_metric_names(source: WriteSource) -> Iterator[pa.Array]:
             use_threads=False, batch_size=READ_BATCH_ROWS, columns=[METRIC]
         )
 
-    for batch in _source_batches(source, read):
+    for batch in _source_batches(source, read, as_dictionary=(METRIC,)):
         yield batch.column(0)
 
 
@@ -263,7 +264,7 @@ def _stream(
 
     try:
         first = _first_rows(sources)
-        head = _head(sources, first, buffered)
+        head = _head(sources, first, buffered, target.parent)
         if head.num_rows:
             write_row_group(head)
         rows = MetricSorter(
@@ -356,14 +357,21 @@ def _first_rows(sources: Sequence[WriteSource]) -> FirstRows:
     return first
 
 
-def _head(sources: Sequence[WriteSource], first: FirstRows, schema: pa.Schema) -> pa.Table:
-    """Row group 0: the first row of every metric, in metric order (see `clustering`)."""
+def _head(
+    sources: Sequence[WriteSource], first: FirstRows, schema: pa.Schema, target: Path
+) -> pa.Table:
+    """Row group 0: the first row of every metric, in metric order (see `clustering`), with
+    one dictionary per column, as the parquet writer wants it."""
     batches: list[pa.RecordBatch] = []
     for index, source in enumerate(sources):
         rows = first.rows_of(index)
         if rows:
             batches.extend(read_rows(source, rows, schema))
-    return pa.Table.from_batches(batches, schema=schema).sort_by(METRIC)
+    head = pa.Table.from_batches(batches, schema=schema).unify_dictionaries().combine_chunks()
+    if head.num_rows == 0:
+        return head
+    names = head.column(METRIC).chunk(0)
+    return head.take(pc.sort_indices(metric_ranks(names, sorted(first.positions), target)))
 
 
 def _check_output(path: Path, schema: pa.Schema, rows: int, size: int) -> None:
