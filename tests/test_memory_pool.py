@@ -1,5 +1,5 @@
-"""The process uses the C library's allocator unless the operator chose another (see
-`fgm_consolidator/__init__.py` and scripts/bench_memory.py for why)."""
+"""The process uses the C library's allocator unless the operator chose another, and loads no
+cloud filesystem (see `fgm_consolidator/__init__.py` and scripts/bench_memory.py for why)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,27 @@ def test_the_memory_pool_is_the_system_one_unless_chosen(chosen: str | None, exp
         [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == expected
+
+
+def _probe(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    return result.stdout.strip()
+
+
+def test_the_cloud_filesystems_stay_out_of_the_process() -> None:
+    """Nothing here reads remote storage; pyarrow would load the AWS SDK for it anyway."""
+    probe = (
+        "import fgm_consolidator.cli, pyarrow.parquet as pq, pyarrow as pa, io\n"
+        "sink = io.BytesIO(); pq.write_table(pa.table({'a': [1]}), sink)\n"
+        "assert pq.read_table(io.BytesIO(sink.getvalue())).num_rows == 1\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('s3' if 'libarrow_s3' in maps else 'local only')"
+    )
+    assert _probe(probe) == "local only"
+
+
+def test_a_program_that_loaded_pyarrow_first_keeps_its_cloud_filesystems() -> None:
+    probe = "import pyarrow.fs, fgm_consolidator; from pyarrow.fs import S3FileSystem; print('ok')"
+    assert _probe(probe) == "ok"
