@@ -20,7 +20,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -100,6 +100,9 @@ class Spill:
 
     OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4", use_threads=False)
     READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=False)
+    # Parked buffers go to the file through this much memory, not whole: a whole one (about
+    # a fifth of the buffer, compressed) was held twice while its memory stream grew.
+    WRITE_BUFFER = 256 * 1024
 
     def __init__(self, folder: Path, schema: pa.Schema) -> None:
         self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - closed by close()
@@ -112,15 +115,15 @@ class Spill:
     def park(self, runs: Iterable[tuple[str, pa.RecordBatch]]) -> None:
         """One buffer's runs, sorted by metric and sharing their dictionaries."""
         part = len(self._parts)
-        sink = pa.BufferOutputStream()
+        appender = _Appender(self._file)
+        sink = pa.BufferedOutputStream(pa.PythonFile(appender, mode="w"), self.WRITE_BUFFER)
         with pa.ipc.new_file(sink, self._schema, options=self.OPTIONS) as writer:
             for index, (name, run) in enumerate(runs):
                 writer.write_batch(run)
                 self.runs.setdefault(name, []).append((part, index))
-        data = sink.getvalue()
-        self._file.write(data)
-        self._parts.append((self._size, data.size))
-        self._size += data.size
+        sink.close()
+        self._parts.append((self._size, appender.size))
+        self._size += appender.size
 
     def read(self, name: str) -> Iterator[pa.RecordBatch]:
         """The parked rows of one metric, run after run, in the order they were parked."""
@@ -137,6 +140,29 @@ class Spill:
     def close(self) -> None:
         self._readers.clear()
         self._file.close()
+
+
+class _Appender:
+    """The spill file as pyarrow writes into it: counts what one part adds, never closes it."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        written = self._file.write(data)
+        self.size += written
+        return written
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        self.closed = True  # the spill file itself is closed by Spill.close
 
 
 class _Window(io.RawIOBase):
