@@ -9,8 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fgm_consolidator.clustering import FirstRows, MetricSorter, without_rows
-from fgm_consolidator.errors import SourceChangedError
+from fgm_consolidator.clustering import FirstRows, MetricSorter, metric_keys, without_rows
 
 
 def batch(metrics: list[str], start: int = 0) -> pa.RecordBatch:
@@ -34,7 +33,6 @@ def sorter(
 ) -> MetricSorter:
     return MetricSorter(
         recorder,
-        metrics=["c", "b", "a"],
         row_group_bytes=row_group_bytes,
         buffer_bytes=buffer_bytes,
         spill_folder=folder,
@@ -102,9 +100,7 @@ def test_a_failure_while_writing_closes_the_spill(tmp_path: Path) -> None:
     def failing(_table: pa.Table) -> None:
         raise OSError(28, "No space left on device")
 
-    into = MetricSorter(
-        failing, metrics=["a", "b"], row_group_bytes=10**9, buffer_bytes=1, spill_folder=tmp_path
-    )
+    into = MetricSorter(failing, row_group_bytes=10**9, buffer_bytes=1, spill_folder=tmp_path)
     opened = spill_files_opened(tmp_path)
     into.add(batch(["a", "b"]))
     assert opened() == 1
@@ -114,42 +110,54 @@ def test_a_failure_while_writing_closes_the_spill(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("offset", "rows", "expected"),
+    ("rows", "expected"),
     [
-        (0, [], [0, 1, 2, 3, 4]),
-        (0, [0], [1, 2, 3, 4]),
-        (0, [2, 4], [0, 1, 3]),
-        (10, [12, 3, 99], [10, 11, 13, 14]),  # rows outside the batch are not its business
-        (0, [0, 1, 2, 3, 4], []),
+        ([], [0, 1, 2, 3, 4]),
+        ([0], [1, 2, 3, 4]),
+        ([2, 4], [0, 1, 3]),
+        ([1, 2], [0, 3, 4]),
+        ([0, 1, 2, 3, 4], []),
     ],
 )
-def test_without_rows_drops_exactly_the_given_source_rows(
-    offset: int, rows: list[int], expected: list[int]
-) -> None:
-    pieces = without_rows(batch(["m"] * 5, start=offset), offset, rows)
+def test_without_rows_drops_exactly_the_given_rows(rows: list[int], expected: list[int]) -> None:
+    pieces = without_rows(batch(["m"] * 5), rows)
     assert [seq for piece in pieces for seq in piece.column("seq").to_pylist()] == expected
     assert all(piece.num_rows for piece in pieces)
 
 
-def test_first_rows_finds_each_metric_where_it_first_appears() -> None:
+def test_first_rows_takes_each_metric_where_it_first_appears() -> None:
     first = FirstRows()
-    first.observe(0, 0, pa.array(["b", "a", "b"]))
-    first.observe(0, 3, pa.array(["a", "c"]))
-    first.observe(1, 0, pa.array(["d", "a", "c"]))
-    assert first.positions == {"b": (0, 0), "a": (0, 1), "c": (0, 4), "d": (1, 0)}
-    assert first.rows_of(0) == [0, 1, 4]
-    assert first.rows_of(1) == [0]
-    assert first.rows_of(2) == []
+    kept = [
+        *first.take_from(batch(["b", "a", "b"])),
+        *first.take_from(batch(["a", "c"], start=3)),
+        *first.take_from(batch(["d", "a", "c"], start=5)),
+    ]
+    assert [seq for piece in kept for seq in piece.column("seq").to_pylist()] == [2, 3, 6, 7]
+    head = first.table(batch([]).schema)
+    assert head.column("metric_name").to_pylist() == ["a", "b", "c", "d"]
+    assert head.column("seq").to_pylist() == [1, 0, 4, 5]
 
 
-@pytest.mark.parametrize("buffer_bytes", [1, 10**9])
-def test_a_metric_the_first_read_did_not_see_is_refused(tmp_path: Path, buffer_bytes: int) -> None:
-    """The sort key is a row's place among the metrics seen first; a newcomer means a source
-    changed between the two reads, and no row may be dropped or misplaced for it."""
-    recorder = Recorder()
-    into = sorter(recorder, tmp_path, row_group_bytes=10**9, buffer_bytes=buffer_bytes)
-    with pytest.raises(SourceChangedError, match="'z'"):
-        into.add(batch(["a", "z"]))
-        into.finish()
-    into.close()
-    assert recorder.groups == []
+def test_first_rows_of_dictionary_encoded_names_come_out_with_one_dictionary() -> None:
+    def encoded(metrics: list[str], start: int) -> pa.RecordBatch:
+        plain = batch(metrics, start)
+        return pa.record_batch(
+            [plain.column(0).dictionary_encode(), plain.column(1)], names=plain.schema.names
+        )
+
+    first = FirstRows()
+    first.take_from(encoded(["b", "a"], 0))
+    first.take_from(encoded(["c", "b"], 2))
+    head = first.table(encoded([], 0).schema)
+    assert head.column("metric_name").num_chunks == 1
+    assert head.column("metric_name").to_pylist() == ["a", "b", "c"]
+    assert head.column("seq").to_pylist() == [1, 0, 2]
+
+
+def test_metric_keys_order_rows_by_name_whatever_the_dictionary_order() -> None:
+    names = pa.DictionaryArray.from_arrays(
+        pa.array([0, 2, 1, 0, 2], pa.int32()), pa.array(["m", "b", "z"])
+    )
+    keys, metrics = metric_keys(names)
+    assert metrics == ["b", "m", "z"]
+    assert [metrics[key] for key in keys.to_pylist()] == ["m", "z", "b", "m", "z"]

@@ -25,49 +25,57 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import SourceChangedError
-
 METRIC = "metric_name"
-
-# Where the first row of a metric lies: (index of the source, row number within it).
-Position = tuple[int, int]
 
 
 class FirstRows:
-    """Where each metric first appears, learned from the `metric_name` column alone."""
+    """The first row of every metric, taken out of the stream of rows as it passes.
+
+    Rows arrive in source order, so the first row seen of a metric is its earliest. They wait
+    here, one per metric, until row group 0 is written: the sorter writes nothing before
+    `finish`, so a single read of the sources serves both.
+    """
 
     def __init__(self) -> None:
-        self.positions: dict[str, Position] = {}
+        self._seen: set[str] = set()
+        self._rows: list[pa.RecordBatch] = []
 
-    def observe(self, source_index: int, offset: int, names: pa.Array) -> None:
-        """`names` are the metric names of rows `offset`... of source `source_index`, in order
-        (plain or, as they are read, dictionary-encoded)."""
-        codes = _encoded(names)
-        for code in pc.unique(codes.indices).to_pylist():
+    def take_from(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
+        """`batch` without the first rows of metrics not seen before, which are kept here."""
+        codes = _encoded(batch.column(METRIC))
+        if self._seen.issuperset(codes.dictionary.to_pylist()):
+            return [batch]  # the usual case: a source's dictionary names what it holds
+        firsts = []
+        for code in pc.unique(codes.indices).drop_null().to_pylist():
             name = codes.dictionary[code].as_py()
-            if name not in self.positions:
-                row = pc.index(codes.indices, pa.scalar(code, codes.indices.type)).as_py()
-                self.positions[name] = (source_index, offset + row)
+            if name not in self._seen:
+                self._seen.add(name)
+                firsts.append(pc.index(codes.indices, pa.scalar(code, codes.indices.type)).as_py())
+        if not firsts:
+            return [batch]
+        firsts.sort()
+        self._rows.append(batch.take(pa.array(firsts, pa.int64())))
+        return without_rows(batch, firsts)
 
-    def rows_of(self, source_index: int) -> list[int]:
-        return sorted(row for index, row in self.positions.values() if index == source_index)
+    def table(self, schema: pa.Schema) -> pa.Table:
+        """The rows taken, in metric order, with one dictionary per column (as the parquet
+        writer wants them)."""
+        head = pa.Table.from_batches(self._rows, schema=schema)
+        head = head.unify_dictionaries().combine_chunks()
+        if head.num_rows == 0:
+            return head
+        keys, _metrics = metric_keys(head.column(METRIC).chunk(0))
+        return head.take(pc.sort_indices(keys))
 
 
-def metric_ranks(names: pa.Array, metrics: list[str], where: Path) -> pa.Array:
-    """Each row's metric as its place in `metrics` (sorted): an int32 sort key, which sorts six
-    times faster than the names. Names are looked up once per dictionary entry, not per row.
-    A name missing from `metrics` means a source changed between two reads (`where` is the
-    output's folder, for the message)."""
+def metric_keys(names: pa.Array) -> tuple[pa.Array, list[str]]:
+    """Each row's metric as its place among the metrics `names` holds, sorted, and the metric
+    at each place. An integer key sorts six times faster than the names, and the names are
+    compared once per dictionary entry, not once per row."""
     codes = _encoded(names)
-    value_set = pa.array(metrics, codes.dictionary.type)
-    ranks = pc.take(pc.index_in(codes.dictionary, value_set=value_set), codes.indices)
-    if ranks.null_count:
-        unknown = sorted(set(pc.filter(names, ranks.is_null()).to_pylist()))
-        raise SourceChangedError(
-            f"a source changed between two reads: metrics {unknown} were not there at first",
-            where,
-        )
-    return ranks
+    metrics = codes.dictionary.take(pc.sort_indices(codes.dictionary)).to_pylist()
+    places = pc.subtract(pc.rank(codes.dictionary, tiebreaker="first"), 1)
+    return pc.take(places, codes.indices), metrics
 
 
 def _encoded(names: pa.Array) -> pa.DictionaryArray:
@@ -76,11 +84,11 @@ def _encoded(names: pa.Array) -> pa.DictionaryArray:
     return pc.dictionary_encode(names)
 
 
-def without_rows(batch: pa.RecordBatch, offset: int, rows: list[int]) -> list[pa.RecordBatch]:
-    """`batch` (whose first row is row `offset` of its source) minus the given source rows."""
+def without_rows(batch: pa.RecordBatch, rows: list[int]) -> list[pa.RecordBatch]:
+    """`batch` minus the given rows (sorted), as slices."""
     pieces: list[pa.RecordBatch] = []
     start = 0
-    for row in sorted(r - offset for r in rows if offset <= r < offset + batch.num_rows):
+    for row in rows:
         pieces.append(batch.slice(start, row - start))
         start = row + 1
     pieces.append(batch.slice(start))
@@ -205,26 +213,22 @@ class MetricSorter:
     `row_group_bytes`), whatever the size of the output.
 
     Rows wait in arrival order until `buffer_bytes` of them have come, then are sorted (one
-    stable sort, one `take` per metric so only one metric is copied at a time) and, when the
-    output is larger than one buffer, parked on disk as one run per metric (`Spill`). At the
-    end each metric's runs are read back in order and written out together: an external sort,
-    so memory is bounded by the buffer while a metric still gets few, large row groups.
+    stable sort by an integer key, copied out a few metrics at a time) and, when the output is
+    larger than one buffer, parked on disk as one run per metric (`Spill`). At the end each
+    metric's runs are read back in order and written out together: an external sort, so memory
+    is bounded by the buffer while a metric still gets few, large row groups. Nothing is
+    written before `finish`, so a caller can put a row group of its own first.
     """
 
     def __init__(
         self,
         write_row_group: Callable[[pa.Table], None],
         *,
-        metrics: Iterable[str],
         row_group_bytes: int,
         buffer_bytes: int,
         spill_folder: Path,
     ) -> None:
         self._write = write_row_group
-        # Every metric the output holds, known from the first look at the sources: a row's
-        # place in this list is its sort key, an integer, which sorts six times faster than
-        # the name itself.
-        self._metrics = sorted(set(metrics))
         self._row_group_bytes = row_group_bytes
         self._buffer_bytes = buffer_bytes
         self._spill_folder = spill_folder
@@ -268,23 +272,20 @@ class MetricSorter:
         self._batches, self._buffered = [], 0
         if buffer.num_rows == 0:
             return
-        ranks = self._ranks(buffer.column(METRIC))
-        order = pc.sort_indices(ranks)  # stable: rows of a metric keep their arrival order
+        keys, metrics = metric_keys(buffer.column(METRIC))
+        order = pc.sort_indices(keys)  # stable: rows of a metric keep their arrival order
         # Runs are copied out a few metrics at a time, about a quarter of the buffer per `take`:
         # one `take` per metric cost five times the CPU of one for the whole buffer, which in
         # turn held a second copy of the buffer while it was parked.
         offset = 0
-        for group in _groups(_counts(ranks), max(1, buffer.num_rows // 4)):
-            rows = sum(count for _rank, count in group)
+        for group in _groups(_counts(keys), max(1, buffer.num_rows // 4)):
+            rows = sum(count for _key, count in group)
             ordered = buffer.take(order.slice(offset, rows))
             start = 0
-            for rank, count in group:
-                yield self._metrics[rank], ordered.slice(start, count)
+            for key, count in group:
+                yield metrics[key], ordered.slice(start, count)
                 start += count
             offset += rows
-
-    def _ranks(self, names: pa.Array) -> pa.Array:
-        return metric_ranks(names, self._metrics, self._spill_folder)
 
     def _write_metric(self, batches: Iterable[pa.RecordBatch]) -> None:
         """One metric's rows, in order, as row groups of about `row_group_bytes` at most."""
@@ -337,8 +338,8 @@ def _groups(runs: list[tuple[int, int]], rows: int) -> Iterator[list[tuple[int, 
         yield group
 
 
-def _counts(ranks: pa.Array) -> list[tuple[int, int]]:
-    """(rank, rows) of every metric present, in sort order."""
-    counts = pc.value_counts(ranks)
-    ranks_present, rows = counts.field("values").to_pylist(), counts.field("counts").to_pylist()
-    return sorted(zip(ranks_present, rows, strict=True))
+def _counts(keys: pa.Array) -> list[tuple[int, int]]:
+    """(key, rows) of every metric present, in sort order."""
+    counts = pc.value_counts(keys)
+    present, rows = counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+    return sorted(zip(present, rows, strict=True))

@@ -2,16 +2,14 @@
 
 The writer knows nothing of the journal or of final names: it creates the file it is given
 exclusively, streams every source batch by batch (never a whole file) into row groups laid out
-by metric (see `clustering`), syncs, and proves the result by reading its footer back. Sources
-are read twice: once for their `metric_name` column alone, to find the first row of every
-metric for row group 0, then whole. Whatever reading a source throws becomes a
-SourceReadError naming that source, so the caller can tell a bad input from a bad disk.
+by metric (see `clustering`), syncs, and proves the result by reading its footer back. Each
+source is read once. Whatever reading a source throws becomes a SourceReadError naming that
+source, so the caller can tell a bad input from a bad disk.
 """
 
 from __future__ import annotations
 
 import base64
-import bisect
 import contextlib
 import hashlib
 import os
@@ -21,11 +19,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import crashpoints, durable, footers
-from .clustering import METRIC, FirstRows, MetricSorter, metric_ranks, without_rows
+from .clustering import METRIC, FirstRows, MetricSorter
 from .durable import FileIdentity
 from .errors import (
     MergeAborted,
@@ -182,39 +179,6 @@ def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBat
         raise SourceReadError(f"footer promised {source.rows} rows, read {rows}", source.path)
 
 
-def iter_metric_names(source: WriteSource) -> Iterator[pa.Array]:
-    """The `metric_name` column of one source, in file order: a cheap first look."""
-
-    def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
-        yield from parquet.iter_batches(
-            use_threads=False, batch_size=READ_BATCH_ROWS, columns=[METRIC]
-        )
-
-    for batch in _source_batches(source, read, as_dictionary=(METRIC,)):
-        yield batch.column(0)
-
-
-def read_rows(source: WriteSource, rows: list[int], target: pa.Schema) -> list[pa.RecordBatch]:
-    """The given rows of one source, laid out as `target`; only their row groups are read."""
-
-    def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
-        starts = [0]
-        for index in range(parquet.metadata.num_row_groups):
-            starts.append(starts[-1] + parquet.metadata.row_group(index).num_rows)
-        groups = sorted({bisect.bisect_right(starts, row) - 1 for row in rows})
-        for group in groups:
-            offset = starts[group]
-            for batch in parquet.iter_batches(
-                use_threads=False, batch_size=READ_BATCH_ROWS, row_groups=[group]
-            ):
-                wanted = [r - offset for r in rows if offset <= r < offset + batch.num_rows]
-                if wanted:
-                    yield conform(batch.take(pa.array(wanted, pa.int64())), target)
-                offset += batch.num_rows
-
-    return list(_source_batches(source, read, _dictionary_names(target)))
-
-
 def write_merged(
     sources: Sequence[WriteSource],
     target: Path,
@@ -273,27 +237,23 @@ def _stream(
         crashpoints.reach("writer:row-group")
 
     try:
-        first = _first_rows(sources)
-        head = _head(sources, first, buffered, target.parent)
-        if head.num_rows:
-            write_row_group(head)
+        first = FirstRows()
         rows = MetricSorter(
             write_row_group,
-            metrics=first.positions,
             row_group_bytes=options.row_group_bytes,
             buffer_bytes=options.buffer_bytes,
             spill_folder=target.parent,
         )
         try:
-            for index, source in enumerate(sources):
-                taken = first.rows_of(index)
-                offset = 0
+            for source in sources:
                 for batch in iter_source(source, buffered):
                     if should_abort():
                         raise MergeAborted("stopped on request while writing", target)
-                    for piece in without_rows(batch, offset, taken):
+                    for piece in first.take_from(batch):
                         rows.add(piece)
-                    offset += batch.num_rows
+            head = first.table(buffered)  # row group 0; the sorter has written nothing yet
+            if head.num_rows:
+                write_row_group(head)
             rows.finish()
         finally:
             rows.close()
@@ -355,33 +315,6 @@ def _bloom_filters(schema: pa.Schema) -> dict[str, dict[str, float]] | None:
     if CONTAINER_ID not in schema.names:
         return None
     return {CONTAINER_ID: {"ndv": 1024, "fpp": 0.01}}
-
-
-def _first_rows(sources: Sequence[WriteSource]) -> FirstRows:
-    first = FirstRows()
-    for index, source in enumerate(sources):
-        offset = 0
-        for names in iter_metric_names(source):
-            first.observe(index, offset, names)
-            offset += len(names)
-    return first
-
-
-def _head(
-    sources: Sequence[WriteSource], first: FirstRows, schema: pa.Schema, target: Path
-) -> pa.Table:
-    """Row group 0: the first row of every metric, in metric order (see `clustering`), with
-    one dictionary per column, as the parquet writer wants it."""
-    batches: list[pa.RecordBatch] = []
-    for index, source in enumerate(sources):
-        rows = first.rows_of(index)
-        if rows:
-            batches.extend(read_rows(source, rows, schema))
-    head = pa.Table.from_batches(batches, schema=schema).unify_dictionaries().combine_chunks()
-    if head.num_rows == 0:
-        return head
-    names = head.column(METRIC).chunk(0)
-    return head.take(pc.sort_indices(metric_ranks(names, sorted(first.positions), target)))
 
 
 def _check_output(path: Path, schema: pa.Schema, rows: int, size: int) -> None:
