@@ -280,6 +280,16 @@ def _one_value(stats: pq.Statistics | None) -> bool:
     return bool(stats is not None and stats.has_min_max and stats.min == stats.max)
 
 
+def _has_page_index(group: pq.RowGroupMetaData) -> bool:
+    """An offset index on every column chunk, and a column index on every chunk with
+    statistics (a column index is the statistics of each page)."""
+    chunks = [group.column(i) for i in range(group.num_columns)]
+    return all(
+        chunk.has_offset_index and (chunk.has_column_index or chunk.statistics is None)
+        for chunk in chunks
+    )
+
+
 def layout_row(layout: Layout) -> list[object]:
     groups = single_metric = blooms = page_index = rows = 0
     sorting: set[str] = set()
@@ -297,7 +307,7 @@ def layout_row(layout: Layout) -> list[object]:
                 single_metric += _one_value(stats)
             if CONTAINER in names:
                 blooms += _has_bloom(group.column(names.index(CONTAINER)))
-            page_index += all(group.column(i).has_column_index for i in range(group.num_columns))
+            page_index += _has_page_index(group)
             sorting.update(str(c) for c in (getattr(group, "sorting_columns", None) or ()))
     return [
         layout.name,
