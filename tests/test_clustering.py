@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from fgm_consolidator import clustering
 from fgm_consolidator.clustering import FirstRows, MetricSorter, metric_keys, without_rows
 
 
@@ -106,6 +107,22 @@ def test_a_failure_while_writing_closes_the_spill(tmp_path: Path) -> None:
     assert opened() == 1
     with pytest.raises(OSError):
         into.finish()
+    assert opened() == 0
+
+
+def test_a_full_disk_while_parking_raises_and_the_spill_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(_self: object, _data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(clustering._Appender, "write", full)
+    into = sorter(Recorder(), tmp_path, row_group_bytes=10**9, buffer_bytes=1)
+    opened = spill_files_opened(tmp_path)
+    with pytest.raises(OSError, match="No space left"):
+        into.add(batch(["a", "b"]))
+    assert opened() == 1
+    into.close()
     assert opened() == 0
 
 

@@ -15,6 +15,7 @@ time order.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -125,11 +126,16 @@ class Spill:
         part = len(self._parts)
         appender = _Appender(self._file)
         sink = pa.BufferedOutputStream(pa.PythonFile(appender, mode="w"), self.WRITE_BUFFER)
-        with pa.ipc.new_file(sink, self._schema, options=self.OPTIONS) as writer:
-            for index, (name, run) in enumerate(runs):
-                writer.write_batch(run)
-                self.runs.setdefault(name, []).append((part, index))
-        sink.close()
+        try:
+            with pa.ipc.new_file(sink, self._schema, options=self.OPTIONS) as writer:
+                for index, (name, run) in enumerate(runs):
+                    writer.write_batch(run)
+                    self.runs.setdefault(name, []).append((part, index))
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error that matters is already raised
+                sink.close()
+            raise
+        sink.close()  # writes what is buffered; a full disk raises here
         self._parts.append((self._size, appender.size))
         self._size += appender.size
 
