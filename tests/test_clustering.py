@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fgm_consolidator import clustering
+from fgm_consolidator import durable
 from fgm_consolidator.clustering import FirstRows, MetricSorter, metric_keys, without_rows
 
 
@@ -116,7 +116,7 @@ def test_a_full_disk_while_parking_raises_and_the_spill_is_closed(
     def full(_self: object, _data: bytes) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(clustering._Appender, "write", full)
+    monkeypatch.setattr(durable.Sink, "write", full)
     into = sorter(Recorder(), tmp_path, row_group_bytes=10**9, buffer_bytes=1)
     opened = spill_files_opened(tmp_path)
     with pytest.raises(OSError, match="No space left"):

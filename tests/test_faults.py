@@ -54,16 +54,16 @@ def test_write_error_rolls_back_and_the_next_pass_succeeds(
     settings, journal = setup
     before_files = data_files(settings.data_dir)
     before_rows = rows_pyarrow(settings.data_dir)
-    real_write = writer._HashingSink.write
+    real_write = durable.Sink.write
     calls = {"n": 0}
 
-    def write(self: writer._HashingSink, data: bytes) -> int:
+    def write(self: durable.Sink, data: bytes) -> int:
         calls["n"] += 1
         if calls["n"] > 1:
             raise OSError(code, os.strerror(code))
         return real_write(self, data)
 
-    monkeypatch.setattr(writer._HashingSink, "write", write)
+    monkeypatch.setattr(durable.Sink, "write", write)
     monkeypatch.setattr(writer, "OUTPUT_BUFFER", 1024)  # several writes: the first one lands
     report = run_pass(settings, journal)
     assert calls["n"] >= 2  # one write landed, then they failed

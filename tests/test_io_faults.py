@@ -33,7 +33,7 @@ import pytest
 from conftest import PAST, data_files, rows_pyarrow, tmp_files
 from test_service import DEADLINE_S, Service, poll, running
 
-from fgm_consolidator import durable, merge, writer
+from fgm_consolidator import durable, merge
 from fgm_consolidator.backoff import Backoff, cap_for
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path
@@ -518,7 +518,7 @@ def test_short_writes_are_completed_not_dropped(tmp_path: Path) -> None:
     """Regression: the sink took one write call as the whole buffer; a short write would have
     shifted every later byte and been caught, at best, by the size check."""
     handle = ShortWrites(tmp_path / "out", 7)
-    sink = writer._HashingSink(handle)  # type: ignore[arg-type]
+    sink = durable.Sink(handle)  # type: ignore[arg-type]
     payload = bytes(range(256)) * 3
     assert sink.write(payload[:100]) == 100
     assert sink.write(payload[100:]) == len(payload) - 100

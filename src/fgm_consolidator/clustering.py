@@ -21,10 +21,12 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from . import durable
 
 METRIC = "metric_name"
 
@@ -124,7 +126,7 @@ class Spill:
     def park(self, runs: Iterable[tuple[str, pa.RecordBatch]]) -> None:
         """One buffer's runs, sorted by metric and sharing their dictionaries."""
         part = len(self._parts)
-        appender = _Appender(self._file)
+        appender = durable.Sink(self._file)  # counts what this part adds
         sink = pa.BufferedOutputStream(pa.PythonFile(appender, mode="w"), self.WRITE_BUFFER)
         try:
             with pa.ipc.new_file(sink, self._schema, options=self.OPTIONS) as writer:
@@ -154,29 +156,6 @@ class Spill:
     def close(self) -> None:
         self._readers.clear()
         self._file.close()
-
-
-class _Appender:
-    """The spill file as pyarrow writes into it: counts what one part adds, never closes it."""
-
-    def __init__(self, file: BinaryIO) -> None:
-        self._file = file
-        self.size = 0
-        self.closed = False
-
-    def write(self, data: bytes) -> int:
-        written = self._file.write(data)
-        self.size += written
-        return written
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def tell(self) -> int:
-        return self.size
-
-    def close(self) -> None:
-        self.closed = True  # the spill file itself is closed by Spill.close
 
 
 class _Window(io.RawIOBase):

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from tenacity import (
     RetryCallState,
@@ -26,6 +26,9 @@ from tenacity import (
 from . import crashpoints
 from .errors import TRANSIENT_ERRNOS, NameTakenError
 from .logs import log_event
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,35 @@ def write_all(handle: BinaryIO, data: bytes | memoryview) -> None:
         if not written:
             raise OSError(f"write returned {written!r} with {len(view)} bytes left")
         view = view[written:]
+
+
+class Sink:
+    """The file object pyarrow writes into: every byte written whole (see `write_all`),
+    counted, and hashed when a digest is given. Closing it leaves the file open: its owner
+    syncs and closes it."""
+
+    def __init__(self, handle: BinaryIO, digest: Hash | None = None) -> None:
+        self.handle = handle
+        self.digest = digest
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        write_all(self.handle, view)
+        if self.digest is not None:
+            self.digest.update(view)
+        self.size += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def fsync_file(handle: BinaryIO) -> None:

@@ -16,7 +16,6 @@ import os
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,32 +69,6 @@ class WriteResult:
     size: int
     checksum: str
     row_groups: int
-
-
-class _HashingSink:
-    """The file object pyarrow writes into: hashes and counts every byte on its way to disk."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle = handle
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self.closed = False
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        durable.write_all(self.handle, view)
-        self.digest.update(view)
-        self.size += len(view)
-        return len(view)
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-    def tell(self) -> int:
-        return self.size
-
-    def close(self) -> None:
-        self.closed = True  # the handle is synced and closed by write_merged
 
 
 def _open_source(source: WriteSource, as_dictionary: Collection[str] = ()) -> pq.ParquetFile:
@@ -194,7 +167,8 @@ def write_merged(
     handle = durable.create_exclusive(target)
     try:
         with handle:
-            sink = _HashingSink(handle)
+            digest = hashlib.sha256()
+            sink = durable.Sink(handle, digest)
             row_groups = _stream(sources, sink, schema, options, should_abort, target)
             durable.fsync_file(handle)
         expected = sum(s.rows for s in sources)
@@ -202,12 +176,12 @@ def write_merged(
     except BaseException:
         durable.remove(target)
         raise
-    return WriteResult(expected, sink.size, sink.digest.hexdigest(), row_groups)
+    return WriteResult(expected, sink.size, digest.hexdigest(), row_groups)
 
 
 def _stream(
     sources: Sequence[WriteSource],
-    sink: _HashingSink,
+    sink: durable.Sink,
     schema: pa.Schema,
     options: WriteOptions,
     should_abort: Callable[[], bool],
