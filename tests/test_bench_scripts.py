@@ -89,6 +89,20 @@ def test_throughput_quick_keeps_types_and_values() -> None:
         assert rows[era, "duckdb"][4] == "no"  # timestamp[ms] -> timestamp[us]
 
 
+def test_throughput_reports_the_by_metric_layout_beside_the_targets() -> None:
+    out = run_script(
+        "bench_throughput.py", "--quick", "--tools", "fgm-consolidator,duckdb-by-metric"
+    )
+    rows = {(r[0], r[1]): r for r in table_rows(out, "Consolidating one partition")}
+    assert rows["flat", "duckdb-by-metric"][5] == "kept"
+    layout = {(r[0], r[1]): r[-1] for r in table_rows(out, "Absolute figures")}
+    single, total = (int(n) for n in layout["flat", "fgm-consolidator"].split(" / "))
+    assert single == total - 1  # every row group but the head of first rows holds one metric
+    # the targets name the plain commands: a sorted alternative alone is shown, not judged
+    assert "targets (flat): not judged" in out
+    assert "same layout (flat): duckdb-by-metric uses " in out
+
+
 def test_throughput_reports_a_missing_polars_as_skipped(tmp_path: Path) -> None:
     fake = tmp_path / "fake" / "polars"
     fake.mkdir(parents=True)
