@@ -221,7 +221,7 @@ def check_output(path: Path, before: Before, journal: Journal) -> list[str]:
 
     # Statistics and a column index where a reader prunes (numbers, times, the metric name, the
     # container id), not on the other text; an offset index on every column chunk; min/max the
-    # viewer prunes with.
+    # viewer prunes with; delta encoding on the steadily growing time and fetch index.
     pruned = {field.name for field in schema if prunes_by_statistics(field)}
     assert {"time", "metric_name"} <= pruned
     metadata = pq.ParquetFile(path).metadata
@@ -237,6 +237,8 @@ def check_output(path: Path, before: Before, journal: Journal) -> list[str]:
             assert (chunk.statistics is not None) == with_statistics, chunk.path_in_schema
             assert chunk.has_column_index == with_statistics, chunk.path_in_schema
             assert chunk.has_offset_index, chunk.path_in_schema
+            steady = chunk.path_in_schema in ("time", "fetch_index")
+            assert ("DELTA_BINARY_PACKED" in chunk.encodings) == steady, chunk.path_in_schema
             if chunk.path_in_schema == "metric_name":
                 assert chunk.statistics.min == min(r["metric_name"] for r in rows)
                 assert chunk.statistics.max == max(r["metric_name"] for r in rows)

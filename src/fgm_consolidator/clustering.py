@@ -265,7 +265,9 @@ class MetricSorter:
         offset = 0
         for group in _groups(_counts(keys), max(1, buffer.num_rows // 4)):
             rows = sum(count for _key, count in group)
-            ordered = buffer.take(order.slice(offset, rows))
+            # The permutation is the sort's own, so no index needs checking (17 columns each
+            # checked every index: 1% of a merge).
+            ordered = pc.take(buffer, order.slice(offset, rows), boundscheck=False)
             start = 0
             for key, count in group:
                 yield metrics[key], ordered.slice(start, count)
