@@ -27,7 +27,10 @@ A flat-era and a map-era partition are both run, so dictionary labels are exerci
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import shutil
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -160,10 +163,13 @@ class Outcome:
         return self.run.cpu_s / (self.bytes_in / 1e9) if self.ok and self.run else None
 
 
-def run_tool(tool: str, era: str, partition: Path, work: Path) -> Outcome:
-    """`partition` is a monitor partition folder; nothing of it is changed."""
+def run_tool(tool: str, era: str, partition: Path, work: Path, check: bool = True) -> Outcome:
+    """`partition` is a monitor partition folder; nothing of it is changed. `check`: compare
+    types and values (one DuckDB pass over inputs and outputs)."""
     bytes_in = benchlib.total_size(partition.glob("*.parquet"))
     target = work / f"{era}-{tool}"
+    if target.exists():
+        shutil.rmtree(target)  # an earlier round's
     if tool == "fgm-consolidator":
         data_dir = target / "data"
         benchlib.link_tree(partition.parents[1], data_dir)
@@ -179,7 +185,26 @@ def run_tool(tool: str, era: str, partition: Path, work: Path) -> Outcome:
         return Outcome(era, tool, bytes_in, None, [], None, run.stdout.strip())
     if run.returncode != 0:
         return Outcome(era, tool, bytes_in, run, [], None, f"failed: {run.tail(3)}")
-    return Outcome(era, tool, bytes_in, run, outputs, check_fidelity(partition, outputs))
+    fidelity = check_fidelity(partition, outputs) if check else None
+    return Outcome(era, tool, bytes_in, run, outputs, fidelity)
+
+
+def median_outcome(rounds: Sequence[Outcome]) -> Outcome:
+    """One tool's rounds as one: the median wall, CPU and peak RSS, and the first round's
+    fidelity. A round that failed or was skipped stands for the tool."""
+    first = rounds[0]
+    failed = next((o for o in rounds if not o.ok or o.run is None), None)
+    if failed is not None:
+        return failed
+    runs = [o.run for o in rounds if o.run is not None]
+    run = dataclasses.replace(
+        runs[0],
+        wall_s=statistics.median(r.wall_s for r in runs),
+        user_s=statistics.median(r.cpu_s for r in runs),
+        system_s=0.0,
+        max_rss_bytes=int(statistics.median(r.max_rss_bytes for r in runs)),
+    )
+    return dataclasses.replace(first, run=run, outputs=rounds[-1].outputs)
 
 
 def _types(paths: Sequence[Path]) -> dict[str, pa.Field]:
@@ -415,11 +440,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rotations", type=int, default=480, help="files per partition")
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        help="runs of every tool, interleaved; each figure is their median (default 3, --quick 1)",
+    )
+    parser.add_argument(
         "--worker", nargs=3, metavar=("TOOL", "SOURCE", "OUTPUT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.scale, args.metrics, args.rotations = 0.05, 10, 16
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     unknown = set(args.tools.split(",")) - set(TOOLS)
     if unknown:
         parser.error(
@@ -435,7 +469,12 @@ def run(args: argparse.Namespace, work: Path) -> int:
         "Throughput and cost: one partition, fgm-consolidator vs the alternatives",
         "duckdb",
         "polars",
-        options={"partition": shape.describe(), "eras": "flat, map", "tools": ", ".join(tools)},
+        options={
+            "partition": shape.describe(),
+            "eras": "flat, map",
+            "tools": ", ".join(tools),
+            "rounds": f"{args.rounds} (tools interleaved; median of each figure)",
+        },
     )
     day = benchlib.past_day(5)
     outcomes = []
@@ -446,8 +485,12 @@ def run(args: argparse.Namespace, work: Path) -> int:
             source, day, shape, identifiers=(identifier,), era=era, seed=args.seed
         )
         partition = benchlib.partition_dir(source, day, identifier)
-        for tool in tools:
-            outcomes.append(run_tool(tool, era, partition, work))
+        # Round-robin, so that load from elsewhere on a shared machine hits every tool alike.
+        rounds: dict[str, list[Outcome]] = {tool: [] for tool in tools}
+        for index in range(args.rounds):
+            for tool in tools:
+                rounds[tool].append(run_tool(tool, era, partition, work, check=index == 0))
+        outcomes += [median_outcome(rounds[tool]) for tool in tools]
     print_report(outcomes)
     failed = [o for o in outcomes if o.tool == "fgm-consolidator" and not o.ok]
     return 1 if failed else 0

@@ -103,6 +103,22 @@ def test_throughput_reports_the_by_metric_layout_beside_the_targets() -> None:
     assert "same layout (flat): duckdb-by-metric uses " in out
 
 
+def test_throughput_takes_the_median_of_each_figure_over_rounds() -> None:
+    import bench_throughput as bt
+
+    def outcome(cpu: float, rss: int, returncode: int = 0) -> bt.Outcome:
+        run = benchlib.ChildRun(("x",), returncode, cpu + 1, cpu, 0.0, rss, "", "")
+        return bt.Outcome("flat", "polars", 10**9, run, [], None)
+
+    rounds = [outcome(5.0, 300), outcome(9.0, 100), outcome(6.0, 200)]
+    merged = bt.median_outcome(rounds)
+    assert merged.run is not None
+    assert (merged.run.cpu_s, merged.run.wall_s, merged.run.max_rss_bytes) == (6.0, 7.0, 200)
+    assert merged.cpu_per_gb == 6.0
+    failed = outcome(1.0, 1, returncode=1)
+    assert bt.median_outcome([*rounds, failed]) is failed  # a failure is never averaged away
+
+
 def test_throughput_reports_a_missing_polars_as_skipped(tmp_path: Path) -> None:
     fake = tmp_path / "fake" / "polars"
     fake.mkdir(parents=True)
