@@ -278,6 +278,7 @@ def run_service(
     `serve` (the metrics endpoint) starts only once the lock is ours, so a second instance is
     refused by the lock, with its holder named, not by a port it cannot bind."""
     with lock.exclusive(settings.data_dir), serve():
+        memory.keep_freed_heap()
         journal = Journal.open(settings.journal_path)
         log_event(
             log,
