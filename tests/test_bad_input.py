@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -259,6 +260,36 @@ def test_the_cli_reports_an_unreadable_file_once_and_moves_on(node: Node) -> Non
     assert history.returncode == 0, history.stderr
     unreadable = [x for x in history.stdout.splitlines() if x.startswith("kind=unreadable ")]
     assert len(unreadable) == 1 and f"file={path.name}" in unreadable[0]
+
+
+def test_names_shaped_like_the_monitors_but_with_no_real_date_are_left_alone(
+    node: Node,
+) -> None:
+    """A file `metrics-<month 13>.parquet`, or a folder `dt=<month 13>`, once stopped every
+    pass with a traceback. They are not names the monitor writes: untouched, like any other."""
+    node.arrive(range(12))
+    expected = rows_of([node.path(i) for i in range(12)])
+    odd_file = node.folder / "metrics-20251399T080000Z.parquet"
+    shutil.copy2(node.path(0), odd_file)
+    odd_folder = node.data_dir / "dt=2025-13-45" / "identifier=pod"
+    odd_folder.mkdir(parents=True)
+    odd_in_folder = odd_folder / node.path(1).name
+    shutil.copy2(node.path(1), odd_in_folder)
+    prints = {path: fingerprint(path) for path in (odd_file, odd_in_folder)}
+
+    result = run_cli("run", "--once", "--data-dir", str(node.data_dir), "--min-age", "0")
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "level=error" not in result.stderr
+    assert result.stderr.count("event=merge-finished") >= 1
+    assert {path: fingerprint(path) for path in prints} == prints
+    # not data files to anything of ours, so the good ones are all consolidated around them
+    assert rows_of(consolidated_only_besides(node.data_dir)) == expected
+    history = run_cli(
+        "history", "--data-dir", str(node.data_dir), "--partition", "dt=2025-13-45/identifier=pod"
+    )
+    assert history.returncode == 2
+    assert "with a real date" in history.stderr
 
 
 def test_a_file_with_a_future_mtime_is_left_alone_until_its_time_comes(

@@ -373,7 +373,7 @@ def test_every_command_and_run_option_is_documented_in_the_readme() -> None:
         (
             ["history", "--partition", "nonsense"],
             "--partition",
-            "'nonsense' is not of the form dt=YYYY-MM-DD/identifier=<name>",
+            "'nonsense' is not of the form dt=YYYY-MM-DD/identifier=<name> with a real date",
         ),
         (
             ["history", "--state", "bogus"],

@@ -1,4 +1,5 @@
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pytest
 
@@ -7,9 +8,11 @@ from fgm_consolidator.layout import (
     format_consolidated,
     format_stamp,
     is_our_tmp,
+    iter_partitions,
     parse_data_file,
     parse_partition,
     parse_stamp,
+    partition_day,
     tmp_name,
 )
 
@@ -45,6 +48,10 @@ def test_metrics_name_parses_with_equal_start_and_end() -> None:
         "consolidated-20251230T120000Z.parquet",
         "other.parquet",
         "session.json",
+        "metrics-20251399T120000Z.parquet",  # shaped like a stamp, but month 13
+        "metrics-20251230T120060Z.parquet",  # second 60
+        "consolidated-20251230T120000Z-20251232T000000Z.parquet",
+        "metrics-\uff12\uff10\uff12\uff151230T120000Z.parquet",  # fullwidth digits
     ],
 )
 def test_names_that_are_not_data_files(name: str) -> None:
@@ -69,3 +76,19 @@ def test_partition_keys_are_validated() -> None:
     assert parse_partition("/dt=2025-12-30/identifier=pod-a/") == "dt=2025-12-30/identifier=pod-a"
     with pytest.raises(ValueError, match="dt=YYYY-MM-DD/identifier=<name>"):
         parse_partition("pod-a")
+
+
+def test_a_stamp_that_names_no_moment_is_refused() -> None:
+    for text in ("20251399T120000Z", "20251230T250000Z", "2025123T120000Z", "20251230T120000"):
+        with pytest.raises(ValueError):
+            parse_stamp(text)
+
+
+def test_partition_folders_without_a_real_date_are_not_partitions(tmp_path: Path) -> None:
+    for key in ("dt=2025-12-30/identifier=a", "dt=2025-13-45/identifier=b", "dt=x/identifier=c"):
+        (tmp_path / key).mkdir(parents=True)
+    assert list(iter_partitions(tmp_path)) == ["dt=2025-12-30/identifier=a"]
+    assert partition_day("dt=2025-12-30/identifier=a") == date(2025, 12, 30)
+    assert partition_day("dt=2025-13-45/identifier=b") is None
+    with pytest.raises(ValueError, match="with a real date"):
+        parse_partition("dt=2025-02-30/identifier=a")

@@ -24,7 +24,7 @@ from typing import ClassVar
 import pyarrow as pa
 
 from .errors import SchemaConflictError
-from .layout import companion_name, format_consolidated, parse_data_file
+from .layout import companion_name, format_consolidated, parse_data_file, partition_day
 from .scan import PartitionScan, SourceFile
 from .schemas import Era, era_of, unify
 
@@ -139,7 +139,9 @@ def _barriers(scan: PartitionScan) -> list[datetime]:
 
 
 def is_day_over(partition: str, today: date) -> bool:
-    day = date.fromisoformat(partition.split("/", 1)[0].removeprefix("dt="))
+    day = partition_day(partition)
+    if day is None:  # iter_partitions yields no such key
+        raise ValueError(f"{partition!r} is not a partition key")
     return day < today
 
 
