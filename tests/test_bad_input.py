@@ -465,3 +465,112 @@ def test_a_label_type_conflict_keeps_files_in_separate_outputs(node: Node) -> No
     report = one_pass(node.data_dir)
     assert report.merges == [] and report.skipped == []
     assert [p.name for p in data_files(node.data_dir)] == sorted(groups)
+
+
+def aged(path: Path) -> Path:
+    """An mtime (of the name itself) well past --min-age, as the monitor's old files have."""
+    os.utime(path, ns=(0, int((time.time() - 86_400) * 1e9)), follow_symlinks=False)
+    return path
+
+
+def name_identity(path: Path) -> tuple[int, int, int]:
+    st = path.lstat()
+    return st.st_ino, st.st_mode, st.st_mtime_ns
+
+
+def test_links_fifos_and_folders_named_like_data_files_are_left_alone(
+    node: Node, tmp_path: Path
+) -> None:
+    """Only regular files are data files. A FIFO once hung every pass in `open` (SIGTERM could
+    not stop it); a link was merged and then only the link deleted, so its rows existed twice;
+    a link loop failed the whole partition on every pass."""
+    node.arrive(range(12))
+    expected = rows_of([node.path(i) for i in range(12)])
+    outside = tmp_path / "outside" / metrics_name(20)
+    outside.parent.mkdir()
+    shutil.copy2(node.staged(20), outside)
+    folder = node.folder
+    odd = [
+        folder / metrics_name(12),  # a FIFO
+        folder / metrics_name(13),  # a link to a good file outside the data directory
+        folder / metrics_name(14),  # a link to a sibling
+        folder / metrics_name(15),  # a link to itself
+        folder / metrics_name(16),  # a folder
+        folder / consolidated_name(17, 18),  # a FIFO where an output of ours could be
+        folder / (consolidated_name(19, 20) + ".tmp"),  # a FIFO named like our temp file
+    ]
+    os.mkfifo(odd[0])
+    odd[1].symlink_to(outside)
+    odd[2].symlink_to(node.path(0).name)
+    odd[3].symlink_to(odd[3].name)
+    odd[4].mkdir()
+    os.mkfifo(odd[5])
+    os.mkfifo(odd[6])
+    before = {path: name_identity(aged(path)) for path in odd}
+    outside_print = fingerprint(outside)
+
+    result = run_cli("run", "--once", "--data-dir", str(node.data_dir), "--min-age", "0")
+    status = run_cli("status", "--data-dir", str(node.data_dir), timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "partition-failed" not in result.stderr
+    assert {path: name_identity(path) for path in odd} == before
+    assert fingerprint(outside) == outside_print
+    reported = [line for line in result.stderr.splitlines() if "not a regular file" in line]
+    assert len(reported) >= 5, result.stderr  # four links and the FIFO, each once
+    outputs = [p for p in data_files(node.data_dir) if p.name.startswith("consolidated-")]
+    merged = [p for p in outputs if p.is_file() and not p.is_symlink()]
+    assert rows_of(merged) == expected  # every row once: no link was merged
+    assert status.returncode in (0, 3), status.stderr  # it answered, and did not hang
+
+
+def test_files_without_a_metric_name_to_sort_by_are_left_alone(node: Node) -> None:
+    """Two neighbouring sources without `metric_name`, or with nulls in it, once stopped every
+    pass with a traceback from inside the sort, and the service with it."""
+    node.arrive(range(12))
+    expected = rows_of([node.path(i) for i in (0, 1, 2, 3, 4, 5, 10, 11)])
+    for rotation in (6, 7):
+        keep_mtime(
+            node.path(rotation), lambda p: pq.write_table(pq.read_table(p).drop(["metric_name"]), p)
+        )
+    for rotation in (8, 9):
+
+        def null_first(path: Path) -> None:
+            table = pq.read_table(path)
+            names = table.column("metric_name").to_pylist()
+            field = table.schema.field("metric_name").with_nullable(True)
+            column = pa.array([None, *names[1:]], pa.utf8())
+            index = table.schema.get_field_index("metric_name")
+            pq.write_table(table.set_column(index, field, column), path)
+
+        keep_mtime(node.path(rotation), null_first)
+    odd = [node.path(i) for i in (6, 7, 8, 9)]
+    prints = {path: fingerprint(path) for path in odd}
+
+    first = run_cli("run", "--once", "--data-dir", str(node.data_dir), "--min-age", "0")
+    second = run_cli("run", "--once", "--data-dir", str(node.data_dir), "--min-age", "0")
+
+    for result in (first, second):
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+    assert first.stderr.count("cannot be merged: no metric_name column") == 2
+    assert "rows without a metric_name" in first.stderr + second.stderr
+    assert {path: fingerprint(path) for path in odd} == prints
+    assert rows_of(consolidated_only_besides(node.data_dir, *odd)) == expected
+
+
+def test_a_partition_folder_whose_name_is_not_utf8_is_left_alone(node: Node) -> None:
+    """Its name could not go into the journal: it once stopped the pass, and the partitions
+    after it were never consolidated."""
+    node.arrive(range(12))
+    expected = rows_of([node.path(i) for i in range(12)])
+    odd = os.fsencode(node.data_dir / "dt=2025-12-30") + b"/identifier=bad\xffname"
+    os.makedirs(odd)
+    shutil.copy2(node.path(0), os.path.join(odd, os.fsencode(node.path(0).name)))
+
+    result = run_cli("run", "--once", "--data-dir", str(node.data_dir), "--min-age", "0")
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert rows_of(consolidated_only_besides(node.data_dir)) == expected
+    assert os.path.exists(os.path.join(odd, os.fsencode(node.path(0).name)))

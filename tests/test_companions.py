@@ -6,12 +6,14 @@ the monitor's bincode wire format rather than only checking that encode and deco
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
 import pytest
 
 from fgm_consolidator.companions import (
+    MAX_BYTES,
     Container,
     ContainerSidecar,
     decode,
@@ -359,3 +361,26 @@ def test_union_version_max_regardless_of_order() -> None:
 def test_union_accepts_generator() -> None:
     result = union(ContainerSidecar(1, (c(str(i)),)) for i in range(3))
     assert result == ContainerSidecar(1, (c("0"), c("1"), c("2")))
+
+
+def test_only_a_regular_companion_of_bounded_size_is_read(tmp_path: Path) -> None:
+    """A link to /dev/zero, or a runaway file, would be read whole into a process whose
+    limit is 128 MiB; a FIFO would block the read forever."""
+    link = tmp_path / "link.containers"
+    link.symlink_to("/dev/zero")
+    fifo = tmp_path / "fifo.containers"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.containers"
+    with huge.open("wb") as handle:
+        handle.truncate(MAX_BYTES + 1)
+    for path, reason in (
+        (link, "a symbolic link, not a regular file"),
+        (fifo, "a FIFO, not a regular file"),
+        (huge, f"companion is {MAX_BYTES + 1:,} bytes"),
+    ):
+        with pytest.raises(CompanionError, match=reason) as caught:
+            read_companion(path)
+        assert caught.value.path == str(path)
+    just_right = tmp_path / "ok.containers"
+    just_right.write_bytes(encode(ContainerSidecar(version=1, containers=())))
+    assert read_companion(just_right).containers == ()

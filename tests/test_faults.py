@@ -183,3 +183,33 @@ def test_a_failing_partition_does_not_stop_the_others(
     ]
     assert rows_pyarrow(data_dir) == before_rows
     assert run_service(settings, StopFlag(grace_s=20), once=True) == 1  # --once says so
+
+
+def test_an_unexpected_error_in_a_merge_rolls_it_back_and_the_service_goes_on(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A bug, or an input no check foresaw, fails its merge, not the process: the merge is
+    rolled back like any other failure, the partition backs off, and the next pass succeeds."""
+    settings, journal = setup
+    before_files = data_files(settings.data_dir)
+    before_rows = rows_pyarrow(settings.data_dir)
+    real = merge.write_merged
+
+    def buggy(*args: object, **kwargs: object) -> object:
+        real(*args, **kwargs)  # the output is written whole, then something unforeseen happens
+        raise KeyError("Field 'metric_name' does not exist in schema")
+
+    monkeypatch.setattr(merge, "write_merged", buggy)
+    report = run_pass(settings, journal)
+    assert [m.state for m in report.merges] == [MergeState.ROLLED_BACK]
+    assert (report.merges[0].error or "").startswith("unexpected KeyError: ")
+    assert report.merges[0].retry_later  # our side: the partition backs off
+    assert data_files(settings.data_dir) == before_files
+    assert tmp_files(settings.data_dir) == []
+    assert journal.merge(report.merges[0].merge_id).state is MergeState.ROLLED_BACK
+    assert journal.unfinished() == []
+
+    monkeypatch.undo()
+    report = run_pass(settings, journal)
+    assert [m.state for m in report.merges] == [MergeState.SOURCES_DELETED]
+    assert rows_pyarrow(settings.data_dir) == before_rows

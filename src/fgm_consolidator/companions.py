@@ -12,14 +12,19 @@ and trailing byte becomes a ``CompanionError`` naming the file, never a stray ``
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fgm_consolidator import durable
 from fgm_consolidator.errors import CompanionError
 
 SUPPORTED_VERSIONS = (1, 2)
+# A container takes ~200 bytes, up to ~2 KB with labels; a node runs at most a few hundred.
+# 4 MiB is ten times the largest plausible companion and bounds what one can cost in memory.
+MAX_BYTES = 4 * 1024 * 1024
 
 _U64 = struct.Struct("<Q")
 
@@ -207,11 +212,23 @@ def encode(sidecar: ContainerSidecar) -> bytes:
 
 def read_companion(path: Path) -> ContainerSidecar:
     """Read and decode one companion; I/O failures surface as ``CompanionError`` like corruption,
-    because to the caller both mean the same thing: this source cannot be merged as it is."""
+    because to the caller both mean the same thing: this source cannot be merged as it is.
+    Only a regular file of at most MAX_BYTES is read: a link to /dev/zero or a runaway file
+    would otherwise be read whole into a process whose limit is 128 MiB."""
     try:
-        data = Path(path).read_bytes()
+        with durable.open_regular(Path(path)) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_BYTES:
+                raise CompanionError(
+                    f"companion is {size:,} bytes, more than the {MAX_BYTES:,} a list of"
+                    " containers can take",
+                    path,
+                )
+            data = handle.read(MAX_BYTES + 1)
     except OSError as exc:
         raise CompanionError(f"cannot read companion: {exc.strerror or exc}", path) from exc
+    if len(data) > MAX_BYTES:
+        raise CompanionError(f"companion grew past {MAX_BYTES:,} bytes while read", path)
     return decode(data, path)
 
 

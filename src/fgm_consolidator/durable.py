@@ -8,8 +8,10 @@ already have dropped the dirty pages, so the caller must redo the whole step fro
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +75,52 @@ class FileIdentity:
 
 
 def identity(path: Path) -> FileIdentity:
-    st = os.stat(path)
+    """The identity of the name itself: a symbolic link is not its target."""
+    st = os.lstat(path)
     return FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class NotRegularFileError(OSError):
+    """A data file's name on something that is not a regular file: a symbolic link, a folder, a
+    FIFO, a device. Never opened, merged or deleted. Opening a FIFO waits for a writer forever,
+    and merging a link's target and then deleting the link leaves its rows twice."""
+
+
+def not_regular_reason(mode: int) -> str | None:
+    """Why a file of this mode is left alone, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    kind = next((name for test, name in kinds if test(mode)), "a special file")
+    return f"{kind}, not a regular file"
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading, without following a link or waiting on a FIFO."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # what O_NOFOLLOW answers for a link
+            raise NotRegularFileError(
+                errno.ELOOP, "a symbolic link, not a regular file", str(path)
+            ) from None
+        raise
+    try:
+        reason = not_regular_reason(os.fstat(fd).st_mode)
+        if reason is not None:
+            raise NotRegularFileError(errno.EINVAL, reason, str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @retry_transient

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import durable
 from .durable import FileIdentity
 from .schemas import LINEAGE_KEY
 
@@ -47,12 +48,12 @@ def _shared(schema: pa.Schema) -> pa.Schema:
 
 def read(path: Path) -> Footer:
     """The footer of `path`; raises OSError or pyarrow's error when it does not read."""
-    st = os.stat(path)
+    st = os.lstat(path)
     known = _seen.get(path)
     if known is not None and known.identity == FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns):
         _seen.move_to_end(path)
         return known
-    with open(path, "rb") as handle:  # identity and footer from one open file, so they agree
+    with durable.open_regular(path) as handle:  # identity and footer from one open file
         st = os.fstat(handle.fileno())
         metadata = pq.ParquetFile(handle).metadata
         schema = metadata.schema.to_arrow_schema()

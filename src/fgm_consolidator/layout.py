@@ -101,7 +101,13 @@ def companion_name(parquet_name: str) -> str:
 
 def partition_day(key: str) -> date | None:
     """The day of a `dt=YYYY-MM-DD/identifier=<name>` partition key; None when `key` is not
-    one, including a folder shaped like one whose date is no day (`dt=2026-13-45`)."""
+    one, including a folder shaped like one whose date is no day (`dt=2026-13-45`) or whose
+    name is not UTF-8 (the journal could not record it)."""
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
     match = _PARTITION_RE.match(key)
     if match is None:
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import filecmp
 import logging
 import os
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,16 @@ def _write_and_finish(
             _remember_unreadable(journal, plan, exc)
         not_ours = (SourceReadError, SourceChangedError, MergeAborted)
         return MergeState.ROLLED_BACK, None, str(exc), not isinstance(exc, not_ours)
+    except Exception as exc:
+        # A bug, or an input no check foresaw (two once surfaced as a KeyError and a TypeError
+        # in the sort). Nothing is published before `written`, so rolling back is as safe here
+        # as above; the partition then backs off, and the service goes on with the others.
+        unexpected = f"unexpected {type(exc).__name__}: {exc}"
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+        log_event(log, "merge-crashed", logging.ERROR, error=unexpected, where=where)
+        roll_back(journal, folder, merge_id, plan.output, error=unexpected, actor="merge")
+        return MergeState.ROLLED_BACK, None, unexpected, True
     journal.record_written(merge_id, rows=result.rows, size=result.size, checksum=result.checksum)
     state, error = finish(journal, folder, journal.merge(merge_id), actor="merge")
     return state, result.size, error, False

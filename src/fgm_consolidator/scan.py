@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from . import footers
+from . import durable, footers
 from .durable import FileIdentity
-from .errors import SourceReadError
+from .errors import SchemaConflictError, SourceReadError
 from .journal import SourceRecord
 from .layout import DataFileName, companion_name, parse_data_file
-from .schemas import fingerprint
+from .schemas import check_mergeable, fingerprint
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,9 @@ def read_footer(path: Path) -> tuple[FileIdentity, int, pa.Schema]:
 
 def optional_identity(path: Path) -> FileIdentity | None:
     try:
-        st = os.stat(path)
+        return durable.identity(path)
     except FileNotFoundError:
         return None
-    return FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def scan_partition(
@@ -97,7 +96,7 @@ def scan_partition(
             continue
         path = folder / name
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except FileNotFoundError:
             continue  # deleted between listing and now
         if now - st.st_mtime_ns / 1e9 < min_age_s:
@@ -106,7 +105,15 @@ def scan_partition(
         if (name, st.st_size, st.st_mtime_ns) in known_unreadable:
             continue
         try:
+            not_regular = durable.not_regular_reason(st.st_mode)
+            if not_regular is not None:
+                raise SourceReadError(f"{not_regular}; left alone", path)
             identity, rows, schema = read_footer(path)
+            check_mergeable(schema)
+        except SchemaConflictError as exc:
+            identity = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
+            unreadable.append(UnreadableFile(name, identity, f"cannot be merged: {exc.reason}"))
+            continue
         except SourceReadError as exc:
             identity = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
             unreadable.append(UnreadableFile(name, identity, exc.reason))

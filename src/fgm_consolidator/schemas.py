@@ -10,6 +10,7 @@ type (invariant 6).
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
@@ -36,6 +37,24 @@ def era_of(schema: pa.Schema) -> Era:
 def fingerprint(schema: pa.Schema) -> str:
     """Stable short digest of names, types and nullability (metadata ignored)."""
     return hashlib.sha256(str(schema.remove_metadata()).encode()).hexdigest()[:16]
+
+
+METRIC_NAME = "metric_name"
+
+
+def check_mergeable(schema: pa.Schema) -> None:
+    """SchemaConflictError unless an output can be laid out from rows of this schema: they are
+    clustered by `metric_name`, which the monitor writes as text in every row. A file without
+    it is left alone rather than merged: two such files once stopped every pass, failing inside
+    the sort. (A null in a nullable `metric_name` is caught as the rows are read.)"""
+    repeated = sorted(name for name, count in Counter(schema.names).items() if count > 1)
+    if repeated:
+        raise SchemaConflictError(f"columns named more than once: {', '.join(repeated)}")
+    if METRIC_NAME not in schema.names:
+        raise SchemaConflictError(f"no {METRIC_NAME} column")
+    kind = schema.field(METRIC_NAME).type
+    if kind != pa.utf8():
+        raise SchemaConflictError(f"{METRIC_NAME} is {kind}; the monitor writes utf8")
 
 
 def _base_fields(schema: pa.Schema) -> list[pa.Field]:
@@ -104,6 +123,8 @@ def conform(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
             columns.append(pa.nulls(batch.num_rows, field.type))
             continue
         column = batch.column(index)
+        if field.name == METRIC_NAME and column.null_count:
+            raise SchemaConflictError(f"{column.null_count} rows without a {METRIC_NAME}")
         if column.type != field.type:
             raise SchemaConflictError(
                 f"column {field.name} is {column.type} in a source, {field.type} in the output"
