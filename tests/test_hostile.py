@@ -45,9 +45,10 @@ from test_crash import (
 )
 from test_service import DEADLINE_S, SLOW, Service, fields, poll, running
 
-from fgm_consolidator import lineage, merge
+from fgm_consolidator import lineage, lock, merge
+from fgm_consolidator.errors import LockError
 from fgm_consolidator.journal import Journal, MergeRecord
-from fgm_consolidator.layout import default_journal_path, tmp_name
+from fgm_consolidator.layout import default_journal_path, lock_path, tmp_name
 from fgm_consolidator.merge import execute
 from fgm_consolidator.plan import Policy
 from fgm_consolidator.service import plan_one
@@ -617,3 +618,18 @@ def test_sigterm_at_random_moments_exits_0_at_a_step_boundary(
     assert rows_pyarrow(data_dir) == expected
     assert_no_source_in_two_outputs(data_dir)
     assert unfinished_in(default_journal_path(data_dir)) == []
+
+
+@pytest.mark.parametrize("make", [os.mkfifo, os.mkdir])
+def test_a_lock_path_that_is_not_a_regular_file_is_refused_with_its_path(
+    tmp_path: Path, make: Callable[[Path], None]
+) -> None:
+    """flock on a FIFO failed with a bare `[Errno 22] Invalid argument`, naming nothing."""
+    data_dir = tmp_path / "data"
+    path = lock_path(data_dir)
+    path.parent.mkdir(parents=True)
+    make(path)
+    with pytest.raises(LockError) as caught, lock.exclusive(data_dir):
+        pass
+    assert caught.value.path == str(path)
+    assert "FIFO" in caught.value.reason or "Is a directory" in caught.value.reason

@@ -1,3 +1,4 @@
+import os
 import sqlite3
 from pathlib import Path
 
@@ -140,3 +141,18 @@ def test_a_corrupt_journal_is_refused_with_a_repair_hint(tmp_path: Path, damage:
     with pytest.raises(JournalError, match="move the journal aside") as info:
         Journal.open(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_a_journal_path_that_is_not_a_regular_file_is_refused_at_once(
+    tmp_path: Path, read_only: bool
+) -> None:
+    """On a FIFO, SQLite waited in open() for a writer forever: history and status hung."""
+    fifo = tmp_path / "journal.db"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.db"
+    folder.mkdir()
+    for path, kind in ((fifo, "a FIFO"), (folder, "a folder")):
+        with pytest.raises(JournalError, match=f"it is {kind}, not a regular file") as caught:
+            Journal.open(path, read_only=read_only)
+        assert caught.value.path == str(path)

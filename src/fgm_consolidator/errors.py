@@ -31,7 +31,11 @@ class ConfigError(ConsolidatorError):
         super().__init__(reason)
 
 
-class LockHeldError(ConsolidatorError):
+class LockError(ConsolidatorError):
+    """The data directory's lock cannot be taken: its file cannot be opened or locked."""
+
+
+class LockHeldError(LockError):
     """Another consolidator holds the data directory's lock (invariant 7)."""
 
 

@@ -8,6 +8,7 @@ module applies the numbered files the database has not seen yet.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -176,6 +177,7 @@ class Journal:
 
     @classmethod
     def open(cls, path: Path, *, read_only: bool = False) -> Journal:
+        _check_regular(path)
         try:
             if read_only:
                 # No `-wal` file means no writer has the journal open: `immutable` then reads
@@ -601,3 +603,17 @@ class Journal:
         """When any merge last changed state: a long pass that is getting somewhere."""
         row = self.db.execute("SELECT at FROM transitions ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else str(row[0])
+
+
+def _check_regular(path: Path) -> None:
+    """A journal path on a FIFO made SQLite wait in open() for a writer forever (history and
+    status hung); on a folder or a device it fails with a less telling message."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise JournalError(f"cannot open journal ({exc.strerror or exc})", path) from exc
+    reason = durable.not_regular_reason(mode)
+    if reason is not None:
+        raise JournalError(f"cannot open journal: it is {reason}", path)

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .errors import LockHeldError
+from . import durable
+from .errors import LockError, LockHeldError
 from .layout import lock_path
 
 
@@ -22,8 +23,14 @@ from .layout import lock_path
 def exclusive(data_dir: Path) -> Iterator[Path]:
     path = lock_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        raise LockError(f"cannot open the lock file: {exc.strerror or exc}", path) from exc
+    try:
+        reason = durable.not_regular_reason(os.fstat(fd).st_mode)
+        if reason is not None:  # flock on a FIFO fails with a bare EINVAL
+            raise LockError(f"the lock file is {reason}; remove it", path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
