@@ -224,7 +224,7 @@ def read_companion(path: Path) -> ContainerSidecar:
                     " containers can take",
                     path,
                 )
-            data = handle.read(MAX_BYTES + 1)
+            data = handle.read(size + 1)  # one more: a file still growing shows it
     except OSError as exc:
         raise CompanionError(f"cannot read companion: {exc.strerror or exc}", path) from exc
     if len(data) > MAX_BYTES:
