@@ -73,11 +73,14 @@ class FileIdentity:
     size: int
     mtime_ns: int
 
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
 
 def identity(path: Path) -> FileIdentity:
     """The identity of the name itself: a symbolic link is not its target."""
-    st = os.lstat(path)
-    return FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
+    return FileIdentity.of(os.lstat(path))
 
 
 class NotRegularFileError(OSError):

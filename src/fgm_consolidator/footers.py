@@ -50,7 +50,7 @@ def read(path: Path) -> Footer:
     """The footer of `path`; raises OSError or pyarrow's error when it does not read."""
     st = os.lstat(path)
     known = _seen.get(path)
-    if known is not None and known.identity == FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns):
+    if known is not None and known.identity == FileIdentity.of(st):
         _seen.move_to_end(path)
         return known
     with durable.open_regular(path) as handle:  # identity and footer from one open file
@@ -59,7 +59,7 @@ def read(path: Path) -> Footer:
         schema = metadata.schema.to_arrow_schema()
         kept = {k: v for k, v in (schema.metadata or {}).items() if k != LINEAGE_KEY}
         footer = Footer(
-            FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns),
+            FileIdentity.of(st),
             metadata.num_rows,
             _shared(schema.with_metadata(kept)),
             (metadata.metadata or {}).get(LINEAGE_KEY),

@@ -104,6 +104,7 @@ def scan_partition(
             continue
         if (name, st.st_size, st.st_mtime_ns) in known_unreadable:
             continue
+        on_disk = FileIdentity.of(st)
         try:
             not_regular = durable.not_regular_reason(st.st_mode)
             if not_regular is not None:
@@ -111,12 +112,10 @@ def scan_partition(
             identity, rows, schema = read_footer(path)
             check_mergeable(schema)
         except SchemaConflictError as exc:
-            identity = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
-            unreadable.append(UnreadableFile(name, identity, f"cannot be merged: {exc.reason}"))
+            unreadable.append(UnreadableFile(name, on_disk, f"cannot be merged: {exc.reason}"))
             continue
         except SourceReadError as exc:
-            identity = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
-            unreadable.append(UnreadableFile(name, identity, exc.reason))
+            unreadable.append(UnreadableFile(name, on_disk, exc.reason))
             continue
         companion = optional_identity(folder / companion_name(name))
         eligible.append(SourceFile(parsed, identity, rows, schema, companion))
