@@ -1,4 +1,5 @@
 import hashlib
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -125,6 +126,22 @@ def test_a_source_changed_since_planning_stops_the_write(
     target = tmp_path / "out.parquet.tmp"
     with pytest.raises(SourceChangedError):
         write_merged(planned, target, schema, WriteOptions(), metadata={})
+    assert not target.exists()
+
+
+def test_a_source_swapped_for_a_fifo_since_planning_is_never_waited_on(
+    sources: list[Path], tmp_path: Path
+) -> None:
+    """The writer opens sources as the scan does: regular files only, so a FIFO put where a
+    planned source was fails the write at once instead of blocking it in open()."""
+    schema = unify([pq.read_schema(p) for p in sources])
+    planned = [WriteSource(p, identity(p), pq.read_metadata(p).num_rows) for p in sources]
+    sources[1].unlink()
+    os.mkfifo(sources[1])
+    target = tmp_path / "out.parquet.tmp"
+    with pytest.raises(SourceReadError, match="a FIFO, not a regular file") as info:
+        write_merged(planned, target, schema, WriteOptions(), metadata={})
+    assert info.value.path == str(sources[1])
     assert not target.exists()
 
 

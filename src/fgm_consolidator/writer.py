@@ -75,9 +75,8 @@ class WriteResult:
 def _open_source(source: WriteSource, as_dictionary: Collection[str] = ()) -> pq.ParquetFile:
     """Open a source and prove it is the very file that was planned; the columns named in
     `as_dictionary` are read dictionary-encoded, whatever the file says."""
-    handle = open(source.path, "rb")  # noqa: SIM115 - owned by the returned ParquetFile
-    st = os.fstat(handle.fileno())
-    now = FileIdentity(st.st_ino, st.st_size, st.st_mtime_ns)
+    handle = durable.open_regular(source.path)  # owned by the returned ParquetFile
+    now = FileIdentity.of(os.fstat(handle.fileno()))
     if now != source.identity:
         handle.close()
         raise SourceChangedError(
