@@ -27,8 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import durable
-
-METRIC = "metric_name"
+from .schemas import METRIC_NAME as METRIC
 
 
 class FirstRows:

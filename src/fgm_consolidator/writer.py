@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import crashpoints, durable, footers
-from .clustering import METRIC, FirstRows, MetricSorter
+from .clustering import FirstRows, MetricSorter
 from .durable import FileIdentity
 from .errors import (
     MergeAborted,
@@ -30,7 +30,7 @@ from .errors import (
     SourceChangedError,
     SourceReadError,
 )
-from .schemas import conform
+from .schemas import METRIC_NAME, conform
 
 # Rows decoded from a source at a time. A busy node's file is one row group of ~200k rows:
 # 64k-row batches put 150 MB at peak on 40 such files, 16k-row batches 120 MB (+10% CPU).
@@ -292,7 +292,7 @@ def _statistics_columns(schema: pa.Schema) -> list[str]:
     return [
         field.name
         for field in schema
-        if field.name in (METRIC, CONTAINER_ID) or not _is_text_or_nested(field.type)
+        if field.name in (METRIC_NAME, CONTAINER_ID) or not _is_text_or_nested(field.type)
     ]
 
 
