@@ -278,11 +278,12 @@ class MetricSorter:
         pending: list[pa.RecordBatch] = []
         size = 0
         for batch in batches:
-            if pending and size + batch.get_total_buffer_size() > self._row_group_bytes:
+            batch_size = batch.get_total_buffer_size()
+            if pending and size + batch_size > self._row_group_bytes:
                 self._write(_one_dictionary(pending))
                 pending, size = [], 0
             pending.append(batch)
-            size += batch.get_total_buffer_size()
+            size += batch_size
         if pending:
             self._write(_one_dictionary(pending))
 
