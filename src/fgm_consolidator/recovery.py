@@ -144,17 +144,19 @@ def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
                 for entry in os.scandir(folder)
                 if is_our_tmp(entry.name) and (partition, entry.name) not in keep
             ]
-            mine = [folder / entry.name for entry in named if entry.is_file(follow_symlinks=False)]
+            mine = []
             for entry in named:
-                if not entry.is_file(follow_symlinks=False):  # we only ever write plain files
-                    log_event(
-                        log,
-                        "sweep-skipped",
-                        logging.WARNING,
-                        partition=partition,
-                        file=entry.name,
-                        reason="named like our temp file but not a regular file; left alone",
-                    )
+                if entry.is_file(follow_symlinks=False):  # we only ever write plain files
+                    mine.append(folder / entry.name)
+                    continue
+                log_event(
+                    log,
+                    "sweep-skipped",
+                    logging.WARNING,
+                    partition=partition,
+                    file=entry.name,
+                    reason="named like our temp file but not a regular file; left alone",
+                )
             for path in mine:
                 if durable.remove(path):
                     removed.append(path)
