@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import durable
+from .label_sets import LabelSets
 from .schemas import METRIC_NAME as METRIC
 
 
@@ -201,7 +202,9 @@ class MetricSorter:
     larger than one buffer, parked on disk as one run per metric (`Spill`). At the end each
     metric's runs are read back in order and written out together: an external sort, so memory
     is bounded by the buffer while a metric still gets few, large row groups. Nothing is
-    written before `finish`, so a caller can put a row group of its own first.
+    written before `finish`, so a caller can put a row group of its own first. Given `labels`,
+    each sorted buffer travels with its text folded into one number per row (`label_sets`),
+    unfolded as its row groups leave.
     """
 
     def __init__(
@@ -211,7 +214,9 @@ class MetricSorter:
         row_group_bytes: int,
         buffer_bytes: int,
         spill_folder: Path,
+        labels: LabelSets | None = None,
     ) -> None:
+        self._labels = labels
         self._write = write_row_group
         self._row_group_bytes = row_group_bytes
         self._buffer_bytes = buffer_bytes
@@ -246,7 +251,8 @@ class MetricSorter:
 
     def _park_buffer(self) -> None:
         if self._spill is None:
-            self._spill = Spill(self._spill_folder, self._batches[0].schema)
+            schema = self._batches[0].schema if self._labels is None else self._labels.packed
+            self._spill = Spill(self._spill_folder, schema)
         self._spill.park(self._sorted_buffer())
 
     def _sorted_buffer(self) -> Iterator[tuple[str, pa.RecordBatch]]:
@@ -256,6 +262,8 @@ class MetricSorter:
         self._batches, self._buffered = [], 0
         if buffer.num_rows == 0:
             return
+        if self._labels is not None:
+            buffer = self._labels.pack(buffer)
         keys, metrics = metric_keys(buffer.column(METRIC))
         order = pc.sort_indices(keys)  # stable: rows of a metric keep their arrival order
         # Runs are copied out a few metrics at a time, about a quarter of the buffer per `take`:
@@ -278,14 +286,25 @@ class MetricSorter:
         pending: list[pa.RecordBatch] = []
         size = 0
         for batch in batches:
-            batch_size = batch.get_total_buffer_size()
+            batch_size = self._written_size(batch)
             if pending and size + batch_size > self._row_group_bytes:
-                self._write(_one_dictionary(pending))
+                self._write_table(_one_dictionary(pending))
                 pending, size = [], 0
             pending.append(batch)
             size += batch_size
         if pending:
-            self._write(_one_dictionary(pending))
+            self._write_table(_one_dictionary(pending))
+
+    def _written_size(self, batch: pa.RecordBatch) -> int:
+        """The batch's size as it will be written: with its labels unfolded, a row group of
+        folded rows would hold twice the rows, and take twice the memory to write."""
+        size: int = batch.get_total_buffer_size()
+        if self._labels is not None:
+            size += self._labels.unfolded_bytes(batch.num_rows)
+        return size
+
+    def _write_table(self, table: pa.Table) -> None:
+        self._write(table if self._labels is None else self._labels.unpack(table))
 
 
 def _one_dictionary(batches: list[pa.RecordBatch]) -> pa.Table:

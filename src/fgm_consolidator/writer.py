@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import crashpoints, durable, footers
+from . import crashpoints, durable, footers, label_sets
 from .clustering import FirstRows, MetricSorter
 from .durable import FileIdentity
 from .errors import (
@@ -221,6 +221,7 @@ def _stream(
         first = FirstRows()
         rows = MetricSorter(
             write_row_group,
+            labels=label_sets.for_schema(buffered),
             row_group_bytes=options.row_group_bytes,
             buffer_bytes=options.buffer_bytes,
             spill_folder=target.parent,
