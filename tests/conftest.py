@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from oracle import canonical_row
 
+from fgm_consolidator.journal import _migrations
 from fgm_consolidator.layout import STATE_DIR, iter_partitions, parse_data_file
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, SimulationSummary, generate
 
@@ -185,6 +187,17 @@ def run_as(prefix: list[str], *args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+def old_journal(path: Path, version: int) -> None:
+    """A journal as an older release left it: the first `version` migrations, no later one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for number, sql in _migrations()[:version]:
+            conn.executescript(f"BEGIN;\n{sql}\n;PRAGMA user_version = {number:d};\nCOMMIT;")
+    finally:
+        conn.close()
 
 
 def clone_tree(source: Path, target: Path) -> Path:

@@ -461,7 +461,10 @@ def test_status_works_on_a_journal_from_before_pass_records(
     assert run_cli("run", "--data-dir", str(data_dir), "--once").returncode == 0
     path = default_journal_path(data_dir)
     with sqlite3.connect(path) as conn:  # what an older version left: schema 1 only
-        conn.executescript("DROP TABLE passes; DROP TABLE prunes; PRAGMA user_version = 1;")
+        conn.executescript(
+            "DROP TABLE passes; DROP TABLE prunes; ALTER TABLE unreadable DROP COLUMN ctime_ns;"
+            " PRAGMA user_version = 1;"
+        )
     conn.close()
     proc = run_cli("status", "--data-dir", str(data_dir), "--json")
     # no pass recorded, but the lock says the service started a moment ago

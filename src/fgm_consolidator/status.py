@@ -14,6 +14,7 @@ with its last pass. Health has three parts:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from .journal import Journal, MergeRecord, PassRecord, UnreadableRecord
 from .layout import iter_partitions, lock_path
 from .plan import Policy
 from .retention import journal_bytes
-from .scan import UnreadableFile
+from .scan import UnreadableFile, is_recorded_version
 from .service import PARTITION_ERRORS, plan_one
 from .states import MergeState
 
@@ -100,16 +101,16 @@ def _policy(last: PassRecord | None) -> Policy:
 def still_on_disk(data_dir: Path, record: UnreadableRecord) -> bool:
     """The journal remembers every unreadable version of a file; is this one still there?"""
     try:
-        st = (data_dir / record.partition / record.name).stat()
+        st = os.lstat(data_dir / record.partition / record.name)
     except OSError:
         return False
-    return (st.st_size, st.st_mtime_ns) == (record.size, record.mtime_ns)
+    return is_recorded_version(record, st)
 
 
 def _not_yet_recorded(partition: str, bad: UnreadableFile) -> UnreadableRecord:
     """Found by this look, before the service did: no first-seen time yet."""
     size, mtime_ns = bad.identity.size, bad.identity.mtime_ns
-    return UnreadableRecord(partition, bad.name, size, mtime_ns, bad.reason, "")
+    return UnreadableRecord(partition, bad.name, size, mtime_ns, bad.reason, "", bad.ctime_ns)
 
 
 def _look_at_partitions(
