@@ -8,7 +8,8 @@ with its last pass. Health has three parts:
 - the service makes progress: a successful pass ended, or the running pass started or moved a
   merge, within `stale_after` x the check interval;
 - a service that just started gets that same window before its first successful pass (its
-  start is when it took the data directory's lock; the lock file's mtime says when);
+  start is when it took the data directory's lock; the lock file's mtime says when, if the lock
+  path is a regular file: `run` refuses any other, so it is reported and says nothing);
 - no merge waits for a person (state needs-attention).
 """
 
@@ -19,6 +20,8 @@ from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from . import lock
+from .errors import LockError
 from .journal import Journal, MergeRecord, PassRecord, UnreadableRecord
 from .layout import iter_partitions, lock_path
 from .plan import Policy
@@ -59,6 +62,7 @@ class Status:
     check_interval_s: float
     stale_after: float
     service_started: datetime | None  # when a process last took the data directory's lock
+    lock_problem: str | None  # why the lock path is one `run` refuses, naming it
     last_pass: PassRecord | None
     last_success: PassRecord | None
     progress_at: datetime | None  # the latest sign that the service gets somewhere
@@ -83,12 +87,19 @@ def _at(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
-def _service_started(data_dir: Path) -> datetime | None:
+def _service_started(data_dir: Path) -> tuple[datetime | None, str | None]:
+    """When a service last took the lock, or why the lock path cannot say: `run`'s own check.
+    A FIFO's or a folder's mtime is no service's start, and no service can start beside it."""
+    path = lock_path(data_dir)
     try:
-        mtime = lock_path(data_dir).stat().st_mtime
+        st = path.stat()
     except FileNotFoundError:
-        return None
-    return datetime.fromtimestamp(mtime, UTC)
+        return None, None
+    try:
+        lock.refuse_irregular(path, st.st_mode)
+    except LockError as exc:
+        return None, str(exc)
+    return datetime.fromtimestamp(st.st_mtime, UTC), None
 
 
 def _policy(last: PassRecord | None) -> Policy:
@@ -169,6 +180,13 @@ def _problems(status: Status, journal_path: Path) -> list[Problem]:
             failed = status.last_pass
             why = f"; last pass {failed.result}: {failed.error}" if failed and failed.error else ""
             found.append(Problem(EXIT_STALE, f"no progress for {age:.0f} s (limit {limit}){why}"))
+    if status.lock_problem is not None:
+        # A service that still runs (it holds the lock file that was replaced) is not stuck,
+        # so a liveness probe must not restart it into a refusal: then only a person can help.
+        code = EXIT_NEVER_RAN if status.progress_at is None else EXIT_NEEDS_PERSON
+        found.append(
+            Problem(code, f"{status.lock_problem}; `fgm-consolidator run` refuses to start")
+        )
     if status.needs_person:
         ids = ", ".join(str(r.id) for r in status.needs_person)
         found.append(
@@ -211,12 +229,13 @@ def compute_status(
     if check_interval_s is None:
         recorded = last.settings.get("check_interval_s") if last else None
         check_interval_s = float(recorded or DEFAULT_CHECK_INTERVAL_S)
-    started = _service_started(data_dir)
+    started, lock_problem = _service_started(data_dir)
     status = Status(
         now=now,
         check_interval_s=check_interval_s,
         stale_after=stale_after,
         service_started=started,
+        lock_problem=lock_problem,
         last_pass=last,
         last_success=success,
         progress_at=_progress(started, last, success, transition),
