@@ -464,6 +464,14 @@ class Journal:
             raise JournalError(f"no merge {merge_id} in the journal", self.path)
         return records[0]
 
+    def newest_merge_id(self) -> int:
+        """0 before the first merge; ids only grow (the newest merge is never pruned)."""
+        return int(self.db.execute("SELECT coalesce(max(id), 0) FROM merges").fetchone()[0])
+
+    def merges_after(self, merge_id: int) -> list[MergeRecord]:
+        """Merges planned since `newest_merge_id` returned `merge_id`, newest first."""
+        return self._merges("m.id > ?", [merge_id])
+
     def unfinished(self) -> list[MergeRecord]:
         """Merges whose latest state is not terminal, oldest first: recovery's work list."""
         terminal = sorted(str(s) for s in TERMINAL)
