@@ -596,6 +596,48 @@ def test_links_fifos_and_folders_named_like_data_files_are_left_alone(
     assert status.returncode in (0, 3), status.stderr  # it answered, and did not hang
 
 
+def tree_prints(root: Path) -> dict[str, tuple[str, int]]:
+    return {
+        str(p.relative_to(root)): fingerprint(p) for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_symlinked_partition_folders_are_not_followed(node: Node, tmp_path: Path) -> None:
+    """A `dt=` or `identifier=` folder that is a symbolic link was walked like any other, so
+    files outside --data-dir were merged, and deleted from there."""
+    node.arrive(range(12))
+    expected = rows_of([node.path(i) for i in range(12)])
+    outside = tmp_path / "outside"
+    for folder, rotations in (("pod", range(12, 24)), ("day/identifier=pod-y", range(24, 30))):
+        (outside / folder).mkdir(parents=True)
+        for rotation in rotations:
+            for path in (node.staged(rotation), companion(node.staged(rotation))):
+                shutil.copy2(path, outside / folder / path.name)
+    links = [
+        node.data_dir / "dt=2025-12-30" / "identifier=linked",
+        node.data_dir / "dt=2025-12-31",
+    ]
+    links[0].symlink_to(outside / "pod", target_is_directory=True)
+    links[1].symlink_to(outside / "day", target_is_directory=True)
+    before = tree_prints(outside)
+
+    result = run_cli("run", "--once", "--data-dir", str(node.data_dir), "--min-age", "0")
+
+    assert result.returncode == 0, result.stderr
+    assert tree_prints(outside) == before
+    skipped = [x for x in result.stderr.splitlines() if "event=partition-skipped" in x]
+    assert len(skipped) == 2, result.stderr  # once each per pass (not again by recovery)
+    for link, line in zip(links, sorted(skipped), strict=True):
+        assert f'path="{link}"' in line and "symbolic link" in line, line
+    assert rows_of(consolidated_only_besides(node.data_dir)) == expected
+    data = ["--data-dir", str(node.data_dir)]
+    for command in (["status", *data], ["recover", *data], ["history", *data]):
+        proc = run_cli(*command, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "linked" not in proc.stdout and "2025-12-31" not in proc.stdout, proc.stdout
+    assert tree_prints(outside) == before
+
+
 def test_files_without_a_metric_name_to_sort_by_are_left_alone(node: Node) -> None:
     """Two neighbouring sources without `metric_name`, or with nulls in it, once stopped every
     pass with a traceback from inside the sort, and the service with it."""

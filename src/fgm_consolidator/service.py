@@ -27,7 +27,7 @@ from . import lineage, lock, memory, retention
 from .backoff import Backoff
 from .errors import ConsolidatorError
 from .journal import Journal, PassResult, UnreadableRecord
-from .layout import iter_partitions
+from .layout import walk_partitions
 from .logs import log_event
 from .merge import MergeOutcome, execute, report_unreadable
 from .observe import Observer
@@ -140,7 +140,9 @@ def consolidation_pass(
     report = PassReport(recovery=recover(journal, settings.data_dir, sweep=False))
     log_recovery(report.recovery)
     now = time.time()
-    partitions = list(iter_partitions(settings.data_dir))
+    partitions, left_alone = walk_partitions(settings.data_dir)
+    for folder in left_alone:
+        log_event(log, "partition-skipped", logging.WARNING, path=folder.path, reason=folder.reason)
     settings.observer.pass_started(partitions)
     for partition in partitions:
         if stop.requested:
