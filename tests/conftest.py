@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from oracle import canonical_row
 
+from fgm_consolidator.journal import _migrations
 from fgm_consolidator.layout import STATE_DIR, iter_partitions, parse_data_file
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, SimulationSummary, generate
 
@@ -151,6 +153,51 @@ def run_cli(
         env=full_env,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def unprivileged(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A command prefix under which file modes apply: root without CAP_DAC_OVERRIDE (as a
+    container's non-root user would be), or nothing when we are not root."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root, and no setpriv to drop the file-mode override")
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    locked = tmp_path_factory.mktemp("probe")
+    locked.chmod(0o555)
+    probe = f"import os, sys; sys.exit(os.access({str(locked)!r}, os.W_OK))"
+    try:
+        works = subprocess.run([*prefix, sys.executable, "-c", probe], check=False, timeout=60)
+    except OSError:
+        works = None
+    finally:
+        locked.chmod(0o755)
+    if works is None or works.returncode != 0:
+        pytest.skip("cannot drop root's file-mode override here")
+    return prefix
+
+
+def run_as(prefix: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "fgm_consolidator", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def old_journal(path: Path, version: int) -> None:
+    """A journal as an older release left it: the first `version` migrations, no later one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for number, sql in _migrations()[:version]:
+            conn.executescript(f"BEGIN;\n{sql}\n;PRAGMA user_version = {number:d};\nCOMMIT;")
+    finally:
+        conn.close()
 
 
 def clone_tree(source: Path, target: Path) -> Path:

@@ -12,10 +12,12 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,10 @@ from conftest import (
     consolidated_name,
     data_files,
     metrics_name,
+    old_journal,
     rows_duckdb,
     rows_pyarrow,
+    run_as,
     run_cli,
     small_spec,
     tmp_files,
@@ -428,6 +432,74 @@ def test_corrupt_pages_behind_a_good_footer_roll_the_merge_back(
     assert report.merges == [] and report.skipped == []
 
 
+def test_a_file_unreadable_for_its_mode_is_merged_once_chmod_fixes_it(
+    node: Node, unprivileged: list[str]
+) -> None:
+    """The journal knew an unreadable file by its size and mtime, which `chmod` leaves alone:
+    a file once unreadable for its mode was left out of every merge after it was fixed."""
+    node.arrive(range(12))
+    expected = rows_of([node.path(i) for i in range(12)])
+    locked = node.path(5)
+    once = ("run", "--once", "--data-dir", str(node.data_dir), "--min-age", "0")
+    locked.chmod(0)
+    try:
+        first = run_as(unprivileged, *once)
+    finally:
+        locked.chmod(0o644)
+
+    assert first.returncode == 0, first.stderr
+    [line] = [x for x in first.stderr.splitlines() if "event=file-unreadable" in x]
+    assert locked.name in line and "Permission denied" in line
+    st = locked.stat()
+    assert unreadable_records(node.data_dir) == [(KEY, locked.name, st.st_size, st.st_mtime_ns)]
+    assert consolidated_only_besides(node.data_dir, locked)  # the others did not wait for it
+
+    second = run_as(unprivileged, *once)
+
+    assert second.returncode == 0, second.stderr
+    assert "file-unreadable" not in second.stderr
+    assert rows_of(consolidated_only_besides(node.data_dir)) == expected
+    [kept] = history_lines(node.data_dir, "unreadable")  # the record of what happened stays
+    assert f"file={locked.name}" in kept
+
+
+def test_rows_from_before_ctime_was_kept_hold_until_their_file_changes(
+    node: Node, events: list[Event]
+) -> None:
+    """A journal from before migration 3 has no ctime in its unreadable rows. Such a row holds
+    while its file's ctime is no later than when it was first seen: a broken file nobody
+    touched is neither read nor reported again; one chmod-ed since is looked at again."""
+    node.arrive(range(12))
+    broken, fixed = node.path(3), node.path(8)
+    keep_mtime(broken, zero_bytes)
+    fixed.chmod(0o640)  # what a person did after the old release found it unreadable
+    expected = rows_of([node.path(i) for i in range(12) if i != 3])
+    old_journal(default_journal_path(node.data_dir), 2)
+
+    def legacy_row(path: Path, first_seen_after_ctime_s: float) -> tuple[object, ...]:
+        st = path.stat()
+        seen = datetime.fromtimestamp(st.st_ctime_ns / 1e9 + first_seen_after_ctime_s, UTC)
+        iso = seen.isoformat(timespec="milliseconds")
+        return (KEY, path.name, st.st_size, st.st_mtime_ns, "Permission denied", iso)
+
+    with sqlite3.connect(default_journal_path(node.data_dir)) as conn:
+        conn.executemany(
+            "INSERT INTO unreadable (partition, name, size, mtime_ns, reason, first_seen)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [legacy_row(broken, 1.0), legacy_row(fixed, -3600.0)],
+        )
+    conn.close()
+
+    report = one_pass(node.data_dir)  # migrates the journal, then works as usual
+
+    assert report.unreadable == [] and named(events, "file-unreadable") == []
+    assert rows_of(consolidated_only_besides(node.data_dir, broken)) == expected
+    assert {name for _, name, _, _ in unreadable_records(node.data_dir)} == {
+        broken.name,
+        fixed.name,
+    }
+
+
 def int_pod_names(path: Path) -> None:
     """What a monitor bug could write: `l_pod_name` as Int64 instead of Utf8."""
     table = pq.read_table(path)
@@ -522,6 +594,48 @@ def test_links_fifos_and_folders_named_like_data_files_are_left_alone(
     merged = [p for p in outputs if p.is_file() and not p.is_symlink()]
     assert rows_of(merged) == expected  # every row once: no link was merged
     assert status.returncode in (0, 3), status.stderr  # it answered, and did not hang
+
+
+def tree_prints(root: Path) -> dict[str, tuple[str, int]]:
+    return {
+        str(p.relative_to(root)): fingerprint(p) for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_symlinked_partition_folders_are_not_followed(node: Node, tmp_path: Path) -> None:
+    """A `dt=` or `identifier=` folder that is a symbolic link was walked like any other, so
+    files outside --data-dir were merged, and deleted from there."""
+    node.arrive(range(12))
+    expected = rows_of([node.path(i) for i in range(12)])
+    outside = tmp_path / "outside"
+    for folder, rotations in (("pod", range(12, 24)), ("day/identifier=pod-y", range(24, 30))):
+        (outside / folder).mkdir(parents=True)
+        for rotation in rotations:
+            for path in (node.staged(rotation), companion(node.staged(rotation))):
+                shutil.copy2(path, outside / folder / path.name)
+    links = [
+        node.data_dir / "dt=2025-12-30" / "identifier=linked",
+        node.data_dir / "dt=2025-12-31",
+    ]
+    links[0].symlink_to(outside / "pod", target_is_directory=True)
+    links[1].symlink_to(outside / "day", target_is_directory=True)
+    before = tree_prints(outside)
+
+    result = run_cli("run", "--once", "--data-dir", str(node.data_dir), "--min-age", "0")
+
+    assert result.returncode == 0, result.stderr
+    assert tree_prints(outside) == before
+    skipped = [x for x in result.stderr.splitlines() if "event=partition-skipped" in x]
+    assert len(skipped) == 2, result.stderr  # once each per pass (not again by recovery)
+    for link, line in zip(links, sorted(skipped), strict=True):
+        assert f'path="{link}"' in line and "symbolic link" in line, line
+    assert rows_of(consolidated_only_besides(node.data_dir)) == expected
+    data = ["--data-dir", str(node.data_dir)]
+    for command in (["status", *data], ["recover", *data], ["history", *data]):
+        proc = run_cli(*command, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "linked" not in proc.stdout and "2025-12-31" not in proc.stdout, proc.stdout
+    assert tree_prints(outside) == before
 
 
 def test_files_without_a_metric_name_to_sort_by_are_left_alone(node: Node) -> None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_as, run_cli
 
 from fgm_consolidator.layout import default_journal_path
 
@@ -125,40 +124,6 @@ def test_the_default_journal_passes_the_check(data_dir: Path) -> None:
 
 
 # -- permissions: as a user whom file modes bind ----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def unprivileged(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """A command prefix under which file modes apply: root without CAP_DAC_OVERRIDE (as a
-    container's non-root user would be), or nothing when we are not root."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("root, and no setpriv to drop the file-mode override")
-    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
-    locked = tmp_path_factory.mktemp("probe")
-    locked.chmod(0o555)
-    probe = f"import os, sys; sys.exit(os.access({str(locked)!r}, os.W_OK))"
-    try:
-        works = subprocess.run([*prefix, sys.executable, "-c", probe], check=False, timeout=60)
-    except OSError:
-        works = None
-    finally:
-        locked.chmod(0o755)
-    if works is None or works.returncode != 0:
-        pytest.skip("cannot drop root's file-mode override here")
-    return prefix
-
-
-def run_as(prefix: list[str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "fgm_consolidator", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.fixture

@@ -46,6 +46,7 @@ from test_crash import (
 from test_service import DEADLINE_S, SLOW, Service, fields, poll, running
 
 from fgm_consolidator import lineage, lock, merge
+from fgm_consolidator import status as status_module
 from fgm_consolidator.errors import LockError
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path, lock_path, tmp_name
@@ -54,6 +55,7 @@ from fgm_consolidator.plan import Policy
 from fgm_consolidator.service import plan_one
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
 from fgm_consolidator.states import MergeState
+from fgm_consolidator.status import compute_status
 
 EXIT_NEEDS_PERSON = 3
 # Five sources and their companions unlinked (two temp names first): 19 sources left.
@@ -353,6 +355,23 @@ def corrupt_page(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def lineage_damaged(data_dir: Path, damage: str) -> set[str]:
+    """An output and the sources left beside it, with the journal lost and one of them
+    damaged; the names `recover` keeps for a person."""
+    crash_between_rename_and_deletes(data_dir)
+    lose(data_dir, "journal")
+    folder = data_dir / POD_A
+    victim = sorted(folder.glob("metrics-*.parquet"))[3]
+    if damage == "fewer-rows":
+        fewer_rows(victim)
+    elif damage == "one-value":
+        one_value_changed(victim)
+    else:
+        corrupt_page(folder / OUTPUT)
+    return {victim.name} if damage != "output-unreadable" else {
+        p.name for p in folder.glob("metrics-*.parquet")}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
@@ -364,18 +383,8 @@ def corrupt_page(path: Path) -> None:
 def test_lineage_that_does_not_prove_it_keeps_the_files_and_says_so(
     data_dir: Path, damage: str, reason: str
 ) -> None:
-    crash_between_rename_and_deletes(data_dir)
-    lose(data_dir, "journal")
+    kept = lineage_damaged(data_dir, damage)
     folder = data_dir / POD_A
-    victim = sorted(folder.glob("metrics-*.parquet"))[3]
-    if damage == "fewer-rows":
-        fewer_rows(victim)
-    elif damage == "one-value":
-        one_value_changed(victim)
-    else:
-        corrupt_page(folder / OUTPUT)
-    kept = {victim.name} if damage != "output-unreadable" else {
-        p.name for p in folder.glob("metrics-*.parquet")}  # fmt: skip
     held = {name: snapshot_file(folder / name) for name in [*kept, OUTPUT]}
 
     for _ in range(2):  # the same answer every time; nothing else is touched
@@ -393,6 +402,70 @@ def test_lineage_that_does_not_prove_it_keeps_the_files_and_says_so(
     assert {name: snapshot_file(folder / name) for name in held} == held
     assert sorted(p.name for p in data_files(data_dir)) == sorted(held)
     assert tmp_files(data_dir) == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("fewer-rows", "rows, the lineage of"),  # the footers show it: recover's own reason
+        ("one-value", "its rows were not compared"),  # only the rows show it
+        ("output-unreadable", "its rows were not compared"),
+    ],
+)
+def test_status_names_an_output_that_recover_leaves_for_a_person(
+    data_dir: Path, damage: str, reason: str
+) -> None:
+    """`recover` exited 3 for these while `status` said healthy and did not mention them."""
+    kept = lineage_damaged(data_dir, damage)
+    assert recover(data_dir).returncode == EXIT_NEEDS_PERSON
+    assert run_once(data_dir).returncode == 0  # a journal and a successful pass: healthy else
+    folder = data_dir / POD_A
+    before = {name: snapshot_file(folder / name) for name in os.listdir(folder)}
+
+    proc = run_cli("status", "--data-dir", str(data_dir), "--json")
+
+    assert proc.returncode == EXIT_NEEDS_PERSON, proc.stdout + proc.stderr
+    lines = json_lines(proc.stdout)
+    found = [line for line in lines if line["kind"] == "lineage"]
+    assert {(line["output"], line["file"]) for line in found} == {(OUTPUT, name) for name in kept}
+    assert all(reason in line["reason"] for line in found), found
+    [problem] = [line["problem"] for line in lines if line["kind"] == "problem"]
+    assert problem.startswith(f"{folder / OUTPUT}: lineage check: ") and reason in problem
+    assert lines[-1]["healthy"] is False
+    live = run_cli("status", "--data-dir", str(data_dir), "--liveness")
+    assert live.returncode == 0, live.stdout  # a restart would not help
+    assert {name: snapshot_file(folder / name) for name in os.listdir(folder)} == before
+
+
+def test_status_leaves_the_sources_of_a_merge_in_progress_to_the_journal(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between a merge's rename and its deletes, its sources sit beside an output that lists
+    them. That is no lineage finding but an unfinished merge of the journal, also when the
+    merge was planned while `status` was looking at the disk."""
+    crash_between_rename_and_deletes(data_dir)
+    path = default_journal_path(data_dir)
+    seen = compute_status(data_dir, path)
+    assert seen.lineage == () and [r.output for r in seen.unfinished] == [OUTPUT]
+
+    lose(data_dir, "journal")
+    service = Journal.open(path)  # a running service's journal, with its WAL
+    try:
+        control = compute_status(data_dir, path)
+        assert {(a.output, a.removed) for a in control.lineage} == {(OUTPUT, False)}
+        look = status_module._lineage_check
+
+        def planned_meanwhile(*args: Any) -> list[Any]:
+            service.record_planned(
+                partition=POD_A, output=OUTPUT, era="flat", policy={}, sources=[],
+                has_companion=False,
+            )  # fmt: skip
+            return look(*args)
+
+        monkeypatch.setattr(status_module, "_lineage_check", planned_meanwhile)
+        assert compute_status(data_dir, path).lineage == ()
+    finally:
+        service.close()
 
 
 def contents(data_dir: Path) -> dict[str, str]:

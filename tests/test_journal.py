@@ -3,10 +3,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import old_journal
 
 from fgm_consolidator.durable import FileIdentity
 from fgm_consolidator.errors import IllegalTransitionError, JournalError
-from fgm_consolidator.journal import Journal, SourceRecord
+from fgm_consolidator.journal import Journal, SourceRecord, UnreadableRecord
 from fgm_consolidator.states import MergeState as S
 
 SOURCES = [
@@ -34,7 +35,7 @@ def plan(journal: Journal, partition: str = "dt=2025-12-30/identifier=a", output
 def test_opens_in_wal_with_full_sync_and_latest_schema(journal: Journal) -> None:
     assert journal.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert journal.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert journal.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert journal.db.execute("PRAGMA user_version").fetchone()[0] == 3
     assert set(journal.db.table_names()) >= {
         "merges", "sources", "transitions", "unreadable", "passes", "prunes",
     }  # fmt: skip
@@ -94,13 +95,50 @@ def test_held_names_come_from_merges_that_need_a_person(journal: Journal) -> Non
 
 
 def test_unreadable_files_are_recorded_once_per_version(journal: Journal) -> None:
-    part, ident = "dt=2025-12-30/identifier=a", FileIdentity(1, 10, 20)
-    assert journal.record_unreadable(part, "metrics-x.parquet", ident, "bad footer")
-    assert not journal.record_unreadable(part, "metrics-x.parquet", ident, "bad footer")
-    assert journal.record_unreadable(part, "metrics-x.parquet", FileIdentity(1, 11, 21), "again")
-    assert [(u.name, u.size) for u in journal.unreadable(part)] == [
-        ("metrics-x.parquet", 11), ("metrics-x.parquet", 10),
+    part, ident, name = "dt=2025-12-30/identifier=a", FileIdentity(1, 10, 20), "metrics-x.parquet"
+    assert journal.record_unreadable(part, name, ident, "bad footer", ctime_ns=30)
+    assert not journal.record_unreadable(part, name, ident, "bad footer", ctime_ns=30)
+    assert journal.record_unreadable(part, name, FileIdentity(1, 11, 21), "again", ctime_ns=31)
+    assert [(u.name, u.size, u.ctime_ns) for u in journal.unreadable(part)] == [
+        (name, 11, 31), (name, 10, 30),
     ]  # fmt: skip
+    # the same bytes after a chmod that did not help: one row, now describing the new ctime
+    assert journal.record_unreadable(part, name, ident, "Permission denied", ctime_ns=40)
+    assert not journal.record_unreadable(part, name, ident, "Permission denied", ctime_ns=40)
+    assert [(u.size, u.ctime_ns, u.reason) for u in journal.unreadable(part)] == [
+        (11, 31, "again"), (10, 40, "Permission denied"),
+    ]  # fmt: skip
+
+
+def test_a_schema_2_journal_migrates_and_keeps_its_unreadable_rows(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    old_journal(path, 2)
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO unreadable (partition, name, size, mtime_ns, reason, first_seen)"
+            " VALUES ('dt=2025-12-30/identifier=a', 'metrics-x.parquet', 10, 20, 'bad', 't')"
+        )
+    conn.close()
+    legacy = UnreadableRecord(
+        "dt=2025-12-30/identifier=a", "metrics-x.parquet", 10, 20, "bad", "t", None
+    )
+    # read-only (status, history) before `run` migrates it: the row reads, without a ctime
+    before = Journal.open(path, read_only=True)
+    try:
+        assert before.db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert before.unreadable() == [legacy]
+    finally:
+        before.close()
+    after = Journal.open(path)
+    try:
+        assert after.db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert after.unreadable() == [legacy]
+        ident = FileIdentity(1, 10, 20)
+        assert after.record_unreadable(legacy.partition, legacy.name, ident, "again", ctime_ns=50)
+        [row] = after.unreadable()  # the old row takes the version found now
+        assert (row.size, row.ctime_ns, row.reason) == (10, 50, "again")
+    finally:
+        after.close()
 
 
 def test_reopening_keeps_history_and_does_not_migrate_twice(tmp_path: Path) -> None:

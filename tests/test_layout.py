@@ -14,6 +14,7 @@ from fgm_consolidator.layout import (
     parse_stamp,
     partition_day,
     tmp_name,
+    walk_partitions,
 )
 
 T1 = datetime(2025, 12, 30, 12, 0, 0, tzinfo=UTC)
@@ -92,3 +93,19 @@ def test_partition_folders_without_a_real_date_are_not_partitions(tmp_path: Path
     assert partition_day("dt=2025-13-45/identifier=b") is None
     with pytest.raises(ValueError, match="with a real date"):
         parse_partition("dt=2025-02-30/identifier=a")
+
+
+def test_symlinked_partition_folders_are_reported_not_walked(tmp_path: Path) -> None:
+    real = tmp_path / "dt=2025-12-30" / "identifier=a"
+    real.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "identifier=b").mkdir(parents=True)
+    links = [tmp_path / "dt=2025-12-30" / "identifier=linked", tmp_path / "dt=2025-12-31"]
+    links[0].symlink_to(real)
+    links[1].symlink_to(elsewhere)
+    (tmp_path / "dt=2025-13-45").symlink_to(elsewhere)  # not a day: not a partition at all
+    (tmp_path / "dt=2025-12-30" / "identifier=file").write_text("")
+    keys, skipped = walk_partitions(tmp_path)
+    assert keys == ["dt=2025-12-30/identifier=a"] == list(iter_partitions(tmp_path))
+    assert [s.path for s in skipped] == links
+    assert all("symbolic link" in s.reason for s in skipped)

@@ -225,6 +225,49 @@ def test_health_follows_progress_with_a_startup_grace(data_dir: Path, clock: Clo
         journal.close()
 
 
+@pytest.mark.parametrize("make", [os.mkfifo, os.mkdir], ids=["fifo", "folder"])
+def test_a_lock_path_that_is_not_a_regular_file_is_unhealthy_and_named(
+    data_dir: Path, make: Callable[[Path], None]
+) -> None:
+    """`status` took the lock path's mtime for a service's start whatever it was: a FIFO or a
+    folder there, which `run` refuses, looked like a service that had just started."""
+    lock = lock_path(data_dir)
+    lock.parent.mkdir()
+    make(lock)
+    kind = "a FIFO" if lock.is_fifo() else "a folder"
+    for probe in ((), ("--liveness",)):
+        proc = run_cli("status", "--data-dir", str(data_dir), "--json", *probe, timeout=60)
+        assert proc.returncode == EXIT_NEVER_RAN, proc.stdout + proc.stderr
+        lines = status_json(proc)
+        problems = [line["problem"] for line in lines if line["kind"] == "problem"]
+        assert f"{lock}: the lock file is {kind}, not a regular file; remove it" in "".join(
+            problems
+        ), problems
+        assert (lines[-1]["healthy"], lines[-1]["service_started"]) == (False, None)
+
+
+def test_a_lock_path_replaced_under_a_working_service_needs_a_person_not_a_restart(
+    data_dir: Path, clock: Clock
+) -> None:
+    """The service holds the old lock file and works on; a restart would be refused, so a
+    liveness probe must not restart it: exit 3, which liveness leaves out."""
+    path = default_journal_path(data_dir)
+    journal = Journal.open(path)
+    try:
+        journal.end_pass(journal.begin_pass({"check_interval_s": 60}), PassResult.OK)
+    finally:
+        journal.close()
+    lock_path(data_dir).mkdir()
+    now = T0 + seconds(1)
+    full = compute_status(data_dir, path, now=now)
+    assert [p.exit_code for p in full.problems] == [EXIT_NEEDS_PERSON]
+    assert str(lock_path(data_dir)) in full.problems[0].text
+    assert compute_status(data_dir, path, now=now, liveness=True).exit_code == EXIT_HEALTHY
+    # and once it has stopped working, the service not working comes first
+    late = compute_status(data_dir, path, now=T0 + seconds(1000))
+    assert [p.exit_code for p in late.problems] == [EXIT_STALE, EXIT_NEEDS_PERSON]
+
+
 def test_a_merge_needing_a_person_is_exit_3_unless_judging_liveness(
     data_dir: Path, clock: Clock
 ) -> None:
@@ -461,7 +504,10 @@ def test_status_works_on_a_journal_from_before_pass_records(
     assert run_cli("run", "--data-dir", str(data_dir), "--once").returncode == 0
     path = default_journal_path(data_dir)
     with sqlite3.connect(path) as conn:  # what an older version left: schema 1 only
-        conn.executescript("DROP TABLE passes; DROP TABLE prunes; PRAGMA user_version = 1;")
+        conn.executescript(
+            "DROP TABLE passes; DROP TABLE prunes; ALTER TABLE unreadable DROP COLUMN ctime_ns;"
+            " PRAGMA user_version = 1;"
+        )
     conn.close()
     proc = run_cli("status", "--data-dir", str(data_dir), "--json")
     # no pass recorded, but the lock says the service started a moment ago

@@ -465,6 +465,7 @@ def status(
     _emit(map(backlog_fields, report.backlog), as_json)
     _emit(map(unreadable_fields, report.unreadable), as_json)
     _emit(map(merge_fields, report.needs_person + report.unfinished), as_json)
+    _emit(map(lineage_fields, report.lineage), as_json)
     _emit(map(problem_fields, report.problems), as_json)
     _echo(status_fields(report), as_json)
     raise SystemExit(report.exit_code)

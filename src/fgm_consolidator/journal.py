@@ -166,6 +166,7 @@ class UnreadableRecord:
     mtime_ns: int
     reason: str
     first_seen: str
+    ctime_ns: int | None  # None in rows from before migration 3
 
 
 class Journal:
@@ -343,14 +344,23 @@ class Journal:
         )
 
     def record_unreadable(
-        self, partition: str, name: str, identity: FileIdentity, reason: str
+        self, partition: str, name: str, identity: FileIdentity, reason: str, *, ctime_ns: int
     ) -> bool:
-        """Remember a file we could not read; True the first time this version of it is seen."""
+        """Remember a file we could not read; True the first time this version of it is seen.
+
+        A version is size, mtime and ctime. One row per size and mtime (migration 3): a new
+        ctime on the same content (a `chmod` that did not help) updates the row's ctime,
+        reason and first_seen, so the row always describes what is on disk now.
+        """
         with self.transaction():
             cursor = self.db.execute(
-                "INSERT OR IGNORE INTO unreadable (partition, name, size, mtime_ns, reason,"
-                " first_seen) VALUES (?, ?, ?, ?, ?, ?)",
-                (partition, name, identity.size, identity.mtime_ns, reason, utc_now()),
+                "INSERT INTO unreadable (partition, name, size, mtime_ns, reason, first_seen,"
+                " ctime_ns) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (partition, name, size, mtime_ns) DO UPDATE SET"
+                " ctime_ns = excluded.ctime_ns, reason = excluded.reason,"
+                " first_seen = excluded.first_seen"
+                " WHERE unreadable.ctime_ns IS NOT excluded.ctime_ns",
+                (partition, name, identity.size, identity.mtime_ns, reason, utc_now(), ctime_ns),
             )
         crashpoints.reach("journal:unreadable")
         return cursor.rowcount == 1
@@ -454,6 +464,14 @@ class Journal:
             raise JournalError(f"no merge {merge_id} in the journal", self.path)
         return records[0]
 
+    def newest_merge_id(self) -> int:
+        """0 before the first merge; ids only grow (the newest merge is never pruned)."""
+        return int(self.db.execute("SELECT coalesce(max(id), 0) FROM merges").fetchone()[0])
+
+    def merges_after(self, merge_id: int) -> list[MergeRecord]:
+        """Merges planned since `newest_merge_id` returned `merge_id`, newest first."""
+        return self._merges("m.id > ?", [merge_id])
+
     def unfinished(self) -> list[MergeRecord]:
         """Merges whose latest state is not terminal, oldest first: recovery's work list."""
         terminal = sorted(str(s) for s in TERMINAL)
@@ -547,7 +565,13 @@ class Journal:
         sql += " ORDER BY id DESC"
         return [
             UnreadableRecord(
-                r["partition"], r["name"], r["size"], r["mtime_ns"], r["reason"], r["first_seen"]
+                r["partition"],
+                r["name"],
+                r["size"],
+                r["mtime_ns"],
+                r["reason"],
+                r["first_seen"],
+                r.get("ctime_ns"),  # absent from a journal opened read-only before migration 3
             )
             for r in self.db.query(sql, params)
         ]

@@ -6,6 +6,7 @@ name does not parse as ours is never touched.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,15 +128,61 @@ def parse_partition(text: str) -> str:
     return text
 
 
-def iter_partitions(data_dir: Path) -> Iterator[str]:
-    """Partition keys in sorted order; anything not shaped like the monitor's folders is ignored."""
-    for day in sorted(data_dir.glob("dt=*")):
-        if not day.is_dir():
+@dataclass(frozen=True)
+class SkippedFolder:
+    """A folder named like a partition (or its day) that is not walked, and why."""
+
+    path: Path
+    reason: str
+
+
+NOT_FOLLOWED = "a symbolic link; not followed, so no file outside the data directory is merged"
+
+
+def walk_partitions(data_dir: Path) -> tuple[list[str], list[SkippedFolder]]:
+    """Partition keys in sorted order, and the folders named like one that are left alone.
+
+    Anything not shaped like the monitor's folders is ignored. A `dt=` or `identifier=` folder
+    that is a symbolic link is not followed: it once brought files from outside the data
+    directory into merges, which then deleted them there. Links are judged by the name itself
+    (lstat), and only where their name would make a partition, so that they can be reported.
+    """
+    keys: list[str] = []
+    skipped: list[SkippedFolder] = []
+    for day in _named(data_dir, "dt=", skipped):
+        if partition_day(f"{day.name}/identifier=x") is None:
             continue
-        for ident in sorted(day.glob("identifier=*")):
+        if day.is_symlink():
+            skipped.append(SkippedFolder(Path(day.path), NOT_FOLLOWED))
+            continue
+        if not day.is_dir(follow_symlinks=False):
+            continue
+        for ident in _named(Path(day.path), "identifier=", skipped):
             key = f"{day.name}/{ident.name}"
-            if ident.is_dir() and partition_day(key) is not None:
-                yield key
+            if partition_day(key) is None:
+                continue
+            if ident.is_symlink():
+                skipped.append(SkippedFolder(Path(ident.path), NOT_FOLLOWED))
+            elif ident.is_dir(follow_symlinks=False):
+                keys.append(key)
+    return keys, skipped
+
+
+def _named(folder: Path, prefix: str, skipped: list[SkippedFolder]) -> list[os.DirEntry[str]]:
+    """Entries of `folder` whose name starts with `prefix`, by name; a folder that cannot be
+    listed is reported and holds none (as glob, used here before, said nothing)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((e for e in entries if e.name.startswith(prefix)), key=lambda e: e.name)
+    except OSError as exc:
+        skipped.append(SkippedFolder(folder, f"cannot be listed: {exc.strerror or exc}"))
+        return []
+
+
+def iter_partitions(data_dir: Path) -> Iterator[str]:
+    """Partition keys in sorted order (see `walk_partitions`), for whoever does not report the
+    folders left alone: only a pass does, once."""
+    yield from walk_partitions(data_dir)[0]
 
 
 def state_dir(data_dir: Path) -> Path:

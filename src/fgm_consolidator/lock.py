@@ -19,6 +19,14 @@ from .errors import LockError, LockHeldError
 from .layout import lock_path
 
 
+def refuse_irregular(path: Path, mode: int) -> None:
+    """A lock path must be a regular file: flock on a FIFO fails with a bare EINVAL, and the
+    mtime of a FIFO or a folder is no service's start (`status` reads the file's mtime)."""
+    reason = durable.not_regular_reason(mode)
+    if reason is not None:
+        raise LockError(f"the lock file is {reason}; remove it", path)
+
+
 @contextmanager
 def exclusive(data_dir: Path) -> Iterator[Path]:
     path = lock_path(data_dir)
@@ -28,9 +36,7 @@ def exclusive(data_dir: Path) -> Iterator[Path]:
     except OSError as exc:
         raise LockError(f"cannot open the lock file: {exc.strerror or exc}", path) from exc
     try:
-        reason = durable.not_regular_reason(os.fstat(fd).st_mode)
-        if reason is not None:  # flock on a FIFO fails with a bare EINVAL
-            raise LockError(f"the lock file is {reason}; remove it", path)
+        refuse_irregular(path, os.fstat(fd).st_mode)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

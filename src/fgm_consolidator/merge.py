@@ -29,6 +29,7 @@ from .journal import Journal, MergeRecord
 from .layout import companion_name, tmp_name
 from .logs import context, log_event
 from .plan import MergePlan, Policy
+from .scan import UnreadableFile
 from .states import MergeState
 from .writer import WriteOptions, WriteSource, write_merged
 
@@ -172,17 +173,22 @@ def _write_companion_tmp(folder: Path, plan: MergePlan) -> None:
         )
 
 
-def report_unreadable(
-    journal: Journal, partition: str, name: str, identity: durable.FileIdentity, reason: str
-) -> None:
+def report_unreadable(journal: Journal, partition: str, bad: UnreadableFile) -> None:
     """Journal a file we could not read and log it, once per version of the file.
 
     The one path for a footer the scan cannot read and for corrupt pages behind a good footer,
     which only a merge finds: either must be reported and then left alone (invariant 4).
     """
-    if journal.record_unreadable(partition, name, identity, reason):
+    if journal.record_unreadable(
+        partition, bad.name, bad.identity, bad.reason, ctime_ns=bad.ctime_ns
+    ):
         log_event(
-            log, "file-unreadable", logging.WARNING, partition=partition, file=name, reason=reason
+            log,
+            "file-unreadable",
+            logging.WARNING,
+            partition=partition,
+            file=bad.name,
+            reason=bad.reason,
         )
 
 
@@ -191,7 +197,8 @@ def _remember_unreadable(journal: Journal, plan: MergePlan, exc: SourceReadError
     culprit = Path(exc.path or "").name
     for source in plan.sources:
         if culprit in (source.name, companion_name(source.name)):
-            report_unreadable(journal, plan.partition, source.name, source.identity, exc.reason)
+            bad = UnreadableFile(source.name, source.identity, exc.reason, source.ctime_ns)
+            report_unreadable(journal, plan.partition, bad)
 
 
 def roll_back(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,45 +216,74 @@ def recover_from_lineage(data_dir: Path, busy: set[tuple[str, str]]) -> list[Lin
     return actions
 
 
-def _settle_partition(
-    folder: Path, partition: str, busy: set[tuple[str, str]]
-) -> list[LineageAction]:
-    names = lineage.list_names(folder)
-    held = lineage.lineages(folder, names)
+@dataclass(frozen=True)
+class LineageVerdict:
+    """One finding of the lineage check, before anything is done about it."""
+
+    output: str
+    file: str  # a file the output's lineage lists, or (an overlap) the outputs sharing sources
+    doubt: str | None  # why the output is not shown to hold the file's rows; None: proven
+    before: durable.FileIdentity | None  # the file's identity from before the proof
+
+    def action(self, partition: str) -> LineageAction:
+        """This finding reported as it stands: the file kept."""
+        return LineageAction(partition, self.output, self.file, False, self.doubt or "")
+
+
+def judge_partition(
+    folder: Path,
+    partition: str,
+    names: Collection[str],
+    busy: Collection[tuple[str, str]],
+    *,
+    compare_rows: bool = True,
+) -> list[LineageVerdict]:
+    """What each output's lineage says of the files beside it, among `names`; changes nothing.
+
+    A file is proven held (no doubt) only when the output reads back whole, the counts add up
+    and every row of the file is among the output's. Without `compare_rows` only footers are
+    read, which `status` can afford on every call: nothing is proven then, and a file whose
+    counts agree gets a doubt saying its rows were not compared. Outputs of an unfinished
+    merge of our journal (`busy`) are the journal's business.
+    """
+    present_names = set(names)
+    held = lineage.lineages(folder, present_names)
     shared = lineage.overlaps(held)
-    actions = []
-    removed = False
+    verdicts = []
     for output, claim in held.items():
         if (partition, output) in busy:
             continue
         if output in shared:
             others = ", ".join(sorted(shared[output]))
             reason = f"{output} and {others} list the same sources: rows may be there twice"
-            actions.append(LineageAction(partition, output, others, False, reason))
-        present = sorted(claim.names & names)
+            verdicts.append(LineageVerdict(output, others, reason, None))
+        present = sorted(claim.names & present_names)
         before = {name: durable.identity(folder / name) for name in present}
-        problems: dict[str, str] = {}
+        doubts: dict[str, str] = {}
         if present and output not in shared:
-            unreadable = lineage.output_reads_back(folder / output, claim)
-            problems = (
+            sources = [folder / name for name in present]
+            unreadable = lineage.output_reads_back(folder / output, claim, decode=compare_rows)
+            doubts = (
                 dict.fromkeys(present, unreadable)
                 if unreadable
-                else lineage.unproven(folder / output, claim, [folder / name for name in present])
+                else lineage.unproven(folder / output, claim, sources, compare_rows=compare_rows)
             )
         for name in present:
-            action = _settle_source(
-                folder,
-                partition,
-                output,
-                claim,
-                name,
-                held,
-                shared,
-                (problems.get(name), before[name]),
-            )
-            removed = removed or action.removed
-            actions.append(action)
-    if removed:
+            claimants = sorted(o for o, c in held.items() if name in c.names)
+            if len(claimants) > 1 or output in shared:
+                doubts[name] = (
+                    f"listed by several outputs ({', '.join(claimants)}); a person decides"
+                )
+            verdicts.append(LineageVerdict(output, name, doubts.get(name), before[name]))
+    return verdicts
+
+
+def _settle_partition(
+    folder: Path, partition: str, busy: set[tuple[str, str]]
+) -> list[LineageAction]:
+    verdicts = judge_partition(folder, partition, lineage.list_names(folder), busy)
+    actions = [_settle_source(folder, partition, verdict) for verdict in verdicts]
+    if any(action.removed for action in actions):
         durable.fsync_dir(folder)
     for action in actions:
         level = logging.INFO if action.removed else logging.WARNING
@@ -270,34 +300,18 @@ def _settle_partition(
     return actions
 
 
-def _settle_source(
-    folder: Path,
-    partition: str,
-    output: str,
-    claim: lineage.Lineage,
-    name: str,
-    held: dict[str, lineage.Lineage],
-    shared: dict[str, set[str]],
-    checked: tuple[str | None, durable.FileIdentity],
-) -> LineageAction:
-    """`checked`: why the output was not shown to hold every present source's rows (None when
-    it was), and this source's identity from before that proof."""
-
-    def kept(reason: str) -> LineageAction:
-        return LineageAction(partition, output, name, False, reason)
-
-    claimants = sorted(o for o, c in held.items() if name in c.names)
-    if len(claimants) > 1 or output in shared:
-        return kept(f"listed by several outputs ({', '.join(claimants)}); a person decides")
-    path = folder / name
-    proof, before = checked
-    if proof is not None:
-        return kept(proof)
-    if durable.identity(path) != before:
-        return kept(f"{name} changed while it was compared")
+def _settle_source(folder: Path, partition: str, verdict: LineageVerdict) -> LineageAction:
+    """Remove a file its output is proven to hold, unless it changed since the proof."""
+    if verdict.doubt is not None or verdict.before is None:
+        return verdict.action(partition)
+    name, output = verdict.file, verdict.output
+    if durable.identity(folder / name) != verdict.before:
+        return LineageAction(
+            partition, output, name, False, f"{name} changed while it was compared"
+        )
     _make_durable(folder / output)
     note = _settle_companion(folder, output, name)
-    durable.remove(path)
+    durable.remove(folder / name)
     return LineageAction(
         partition, output, name, True, f"every row is in {output} (lineage and content){note}"
     )

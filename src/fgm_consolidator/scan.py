@@ -2,7 +2,7 @@
 
 Only names that parse as the monitor's or ours count. A file is eligible when it is older than
 `min_age` by mtime and its footer reads; a file that fails to read is reported once per version
-(identity) and then skipped, so it never blocks its partition (invariant 4).
+(size, mtime and ctime) and then skipped, so it never blocks its partition (invariant 4).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ import pyarrow as pa
 from . import durable, footers
 from .durable import FileIdentity
 from .errors import SchemaConflictError, SourceReadError
-from .journal import SourceRecord
+from .journal import SourceRecord, UnreadableRecord
 from .layout import DataFileName, companion_name, parse_data_file
 from .schemas import check_mergeable, fingerprint
 
@@ -31,6 +32,7 @@ class SourceFile:
     rows: int
     schema: pa.Schema
     companion: FileIdentity | None
+    ctime_ns: int  # as scanned: the version to record if a merge finds the file unreadable
 
     @property
     def name(self) -> str:
@@ -47,6 +49,7 @@ class UnreadableFile:
     name: str
     identity: FileIdentity
     reason: str
+    ctime_ns: int
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,25 @@ def read_footer(path: Path) -> tuple[FileIdentity, int, pa.Schema]:
     return footer.identity, footer.rows, footer.schema
 
 
+def is_recorded_version(record: UnreadableRecord, st: os.stat_result) -> bool:
+    """True while the file `st` describes is the version `record` found unreadable.
+
+    A version is size, mtime and ctime. `chmod` and `chown` change only the ctime, and they are
+    how a person fixes a file that was unreadable for its mode: without the ctime such a file
+    stayed out of every merge once fixed. A record from before ctime was kept (journal schema
+    2) holds while the file's ctime is no later than the record's first_seen: nothing about
+    the file changed since it was found unreadable, so it needs no second look (nor a second
+    report); a file changed since gets one, and is recorded with its ctime if still unreadable.
+    """
+    if (st.st_size, st.st_mtime_ns) != (record.size, record.mtime_ns):
+        return False
+    if record.ctime_ns is not None:
+        return st.st_ctime_ns == record.ctime_ns
+    if not record.first_seen:
+        return False
+    return st.st_ctime_ns <= datetime.fromisoformat(record.first_seen).timestamp() * 1e9
+
+
 def optional_identity(path: Path) -> FileIdentity | None:
     try:
         return durable.identity(path)
@@ -81,11 +103,14 @@ def scan_partition(
     *,
     min_age_s: float,
     now: float,
-    known_unreadable: Collection[tuple[str, int, int]],
+    known_unreadable: Collection[UnreadableRecord],
     held: Collection[str],
 ) -> PartitionScan:
-    """`known_unreadable` holds (name, size, mtime_ns) of files already reported unreadable."""
+    """`known_unreadable`: the journal's records of this partition's unreadable files."""
     folder = data_dir / partition
+    known: dict[str, list[UnreadableRecord]] = {}
+    for record in known_unreadable:
+        known.setdefault(record.name, []).append(record)
     names = frozenset(entry.name for entry in os.scandir(folder))
     eligible: list[SourceFile] = []
     unreadable: list[UnreadableFile] = []
@@ -102,7 +127,7 @@ def scan_partition(
         if now - st.st_mtime_ns / 1e9 < min_age_s:
             young += 1
             continue
-        if (name, st.st_size, st.st_mtime_ns) in known_unreadable:
+        if any(is_recorded_version(record, st) for record in known.get(name, ())):
             continue
         on_disk = FileIdentity.of(st)
         try:
@@ -112,12 +137,13 @@ def scan_partition(
             identity, rows, schema = read_footer(path)
             check_mergeable(schema)
         except SchemaConflictError as exc:
-            unreadable.append(UnreadableFile(name, on_disk, f"cannot be merged: {exc.reason}"))
+            reason = f"cannot be merged: {exc.reason}"
+            unreadable.append(UnreadableFile(name, on_disk, reason, st.st_ctime_ns))
             continue
         except SourceReadError as exc:
-            unreadable.append(UnreadableFile(name, on_disk, exc.reason))
+            unreadable.append(UnreadableFile(name, on_disk, exc.reason, st.st_ctime_ns))
             continue
         companion = optional_identity(folder / companion_name(name))
-        eligible.append(SourceFile(parsed, identity, rows, schema, companion))
+        eligible.append(SourceFile(parsed, identity, rows, schema, companion, st.st_ctime_ns))
     eligible.sort(key=lambda s: s.file)
     return PartitionScan(partition, folder, tuple(eligible), tuple(unreadable), young, names)

@@ -26,8 +26,8 @@ import pyarrow as pa
 from . import lineage, lock, memory, retention
 from .backoff import Backoff
 from .errors import ConsolidatorError
-from .journal import Journal, PassResult
-from .layout import iter_partitions
+from .journal import Journal, PassResult, UnreadableRecord
+from .layout import walk_partitions
 from .logs import log_event
 from .merge import MergeOutcome, execute, report_unreadable
 from .observe import Observer
@@ -115,10 +115,10 @@ def plan_one(
     data_dir: Path, partition: str, policy: Policy, journal: Journal | None, now: float
 ) -> tuple[PartitionScan, list[MergePlan], list[Skipped]]:
     """Scan and plan one partition; shared by real passes and `--dry-run`."""
-    known: set[tuple[str, int, int]] = set()
+    known: list[UnreadableRecord] = []
     held: set[str] = set()
     if journal is not None:
-        known = {(u.name, u.size, u.mtime_ns) for u in journal.unreadable(partition)}
+        known = journal.unreadable(partition)
         held = journal.held_names(partition)
     folder = data_dir / partition
     held |= lineage.claimed_names(folder, lineage.list_names(folder))
@@ -140,7 +140,9 @@ def consolidation_pass(
     report = PassReport(recovery=recover(journal, settings.data_dir, sweep=False))
     log_recovery(report.recovery)
     now = time.time()
-    partitions = list(iter_partitions(settings.data_dir))
+    partitions, left_alone = walk_partitions(settings.data_dir)
+    for folder in left_alone:
+        log_event(log, "partition-skipped", logging.WARNING, path=folder.path, reason=folder.reason)
     settings.observer.pass_started(partitions)
     for partition in partitions:
         if stop.requested:
@@ -206,7 +208,7 @@ def _consolidate_partition(
     scan, plans, skipped = plan_one(settings.data_dir, partition, settings.policy, journal, now)
     for bad in scan.unreadable:
         report.unreadable.append((scan.partition, bad))
-        report_unreadable(journal, scan.partition, bad.name, bad.identity, bad.reason)
+        report_unreadable(journal, scan.partition, bad)
     for skip in skipped:
         report.skipped.append(skip)
         log_event(

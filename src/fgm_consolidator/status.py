@@ -8,21 +8,28 @@ with its last pass. Health has three parts:
 - the service makes progress: a successful pass ended, or the running pass started or moved a
   merge, within `stale_after` x the check interval;
 - a service that just started gets that same window before its first successful pass (its
-  start is when it took the data directory's lock; the lock file's mtime says when);
-- no merge waits for a person (state needs-attention).
+  start is when it took the data directory's lock; the lock file's mtime says when, if the lock
+  path is a regular file: `run` refuses any other, so it is reported and says nothing);
+- no merge waits for a person (state needs-attention), and no output's lineage lists files
+  still beside it that `recover` would have to settle (see `_lineage_check`).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from . import lock
+from .errors import LockError
 from .journal import Journal, MergeRecord, PassRecord, UnreadableRecord
 from .layout import iter_partitions, lock_path
 from .plan import Policy
+from .recovery import LineageAction, judge_partition
 from .retention import journal_bytes
-from .scan import UnreadableFile
+from .scan import UnreadableFile, is_recorded_version
 from .service import PARTITION_ERRORS, plan_one
 from .states import MergeState
 
@@ -58,6 +65,7 @@ class Status:
     check_interval_s: float
     stale_after: float
     service_started: datetime | None  # when a process last took the data directory's lock
+    lock_problem: str | None  # why the lock path is one `run` refuses, naming it
     last_pass: PassRecord | None
     last_success: PassRecord | None
     progress_at: datetime | None  # the latest sign that the service gets somewhere
@@ -66,6 +74,7 @@ class Status:
     scanned: bool  # False for --liveness: backlog and unreadable were not looked at
     backlog: tuple[Backlog, ...]
     unreadable: tuple[UnreadableRecord, ...]
+    lineage: tuple[LineageAction, ...]  # files an output's lineage lists, still beside it
     journal_bytes: int
     problems: tuple[Problem, ...]
 
@@ -82,12 +91,19 @@ def _at(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
-def _service_started(data_dir: Path) -> datetime | None:
+def _service_started(data_dir: Path) -> tuple[datetime | None, str | None]:
+    """When a service last took the lock, or why the lock path cannot say: `run`'s own check.
+    A FIFO's or a folder's mtime is no service's start, and no service can start beside it."""
+    path = lock_path(data_dir)
     try:
-        mtime = lock_path(data_dir).stat().st_mtime
+        st = path.stat()
     except FileNotFoundError:
-        return None
-    return datetime.fromtimestamp(mtime, UTC)
+        return None, None
+    try:
+        lock.refuse_irregular(path, st.st_mode)
+    except LockError as exc:
+        return None, str(exc)
+    return datetime.fromtimestamp(st.st_mtime, UTC), None
 
 
 def _policy(last: PassRecord | None) -> Policy:
@@ -100,38 +116,64 @@ def _policy(last: PassRecord | None) -> Policy:
 def still_on_disk(data_dir: Path, record: UnreadableRecord) -> bool:
     """The journal remembers every unreadable version of a file; is this one still there?"""
     try:
-        st = (data_dir / record.partition / record.name).stat()
+        st = os.lstat(data_dir / record.partition / record.name)
     except OSError:
         return False
-    return (st.st_size, st.st_mtime_ns) == (record.size, record.mtime_ns)
+    return is_recorded_version(record, st)
 
 
 def _not_yet_recorded(partition: str, bad: UnreadableFile) -> UnreadableRecord:
     """Found by this look, before the service did: no first-seen time yet."""
     size, mtime_ns = bad.identity.size, bad.identity.mtime_ns
-    return UnreadableRecord(partition, bad.name, size, mtime_ns, bad.reason, "")
+    return UnreadableRecord(partition, bad.name, size, mtime_ns, bad.reason, "", bad.ctime_ns)
+
+
+@dataclass(frozen=True)
+class _Look:
+    backlog: list[Backlog]
+    unreadable: list[UnreadableRecord]
+    lineage: list[LineageAction]
+
+
+def _lineage_check(
+    folder: Path, partition: str, names: frozenset[str], busy: set[tuple[str, str]]
+) -> list[LineageAction]:
+    """`recover`'s lineage check (`judge_partition`) on footers only, the reading a pass has
+    done already (`plan_one` reads every output's lineage): proving an output holds a file's
+    rows reads both whole, minutes for a large output, on every call of a probe. So a file an
+    output lists and that is still beside it is a finding even where `recover` would prove and
+    remove it: rows may be there twice, and a running service leaves such files alone (they
+    are settled at start-up), so a person looks either way. The footers do give recover's own
+    reason where they suffice: counts that differ, outputs sharing a source."""
+    verdicts = judge_partition(folder, partition, names, busy, compare_rows=False)
+    return [verdict.action(partition) for verdict in verdicts]
 
 
 def _look_at_partitions(
-    data_dir: Path, journal: Journal | None, policy: Policy, now: datetime
-) -> tuple[list[Backlog], list[UnreadableRecord]]:
-    backlog: list[Backlog] = []
-    unreadable: list[UnreadableRecord] = []
+    data_dir: Path,
+    journal: Journal | None,
+    policy: Policy,
+    now: datetime,
+    busy: set[tuple[str, str]],
+) -> _Look:
+    look = _Look([], [], [])
     for partition in iter_partitions(data_dir):
         try:
             scan, plans, _ = plan_one(data_dir, partition, policy, journal, now.timestamp())
             known = journal.unreadable(partition) if journal else []
+            doubts = _lineage_check(data_dir / partition, partition, scan.names, busy)
         except PARTITION_ERRORS as exc:
-            backlog.append(Backlog(partition, 0, 0, 0, 0, error=str(exc)))
+            look.backlog.append(Backlog(partition, 0, 0, 0, 0, error=str(exc)))
             continue
         bad = [r for r in known if r.name in scan.names and still_on_disk(data_dir, r)]
         bad += [_not_yet_recorded(partition, u) for u in scan.unreadable]
-        unreadable += bad
+        look.unreadable.extend(bad)
+        look.lineage.extend(doubts)
         waiting = sum(1 for s in scan.eligible if s.file.kind == "metrics")
         mergeable = sum(len(p.sources) for p in plans)
         if waiting or bad:  # young files alone: the monitor's current file, or our new output
-            backlog.append(Backlog(partition, waiting, mergeable, scan.young, len(bad)))
-    return backlog, unreadable
+            look.backlog.append(Backlog(partition, waiting, mergeable, scan.young, len(bad)))
+    return look
 
 
 def _progress(
@@ -150,7 +192,26 @@ def _progress(
     return max(present) if present else None
 
 
-def _problems(status: Status, journal_path: Path) -> list[Problem]:
+def _lineage_problems(data_dir: Path, found: Sequence[LineageAction]) -> list[Problem]:
+    """One problem per output, naming it, with the first reason."""
+    by_output: dict[tuple[str, str], list[LineageAction]] = {}
+    for action in found:
+        by_output.setdefault((action.partition, action.output), []).append(action)
+    problems = []
+    for (partition, output), actions in by_output.items():
+        more = f" (and {len(actions) - 1} more)" if len(actions) > 1 else ""
+        problems.append(
+            Problem(
+                EXIT_NEEDS_PERSON,
+                f"{data_dir / partition / output}: lineage check: {actions[0].reason}{more}; "
+                "`fgm-consolidator recover` (with the service stopped) settles what it can "
+                "prove and reports the rest",
+            )
+        )
+    return problems
+
+
+def _problems(status: Status, journal_path: Path, data_dir: Path) -> list[Problem]:
     """Most urgent first: a service that does not work, then what a person must decide."""
     found: list[Problem] = []
     limit = (
@@ -168,6 +229,13 @@ def _problems(status: Status, journal_path: Path) -> list[Problem]:
             failed = status.last_pass
             why = f"; last pass {failed.result}: {failed.error}" if failed and failed.error else ""
             found.append(Problem(EXIT_STALE, f"no progress for {age:.0f} s (limit {limit}){why}"))
+    if status.lock_problem is not None:
+        # A service that still runs (it holds the lock file that was replaced) is not stuck,
+        # so a liveness probe must not restart it into a refusal: then only a person can help.
+        code = EXIT_NEVER_RAN if status.progress_at is None else EXIT_NEEDS_PERSON
+        found.append(
+            Problem(code, f"{status.lock_problem}; `fgm-consolidator run` refuses to start")
+        )
     if status.needs_person:
         ids = ", ".join(str(r.id) for r in status.needs_person)
         found.append(
@@ -177,6 +245,7 @@ def _problems(status: Status, journal_path: Path) -> list[Problem]:
                 "see `fgm-consolidator history --state needs-attention`",
             )
         )
+    found += _lineage_problems(data_dir, status.lineage)
     return found
 
 
@@ -200,36 +269,48 @@ def compute_status(
         last = journal.last_pass() if journal else None
         success = journal.last_successful_pass() if journal else None
         transition = _at(journal.latest_transition_at()) if journal else None
+        newest = journal.newest_merge_id() if journal else 0  # before `unfinished`: see below
         unfinished = journal.unfinished() if journal else []
-        backlog, unreadable = (
-            ([], []) if liveness else _look_at_partitions(data_dir, journal, _policy(last), now)
+        busy = {(r.partition, r.output) for r in unfinished}
+        look = (
+            _Look([], [], [])
+            if liveness
+            else _look_at_partitions(data_dir, journal, _policy(last), now, busy)
         )
+        doubts = look.lineage
+        if journal is not None and doubts:
+            # A merge planned during the look may have been caught between its rename and its
+            # deletes: its sources beside its output are the journal's business, not a finding.
+            busy |= {(r.partition, r.output) for r in journal.merges_after(newest)}
+            doubts = [a for a in doubts if (a.partition, a.output) not in busy]
     finally:
         if journal is not None:
             journal.close()
     if check_interval_s is None:
         recorded = last.settings.get("check_interval_s") if last else None
         check_interval_s = float(recorded or DEFAULT_CHECK_INTERVAL_S)
-    started = _service_started(data_dir)
+    started, lock_problem = _service_started(data_dir)
     status = Status(
         now=now,
         check_interval_s=check_interval_s,
         stale_after=stale_after,
         service_started=started,
+        lock_problem=lock_problem,
         last_pass=last,
         last_success=success,
         progress_at=_progress(started, last, success, transition),
         needs_person=tuple(r for r in unfinished if r.state is MergeState.NEEDS_ATTENTION),
         unfinished=tuple(r for r in unfinished if r.state is not MergeState.NEEDS_ATTENTION),
         scanned=not liveness,
-        backlog=tuple(backlog),
-        unreadable=tuple(unreadable),
+        backlog=tuple(look.backlog),
+        unreadable=tuple(look.unreadable),
+        lineage=tuple(doubts),
         journal_bytes=journal_bytes(journal_path),
         problems=(),
     )
     problems = tuple(
         p
-        for p in _problems(status, journal_path)
+        for p in _problems(status, journal_path, data_dir)
         if not (liveness and p.exit_code == EXIT_NEEDS_PERSON)
     )
     return replace(status, problems=problems)

@@ -1,0 +1,11 @@
+-- Migration 3: an unreadable file's version includes its ctime.
+-- Frozen once released, like 0001.
+--
+-- `chmod` and `chown` change a file's ctime and nothing else we record, and they are how a
+-- person fixes a file that was unreadable for its mode: known by size and mtime alone, such a
+-- file stayed out of every merge after it was fixed. The UNIQUE (partition, name, size,
+-- mtime_ns) of 0001 stays: a row is the latest unreadable version of that content, and a
+-- new ctime updates its ctime_ns, reason and first_seen (an upsert on that key).
+-- NULL in rows written before this migration: such a row holds while the file's ctime is no
+-- later than its first_seen (see scan.is_recorded_version).
+ALTER TABLE unreadable ADD COLUMN ctime_ns INTEGER;
