@@ -115,6 +115,8 @@ def test_only_schemas_with_several_text_columns_are_folded() -> None:
         ]
     )
     assert label_sets.for_schema(map_era) is None
+    shadowing = flat_schema().append(pa.field(LABEL_SET, pa.int32()))
+    assert label_sets.for_schema(shadowing) is None
 
 
 def test_rows_parked_folded_come_back_by_metric_with_their_labels(tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ _COMBINED_LIMIT = 1 << 62
 
 def for_schema(schema: pa.Schema) -> LabelSets | None:
     """A `LabelSets` for rows of `schema`, or None where folding its text would not pay."""
+    if LABEL_SET in schema.names:  # a column of that name would be shadowed
+        return None
     sets = LabelSets(schema)
     return sets if len(sets.columns) >= MIN_COLUMNS else None
 
@@ -50,7 +52,9 @@ class LabelSets:
         # Per column: each distinct value's code, and each label set's code (None for null).
         self._codes: list[dict[str | None, int]] = [{} for _ in self.columns]
         self._members: list[list[int | None]] = [[] for _ in self.columns]
-        self._code_cache: list[dict[tuple[str | None, ...], list[int]]] = [{} for _ in self.columns]
+        self._last: list[tuple[tuple[str | None, ...], list[int]] | None] = [None] * len(
+            self.columns
+        )
         self._arrays: list[tuple[pa.Array, pa.Array]] | None = None
 
     def pack(self, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -90,13 +94,15 @@ class LabelSets:
 
     def _codes_of(self, position: int, column: pa.DictionaryArray) -> list[int]:
         """The output's code for each entry of `column`'s dictionary. A dictionary holds a
-        handful of values, and buffers repeat them, so they are looked up as a tuple."""
+        handful of values and the next buffer usually has the same one, so the last is kept
+        (only the last: a cache of every one would grow with the output)."""
         local = tuple(column.dictionary.to_pylist())
-        found = self._code_cache[position].get(local)
-        if found is None:
-            codes = self._codes[position]
-            found = [codes.setdefault(value, len(codes)) for value in local]
-            self._code_cache[position][local] = found
+        last = self._last[position]
+        if last is not None and last[0] == local:
+            return last[1]
+        codes = self._codes[position]
+        found = [codes.setdefault(value, len(codes)) for value in local]
+        self._last[position] = (local, found)
         return found
 
     def _number(self, members: tuple[int | None, ...]) -> int:
