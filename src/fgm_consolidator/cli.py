@@ -33,6 +33,7 @@ from .reports import (
     plan_fields,
     problem_fields,
     recovery_fields,
+    skipped_fields,
     status_fields,
     unreadable_fields,
 )
@@ -466,6 +467,7 @@ def status(
     _emit(map(unreadable_fields, report.unreadable), as_json)
     _emit(map(merge_fields, report.needs_person + report.unfinished), as_json)
     _emit(map(lineage_fields, report.lineage), as_json)
+    _emit(map(skipped_fields, report.skipped), as_json)
     _emit(map(problem_fields, report.problems), as_json)
     _echo(status_fields(report), as_json)
     raise SystemExit(report.exit_code)

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .journal import MergeRecord, PassRecord, UnreadableRecord
+from .layout import SkippedFolder
 from .plan import MergePlan
 from .recovery import LineageAction, RecoveryAction
 
@@ -71,6 +72,10 @@ def lineage_fields(action: LineageAction) -> dict[str, Any]:
         "action": "removed" if action.removed else "kept, needs a person",
         "reason": action.reason,
     }
+
+
+def skipped_fields(folder: SkippedFolder) -> dict[str, Any]:
+    return {"kind": "skipped", "path": str(folder.path), "reason": folder.reason}
 
 
 def plan_fields(plan: MergePlan) -> dict[str, Any]:

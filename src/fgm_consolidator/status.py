@@ -25,7 +25,7 @@ from pathlib import Path
 from . import lock
 from .errors import LockError
 from .journal import Journal, MergeRecord, PassRecord, UnreadableRecord
-from .layout import iter_partitions, lock_path
+from .layout import SkippedFolder, lock_path, walk_partitions
 from .plan import Policy
 from .recovery import LineageAction, judge_partition
 from .retention import journal_bytes
@@ -75,6 +75,7 @@ class Status:
     backlog: tuple[Backlog, ...]
     unreadable: tuple[UnreadableRecord, ...]
     lineage: tuple[LineageAction, ...]  # files an output's lineage lists, still beside it
+    skipped: tuple[SkippedFolder, ...]  # folders named like partitions that are not walked
     journal_bytes: int
     problems: tuple[Problem, ...]
 
@@ -133,6 +134,7 @@ class _Look:
     backlog: list[Backlog]
     unreadable: list[UnreadableRecord]
     lineage: list[LineageAction]
+    skipped: list[SkippedFolder]  # named like partitions, left alone (symbolic links)
 
 
 def _lineage_check(
@@ -156,8 +158,9 @@ def _look_at_partitions(
     now: datetime,
     busy: set[tuple[str, str]],
 ) -> _Look:
-    look = _Look([], [], [])
-    for partition in iter_partitions(data_dir):
+    partitions, skipped = walk_partitions(data_dir)
+    look = _Look([], [], [], skipped)
+    for partition in partitions:
         try:
             scan, plans, _ = plan_one(data_dir, partition, policy, journal, now.timestamp())
             known = journal.unreadable(partition) if journal else []
@@ -273,7 +276,7 @@ def compute_status(
         unfinished = journal.unfinished() if journal else []
         busy = {(r.partition, r.output) for r in unfinished}
         look = (
-            _Look([], [], [])
+            _Look([], [], [], [])
             if liveness
             else _look_at_partitions(data_dir, journal, _policy(last), now, busy)
         )
@@ -305,6 +308,7 @@ def compute_status(
         backlog=tuple(look.backlog),
         unreadable=tuple(look.unreadable),
         lineage=tuple(doubts),
+        skipped=tuple(look.skipped),
         journal_bytes=journal_bytes(journal_path),
         problems=(),
     )
