@@ -6,6 +6,7 @@ leaves a stale lock behind. The file also says who holds it, for the refusal mes
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -34,6 +35,8 @@ def exclusive(data_dir: Path) -> Iterator[Path]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     except OSError as exc:
+        with contextlib.suppress(OSError):  # a folder there: say so as for a FIFO
+            refuse_irregular(path, os.lstat(path).st_mode)
         raise LockError(f"cannot open the lock file: {exc.strerror or exc}", path) from exc
     try:
         refuse_irregular(path, os.fstat(fd).st_mode)
