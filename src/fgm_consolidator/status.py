@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -131,10 +131,11 @@ def _not_yet_recorded(partition: str, bad: UnreadableFile) -> UnreadableRecord:
 
 @dataclass(frozen=True)
 class _Look:
-    backlog: list[Backlog]
-    unreadable: list[UnreadableRecord]
-    lineage: list[LineageAction]
-    skipped: list[SkippedFolder]  # named like partitions, left alone (symbolic links)
+    backlog: list[Backlog] = field(default_factory=list)
+    unreadable: list[UnreadableRecord] = field(default_factory=list)
+    lineage: list[LineageAction] = field(default_factory=list)
+    # named like partitions and left alone (symbolic links)
+    skipped: list[SkippedFolder] = field(default_factory=list)
 
 
 def _lineage_check(
@@ -159,7 +160,7 @@ def _look_at_partitions(
     busy: set[tuple[str, str]],
 ) -> _Look:
     partitions, skipped = walk_partitions(data_dir)
-    look = _Look([], [], [], skipped)
+    look = _Look(skipped=skipped)
     for partition in partitions:
         try:
             scan, plans, _ = plan_one(data_dir, partition, policy, journal, now.timestamp())
@@ -276,7 +277,7 @@ def compute_status(
         unfinished = journal.unfinished() if journal else []
         busy = {(r.partition, r.output) for r in unfinished}
         look = (
-            _Look([], [], [], [])
+            _Look()
             if liveness
             else _look_at_partitions(data_dir, journal, _policy(last), now, busy)
         )
