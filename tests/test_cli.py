@@ -861,6 +861,40 @@ def test_recover_exits_3_when_a_person_must_decide(
     assert snapshot(data_dir / P2) == remaining
 
 
+def test_recovery_does_not_finish_a_merge_through_a_partition_folder_now_linked(
+    data_dir: Path, populate: Callable[..., SimulationSummary], tmp_path: Path
+) -> None:
+    """A pass no longer follows a linked partition folder, but recovery did: a merge recorded
+    while the folder was real was finished through the link, deleting files outside
+    --data-dir. It waits for a person instead, and resumes once the folder is back."""
+    populate()
+    files = partition_files(data_dir)[P2]
+    killed = run_cli(
+        "run", "--data-dir", str(data_dir), "--once", env={"FGM_CRASH_AT": "journal:renamed"}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    moved = tmp_path / "moved"
+    (data_dir / P2).rename(moved)
+    (data_dir / P2).symlink_to(moved, target_is_directory=True)
+    before = snapshot(moved)
+
+    for command, code in ((("recover",), 3), (("run", "--once"), 0)):  # as README says
+        proc = run_cli(*command, "--data-dir", str(data_dir))
+        assert proc.returncode == code, proc.stdout + proc.stderr
+        assert snapshot(moved) == before  # not one file removed through the link
+    line = parse_kv(run_cli("recover", "--data-dir", str(data_dir)).stdout.splitlines()[0])
+    assert (line["output"], line["result"]) == (files.output, "needs-attention"), line
+    assert line["reason"].startswith(f"{data_dir / P2} is a symbolic link"), line
+
+    (data_dir / P2).unlink()
+    moved.rename(data_dir / P2)
+    proc = run_cli("recover", "--data-dir", str(data_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert parse_kv(proc.stdout.splitlines()[0])["action"] == "resumed", proc.stdout
+    assert [p.name for p in data_files(data_dir)] == [files.output]
+    assert pq.read_metadata(data_dir / P2 / files.output).num_rows == files.rows
+
+
 # -- a corrupt journal --------------------------------------------------------------------
 
 

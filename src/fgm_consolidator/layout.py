@@ -179,6 +179,17 @@ def _named(folder: Path, prefix: str, skipped: list[SkippedFolder]) -> list[os.D
         return []
 
 
+def linked_folder(data_dir: Path, partition: str) -> Path | None:
+    """The first folder of `partition` that is now a symbolic link, which `walk_partitions`
+    would not follow, or None. For records made while it was a real folder."""
+    folder = data_dir
+    for part in Path(partition).parts:
+        folder = folder / part
+        if folder.is_symlink():
+            return folder
+    return None
+
+
 def iter_partitions(data_dir: Path) -> Iterator[str]:
     """Partition keys in sorted order (see `walk_partitions`), for whoever does not report the
     folders left alone: only a pass does, once."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import companions, crashpoints, durable, lineage
 from .errors import CompanionError, NameTakenError
 from .journal import Journal, MergeRecord
-from .layout import companion_name, is_our_tmp, iter_partitions, tmp_name
+from .layout import companion_name, is_our_tmp, iter_partitions, linked_folder, tmp_name
 from .logs import context, log_event
 from .merge import finish, roll_back
 from .observe import Observer
@@ -94,6 +94,11 @@ def _action(record: MergeRecord, result: MergeState, action: str, reason: str) -
 
 
 def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAction:
+    link = linked_folder(data_dir, record.partition)
+    if link is not None:  # finishing through it would delete files outside --data-dir
+        return _needs_person(
+            journal, record, f"{link} is a symbolic link now; move the folder back, then recover"
+        )
     folder = data_dir / record.partition
     state = record.last_action_state
     if state in (MergeState.PLANNED, MergeState.WRITING):
