@@ -26,6 +26,7 @@ from conftest import PAST, rows_pyarrow, run_cli, small_spec, tmp_files
 
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path, lock_path
+from fgm_consolidator.service import StopFlag
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
 from fgm_consolidator.states import MergeState
 
@@ -340,3 +341,28 @@ def test_files_dropped_after_a_pass_are_consolidated_by_the_next(
 
 def time_of(event: dict[str, str]) -> float:
     return datetime.fromisoformat(event["ts"]).timestamp()
+
+
+# -- (e) intervals longer than a thread can wait ----------------------------------------------
+
+
+class _RecordingEvent(threading.Event):
+    """Records each timeout asked for and returns at once, so the test never blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        return super().wait(0)
+
+
+def test_a_check_interval_longer_than_a_thread_can_wait_does_not_crash_the_loop() -> None:
+    """`run --check-interval 1e10` passed the option's range, ran a pass, then died with
+    OverflowError (timestamp out of range for platform time_t) in the wait between passes."""
+    stop = StopFlag(0)
+    event = _RecordingEvent()
+    stop._event = event
+    assert stop.wait(1e10) is False
+    assert event.timeouts == [threading.TIMEOUT_MAX]

@@ -84,7 +84,9 @@ class StopFlag:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
     def wait(self, seconds: float) -> bool:
-        return self._event.wait(seconds)
+        # A wait past TIMEOUT_MAX (~292 years) raises OverflowError: `--check-interval 1e10`
+        # would crash the service after its first pass. Such a wait ends by signal anyway.
+        return self._event.wait(min(seconds, threading.TIMEOUT_MAX))
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self.request)
