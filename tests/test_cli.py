@@ -585,6 +585,7 @@ def test_history_agrees_with_the_disk(journaled: Journaled) -> None:
         (["--limit", "1"], [3]),
         (["--limit", "2"], [3, 2]),
         (["--limit", "9"], [3, 2, 1]),
+        (["--limit", str(2**64)], [3, 2, 1]),  # past SQLite's integers: all, not a traceback
         (["--partition", P1], [1]),
         (["--partition", P2 + "/"], [2]),
         (["--partition", "dt=2025-12-31/identifier=pod-a"], []),

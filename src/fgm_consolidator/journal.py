@@ -32,6 +32,9 @@ REPAIR_HINT = (
 )
 
 
+SQLITE_MAX_INT = 2**63 - 1
+
+
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -513,7 +516,7 @@ class Journal:
     ) -> list[MergeRecord]:
         sql = f"SELECT * FROM merges m WHERE {where} ORDER BY m.id DESC"
         if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+            sql += f" LIMIT {min(int(limit), SQLITE_MAX_INT)}"  # beyond it: datatype mismatch
         rows = list(self.db.query(sql, list(params)))
         return [self._record(row) for row in rows]
 
