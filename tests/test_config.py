@@ -160,3 +160,18 @@ def test_a_journal_folder_that_is_not_writable_is_refused(
         assert os.listdir(folder) == [] and os.listdir(data_dir) == []
     finally:
         folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", [["run", "--once"], ["recover"]], ids=["run", "recover"])
+def test_a_data_dir_whose_name_is_not_utf8_is_refused(tmp_path: Path, command: list[str]) -> None:
+    """pyarrow cannot open a path that is not UTF-8: `run` rolled every merge back with a
+    UnicodeEncodeError, exited 0 and left `status` healthy, pass after pass."""
+    data_dir = Path(os.fsdecode(os.fsencode(tmp_path) + b"/data-\xff"))
+    data_dir.mkdir()
+    (data_dir / "dt=2025-12-30").mkdir()
+    proc = run_cli(*command, "--data-dir", str(data_dir))
+    shown = os.fsencode(data_dir).decode("utf-8", "backslashreplace")
+    assert_refused(
+        proc, "--data-dir", f"{shown} is not valid UTF-8, and pyarrow cannot open files under it"
+    )
+    assert os.listdir(data_dir) == ["dt=2025-12-30"]

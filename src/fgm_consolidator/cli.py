@@ -198,6 +198,7 @@ def run(
         "--history-retention-days": history_retention_days,
     }
     _check_config(lambda: config.check_finite(numbers))
+    _check_config(lambda: config.check_data_dir(data_dir))
     _check_config(lambda: config.check_journal(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=once and not dry_run)
@@ -308,6 +309,7 @@ def recover_command(
     from . import lock
 
     journal_path = journal or default_journal_path(data_dir)
+    _check_config(lambda: config.check_data_dir(data_dir))
     _check_config(lambda: config.check_journal(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=True)

@@ -26,6 +26,19 @@ def check_finite(values: Mapping[str, float]) -> None:
             raise ConfigError(option, f"must be a finite number (got {value})")
 
 
+def check_data_dir(data_dir: Path) -> None:
+    """pyarrow takes paths as UTF-8 text: under a data directory whose name is not UTF-8 every
+    merge would be rolled back with a UnicodeEncodeError, pass after pass."""
+    text = str(data_dir.absolute())
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise ConfigError(
+            "--data-dir", f"{shown} is not valid UTF-8, and pyarrow cannot open files under it"
+        ) from None
+
+
 def _existing_ancestor(path: Path) -> Path:
     """The path itself or its nearest existing parent: where a new file would be created."""
     for candidate in (path, *path.parents):
