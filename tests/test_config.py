@@ -175,3 +175,27 @@ def test_a_data_dir_whose_name_is_not_utf8_is_refused(tmp_path: Path, command: l
         proc, "--data-dir", f"{shown} is not valid UTF-8, and pyarrow cannot open files under it"
     )
     assert os.listdir(data_dir) == ["dt=2025-12-30"]
+
+
+@pytest.mark.parametrize("command", [["run", "--once"], ["recover"]], ids=["run", "recover"])
+def test_a_journal_in_another_data_dirs_state_folder_is_refused(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Its recovery would judge the other data directory's merges by this one's folders: one
+    killed after `renamed` was marked needs-attention by a run on a second data directory."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    theirs = default_journal_path(first)
+    proc = run_cli(*command, "--data-dir", str(second), "--journal", str(theirs))
+    assert_refused(
+        proc,
+        "--journal",
+        f"{theirs} is the journal of another data directory ({first}); each data directory"
+        " needs its own",
+    )
+    assert os.listdir(first) == [] and os.listdir(second) == []
+    # its own journal, by any spelling, is fine
+    own = run_cli(*command, "--data-dir", str(second), "--journal",
+                  str(tmp_path / "." / "second" / ".fgm-consolidator" / "journal.db"))  # fmt: skip
+    assert own.returncode == 0, own.stderr

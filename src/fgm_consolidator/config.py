@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ConfigError
+from .layout import STATE_DIR
 
 
 def check_finite(values: Mapping[str, float]) -> None:
@@ -50,6 +51,7 @@ def _existing_ancestor(path: Path) -> Path:
 def check_journal(journal: Path, data_dir: Path) -> None:
     """The journal (or the folder it would be created in) for a command that writes it."""
     journal = journal.absolute()
+    _check_not_anothers(journal, data_dir)
     existing = _existing_ancestor(journal)
     if existing == journal:
         if not journal.is_file():
@@ -71,6 +73,20 @@ def check_journal(journal: Path, data_dir: Path) -> None:
             f"(device {_device(journal_dev)} vs {_device(data_dev)}); the journal must live on "
             "the data volume to see the same crashes",
         )
+
+
+def _check_not_anothers(journal: Path, data_dir: Path) -> None:
+    """A journal records partitions relative to its data directory: pointed at from a second
+    data directory, its recovery would judge the first one's merges by the wrong folders (a
+    merge half-way through marked needs-attention, its sources then left beside its output)."""
+    owner = journal.parent.parent
+    if journal.parent.name != STATE_DIR or owner.resolve() == data_dir.resolve():
+        return
+    raise ConfigError(
+        "--journal",
+        f"{journal} is the journal of another data directory ({owner}); each data directory"
+        " needs its own",
+    )
 
 
 def _device(dev: int) -> str:
