@@ -665,6 +665,21 @@ def test_history_without_a_journal_exits_1_naming_the_path(
     assert os.listdir(data_dir) == []
 
 
+@pytest.mark.parametrize("command", ["history", "status"])
+def test_an_empty_journal_file_is_one_error_line_naming_it(data_dir: Path, command: str) -> None:
+    """`history` died with a traceback (no such table: merges), `status` said only
+    `Error: no such table: transitions`."""
+    journal = journal_path(data_dir)
+    journal.parent.mkdir()
+    journal.touch()
+    result = invoke(command, "--data-dir", data_dir)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"Error: {journal}: the journal holds no tables: ")
+    assert result.stderr.count("\n") == 1
+    assert journal.read_bytes() == b""
+
+
 # -- dry run ------------------------------------------------------------------------------
 
 
