@@ -6,6 +6,7 @@ place of synchronisation.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shlex
@@ -366,3 +367,28 @@ def test_a_check_interval_longer_than_a_thread_can_wait_does_not_crash_the_loop(
     stop._event = event
     assert stop.wait(1e10) is False
     assert event.timeouts == [threading.TIMEOUT_MAX]
+
+
+# -- (f) a lock file that cannot be written ---------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["run", "--once"], ["recover"]], ids=["run", "recover"])
+def test_a_lock_file_that_cannot_be_written_is_named_in_the_error(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """On a full volume the holder's line could not be written: `Error: [Errno 28] No space
+    left on device`, with no path."""
+    from test_cli import invoke
+
+    from fgm_consolidator import lock
+
+    def full(_fd: int, _data: bytes, _offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(lock.os, "pwrite", full)
+    result = invoke(*command, "--data-dir", data_dir)
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {lock_path(data_dir)}: cannot write the lock file: No space left on device\n"
+    )
+    assert not default_journal_path(data_dir).exists()

@@ -48,8 +48,11 @@ def exclusive(data_dir: Path) -> Iterator[Path]:
             f"pid={os.getpid()} host={socket.gethostname()} "
             f"since={datetime.now(UTC).isoformat(timespec='seconds')}"
         )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.encode(), 0)
+        except OSError as exc:  # a full volume: its error alone would not name the file
+            raise LockError(f"cannot write the lock file: {exc.strerror or exc}", path) from exc
         yield path
     finally:
         os.close(fd)
