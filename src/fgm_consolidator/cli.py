@@ -392,16 +392,16 @@ def history(
     except ConsolidatorError as exc:
         raise _fail(exc) from exc
     try:
-        records = opened.history(
+        records = opened.iter_history(
             limit=limit,
             partition=partition,
             state=MergeState(state) if state else None,
             since=since_text,
         )
+        _emit(map(merge_fields, records), as_json)
         unreadable = [] if state else opened.unreadable(partition)
     finally:
         opened.close()
-    _emit(map(merge_fields, records), as_json)
     _emit(
         (
             unreadable_fields(u)

@@ -530,6 +530,18 @@ class Journal:
         since: str | None = None,
     ) -> list[MergeRecord]:
         """Newest first; `since` compares against the time the merge was planned."""
+        return list(self.iter_history(limit=limit, partition=partition, state=state, since=since))
+
+    def iter_history(
+        self,
+        *,
+        limit: int | None = None,
+        partition: str | None = None,
+        state: MergeState | None = None,
+        since: str | None = None,
+    ) -> Iterator[MergeRecord]:
+        """`history`, one record at a time: each holds every source, so a list of 50,000
+        merges took 1.2 GB, and the `history` command was OOM-killed in its container."""
         clauses, params = ["1"], []
         if partition:
             clauses.append("m.partition = ?")
@@ -545,16 +557,21 @@ class Journal:
                 "(SELECT at FROM transitions t WHERE t.merge_id = m.id ORDER BY t.id LIMIT 1) >= ?"
             )
             params.append(since)
-        return self._merges(" AND ".join(clauses), params, limit=limit)
+        return self._iter_merges(" AND ".join(clauses), params, limit=limit)
 
     def _merges(
         self, where: str, params: Sequence[Any], limit: int | None = None
     ) -> list[MergeRecord]:
+        return list(self._iter_merges(where, params, limit))
+
+    def _iter_merges(
+        self, where: str, params: Sequence[Any], limit: int | None = None
+    ) -> Iterator[MergeRecord]:
         sql = f"SELECT * FROM merges m WHERE {where} ORDER BY m.id DESC"
         if limit is not None:
             sql += f" LIMIT {min(int(limit), SQLITE_MAX_INT)}"  # beyond it: datatype mismatch
-        rows = list(self.db.query(sql, list(params)))
-        return [self._record(row) for row in rows]
+        rows = list(self.db.query(sql, list(params)))  # the merge rows alone: small
+        return (self._record(row) for row in rows)
 
     def _record(self, row: dict[str, Any]) -> MergeRecord:
         sources = tuple(
