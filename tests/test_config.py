@@ -199,3 +199,26 @@ def test_a_journal_in_another_data_dirs_state_folder_is_refused(
     own = run_cli(*command, "--data-dir", str(second), "--journal",
                   str(tmp_path / "." / "second" / ".fgm-consolidator" / "journal.db"))  # fmt: skip
     assert own.returncode == 0, own.stderr
+
+
+def test_a_journal_linked_to_another_file_system_is_refused(
+    data_dir: Path, other_file_system: Path
+) -> None:
+    """The check asked the link's folder, on the data volume, and let the journal live on a
+    tmpfs that a reboot empties while the data stays."""
+    other_file_system.mkdir()
+    target = other_file_system / "journal.db"
+    target.touch()
+    link = default_journal_path(data_dir)
+    link.parent.mkdir()
+    link.symlink_to(target)
+    proc = run_cli("run", "--once", "--data-dir", str(data_dir))
+    theirs, ours = os.stat(other_file_system).st_dev, os.stat(data_dir).st_dev
+    assert_refused(
+        proc,
+        "--journal",
+        f"{link} is on another file system than --data-dir {data_dir} (device"
+        f" {os.major(theirs)}:{os.minor(theirs)} vs {os.major(ours)}:{os.minor(ours)});"
+        " the journal must live on the data volume to see the same crashes",
+    )
+    assert target.read_bytes() == b""

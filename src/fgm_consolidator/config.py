@@ -65,7 +65,9 @@ def check_journal(journal: Path, data_dir: Path) -> None:
             raise ConfigError("--journal", f"{folder} is not a directory, so {journal} cannot be")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError("--journal", f"{folder} must be writable to hold the journal")
-    journal_dev, data_dev = os.stat(folder).st_dev, os.stat(data_dir).st_dev
+    # `existing` is the journal itself when there is one: stat follows a symbolic link to
+    # where SQLite really writes (a journal linked to a tmpfs passed when its folder was asked).
+    journal_dev, data_dev = os.stat(existing).st_dev, os.stat(data_dir).st_dev
     if journal_dev != data_dev:
         raise ConfigError(
             "--journal",
