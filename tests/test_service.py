@@ -392,3 +392,37 @@ def test_a_lock_file_that_cannot_be_written_is_named_in_the_error(
         f"Error: {lock_path(data_dir)}: cannot write the lock file: No space left on device\n"
     )
     assert not default_journal_path(data_dir).exists()
+
+
+# -- (g) one journal given to two data directories --------------------------------------------
+
+
+def test_a_journal_shared_by_two_data_directories_is_held_by_one_service(
+    data_dir: Path, tmp_path: Path, populate: Any, start: Callable[..., Service]
+) -> None:
+    """Each data directory had its own lock, so both services used the one journal, and each
+    one's recovery judged the other's merges by its own folders (a merge killed after
+    `renamed` was flagged needs-attention by the other, its sources left beside its output)."""
+    populate()
+    shared = tmp_path / "shared" / "journal.db"
+    other = tmp_path / "other"
+    generate(other, small_spec((PodSpec("pod-b"),)))
+    service = start("--journal", str(shared), "--check-interval", "300")
+    service.wait_for("pass-finished")
+    before = snapshot(other)
+    for command in (["run", "--once", "--min-age", "0"], ["recover"]):
+        refused = run_cli(*command, "--data-dir", str(other), "--journal", str(shared),
+                          env={"FGM_CRASH_AT": ""})  # fmt: skip
+        assert refused.returncode == 1, (command, refused.stderr)
+        assert refused.stderr.startswith(
+            f"Error: {shared}.lock: another fgm-consolidator holds this journal"
+            f" (pid={service.proc.pid} host="
+        )
+        assert refused.stderr.count("\n") == 1
+    assert snapshot(other) == before
+    code, _took = service.terminate(timeout=DEADLINE_S)
+    assert code == 0
+    # the kernel dropped both locks with the process
+    after = run_cli("run", "--once", "--min-age", "0", "--data-dir", str(other), "--journal",
+                    str(shared), env={"FGM_CRASH_AT": ""})  # fmt: skip
+    assert after.returncode == 0, after.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import durable
 from .errors import LockError, LockHeldError
-from .layout import lock_path
+from .layout import default_journal_path, lock_path
 
 
 def refuse_irregular(path: Path, mode: int) -> None:
@@ -29,7 +29,24 @@ def refuse_irregular(path: Path, mode: int) -> None:
 
 @contextmanager
 def exclusive(data_dir: Path) -> Iterator[Path]:
-    path = lock_path(data_dir)
+    with _exclusive(lock_path(data_dir), "data directory") as path:
+        yield path
+
+
+@contextmanager
+def exclusive_journal(journal: Path, data_dir: Path) -> Iterator[Path | None]:
+    """A journal outside its data directory is locked too (`<journal>.lock`): two data
+    directories given one `--journal` each hold their own lock, and each one's recovery would
+    judge the other's merges by its own folders. The default journal needs no second lock."""
+    if journal.absolute() == default_journal_path(data_dir).absolute():
+        yield None
+        return
+    with _exclusive(journal.with_name(journal.name + ".lock"), "journal") as path:
+        yield path
+
+
+@contextmanager
+def _exclusive(path: Path, what: str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
@@ -42,7 +59,7 @@ def exclusive(data_dir: Path) -> Iterator[Path]:
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown process"
             raise LockHeldError(
-                f"another fgm-consolidator holds this data directory ({holder})", path
+                f"another fgm-consolidator holds this {what} ({holder})", path
             ) from None
         holder = (
             f"pid={os.getpid()} host={socket.gethostname()} "

@@ -281,7 +281,11 @@ def run_service(
     """The `run` command: returns the exit code (0 also after a clean stop on a signal).
     `serve` (the metrics endpoint) starts only once the lock is ours, so a second instance is
     refused by the lock, with its holder named, not by a port it cannot bind."""
-    with lock.exclusive(settings.data_dir), serve():
+    with (
+        lock.exclusive(settings.data_dir),
+        lock.exclusive_journal(settings.journal_path, settings.data_dir),
+        serve(),
+    ):
         memory.keep_freed_heap()
         journal = Journal.open(settings.journal_path)
         log_event(
