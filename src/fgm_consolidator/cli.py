@@ -314,7 +314,10 @@ def recover_command(
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=True)
         try:
-            with lock.exclusive(data_dir), lock.exclusive_journal(journal_path, data_dir):
+            with (
+                lock.exclusive(data_dir, one_shot=True),
+                lock.exclusive_journal(journal_path, data_dir),
+            ):
                 opened = Journal.open(journal_path)
                 try:
                     report = recover(opened, data_dir, observer=shown)

@@ -27,9 +27,16 @@ def refuse_irregular(path: Path, mode: int) -> None:
         raise LockError(f"the lock file is {reason}; remove it", path)
 
 
+ONE_SHOT = "command=recover"  # in the holder's line: a process that is no service
+
+
 @contextmanager
-def exclusive(data_dir: Path) -> Iterator[Path]:
-    with _exclusive(lock_path(data_dir), "data directory") as path:
+def exclusive(data_dir: Path, *, one_shot: bool = False) -> Iterator[Path]:
+    """`one_shot` (recover) says so in the holder's line: `status` takes the lock file's mtime
+    for a service's start, and must not give a `recover` that ended long ago the start-up grace
+    of a service that never ran."""
+    suffix = f" {ONE_SHOT}" if one_shot else ""
+    with _exclusive(lock_path(data_dir), "data directory", suffix) as path:
         yield path
 
 
@@ -46,7 +53,7 @@ def exclusive_journal(journal: Path, data_dir: Path) -> Iterator[Path | None]:
 
 
 @contextmanager
-def _exclusive(path: Path, what: str) -> Iterator[Path]:
+def _exclusive(path: Path, what: str, suffix: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
@@ -63,7 +70,7 @@ def _exclusive(path: Path, what: str) -> Iterator[Path]:
             ) from None
         holder = (
             f"pid={os.getpid()} host={socket.gethostname()} "
-            f"since={datetime.now(UTC).isoformat(timespec='seconds')}"
+            f"since={datetime.now(UTC).isoformat(timespec='seconds')}{suffix}"
         )
         try:
             os.ftruncate(fd, 0)
