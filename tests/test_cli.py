@@ -707,6 +707,28 @@ def test_an_empty_journal_file_is_one_error_line_naming_it(data_dir: Path, comma
     assert journal.read_bytes() == b""
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize(
+    "command", [["history"], ["history", "--json"], ["status"], ["recover"], ["run", "--dry-run"]]
+)
+def test_output_to_a_full_disk_is_one_error_line(
+    data_dir: Path, populate: Callable[..., SimulationSummary], command: list[str]
+) -> None:
+    """`history > file` on a full disk ended in a traceback (OSError: [Errno 28])."""
+    populate()
+    assert run_cli("run", "--once", "--data-dir", str(data_dir)).returncode == 0  # a merge
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fgm_consolidator", *command, "--data-dir", str(data_dir)],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1:] == [
+        "Error: cannot write to standard output: No space left on device"
+    ], proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
 # -- dry run ------------------------------------------------------------------------------
 
 

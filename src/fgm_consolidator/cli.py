@@ -6,7 +6,9 @@ for every command), which is how a container is configured.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 import sys
 import tempfile
@@ -81,7 +83,22 @@ _log_format = _option(
 
 
 def _echo(fields: dict[str, Any], as_json: bool) -> None:
-    click.echo(json.dumps(fields, default=str) if as_json else logs.format_fields(fields))
+    _print(json.dumps(fields, default=str) if as_json else logs.format_fields(fields))
+
+
+def _print(text: str) -> None:
+    """Standard output that cannot be written (`history > file` on a full disk) is one
+    `Error:` line, not a traceback; a reader that went away (`history | head`) is click's to
+    end quietly, as it does."""
+    try:
+        click.echo(text)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - what is buffered can never be written
+        raise click.ClickException(
+            f"cannot write to standard output: {exc.strerror or exc}"
+        ) from exc
 
 
 def _fail(exc: ConsolidatorError | OSError) -> click.ClickException:
@@ -289,11 +306,11 @@ def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:
                 files += len(plan.sources)
                 _echo(plan_fields(plan), False)
                 for source in plan.sources:
-                    click.echo(f"  {source.name} rows={source.rows} bytes={source.identity.size}")
+                    _print(f"  {source.name} rows={source.rows} bytes={source.identity.size}")
     finally:
         if journal is not None:
             journal.close()
-    click.echo(f"dry run: {merges} merges of {files} files planned; nothing was changed")
+    _print(f"dry run: {merges} merges of {files} files planned; nothing was changed")
 
 
 @main.command("recover")
