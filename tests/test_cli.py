@@ -585,6 +585,7 @@ def test_history_agrees_with_the_disk(journaled: Journaled) -> None:
         (["--limit", "1"], [3]),
         (["--limit", "2"], [3, 2]),
         (["--limit", "9"], [3, 2, 1]),
+        (["--limit", str(2**64)], [3, 2, 1]),  # past SQLite's integers: all, not a traceback
         (["--partition", P1], [1]),
         (["--partition", P2 + "/"], [2]),
         (["--partition", "dt=2025-12-31/identifier=pod-a"], []),
@@ -662,6 +663,70 @@ def test_history_without_a_journal_exits_1_naming_the_path(
     )
     assert not missing.exists()
     assert os.listdir(data_dir) == []
+
+
+def test_history_prints_each_merge_as_it_reads_it(
+    journaled: Journaled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every record was read (with all its sources) before the first line was printed: 50,000
+    merges took 1.2 GB and 17 s before any output, past the container's memory limit."""
+    read: list[int] = []
+    record = Journal._record
+
+    def counted(self: Journal, row: dict[str, Any]) -> Any:
+        read.append(row["id"])
+        return record(self, row)
+
+    monkeypatch.setattr(Journal, "_record", counted)
+    read_when_printed: list[int] = []
+    echo = click.echo
+
+    def noted(message: Any = None, **kwargs: Any) -> None:
+        read_when_printed.append(len(read))
+        echo(message, **kwargs)
+
+    monkeypatch.setattr(click, "echo", noted)
+    result = invoke("history", "--data-dir", journaled.data_dir)
+    assert result.exit_code == 0
+    assert [parse_kv(line)["id"] for line in result.stdout.splitlines()] == ["3", "2", "1"]
+    assert read_when_printed == [1, 2, 3]
+
+
+@pytest.mark.parametrize("command", ["history", "status"])
+def test_an_empty_journal_file_is_one_error_line_naming_it(data_dir: Path, command: str) -> None:
+    """`history` died with a traceback (no such table: merges), `status` said only
+    `Error: no such table: transitions`."""
+    journal = journal_path(data_dir)
+    journal.parent.mkdir()
+    journal.touch()
+    result = invoke(command, "--data-dir", data_dir)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"Error: {journal}: the journal holds no tables: ")
+    assert result.stderr.count("\n") == 1
+    assert journal.read_bytes() == b""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize(
+    "command", [["history"], ["history", "--json"], ["status"], ["recover"], ["run", "--dry-run"]]
+)
+def test_output_to_a_full_disk_is_one_error_line(
+    data_dir: Path, populate: Callable[..., SimulationSummary], command: list[str]
+) -> None:
+    """`history > file` on a full disk ended in a traceback (OSError: [Errno 28])."""
+    populate()
+    assert run_cli("run", "--once", "--data-dir", str(data_dir)).returncode == 0  # a merge
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fgm_consolidator", *command, "--data-dir", str(data_dir)],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1:] == [
+        "Error: cannot write to standard output: No space left on device"
+    ], proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
 
 
 # -- dry run ------------------------------------------------------------------------------

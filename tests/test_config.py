@@ -160,3 +160,65 @@ def test_a_journal_folder_that_is_not_writable_is_refused(
         assert os.listdir(folder) == [] and os.listdir(data_dir) == []
     finally:
         folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", [["run", "--once"], ["recover"]], ids=["run", "recover"])
+def test_a_data_dir_whose_name_is_not_utf8_is_refused(tmp_path: Path, command: list[str]) -> None:
+    """pyarrow cannot open a path that is not UTF-8: `run` rolled every merge back with a
+    UnicodeEncodeError, exited 0 and left `status` healthy, pass after pass."""
+    data_dir = Path(os.fsdecode(os.fsencode(tmp_path) + b"/data-\xff"))
+    data_dir.mkdir()
+    (data_dir / "dt=2025-12-30").mkdir()
+    proc = run_cli(*command, "--data-dir", str(data_dir))
+    shown = os.fsencode(data_dir).decode("utf-8", "backslashreplace")
+    assert_refused(
+        proc, "--data-dir", f"{shown} is not valid UTF-8, and pyarrow cannot open files under it"
+    )
+    assert os.listdir(data_dir) == ["dt=2025-12-30"]
+
+
+@pytest.mark.parametrize("command", [["run", "--once"], ["recover"]], ids=["run", "recover"])
+def test_a_journal_in_another_data_dirs_state_folder_is_refused(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Its recovery would judge the other data directory's merges by this one's folders: one
+    killed after `renamed` was marked needs-attention by a run on a second data directory."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    theirs = default_journal_path(first)
+    proc = run_cli(*command, "--data-dir", str(second), "--journal", str(theirs))
+    assert_refused(
+        proc,
+        "--journal",
+        f"{theirs} is the journal of another data directory ({first}); each data directory"
+        " needs its own",
+    )
+    assert os.listdir(first) == [] and os.listdir(second) == []
+    # its own journal, by any spelling, is fine
+    own = run_cli(*command, "--data-dir", str(second), "--journal",
+                  str(tmp_path / "." / "second" / ".fgm-consolidator" / "journal.db"))  # fmt: skip
+    assert own.returncode == 0, own.stderr
+
+
+def test_a_journal_linked_to_another_file_system_is_refused(
+    data_dir: Path, other_file_system: Path
+) -> None:
+    """The check asked the link's folder, on the data volume, and let the journal live on a
+    tmpfs that a reboot empties while the data stays."""
+    other_file_system.mkdir()
+    target = other_file_system / "journal.db"
+    target.touch()
+    link = default_journal_path(data_dir)
+    link.parent.mkdir()
+    link.symlink_to(target)
+    proc = run_cli("run", "--once", "--data-dir", str(data_dir))
+    theirs, ours = os.stat(other_file_system).st_dev, os.stat(data_dir).st_dev
+    assert_refused(
+        proc,
+        "--journal",
+        f"{link} is on another file system than --data-dir {data_dir} (device"
+        f" {os.major(theirs)}:{os.minor(theirs)} vs {os.major(ours)}:{os.minor(ours)});"
+        " the journal must live on the data volume to see the same crashes",
+    )
+    assert target.read_bytes() == b""

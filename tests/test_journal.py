@@ -1,5 +1,6 @@
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,38 @@ def test_a_journal_path_that_is_not_a_regular_file_is_refused_at_once(
         with pytest.raises(JournalError, match=f"it is {kind}, not a regular file") as caught:
             Journal.open(path, read_only=read_only)
         assert caught.value.path == str(path)
+
+
+@pytest.fixture
+def held_lock(tmp_path: Path) -> Iterator[Path]:
+    """A journal that another process-like connection keeps exclusively locked."""
+    path = tmp_path / "j.db"
+    Journal.open(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    yield path
+    holder.execute("ROLLBACK")
+    holder.close()
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_locked_journal_is_not_called_corrupt(held_lock: Path, read_only: bool) -> None:
+    """`database is locked` came with the corrupt-journal hint: move a sound journal aside."""
+    with pytest.raises(JournalError) as caught:
+        Journal.open(held_lock, read_only=read_only)
+    message = str(caught.value)
+    assert message.startswith(f"{held_lock}: cannot open journal (database is locked); ")
+    assert "kept it locked" in message
+    assert "move the journal aside" not in message
+
+
+def test_reading_an_empty_journal_file_names_it_and_says_why(tmp_path: Path) -> None:
+    """`history` died with a `no such table: merges` traceback, `status` with a bare
+    `Error: no such table: transitions`."""
+    path = tmp_path / "journal.db"
+    path.touch()
+    with pytest.raises(JournalError, match="the journal holds no tables") as caught:
+        Journal.open(path, read_only=True)
+    assert caught.value.path == str(path)
+    assert path.read_bytes() == b""

@@ -210,3 +210,22 @@ def test_context_fields_stop_at_the_end_of_the_block() -> None:
     inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
     assert (inside["merge_id"], inside["partition"], inside["output"]) == (7, "p", "explicit wins")
     assert "merge_id" not in outside
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["a\rb", "a\x0bb", "a\x1cb", "a\x85b", "a\u2028b", "a\u2029b", "\x1b[31mred", "x\udcffy"],
+)
+def test_a_text_line_stays_one_line_whatever_a_value_holds(value: str) -> None:
+    """A data dir or partition folder named with a carriage return (or any other character
+    `str.splitlines` or a terminal treats as a line break) split one event in two."""
+    line = logs.format_fields({"event": "started", "data_dir": value, "next": "x"})
+    assert line.splitlines() == [line]
+    assert line.isprintable(), repr(line)
+    assert parse_kv(line)["next"] == "x"
+    line.encode("utf-8")  # a non-UTF-8 name's surrogate is spelled out, not written raw
+
+
+def test_backslashes_and_quotes_in_a_text_value_read_back() -> None:
+    line = logs.format_fields({"path": 'C:\\dir "x"', "tab": "a\tb"})
+    assert parse_kv(line) == {"path": 'C:\\dir "x"', "tab": "a\\tb"}

@@ -283,3 +283,16 @@ def test_a_failing_prune_is_logged_and_does_not_stop_the_service(
     failed = [r for r in caplog.records if r.getMessage() == "prune-failed"]
     assert len(failed) == 1
     assert len(journal.history()) == 1  # rolled back whole
+
+
+@pytest.mark.parametrize("days", [1e6, 1e300])
+def test_a_retention_longer_than_the_calendar_keeps_everything(
+    journal: Journal, clock: Clock, days: float
+) -> None:
+    """`--history-retention-days 1000000` passed the option's range and then crashed the
+    service after its first pass (OverflowError: date value out of range)."""
+    add_merge(journal, clock, OLD, FINISHED, ("m1", "m2"))
+    add_merge(journal, clock, OLD, FINISHED, ("m3", "m4"))
+    report = retention.prune(journal, days, NOW)
+    assert (report.merges, report.passes) == (0, 0)
+    assert len(journal.history()) == 2

@@ -6,6 +6,7 @@ place of synchronisation.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shlex
@@ -26,6 +27,7 @@ from conftest import PAST, rows_pyarrow, run_cli, small_spec, tmp_files
 
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path, lock_path
+from fgm_consolidator.service import StopFlag
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
 from fgm_consolidator.states import MergeState
 
@@ -340,3 +342,87 @@ def test_files_dropped_after_a_pass_are_consolidated_by_the_next(
 
 def time_of(event: dict[str, str]) -> float:
     return datetime.fromisoformat(event["ts"]).timestamp()
+
+
+# -- (e) intervals longer than a thread can wait ----------------------------------------------
+
+
+class _RecordingEvent(threading.Event):
+    """Records each timeout asked for and returns at once, so the test never blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        return super().wait(0)
+
+
+def test_a_check_interval_longer_than_a_thread_can_wait_does_not_crash_the_loop() -> None:
+    """`run --check-interval 1e10` passed the option's range, ran a pass, then died with
+    OverflowError (timestamp out of range for platform time_t) in the wait between passes."""
+    stop = StopFlag(0)
+    event = _RecordingEvent()
+    stop._event = event
+    assert stop.wait(1e10) is False
+    assert event.timeouts == [threading.TIMEOUT_MAX]
+
+
+# -- (f) a lock file that cannot be written ---------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["run", "--once"], ["recover"]], ids=["run", "recover"])
+def test_a_lock_file_that_cannot_be_written_is_named_in_the_error(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """On a full volume the holder's line could not be written: `Error: [Errno 28] No space
+    left on device`, with no path."""
+    from test_cli import invoke
+
+    from fgm_consolidator import lock
+
+    def full(_fd: int, _data: bytes, _offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(lock.os, "pwrite", full)
+    result = invoke(*command, "--data-dir", data_dir)
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {lock_path(data_dir)}: cannot write the lock file: No space left on device\n"
+    )
+    assert not default_journal_path(data_dir).exists()
+
+
+# -- (g) one journal given to two data directories --------------------------------------------
+
+
+def test_a_journal_shared_by_two_data_directories_is_held_by_one_service(
+    data_dir: Path, tmp_path: Path, populate: Any, start: Callable[..., Service]
+) -> None:
+    """Each data directory had its own lock, so both services used the one journal, and each
+    one's recovery judged the other's merges by its own folders (a merge killed after
+    `renamed` was flagged needs-attention by the other, its sources left beside its output)."""
+    populate()
+    shared = tmp_path / "shared" / "journal.db"
+    other = tmp_path / "other"
+    generate(other, small_spec((PodSpec("pod-b"),)))
+    service = start("--journal", str(shared), "--check-interval", "300")
+    service.wait_for("pass-finished")
+    before = snapshot(other)
+    for command in (["run", "--once", "--min-age", "0"], ["recover"]):
+        refused = run_cli(*command, "--data-dir", str(other), "--journal", str(shared),
+                          env={"FGM_CRASH_AT": ""})  # fmt: skip
+        assert refused.returncode == 1, (command, refused.stderr)
+        assert refused.stderr.startswith(
+            f"Error: {shared}.lock: another fgm-consolidator holds this journal"
+            f" (pid={service.proc.pid} host="
+        )
+        assert refused.stderr.count("\n") == 1
+    assert snapshot(other) == before
+    code, _took = service.terminate(timeout=DEADLINE_S)
+    assert code == 0
+    # the kernel dropped both locks with the process
+    after = run_cli("run", "--once", "--min-age", "0", "--data-dir", str(other), "--journal",
+                    str(shared), env={"FGM_CRASH_AT": ""})  # fmt: skip
+    assert after.returncode == 0, after.stderr

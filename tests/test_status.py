@@ -479,13 +479,19 @@ def test_status_of_a_partition_of_1000_files_is_quick(data_dir: Path) -> None:
     generate(data_dir, spec)
     assert len(data_files(data_dir)) == 1000
     assert run_cli("recover", "--data-dir", str(data_dir)).returncode == 0  # a journal to read
+    # a service that ran a pass with the default settings (a `recover` is no service)
+    journal = Journal.open(default_journal_path(data_dir))
+    pass_id = journal.begin_pass(Settings(data_dir, default_journal_path(data_dir)).as_record())
+    journal.end_pass(pass_id, PassResult.OK)
+    journal.close()
     took = []
     for _ in range(3):
         started = time.monotonic()
         proc = run_cli("status", "--data-dir", str(data_dir), "--json")
         took.append(time.monotonic() - started)
         assert proc.returncode == EXIT_HEALTHY, proc.stdout + proc.stderr
-    [backlog, summary] = status_json(proc)
+    [last_pass, backlog, summary] = status_json(proc)
+    assert last_pass["kind"] == "pass"
     assert (backlog["waiting"], backlog["mergeable"]) == (1000, 1000)
     assert summary["waiting"] == 1000
     # ~1 s on an idle 2-core machine, half of it Python and pyarrow starting; generous margin
@@ -493,7 +499,7 @@ def test_status_of_a_partition_of_1000_files_is_quick(data_dir: Path) -> None:
     # the liveness probe reads the journal only: no partition lines, no footers read
     live = run_cli("status", "--data-dir", str(data_dir), "--json", "--liveness")
     assert live.returncode == EXIT_HEALTHY, live.stdout + live.stderr
-    [summary] = status_json(live)
+    [last_pass, summary] = status_json(live)
     assert (summary["kind"], summary["waiting"], summary["unreadable"]) == ("status", None, None)
 
 
@@ -517,3 +523,24 @@ def test_status_works_on_a_journal_from_before_pass_records(
     again = run_cli("run", "--data-dir", str(data_dir), "--once")  # migrates to schema 2
     assert again.returncode == 0, again.stderr
     assert [p.result for p in passes(data_dir)] == [PassResult.OK]
+
+
+def test_a_recover_is_no_service_start(
+    data_dir: Path, populate: Callable[..., SimulationSummary]
+) -> None:
+    """`status` took any process that had taken the lock for a service just started: after a
+    one-shot `recover` it said healthy (exit 0, service_started) for stale-after x interval,
+    with files waiting and nothing running."""
+    populate(PodSpec("pod-a"))
+    recovered = run_cli("recover", "--data-dir", str(data_dir))
+    assert recovered.returncode == 0, recovered.stderr
+    proc = run_cli("status", "--data-dir", str(data_dir), "--json")
+    assert proc.returncode == EXIT_NEVER_RAN, proc.stdout
+    last = status_json(proc)[-1]
+    assert (last["healthy"], last["service_started"]) == (False, None)
+    # a `run` that takes the lock is a service start, as before
+    ran = run_cli("run", "--once", "--data-dir", str(data_dir), "--min-files", "99",
+                  "--min-age", "99999999999")  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    proc = run_cli("status", "--data-dir", str(data_dir), "--json")
+    assert status_json(proc)[-1]["service_started"] is not None

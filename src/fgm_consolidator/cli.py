@@ -6,7 +6,9 @@ for every command), which is how a container is configured.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 import sys
 import tempfile
@@ -81,7 +83,22 @@ _log_format = _option(
 
 
 def _echo(fields: dict[str, Any], as_json: bool) -> None:
-    click.echo(json.dumps(fields, default=str) if as_json else logs.format_fields(fields))
+    _print(json.dumps(fields, default=str) if as_json else logs.format_fields(fields))
+
+
+def _print(text: str) -> None:
+    """Standard output that cannot be written (`history > file` on a full disk) is one
+    `Error:` line, not a traceback; a reader that went away (`history | head`) is click's to
+    end quietly, as it does."""
+    try:
+        click.echo(text)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - what is buffered can never be written
+        raise click.ClickException(
+            f"cannot write to standard output: {exc.strerror or exc}"
+        ) from exc
 
 
 def _fail(exc: ConsolidatorError | OSError) -> click.ClickException:
@@ -198,6 +215,7 @@ def run(
         "--history-retention-days": history_retention_days,
     }
     _check_config(lambda: config.check_finite(numbers))
+    _check_config(lambda: config.check_data_dir(data_dir))
     _check_config(lambda: config.check_journal(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=once and not dry_run)
@@ -288,11 +306,11 @@ def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:
                 files += len(plan.sources)
                 _echo(plan_fields(plan), False)
                 for source in plan.sources:
-                    click.echo(f"  {source.name} rows={source.rows} bytes={source.identity.size}")
+                    _print(f"  {source.name} rows={source.rows} bytes={source.identity.size}")
     finally:
         if journal is not None:
             journal.close()
-    click.echo(f"dry run: {merges} merges of {files} files planned; nothing was changed")
+    _print(f"dry run: {merges} merges of {files} files planned; nothing was changed")
 
 
 @main.command("recover")
@@ -308,11 +326,15 @@ def recover_command(
     from . import lock
 
     journal_path = journal or default_journal_path(data_dir)
+    _check_config(lambda: config.check_data_dir(data_dir))
     _check_config(lambda: config.check_journal(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=True)
         try:
-            with lock.exclusive(data_dir):
+            with (
+                lock.exclusive(data_dir, one_shot=True),
+                lock.exclusive_journal(journal_path, data_dir),
+            ):
                 opened = Journal.open(journal_path)
                 try:
                     report = recover(opened, data_dir, observer=shown)
@@ -390,16 +412,16 @@ def history(
     except ConsolidatorError as exc:
         raise _fail(exc) from exc
     try:
-        records = opened.history(
+        records = opened.iter_history(
             limit=limit,
             partition=partition,
             state=MergeState(state) if state else None,
             since=since_text,
         )
+        _emit(map(merge_fields, records), as_json)
         unreadable = [] if state else opened.unreadable(partition)
     finally:
         opened.close()
-    _emit(map(merge_fields, records), as_json)
     _emit(
         (
             unreadable_fields(u)

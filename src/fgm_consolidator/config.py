@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ConfigError
+from .layout import STATE_DIR
 
 
 def check_finite(values: Mapping[str, float]) -> None:
@@ -24,6 +25,19 @@ def check_finite(values: Mapping[str, float]) -> None:
     for option, value in values.items():
         if not math.isfinite(value):
             raise ConfigError(option, f"must be a finite number (got {value})")
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """pyarrow takes paths as UTF-8 text: under a data directory whose name is not UTF-8 every
+    merge would be rolled back with a UnicodeEncodeError, pass after pass."""
+    text = str(data_dir.absolute())
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise ConfigError(
+            "--data-dir", f"{shown} is not valid UTF-8, and pyarrow cannot open files under it"
+        ) from None
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -37,6 +51,7 @@ def _existing_ancestor(path: Path) -> Path:
 def check_journal(journal: Path, data_dir: Path) -> None:
     """The journal (or the folder it would be created in) for a command that writes it."""
     journal = journal.absolute()
+    _check_not_anothers(journal, data_dir)
     existing = _existing_ancestor(journal)
     if existing == journal:
         if not journal.is_file():
@@ -50,7 +65,9 @@ def check_journal(journal: Path, data_dir: Path) -> None:
             raise ConfigError("--journal", f"{folder} is not a directory, so {journal} cannot be")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError("--journal", f"{folder} must be writable to hold the journal")
-    journal_dev, data_dev = os.stat(folder).st_dev, os.stat(data_dir).st_dev
+    # `existing` is the journal itself when there is one: stat follows a symbolic link to
+    # where SQLite really writes (a journal linked to a tmpfs passed when its folder was asked).
+    journal_dev, data_dev = os.stat(existing).st_dev, os.stat(data_dir).st_dev
     if journal_dev != data_dev:
         raise ConfigError(
             "--journal",
@@ -58,6 +75,20 @@ def check_journal(journal: Path, data_dir: Path) -> None:
             f"(device {_device(journal_dev)} vs {_device(data_dev)}); the journal must live on "
             "the data volume to see the same crashes",
         )
+
+
+def _check_not_anothers(journal: Path, data_dir: Path) -> None:
+    """A journal records partitions relative to its data directory: pointed at from a second
+    data directory, its recovery would judge the first one's merges by the wrong folders (a
+    merge half-way through marked needs-attention, its sources then left beside its output)."""
+    owner = journal.parent.parent
+    if journal.parent.name != STATE_DIR or owner.resolve() == data_dir.resolve():
+        return
+    raise ConfigError(
+        "--journal",
+        f"{journal} is the journal of another data directory ({owner}); each data directory"
+        " needs its own",
+    )
 
 
 def _device(dev: int) -> str:

@@ -32,6 +32,32 @@ REPAIR_HINT = (
 )
 
 
+SQLITE_MAX_INT = 2**63 - 1
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+_BUSY_HINT = (
+    "another process kept it locked past the 5 s we wait (a consolidator given the same"
+    " --journal, a sqlite3 shell, a backup); nothing was changed: find it and try again"
+)
+_FULL_HINT = "its volume is full; nothing was changed: free some space and try again"
+_IO_HINT = (
+    "the volume may be full or failing; nothing was changed: check it (df, dmesg) and try"
+    " again; if the volume is fine and this persists, "
+)
+
+
+def _open_hint(exc: sqlite3.DatabaseError) -> str:
+    """What to do depends on why: moving aside a journal that is only locked, or that sits on
+    a full volume, would throw away a sound audit trail and force a lineage recovery."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary result code
+    if code in _BUSY_CODES:
+        return _BUSY_HINT
+    if code == sqlite3.SQLITE_FULL:
+        return _FULL_HINT
+    if code == sqlite3.SQLITE_IOERR:
+        return _IO_HINT + REPAIR_HINT
+    return REPAIR_HINT
+
+
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -203,8 +229,9 @@ class Journal:
                 journal._migrate()
             else:
                 journal._check_version()
+                journal._check_set_up()
         except sqlite3.DatabaseError as exc:
-            raise JournalError(f"cannot open journal ({exc}); {REPAIR_HINT}", path) from exc
+            raise JournalError(f"cannot open journal ({exc}); {_open_hint(exc)}", path) from exc
         return journal
 
     def _sync_new_names(self) -> None:
@@ -237,6 +264,18 @@ class Journal:
             raise JournalError(
                 f"journal schema version {self._user_version()} is newer than this "
                 f"fgm-consolidator understands ({known}); upgrade fgm-consolidator",
+                self.path,
+            )
+
+    def _check_set_up(self) -> None:
+        """A reader of a journal no migration ever ran on (an empty file) met `no such table`
+        deep inside `history` and `status`."""
+        if self._user_version() == 0:
+            self.close()
+            raise JournalError(
+                "the journal holds no tables: an empty file, or one `run` is just creating;"
+                " `run` and `recover` take an empty journal for a lost one and recover from"
+                " the outputs' lineage",
                 self.path,
             )
 
@@ -491,6 +530,18 @@ class Journal:
         since: str | None = None,
     ) -> list[MergeRecord]:
         """Newest first; `since` compares against the time the merge was planned."""
+        return list(self.iter_history(limit=limit, partition=partition, state=state, since=since))
+
+    def iter_history(
+        self,
+        *,
+        limit: int | None = None,
+        partition: str | None = None,
+        state: MergeState | None = None,
+        since: str | None = None,
+    ) -> Iterator[MergeRecord]:
+        """`history`, one record at a time: each holds every source, so a list of 50,000
+        merges took 1.2 GB, and the `history` command was OOM-killed in its container."""
         clauses, params = ["1"], []
         if partition:
             clauses.append("m.partition = ?")
@@ -506,16 +557,21 @@ class Journal:
                 "(SELECT at FROM transitions t WHERE t.merge_id = m.id ORDER BY t.id LIMIT 1) >= ?"
             )
             params.append(since)
-        return self._merges(" AND ".join(clauses), params, limit=limit)
+        return self._iter_merges(" AND ".join(clauses), params, limit=limit)
 
     def _merges(
         self, where: str, params: Sequence[Any], limit: int | None = None
     ) -> list[MergeRecord]:
+        return list(self._iter_merges(where, params, limit))
+
+    def _iter_merges(
+        self, where: str, params: Sequence[Any], limit: int | None = None
+    ) -> Iterator[MergeRecord]:
         sql = f"SELECT * FROM merges m WHERE {where} ORDER BY m.id DESC"
         if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        rows = list(self.db.query(sql, list(params)))
-        return [self._record(row) for row in rows]
+            sql += f" LIMIT {min(int(limit), SQLITE_MAX_INT)}"  # beyond it: datatype mismatch
+        rows = list(self.db.query(sql, list(params)))  # the merge rows alone: small
+        return (self._record(row) for row in rows)
 
     def _record(self, row: dict[str, Any]) -> MergeRecord:
         sources = tuple(

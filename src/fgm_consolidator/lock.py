@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import durable
 from .errors import LockError, LockHeldError
-from .layout import lock_path
+from .layout import default_journal_path, lock_path
 
 
 def refuse_irregular(path: Path, mode: int) -> None:
@@ -28,9 +28,33 @@ def refuse_irregular(path: Path, mode: int) -> None:
         raise LockError(f"the lock file is {reason}; remove it", path)
 
 
+ONE_SHOT = "command=recover"  # in the holder's line: a process that is no service
+
+
 @contextmanager
-def exclusive(data_dir: Path) -> Iterator[Path]:
-    path = lock_path(data_dir)
+def exclusive(data_dir: Path, *, one_shot: bool = False) -> Iterator[Path]:
+    """`one_shot` (recover) says so in the holder's line: `status` takes the lock file's mtime
+    for a service's start, and must not give a `recover` that ended long ago the start-up grace
+    of a service that never ran."""
+    suffix = f" {ONE_SHOT}" if one_shot else ""
+    with _exclusive(lock_path(data_dir), "data directory", suffix) as path:
+        yield path
+
+
+@contextmanager
+def exclusive_journal(journal: Path, data_dir: Path) -> Iterator[Path | None]:
+    """A journal outside its data directory is locked too (`<journal>.lock`): two data
+    directories given one `--journal` each hold their own lock, and each one's recovery would
+    judge the other's merges by its own folders. The default journal needs no second lock."""
+    if journal.absolute() == default_journal_path(data_dir).absolute():
+        yield None
+        return
+    with _exclusive(journal.with_name(journal.name + ".lock"), "journal") as path:
+        yield path
+
+
+@contextmanager
+def _exclusive(path: Path, what: str, suffix: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
@@ -45,14 +69,17 @@ def exclusive(data_dir: Path) -> Iterator[Path]:
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown process"
             raise LockHeldError(
-                f"another fgm-consolidator holds this data directory ({holder})", path
+                f"another fgm-consolidator holds this {what} ({holder})", path
             ) from None
         holder = (
             f"pid={os.getpid()} host={socket.gethostname()} "
-            f"since={datetime.now(UTC).isoformat(timespec='seconds')}"
+            f"since={datetime.now(UTC).isoformat(timespec='seconds')}{suffix}"
         )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.encode(), 0)
+        except OSError as exc:  # a full volume: its error alone would not name the file
+            raise LockError(f"cannot write the lock file: {exc.strerror or exc}", path) from exc
         yield path
     finally:
         os.close(fd)

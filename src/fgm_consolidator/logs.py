@@ -57,11 +57,26 @@ def context(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    """Anything unprintable is spelled out: a `\\r`, a `\\u2028` or a non-UTF-8 name's
+    surrogate would otherwise end the line for some readers (`str.splitlines`, a terminal)."""
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _quote(value: Any) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\n\t'):
-        escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
+    if text == "" or any(c in ' "=\\' or not c.isprintable() for c in text):
+        return '"' + "".join(map(_escape, text)) + '"'
     return text
 
 

@@ -56,8 +56,17 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
+def _cutoff(now: datetime, retention_days: float) -> datetime:
+    """A retention longer than the calendar reaches back (`--history-retention-days 1e6`)
+    keeps everything; `now - timedelta(...)` would raise OverflowError after the first pass."""
+    try:
+        return now - timedelta(days=retention_days)
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC)
+
+
 def prune(journal: Journal, retention_days: float, now: datetime) -> PruneReport:
-    cutoff = _iso(now - timedelta(days=retention_days))
+    cutoff = _iso(_cutoff(now, retention_days))
     before = journal_bytes(journal.path)
     counts = journal.prune(cutoff=cutoff, at=_iso(now))
     vacuum = journal.free_fraction() > VACUUM_ABOVE

@@ -84,7 +84,9 @@ class StopFlag:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
     def wait(self, seconds: float) -> bool:
-        return self._event.wait(seconds)
+        # A wait past TIMEOUT_MAX (~292 years) raises OverflowError: `--check-interval 1e10`
+        # would crash the service after its first pass. Such a wait ends by signal anyway.
+        return self._event.wait(min(seconds, threading.TIMEOUT_MAX))
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self.request)
@@ -279,7 +281,11 @@ def run_service(
     """The `run` command: returns the exit code (0 also after a clean stop on a signal).
     `serve` (the metrics endpoint) starts only once the lock is ours, so a second instance is
     refused by the lock, with its holder named, not by a port it cannot bind."""
-    with lock.exclusive(settings.data_dir), serve():
+    with (
+        lock.exclusive(settings.data_dir),
+        lock.exclusive_journal(settings.journal_path, settings.data_dir),
+        serve(),
+    ):
         memory.keep_freed_heap()
         journal = Journal.open(settings.journal_path)
         log_event(

@@ -16,6 +16,7 @@ with its last pass. Health has three parts:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -104,6 +105,9 @@ def _service_started(data_dir: Path) -> tuple[datetime | None, str | None]:
         lock.refuse_irregular(path, st.st_mode)
     except LockError as exc:
         return None, str(exc)
+    with contextlib.suppress(OSError):  # unreadable: take it for a service's, as before
+        if lock.ONE_SHOT in path.read_text(errors="replace"):
+            return None, None  # a `recover`: no service started
     return datetime.fromtimestamp(st.st_mtime, UTC), None
 
 
