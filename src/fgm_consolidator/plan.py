@@ -82,12 +82,18 @@ def _window(source: SourceFile, span_s: int) -> int:
 
 
 def _fits(group: Sequence[SourceFile], candidate: SourceFile, policy: Policy) -> bool:
-    span = candidate.file.end - group[0].file.start
+    """The output's range is the group's earliest start to its latest end, not the candidate's
+    end: a `consolidated-*` file we did not write may span hours or cover its neighbours'
+    stamps. A group whose range is one of its own files' would be named like that file, so it
+    would be skipped on every pass and its other files never merged."""
+    start = group[0].file.start
+    end = max(candidate.file.end, *(s.file.end for s in group))
     size = sum(s.identity.size for s in group) + candidate.identity.size
     return (
         _window(group[0], policy.max_span_s) == _window(candidate, policy.max_span_s)
-        and span.total_seconds() <= policy.max_span_s
+        and (end - start).total_seconds() <= policy.max_span_s
         and size <= policy.max_output_bytes
+        and all((s.file.start, s.file.end) != (start, end) for s in (*group, candidate))
     )
 
 
