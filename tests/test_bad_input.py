@@ -40,7 +40,7 @@ from conftest import (
 
 from fgm_consolidator import merge
 from fgm_consolidator.cli import main
-from fgm_consolidator.journal import Journal
+from fgm_consolidator.journal import Journal, UnreadableRecord
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.logs import FIELDS
 from fgm_consolidator.plan import Policy
@@ -694,3 +694,43 @@ def test_a_partition_folder_whose_name_is_not_utf8_is_left_alone(node: Node) -> 
     assert "Traceback" not in result.stderr
     assert rows_of(consolidated_only_besides(node.data_dir)) == expected
     assert os.path.exists(os.path.join(odd, os.fsencode(node.path(0).name)))
+
+
+@pytest.mark.parametrize("fix", ["replaced", "deleted"])
+def test_a_file_held_out_for_its_companion_comes_back_once_the_companion_changes(
+    node: Node, events: list[Event], fix: str
+) -> None:
+    """A corrupt companion was recorded as its parquet file's fault, under the parquet file's
+    version: replacing or deleting the companion (the fix) changes nothing about the parquet
+    file, so it stayed out of every merge forever, reported with a reason naming no companion."""
+    node.arrive(range(24))  # quarter-hour windows: 0..9, 10..19, 20..23
+    path = node.path(12)
+    good_companion = companion(path).read_bytes()
+    companion(path).write_bytes(b"\x02" + bytes(3))  # torn: a power cut after the rename
+    expected = rows_of([node.path(i) for i in range(24)])
+
+    first = one_pass(node.data_dir, max_span_s=900)
+    second = one_pass(node.data_dir, max_span_s=900)
+
+    assert [e["file"] for e in named(events, "file-unreadable")] == [companion(path).name]
+    [record] = _records(node.data_dir)
+    assert record.name == companion(path).name and record.reason.startswith("truncated at byte")
+    assert len(first.failed) == 1 and second.failed == []  # held out, not retried every pass
+    assert path.exists() and not node.path(11).exists()
+
+    if fix == "replaced":
+        companion(path).write_bytes(good_companion)
+    else:
+        companion(path).unlink()
+    report = one_pass(node.data_dir, max_span_s=900)
+
+    assert report.failed == [] and report.merges
+    assert rows_of(consolidated_only_besides(node.data_dir)) == expected
+
+
+def _records(data_dir: Path) -> list[UnreadableRecord]:
+    journal = Journal.open(default_journal_path(data_dir), read_only=True)
+    try:
+        return journal.unreadable()
+    finally:
+        journal.close()
