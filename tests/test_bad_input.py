@@ -38,7 +38,7 @@ from conftest import (
     tmp_files,
 )
 
-from fgm_consolidator import merge
+from fgm_consolidator import companions, merge
 from fgm_consolidator.cli import main
 from fgm_consolidator.journal import Journal, UnreadableRecord
 from fgm_consolidator.layout import default_journal_path
@@ -734,3 +734,38 @@ def _records(data_dir: Path) -> list[UnreadableRecord]:
         return journal.unreadable()
     finally:
         journal.close()
+
+
+@pytest.mark.parametrize("change", ["arrives", "replaced"])
+def test_a_companion_that_changes_while_its_file_is_merged_is_neither_orphaned_nor_dropped(
+    node: Node, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The monitor writes a file's companion after the file (and rewrites it by rename). One
+    that arrived or was replaced after planning was left out of the output's companion, and
+    left behind for good beside no parquet file, its containers gone from the viewer's list."""
+    node.arrive(range(12))
+    late = companion(node.path(11))
+    content = late.read_bytes()
+    if change == "arrives":
+        late.unlink()
+    real_write = merge.write_merged
+
+    def monitor_writes_companion(*args: Any, **kwargs: Any) -> Any:
+        fresh = late.with_name(late.name + ".tmp")
+        fresh.write_bytes(content)
+        fresh.rename(late)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(merge, "write_merged", monitor_writes_companion)
+    first = one_pass(node.data_dir)
+    monkeypatch.setattr(merge, "write_merged", real_write)
+    second = one_pass(node.data_dir)
+
+    assert [m.state for m in first.merges] == [MergeState.ROLLED_BACK]
+    assert first.merges[0].error is not None and late.name in first.merges[0].error
+    assert [m.state for m in second.merges] == [MergeState.SOURCES_DELETED]
+    [output] = consolidated_only_besides(node.data_dir)
+    assert sorted(p.name for p in node.folder.iterdir()) == [companion(output).name, output.name]
+    theirs = {c.container_id for c in companions.decode(content).containers}
+    ours = {c.container_id for c in companions.read_companion(companion(output)).containers}
+    assert theirs <= ours

@@ -29,7 +29,7 @@ from .journal import Journal, MergeRecord
 from .layout import companion_name, tmp_name
 from .logs import context, log_event
 from .plan import MergePlan, Policy
-from .scan import UnreadableFile
+from .scan import UnreadableFile, optional_identity
 from .states import MergeState
 from .writer import WriteOptions, WriteSource, write_merged
 
@@ -157,6 +157,14 @@ def _check_sources(folder: Path, plan: MergePlan) -> None:
         if now != source.identity:
             raise SourceChangedError(
                 f"changed before the output was published ({source.identity} -> {now})", path
+            )
+        companion = folder / companion_name(source.name)
+        if optional_identity(companion) != source.companion:
+            # The monitor writes a companion after its file: one that came or changed since
+            # planning is not in the output's, and would be left behind, beside no file.
+            raise SourceChangedError(
+                "companion came, went or changed since planning; the next pass merges it",
+                companion,
             )
 
 
