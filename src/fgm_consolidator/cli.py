@@ -326,7 +326,7 @@ def recover_command(
         _echo({"kind": "orphan-removed", "path": str(path)}, as_json)
     for found in report.lineage:
         _echo(lineage_fields(found), as_json)
-    people = len(report.needs_person) + len(report.uncertain)
+    people = len(report.needs_person) + len(report.uncertain) + len(report.failed)
     summary = {
         "kind": "summary",
         "merges": len(report.actions),

@@ -139,6 +139,10 @@ def consolidation_pass(
     backoff is over, so a full disk is not hit with a whole merge every interval."""
     report = PassReport(recovery=recover(journal, settings.data_dir, sweep=False))
     log_recovery(report.recovery)
+    # A merge recovery had to leave as it was holds its partition until a recovery settles it:
+    # planned again, its sources would go into a second merge. The other partitions go on.
+    report.errors.extend((action.partition, action.reason) for action in report.recovery.failed)
+    stuck = {action.partition for action in report.recovery.failed}
     now = time.time()
     partitions, left_alone = walk_partitions(settings.data_dir)
     for folder in left_alone:
@@ -147,7 +151,7 @@ def consolidation_pass(
     for partition in partitions:
         if stop.requested:
             break
-        if backoff is not None and not backoff.due(partition):
+        if partition in stuck or (backoff is not None and not backoff.due(partition)):
             report.deferred.append(partition)
             settings.observer.partition_done(partition)
             continue
@@ -298,13 +302,15 @@ def run_service(
             journal.close()
 
 
-PASS = "<pass>"  # the backoff key of a pass that failed as a whole (recovery, the journal)
+PASS = "<pass>"  # the backoff key of a pass that failed as a whole (the journal), or whose
+# recovery had to leave a merge as it was
 
 
 def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> int:
     """Exit code for `--once`: 1 when a partition or the pass failed (rolled-back merges are
     not failures: their sources are intact and the next pass retries them). A pass that fails
-    as a whole is retried after a growing wait, not every interval."""
+    as a whole, or whose recovery had to leave a merge as it was, is retried after a growing
+    wait, not every interval."""
     backoff = Backoff(settings.check_interval_s)
     while True:
         started = time.monotonic()
@@ -313,7 +319,11 @@ def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> i
         try:
             report = recorded_pass(journal, settings, stop, backoff)
             ok = not report.errors
-            backoff.succeeded(PASS)
+            stuck = report.recovery.failed
+            if stuck and not once:  # a failing device is not hit at every interval
+                wait = backoff.failed(PASS, stuck[0].reason)
+            elif not stuck:
+                backoff.succeeded(PASS)
             log_event(
                 log,
                 "pass-finished",
