@@ -132,3 +132,15 @@ def test_a_foreign_file_whose_range_covers_its_neighbours_does_not_swallow_them(
         assert skipped == []
         assert [[s.name for s in p.sources] for p in plans] == [[f.name for f in files[1:]]]
         assert plans[0].output == "consolidated-20251230T101500Z-20251230T102830Z.parquet"
+
+
+def test_a_skip_names_the_file_that_takes_the_name() -> None:
+    """Only the companion's name may be taken (a person removed an output but not its
+    companion): the reason said the output's name was taken, and no such file was there."""
+    files = [metrics(0), metrics(90)]
+    output = "consolidated-20251230T100000Z-20251230T100130Z.parquet"
+    stray = "consolidated-20251230T100000Z-20251230T100130Z.containers"
+    for taken in (output, stray):
+        _, [skipped] = plan_partition(scan(*files, extra=(taken,)), Policy(min_files=2), OPEN_DAY)
+        assert skipped.output == output
+        assert skipped.reason == f"{taken} already exists; nothing is overwritten"

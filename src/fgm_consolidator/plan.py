@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
-from typing import ClassVar
 
 import pyarrow as pa
 
@@ -73,8 +72,11 @@ class Skipped:
     partition: str
     output: str
     sources: tuple[str, ...]
+    taken: str  # the output's name or its companion's: the file already there
 
-    reason: ClassVar[str] = "output name already exists"
+    @property
+    def reason(self) -> str:
+        return f"{self.taken} already exists; nothing is overwritten"
 
 
 def _window(source: SourceFile, span_s: int) -> int:
@@ -167,8 +169,10 @@ def plan_partition(
         start = min(s.file.start for s in sources)
         end = max(s.file.end for s in sources)
         output = format_consolidated(start, end)
-        if output in taken or companion_name(output) in taken:
-            skipped.append(Skipped(scan.partition, output, tuple(s.name for s in sources)))
+        clash = next((name for name in (output, companion_name(output)) if name in taken), None)
+        if clash is not None:
+            names = tuple(s.name for s in sources)
+            skipped.append(Skipped(scan.partition, output, names, clash))
             continue
         taken.add(output)
         plans.append(MergePlan(scan.partition, output, tuple(sources), schema))
