@@ -55,8 +55,17 @@ def _data_dir(writable: bool) -> Callable[[F], F]:
         "--data-dir",
         type=click.Path(path_type=Path, exists=True, file_okay=False, writable=writable),
         default="/data",
+        callback=_not_a_partition,
         help="The monitor's data directory (the shared volume).",
     )
+
+
+def _not_a_partition(_ctx: click.Context, _param: click.Parameter, value: Path) -> Path:
+    try:
+        config.check_data_dir(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.reason) from exc
+    return value
 
 
 _journal = _option(

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ConfigError
+from .layout import partition_day
 
 
 def check_finite(values: Mapping[str, float]) -> None:
@@ -24,6 +25,20 @@ def check_finite(values: Mapping[str, float]) -> None:
     for option, value in values.items():
         if not math.isfinite(value):
             raise ConfigError(option, f"must be a finite number (got {value})")
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """A `dt=` or `identifier=` folder given as the data directory holds no partition to
+    walk: every pass would merge nothing, `status` would say healthy, and `run` would make its
+    state folder among the monitor's files. Nothing would say the path is wrong."""
+    folder = data_dir.absolute()
+    day = folder.parent if folder.name.startswith("identifier=") else folder
+    if partition_day(f"{day.name}/identifier=x") is not None:
+        raise ConfigError(
+            "--data-dir",
+            f"{data_dir} is a partition folder ({folder.name}); give the monitor's data "
+            f"directory, the one that holds the dt=YYYY-MM-DD folders ({day.parent})",
+        )
 
 
 def _existing_ancestor(path: Path) -> Path:
