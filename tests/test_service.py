@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -340,3 +341,30 @@ def test_files_dropped_after_a_pass_are_consolidated_by_the_next(
 
 def time_of(event: dict[str, str]) -> float:
     return datetime.fromisoformat(event["ts"]).timestamp()
+
+
+@pytest.mark.parametrize("removed", ["state folder", "journal"])
+def test_a_state_folder_removed_under_the_service_stops_it_with_the_path(
+    data_dir: Path, populate: Any, start: Callable[..., Service], removed: str
+) -> None:
+    """`rm -rf /data/.fgm-consolidator` beside a running service: it went on as if nothing
+    happened, journaling into deleted files, with `status` healthy, and a second instance took
+    a new lock file and ran beside it (invariant 7). Now it stops at its next pass, saying
+    which path went, so a restart recovers from the disk (lineage) under a fresh lock."""
+    populate()
+    service = start("--check-interval", "0.2")
+    assert service.wait_for("pass-finished")["merges"] == "1"
+    state = default_journal_path(data_dir).parent
+    gone = state if removed == "state folder" else default_journal_path(data_dir)
+    if removed == "state folder":
+        shutil.rmtree(state)
+    else:
+        gone.unlink()
+
+    code = service.proc.wait(timeout=DEADLINE_S)
+
+    assert code == 1
+    [error] = [line for line in service.lines if line.startswith("Error: ")]
+    assert str(gone) in error and "removed or replaced while this service ran" in error
+    after = run_cli("run", "--once", "--data-dir", str(data_dir), "--min-age", "0")
+    assert after.returncode == 0, after.stderr

@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,8 +28,31 @@ def refuse_irregular(path: Path, mode: int) -> None:
         raise LockError(f"the lock file is {reason}; remove it", path)
 
 
+@dataclass(frozen=True)
+class HeldLock:
+    """The lock file this process holds, as it was when taken."""
+
+    path: Path
+    inode: tuple[int, int]
+
+    def check(self) -> None:
+        """LockError when the path no longer names the file this process locked: removed (with
+        the state folder, say) or replaced. Another instance would then lock a new file and
+        work beside this one (invariant 7), so the holder stops instead."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self.inode:
+            raise LockError(
+                "the lock file was removed or replaced while this service ran; stopping, as"
+                " another instance could now take the data directory",
+                self.path,
+            )
+
+
 @contextmanager
-def exclusive(data_dir: Path) -> Iterator[Path]:
+def exclusive(data_dir: Path) -> Iterator[HeldLock]:
     path = lock_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -50,6 +74,7 @@ def exclusive(data_dir: Path) -> Iterator[Path]:
         )
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
-        yield path
+        st = os.fstat(fd)
+        yield HeldLock(path, (st.st_dev, st.st_ino))
     finally:
         os.close(fd)

@@ -283,7 +283,7 @@ def run_service(
     """The `run` command: returns the exit code (0 also after a clean stop on a signal).
     `serve` (the metrics endpoint) starts only once the lock is ours, so a second instance is
     refused by the lock, with its holder named, not by a port it cannot bind."""
-    with lock.exclusive(settings.data_dir), serve():
+    with lock.exclusive(settings.data_dir) as held, serve():
         memory.keep_freed_heap()
         journal = Journal.open(settings.journal_path)
         log_event(
@@ -297,7 +297,7 @@ def run_service(
         try:
             startup = recover(journal, settings.data_dir, observer=settings.observer)
             log_recovery(startup)
-            return _loop(journal, settings, stop, once)
+            return _loop(journal, settings, stop, once, held)
         finally:
             journal.close()
 
@@ -306,13 +306,17 @@ PASS = "<pass>"  # the backoff key of a pass that failed as a whole (the journal
 # recovery had to leave a merge as it was
 
 
-def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> int:
+def _loop(
+    journal: Journal, settings: Settings, stop: StopFlag, once: bool, held: lock.HeldLock
+) -> int:
     """Exit code for `--once`: 1 when a partition or the pass failed (rolled-back merges are
     not failures: their sources are intact and the next pass retries them). A pass that fails
     as a whole, or whose recovery had to leave a merge as it was, is retried after a growing
     wait, not every interval."""
     backoff = Backoff(settings.check_interval_s)
     while True:
+        held.check()  # the state folder is still ours: else stop, with the path (no retry)
+        journal.check_in_place()
         started = time.monotonic()
         report: PassReport | None = None
         wait = settings.check_interval_s
