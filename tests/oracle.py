@@ -358,12 +358,14 @@ def check_unreadable_kept(
     report: OracleReport,
 ) -> None:
     """Invariant 4: a file reported unreadable is never deleted (unless it became readable
-    later and a finished merge took it, as the monitor's file does once its footer is out)."""
+    later and a finished merge took it, as the monitor's file does once its footer is out; a
+    companion reported unreadable goes with its file)."""
     merged = {
-        (r.partition, s.name)
+        (r.partition, name)
         for r in records
         if r.state is MergeState.SOURCES_DELETED
         for s in r.sources
+        for name in (s.name, companion_name(s.name))
     }
     for file in unreadable:
         path = data_dir / file.partition / file.name

@@ -38,9 +38,9 @@ from conftest import (
     tmp_files,
 )
 
-from fgm_consolidator import merge
+from fgm_consolidator import companions, merge
 from fgm_consolidator.cli import main
-from fgm_consolidator.journal import Journal
+from fgm_consolidator.journal import Journal, UnreadableRecord
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.logs import FIELDS
 from fgm_consolidator.plan import Policy
@@ -694,3 +694,78 @@ def test_a_partition_folder_whose_name_is_not_utf8_is_left_alone(node: Node) -> 
     assert "Traceback" not in result.stderr
     assert rows_of(consolidated_only_besides(node.data_dir)) == expected
     assert os.path.exists(os.path.join(odd, os.fsencode(node.path(0).name)))
+
+
+@pytest.mark.parametrize("fix", ["replaced", "deleted"])
+def test_a_file_held_out_for_its_companion_comes_back_once_the_companion_changes(
+    node: Node, events: list[Event], fix: str
+) -> None:
+    """A corrupt companion was recorded as its parquet file's fault, under the parquet file's
+    version: replacing or deleting the companion (the fix) changes nothing about the parquet
+    file, so it stayed out of every merge forever, reported with a reason naming no companion."""
+    node.arrive(range(24))  # quarter-hour windows: 0..9, 10..19, 20..23
+    path = node.path(12)
+    good_companion = companion(path).read_bytes()
+    companion(path).write_bytes(b"\x02" + bytes(3))  # torn: a power cut after the rename
+    expected = rows_of([node.path(i) for i in range(24)])
+
+    first = one_pass(node.data_dir, max_span_s=900)
+    second = one_pass(node.data_dir, max_span_s=900)
+
+    assert [e["file"] for e in named(events, "file-unreadable")] == [companion(path).name]
+    [record] = _records(node.data_dir)
+    assert record.name == companion(path).name and record.reason.startswith("truncated at byte")
+    assert len(first.failed) == 1 and second.failed == []  # held out, not retried every pass
+    assert path.exists() and not node.path(11).exists()
+
+    if fix == "replaced":
+        companion(path).write_bytes(good_companion)
+    else:
+        companion(path).unlink()
+    report = one_pass(node.data_dir, max_span_s=900)
+
+    assert report.failed == [] and report.merges
+    assert rows_of(consolidated_only_besides(node.data_dir)) == expected
+
+
+def _records(data_dir: Path) -> list[UnreadableRecord]:
+    journal = Journal.open(default_journal_path(data_dir), read_only=True)
+    try:
+        return journal.unreadable()
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("change", ["arrives", "replaced"])
+def test_a_companion_that_changes_while_its_file_is_merged_is_neither_orphaned_nor_dropped(
+    node: Node, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The monitor writes a file's companion after the file (and rewrites it by rename). One
+    that arrived or was replaced after planning was left out of the output's companion, and
+    left behind for good beside no parquet file, its containers gone from the viewer's list."""
+    node.arrive(range(12))
+    late = companion(node.path(11))
+    content = late.read_bytes()
+    if change == "arrives":
+        late.unlink()
+    real_write = merge.write_merged
+
+    def monitor_writes_companion(*args: Any, **kwargs: Any) -> Any:
+        fresh = late.with_name(late.name + ".tmp")
+        fresh.write_bytes(content)
+        fresh.rename(late)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(merge, "write_merged", monitor_writes_companion)
+    first = one_pass(node.data_dir)
+    monkeypatch.setattr(merge, "write_merged", real_write)
+    second = one_pass(node.data_dir)
+
+    assert [m.state for m in first.merges] == [MergeState.ROLLED_BACK]
+    assert first.merges[0].error is not None and late.name in first.merges[0].error
+    assert [m.state for m in second.merges] == [MergeState.SOURCES_DELETED]
+    [output] = consolidated_only_besides(node.data_dir)
+    assert sorted(p.name for p in node.folder.iterdir()) == [companion(output).name, output.name]
+    theirs = {c.container_id for c in companions.decode(content).containers}
+    ours = {c.container_id for c in companions.read_companion(companion(output)).containers}
+    assert theirs <= ours

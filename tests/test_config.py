@@ -222,3 +222,26 @@ def test_a_journal_linked_to_another_file_system_is_refused(
         " the journal must live on the data volume to see the same crashes",
     )
     assert target.read_bytes() == b""
+
+
+@pytest.mark.parametrize("command", ["run --once", "recover", "status", "history"])
+@pytest.mark.parametrize("level", ["dt=2025-12-30", "dt=2025-12-30/identifier=pod a"])
+def test_a_partition_folder_given_as_the_data_dir_is_refused(
+    data_dir: Path, command: str, level: str
+) -> None:
+    """`--data-dir /data/dt=...` (or one pod's folder) found no `dt=*/identifier=*` under it:
+    every pass merged nothing, `status` said healthy, and `run` made its state folder among
+    the monitor's files. Nothing said the path was wrong."""
+    folder = data_dir / level
+    folder.mkdir(parents=True)
+    (folder / "metrics-20251230T080000Z.parquet").write_bytes(b"")
+    before = sorted(p.name for p in folder.iterdir())
+
+    proc = run_cli(*command.split(), "--data-dir", str(folder), timeout=60)
+
+    reason = (
+        f"{folder} is a partition folder ({folder.name}); give the monitor's data directory, "
+        f"the one that holds the dt=YYYY-MM-DD folders ({data_dir})"
+    )
+    assert_refused(proc, "--data-dir", reason)
+    assert sorted(p.name for p in folder.iterdir()) == before

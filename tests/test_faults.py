@@ -9,9 +9,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from conftest import data_files, rows_pyarrow, tmp_files
 
 from fgm_consolidator import durable, merge, writer
+from fgm_consolidator.cli import main
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.plan import Policy
@@ -213,3 +215,54 @@ def test_an_unexpected_error_in_a_merge_rolls_it_back_and_the_service_goes_on(
     report = run_pass(settings, journal)
     assert [m.state for m in report.merges] == [MergeState.SOURCES_DELETED]
     assert rows_pyarrow(settings.data_dir) == before_rows
+
+
+def test_a_source_that_stays_undeletable_blocks_neither_start_up_nor_other_partitions(
+    data_dir: Path, populate, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A source nobody may delete (`chattr +i`, a folder's mode changed under us) leaves its
+    merge renamed. Recovery runs at start-up and before every pass, and its EPERM escaped it:
+    `run` and `recover` stopped with an Error line, and a running service failed every pass,
+    so no partition was consolidated any more. Now that merge waits, reported, and the rest
+    goes on; `recover` exits 3 (a person fixes the file), and the next recovery finishes it."""
+    populate(PodSpec("pod-a"), rotations=12)
+    settings = Settings(data_dir, default_journal_path(data_dir), Policy(min_files=2, min_age_s=0))
+    before_rows = rows_pyarrow(data_dir)
+    stuck = data_files(data_dir)[5]
+    real_unlink = os.unlink
+
+    def unlink(path: object) -> None:
+        if Path(str(path)) == stuck:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        real_unlink(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    journal = Journal.open(settings.journal_path)
+    try:
+        run_pass(settings, journal)
+        assert [r.state for r in journal.unfinished()] == [MergeState.RENAMED]
+        shown = rows_pyarrow(data_dir)  # pod-a's rows, some twice while the merge waits
+        populate(PodSpec("pod-b"), rotations=12)
+        before_rows += rows_pyarrow(data_dir) - shown
+
+        report = run_pass(settings, journal)
+
+        [action] = report.recovery.actions
+        assert (action.result, action.action) == (MergeState.RENAMED, "failed")
+        assert str(stuck) in action.reason and "Operation not permitted" in action.reason
+        assert report.errors == [(action.partition, action.reason)]
+        assert [(m.partition, m.state) for m in report.merges] == [
+            ("dt=2025-12-30/identifier=pod-b", MergeState.SOURCES_DELETED)
+        ]
+    finally:
+        journal.close()
+    assert run_service(settings, StopFlag(grace_s=20), once=True) == 1  # start-up goes on too
+    result = CliRunner().invoke(main, ["recover", "--data-dir", str(data_dir)])
+    assert result.exit_code == 3, result.output
+    [line] = [x for x in result.output.splitlines() if x.startswith("kind=recovery ")]
+    assert "result=renamed action=failed" in line and str(stuck) in line
+
+    monkeypatch.undo()
+    assert run_service(settings, StopFlag(grace_s=20), once=True) == 0
+    assert rows_pyarrow(data_dir) == before_rows
+    assert not stuck.exists() and len(data_files(data_dir)) == 2

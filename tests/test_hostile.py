@@ -214,9 +214,10 @@ def test_a_temp_name_taken_by_another_instance_is_not_removed(
 
 
 BYPASS = (
-    "import contextlib, sys\n"
+    "import contextlib, sys, types\n"
     "from fgm_consolidator import lock\n"
-    "lock.exclusive = lambda data_dir: contextlib.nullcontext(data_dir)\n"
+    "held = types.SimpleNamespace(check=lambda: None)  # no lock, so none to lose\n"
+    "lock.exclusive = lambda data_dir: contextlib.nullcontext(held)\n"
     "from fgm_consolidator.cli import main\n"
     "main()\n"
 )

@@ -109,3 +109,13 @@ def test_symlinked_partition_folders_are_reported_not_walked(tmp_path: Path) -> 
     assert keys == ["dt=2025-12-30/identifier=a"] == list(iter_partitions(tmp_path))
     assert [s.path for s in skipped] == links
     assert all("symbolic link" in s.reason for s in skipped)
+
+
+def test_every_stamp_that_parses_formats_back_to_itself() -> None:
+    """`%Y` does not pad years below 1000: a file stamped by a monitor whose clock was far off
+    gave an output named `consolidated-10101T...`, which no parser (ours or the viewer's)
+    takes for an output, so recovery and the lineage check could not see it."""
+    for text in ("00010101T000000Z", "09991231T235959Z", "99991231T235959Z"):
+        assert format_stamp(parse_stamp(text)) == text
+        name = format_consolidated(parse_stamp(text), parse_stamp(text))
+        assert parse_data_file(name) is not None

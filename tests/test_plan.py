@@ -118,3 +118,29 @@ def test_a_group_never_spans_a_file_left_out_of_this_pass() -> None:
         "consolidated-20251230T100000Z-20251230T100130Z.parquet",
         "consolidated-20251230T100430Z-20251230T100600Z.parquet",
     ]
+
+
+def test_a_foreign_file_whose_range_covers_its_neighbours_does_not_swallow_them() -> None:
+    """A `consolidated-*` file we did not write (the original consolidator's, say) may span
+    hours, or cover stamps of the files beside it. Grouped with them, the output would get that
+    file's own name: skipped on every pass, its neighbours never merged, even on a closed day."""
+    spans_hours = consolidated(0, 4 * 3600)  # 10:00 .. 14:00, in the 10:00 window
+    covers = consolidated(0, 3000)  # 10:00 .. 10:50, all the metrics files below inside it
+    for foreign in (spans_hours, covers):
+        files = [foreign, *(metrics(900 + 90 * i) for i in range(10))]
+        plans, skipped = plan_partition(scan(*files), Policy(min_files=2), LATER)
+        assert skipped == []
+        assert [[s.name for s in p.sources] for p in plans] == [[f.name for f in files[1:]]]
+        assert plans[0].output == "consolidated-20251230T101500Z-20251230T102830Z.parquet"
+
+
+def test_a_skip_names_the_file_that_takes_the_name() -> None:
+    """Only the companion's name may be taken (a person removed an output but not its
+    companion): the reason said the output's name was taken, and no such file was there."""
+    files = [metrics(0), metrics(90)]
+    output = "consolidated-20251230T100000Z-20251230T100130Z.parquet"
+    stray = "consolidated-20251230T100000Z-20251230T100130Z.containers"
+    for taken in (output, stray):
+        _, [skipped] = plan_partition(scan(*files, extra=(taken,)), Policy(min_files=2), OPEN_DAY)
+        assert skipped.output == output
+        assert skipped.reason == f"{taken} already exists; nothing is overwritten"

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -425,4 +426,31 @@ def test_a_journal_shared_by_two_data_directories_is_held_by_one_service(
     # the kernel dropped both locks with the process
     after = run_cli("run", "--once", "--min-age", "0", "--data-dir", str(other), "--journal",
                     str(shared), env={"FGM_CRASH_AT": ""})  # fmt: skip
+    assert after.returncode == 0, after.stderr
+
+
+@pytest.mark.parametrize("removed", ["state folder", "journal"])
+def test_a_state_folder_removed_under_the_service_stops_it_with_the_path(
+    data_dir: Path, populate: Any, start: Callable[..., Service], removed: str
+) -> None:
+    """`rm -rf /data/.fgm-consolidator` beside a running service: it went on as if nothing
+    happened, journaling into deleted files, with `status` healthy, and a second instance took
+    a new lock file and ran beside it (invariant 7). Now it stops at its next pass, saying
+    which path went, so a restart recovers from the disk (lineage) under a fresh lock."""
+    populate()
+    service = start("--check-interval", "0.2")
+    assert service.wait_for("pass-finished")["merges"] == "1"
+    state = default_journal_path(data_dir).parent
+    gone = state if removed == "state folder" else default_journal_path(data_dir)
+    if removed == "state folder":
+        shutil.rmtree(state)
+    else:
+        gone.unlink()
+
+    code = service.proc.wait(timeout=DEADLINE_S)
+
+    assert code == 1
+    [error] = [line for line in service.lines if line.startswith("Error: ")]
+    assert str(gone) in error and "removed or replaced while this service ran" in error
+    after = run_cli("run", "--once", "--data-dir", str(data_dir), "--min-age", "0")
     assert after.returncode == 0, after.stderr

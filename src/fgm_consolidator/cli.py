@@ -57,8 +57,17 @@ def _data_dir(writable: bool) -> Callable[[F], F]:
         "--data-dir",
         type=click.Path(path_type=Path, exists=True, file_okay=False, writable=writable),
         default="/data",
+        callback=_checked_data_dir,
         help="The monitor's data directory (the shared volume).",
     )
+
+
+def _checked_data_dir(_ctx: click.Context, _param: click.Parameter, value: Path) -> Path:
+    try:
+        config.check_data_dir(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.reason) from exc
+    return value
 
 
 _journal = _option(
@@ -215,7 +224,6 @@ def run(
         "--history-retention-days": history_retention_days,
     }
     _check_config(lambda: config.check_finite(numbers))
-    _check_config(lambda: config.check_data_dir(data_dir))
     _check_config(lambda: config.check_journal(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=once and not dry_run)
@@ -326,7 +334,6 @@ def recover_command(
     from . import lock
 
     journal_path = journal or default_journal_path(data_dir)
-    _check_config(lambda: config.check_data_dir(data_dir))
     _check_config(lambda: config.check_journal(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=True)
@@ -348,7 +355,7 @@ def recover_command(
         _echo({"kind": "orphan-removed", "path": str(path)}, as_json)
     for found in report.lineage:
         _echo(lineage_fields(found), as_json)
-    people = len(report.needs_person) + len(report.uncertain)
+    people = len(report.needs_person) + len(report.uncertain) + len(report.failed)
     summary = {
         "kind": "summary",
         "merges": len(report.actions),

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ConfigError
-from .layout import STATE_DIR
+from .layout import STATE_DIR, partition_day
 
 
 def check_finite(values: Mapping[str, float]) -> None:
@@ -28,6 +28,12 @@ def check_finite(values: Mapping[str, float]) -> None:
 
 
 def check_data_dir(data_dir: Path) -> None:
+    """Refused before anything is touched: see `_check_utf8` and `_check_not_a_partition`."""
+    _check_utf8(data_dir)
+    _check_not_a_partition(data_dir)
+
+
+def _check_utf8(data_dir: Path) -> None:
     """pyarrow takes paths as UTF-8 text: under a data directory whose name is not UTF-8 every
     merge would be rolled back with a UnicodeEncodeError, pass after pass."""
     text = str(data_dir.absolute())
@@ -38,6 +44,20 @@ def check_data_dir(data_dir: Path) -> None:
         raise ConfigError(
             "--data-dir", f"{shown} is not valid UTF-8, and pyarrow cannot open files under it"
         ) from None
+
+
+def _check_not_a_partition(data_dir: Path) -> None:
+    """A `dt=` or `identifier=` folder given as the data directory holds no partition to
+    walk: every pass would merge nothing, `status` would say healthy, and `run` would make its
+    state folder among the monitor's files. Nothing would say the path is wrong."""
+    folder = data_dir.absolute()
+    day = folder.parent if folder.name.startswith("identifier=") else folder
+    if partition_day(f"{day.name}/identifier=x") is not None:
+        raise ConfigError(
+            "--data-dir",
+            f"{data_dir} is a partition folder ({folder.name}); give the monitor's data "
+            f"directory, the one that holds the dt=YYYY-MM-DD folders ({day.parent})",
+        )
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -33,8 +33,10 @@ Kind = Literal["metrics", "consolidated"]
 
 
 def format_stamp(moment: datetime) -> str:
-    """Fixed-width, sortable UTC stamp exactly as the monitor and the viewer spell it."""
-    return moment.astimezone(UTC).strftime(STAMP_FORMAT)
+    """Fixed-width, sortable UTC stamp exactly as the monitor and the viewer spell it. Not
+    `strftime`: its `%Y` does not pad a year below 1000, and such a name parses as nothing."""
+    m = moment.astimezone(UTC)
+    return f"{m.year:04d}{m.month:02d}{m.day:02d}T{m.hour:02d}{m.minute:02d}{m.second:02d}Z"
 
 
 def parse_stamp(text: str) -> datetime:

@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,33 +29,56 @@ def refuse_irregular(path: Path, mode: int) -> None:
         raise LockError(f"the lock file is {reason}; remove it", path)
 
 
+@dataclass(frozen=True)
+class HeldLock:
+    """The lock file this process holds, as it was when taken."""
+
+    path: Path
+    inode: tuple[int, int]
+
+    def check(self) -> None:
+        """LockError when the path no longer names the file this process locked: removed (with
+        the state folder, say) or replaced. Another instance would then lock a new file and
+        work beside this one (invariant 7), so the holder stops instead."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self.inode:
+            raise LockError(
+                "the lock file was removed or replaced while this service ran; stopping, as"
+                " another instance could now take the data directory",
+                self.path,
+            )
+
+
 ONE_SHOT = "command=recover"  # in the holder's line: a process that is no service
 
 
 @contextmanager
-def exclusive(data_dir: Path, *, one_shot: bool = False) -> Iterator[Path]:
+def exclusive(data_dir: Path, *, one_shot: bool = False) -> Iterator[HeldLock]:
     """`one_shot` (recover) says so in the holder's line: `status` takes the lock file's mtime
     for a service's start, and must not give a `recover` that ended long ago the start-up grace
     of a service that never ran."""
     suffix = f" {ONE_SHOT}" if one_shot else ""
-    with _exclusive(lock_path(data_dir), "data directory", suffix) as path:
-        yield path
+    with _exclusive(lock_path(data_dir), "data directory", suffix) as held:
+        yield held
 
 
 @contextmanager
-def exclusive_journal(journal: Path, data_dir: Path) -> Iterator[Path | None]:
+def exclusive_journal(journal: Path, data_dir: Path) -> Iterator[HeldLock | None]:
     """A journal outside its data directory is locked too (`<journal>.lock`): two data
     directories given one `--journal` each hold their own lock, and each one's recovery would
     judge the other's merges by its own folders. The default journal needs no second lock."""
     if journal.absolute() == default_journal_path(data_dir).absolute():
         yield None
         return
-    with _exclusive(journal.with_name(journal.name + ".lock"), "journal") as path:
-        yield path
+    with _exclusive(journal.with_name(journal.name + ".lock"), "journal") as held:
+        yield held
 
 
 @contextmanager
-def _exclusive(path: Path, what: str, suffix: str = "") -> Iterator[Path]:
+def _exclusive(path: Path, what: str, suffix: str = "") -> Iterator[HeldLock]:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
@@ -80,6 +104,7 @@ def _exclusive(path: Path, what: str, suffix: str = "") -> Iterator[Path]:
             os.pwrite(fd, holder.encode(), 0)
         except OSError as exc:  # a full volume: its error alone would not name the file
             raise LockError(f"cannot write the lock file: {exc.strerror or exc}", path) from exc
-        yield path
+        st = os.fstat(fd)
+        yield HeldLock(path, (st.st_dev, st.st_ino))
     finally:
         os.close(fd)

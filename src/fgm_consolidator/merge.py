@@ -29,7 +29,7 @@ from .journal import Journal, MergeRecord
 from .layout import companion_name, tmp_name
 from .logs import context, log_event
 from .plan import MergePlan, Policy
-from .scan import UnreadableFile
+from .scan import UnreadableFile, optional_identity
 from .states import MergeState
 from .writer import WriteOptions, WriteSource, write_merged
 
@@ -127,7 +127,7 @@ def _write_and_finish(
             journal, folder, merge_id, plan.output, error=str(exc), actor="merge", keep=foreign
         )
         if isinstance(exc, SourceReadError):
-            _remember_unreadable(journal, plan, exc)
+            _remember_unreadable(journal, folder, plan, exc)
         not_ours = (SourceReadError, SourceChangedError, MergeAborted)
         return MergeState.ROLLED_BACK, None, str(exc), not isinstance(exc, not_ours)
     except Exception as exc:
@@ -157,6 +157,14 @@ def _check_sources(folder: Path, plan: MergePlan) -> None:
         if now != source.identity:
             raise SourceChangedError(
                 f"changed before the output was published ({source.identity} -> {now})", path
+            )
+        companion = folder / companion_name(source.name)
+        if optional_identity(companion) != source.companion:
+            # The monitor writes a companion after its file: one that came or changed since
+            # planning is not in the output's, and would be left behind, beside no file.
+            raise SourceChangedError(
+                "companion came, went or changed since planning; the next pass merges it",
+                companion,
             )
 
 
@@ -192,13 +200,27 @@ def report_unreadable(journal: Journal, partition: str, bad: UnreadableFile) -> 
         )
 
 
-def _remember_unreadable(journal: Journal, plan: MergePlan, exc: SourceReadError) -> None:
-    """Exclude the culprit from later merges until it changes, so it cannot block its partition."""
+def _remember_unreadable(
+    journal: Journal, folder: Path, plan: MergePlan, exc: SourceReadError
+) -> None:
+    """Exclude the culprit from later merges until it changes, so it cannot block its partition.
+
+    A companion that fails is recorded itself, and its parquet file waits for the companion to
+    change or go (see scan): recorded under the parquet file's version, replacing or deleting a
+    torn companion never brought its file back, and the report named the wrong file."""
     culprit = Path(exc.path or "").name
     for source in plan.sources:
-        if culprit in (source.name, companion_name(source.name)):
+        if culprit == source.name:
             bad = UnreadableFile(source.name, source.identity, exc.reason, source.ctime_ns)
-            report_unreadable(journal, plan.partition, bad)
+        elif culprit == companion_name(source.name):
+            try:
+                st = os.lstat(folder / culprit)
+            except FileNotFoundError:
+                continue  # gone: the next pass merges its file without it
+            bad = UnreadableFile(culprit, durable.FileIdentity.of(st), exc.reason, st.st_ctime_ns)
+        else:
+            continue
+        report_unreadable(journal, plan.partition, bad)
 
 
 def roll_back(

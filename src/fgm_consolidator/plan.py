@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
-from typing import ClassVar
 
 import pyarrow as pa
 
@@ -73,8 +72,11 @@ class Skipped:
     partition: str
     output: str
     sources: tuple[str, ...]
+    taken: str  # the output's name or its companion's: the file already there
 
-    reason: ClassVar[str] = "output name already exists"
+    @property
+    def reason(self) -> str:
+        return f"{self.taken} already exists; nothing is overwritten"
 
 
 def _window(source: SourceFile, span_s: int) -> int:
@@ -82,12 +84,18 @@ def _window(source: SourceFile, span_s: int) -> int:
 
 
 def _fits(group: Sequence[SourceFile], candidate: SourceFile, policy: Policy) -> bool:
-    span = candidate.file.end - group[0].file.start
+    """The output's range is the group's earliest start to its latest end, not the candidate's
+    end: a `consolidated-*` file we did not write may span hours or cover its neighbours'
+    stamps. A group whose range is one of its own files' would be named like that file, so it
+    would be skipped on every pass and its other files never merged."""
+    start = group[0].file.start
+    end = max(candidate.file.end, *(s.file.end for s in group))
     size = sum(s.identity.size for s in group) + candidate.identity.size
     return (
         _window(group[0], policy.max_span_s) == _window(candidate, policy.max_span_s)
-        and span.total_seconds() <= policy.max_span_s
+        and (end - start).total_seconds() <= policy.max_span_s
         and size <= policy.max_output_bytes
+        and all((s.file.start, s.file.end) != (start, end) for s in (*group, candidate))
     )
 
 
@@ -161,8 +169,10 @@ def plan_partition(
         start = min(s.file.start for s in sources)
         end = max(s.file.end for s in sources)
         output = format_consolidated(start, end)
-        if output in taken or companion_name(output) in taken:
-            skipped.append(Skipped(scan.partition, output, tuple(s.name for s in sources)))
+        clash = next((name for name in (output, companion_name(output)) if name in taken), None)
+        if clash is not None:
+            names = tuple(s.name for s in sources)
+            skipped.append(Skipped(scan.partition, output, names, clash))
             continue
         taken.add(output)
         plans.append(MergePlan(scan.partition, output, tuple(sources), schema))

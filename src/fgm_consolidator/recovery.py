@@ -25,6 +25,7 @@ from .observe import Observer
 from .states import MergeState
 
 ACTOR = "recovery"
+FAILED = "failed"
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class RecoveryAction:
     output: str
     found: MergeState
     result: MergeState
-    action: str  # "resumed", "rolled back", "needs a person"
+    action: str  # "resumed", "rolled back", "needs a person", "failed" (left as it was)
     reason: str
 
 
@@ -61,6 +62,11 @@ class RecoveryReport:
     @property
     def needs_person(self) -> list[RecoveryAction]:
         return [a for a in self.actions if a.result is MergeState.NEEDS_ATTENTION]
+
+    @property
+    def failed(self) -> list[RecoveryAction]:
+        """Merges an I/O error left as they were, for the next recovery to try again."""
+        return [a for a in self.actions if a.action == FAILED]
 
     @property
     def uncertain(self) -> list[LineageAction]:
@@ -129,6 +135,19 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
     return _needs_person(journal, record, reason)
 
 
+def _resolve_or_leave(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAction:
+    """`resolve`, or the merge left in its state when the disk refuses a step (a source nobody
+    may delete, EIO). Each step is safe to redo from the journal's state, as after a kill, so
+    the next recovery tries again; meanwhile its sources stay held and the other merges and
+    partitions go on. Raised, one such file once stopped start-up and failed every pass."""
+    try:
+        return resolve(journal, data_dir, record)
+    except OSError as exc:
+        reason = f"{exc}; left {record.state}, the next recovery tries again"
+        log_event(log, "recovery-failed", logging.ERROR, error=reason)
+        return _action(record, record.state, FAILED, reason)
+
+
 def _needs_person(journal: Journal, record: MergeRecord, reason: str) -> RecoveryAction:
     """Flag once; a merge already flagged is re-checked every pass without new history rows."""
     if record.state is not MergeState.NEEDS_ATTENTION:
@@ -185,7 +204,7 @@ def recover(
     observer.recovery_started(len(unfinished))
     for record in unfinished:
         with context(merge_id=record.id, partition=record.partition, output=record.output):
-            action = resolve(journal, data_dir, record)
+            action = _resolve_or_leave(journal, data_dir, record)
         report.actions.append(action)
         crashpoints.reach(f"recovery:{action.action.replace(' ', '-')}")
         observer.observe_recovery(action)

@@ -90,6 +90,19 @@ def is_recorded_version(record: UnreadableRecord, st: os.stat_result) -> bool:
     return st.st_ctime_ns <= datetime.fromisoformat(record.first_seen).timestamp() * 1e9
 
 
+def _companion_held(companion: Path, known: dict[str, list[UnreadableRecord]]) -> bool:
+    """True while a file's companion is the version a merge found unreadable: the file waits
+    for its companion to change or go, as a file found unreadable itself waits for itself."""
+    records = known.get(companion.name, ())
+    if not records:
+        return False
+    try:
+        st = os.lstat(companion)
+    except FileNotFoundError:
+        return False
+    return any(is_recorded_version(record, st) for record in records)
+
+
 def optional_identity(path: Path) -> FileIdentity | None:
     try:
         return durable.identity(path)
@@ -128,6 +141,8 @@ def scan_partition(
             young += 1
             continue
         if any(is_recorded_version(record, st) for record in known.get(name, ())):
+            continue
+        if _companion_held(folder / companion_name(name), known):
             continue
         on_disk = FileIdentity.of(st)
         try:

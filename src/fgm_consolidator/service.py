@@ -141,6 +141,10 @@ def consolidation_pass(
     backoff is over, so a full disk is not hit with a whole merge every interval."""
     report = PassReport(recovery=recover(journal, settings.data_dir, sweep=False))
     log_recovery(report.recovery)
+    # A merge recovery had to leave as it was holds its partition until a recovery settles it:
+    # planned again, its sources would go into a second merge. The other partitions go on.
+    report.errors.extend((action.partition, action.reason) for action in report.recovery.failed)
+    stuck = {action.partition for action in report.recovery.failed}
     now = time.time()
     partitions, left_alone = walk_partitions(settings.data_dir)
     for folder in left_alone:
@@ -149,7 +153,7 @@ def consolidation_pass(
     for partition in partitions:
         if stop.requested:
             break
-        if backoff is not None and not backoff.due(partition):
+        if partition in stuck or (backoff is not None and not backoff.due(partition)):
             report.deferred.append(partition)
             settings.observer.partition_done(partition)
             continue
@@ -282,7 +286,7 @@ def run_service(
     `serve` (the metrics endpoint) starts only once the lock is ours, so a second instance is
     refused by the lock, with its holder named, not by a port it cannot bind."""
     with (
-        lock.exclusive(settings.data_dir),
+        lock.exclusive(settings.data_dir) as held,
         lock.exclusive_journal(settings.journal_path, settings.data_dir),
         serve(),
     ):
@@ -299,27 +303,37 @@ def run_service(
         try:
             startup = recover(journal, settings.data_dir, observer=settings.observer)
             log_recovery(startup)
-            return _loop(journal, settings, stop, once)
+            return _loop(journal, settings, stop, once, held)
         finally:
             journal.close()
 
 
-PASS = "<pass>"  # the backoff key of a pass that failed as a whole (recovery, the journal)
+PASS = "<pass>"  # the backoff key of a pass that failed as a whole (the journal), or whose
+# recovery had to leave a merge as it was
 
 
-def _loop(journal: Journal, settings: Settings, stop: StopFlag, once: bool) -> int:
+def _loop(
+    journal: Journal, settings: Settings, stop: StopFlag, once: bool, held: lock.HeldLock
+) -> int:
     """Exit code for `--once`: 1 when a partition or the pass failed (rolled-back merges are
     not failures: their sources are intact and the next pass retries them). A pass that fails
-    as a whole is retried after a growing wait, not every interval."""
+    as a whole, or whose recovery had to leave a merge as it was, is retried after a growing
+    wait, not every interval."""
     backoff = Backoff(settings.check_interval_s)
     while True:
+        held.check()  # the state folder is still ours: else stop, with the path (no retry)
+        journal.check_in_place()
         started = time.monotonic()
         report: PassReport | None = None
         wait = settings.check_interval_s
         try:
             report = recorded_pass(journal, settings, stop, backoff)
             ok = not report.errors
-            backoff.succeeded(PASS)
+            stuck = report.recovery.failed
+            if stuck and not once:  # a failing device is not hit at every interval
+                wait = backoff.failed(PASS, stuck[0].reason)
+            elif not stuck:
+                backoff.succeeded(PASS)
             log_event(
                 log,
                 "pass-finished",
