@@ -36,6 +36,7 @@ from fgm_consolidator import journal as journal_module
 from fgm_consolidator import merge as merge_module
 from fgm_consolidator.cli import main
 from fgm_consolidator.journal import Journal
+from fgm_consolidator.layout import lock_path
 from fgm_consolidator.simulate import PodSpec, SimulationSummary
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -1064,3 +1065,25 @@ def test_demo_refuses_a_directory_that_is_not_empty(data_dir: Path) -> None:
         f"Error: {data_dir}: not empty; the demo writes a fresh data directory\n"
     )
     assert os.listdir(data_dir) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("closed", [0, 1, 2], ids=["stdin", "stdout", "stderr"])
+def test_a_run_started_with_a_standard_stream_closed_works_and_keeps_its_lock_file_clean(
+    data_dir: Path, populate: Callable[..., SimulationSummary], closed: int
+) -> None:
+    """Started with `2>&-`, `run --once` exited 1 without a word (no stderr to log to), and the
+    first file it opened took the free number: log lines could land in the lock file."""
+    populate()
+    files = partition_files(data_dir)[P2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fgm_consolidator", "run", "--once", "--data-dir", str(data_dir)],
+        capture_output=closed != 1,
+        stdin=subprocess.DEVNULL if closed else None,
+        preexec_fn=lambda: os.close(closed),
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in data_files(data_dir)] == [files.output]
+    assert lock_path(data_dir).read_text().startswith("pid=")
+    assert "event=" not in lock_path(data_dir).read_text()

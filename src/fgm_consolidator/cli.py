@@ -129,6 +129,26 @@ def _check_config(check: Callable[[], None]) -> None:
 @click.version_option(package_name="fgm-consolidator", prog_name="fgm-consolidator")
 def main() -> None:
     """Merge fine-grained-monitor's small parquet files into few large ones, crash-safely."""
+    _fill_standard_streams()
+
+
+STANDARD_STREAMS = (("stdin", "r"), ("stdout", "w"), ("stderr", "w"))
+
+
+def _fill_standard_streams() -> None:
+    """A process started with a standard stream closed (`2>&-`) had no stderr to log to, so
+    `run` failed without a word, and the first file it opened took the free number: the lock
+    file would have received the log. /dev/null stands in for each one closed."""
+    for fd, (name, mode) in enumerate(STANDARD_STREAMS):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:  # Python found it closed at start-up
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - for the process
 
 
 @main.command()
