@@ -1087,3 +1087,31 @@ def test_a_run_started_with_a_standard_stream_closed_works_and_keeps_its_lock_fi
     assert [p.name for p in data_files(data_dir)] == [files.output]
     assert lock_path(data_dir).read_text().startswith("pid=")
     assert "event=" not in lock_path(data_dir).read_text()
+
+
+def test_a_source_deleted_by_someone_mid_merge_is_not_reported_unreadable(
+    data_dir: Path, populate: Callable[..., SimulationSummary], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source removed between planning and writing rolled the merge back, as it should, but
+    was also recorded as unreadable ("No such file or directory"): a row in `history` and the
+    journal for a file that no longer exists, kept for good."""
+    populate()
+    files = partition_files(data_dir)[P2]
+    real = merge_module.write_merged
+
+    def write_merged(sources: Any, target: Path, *args: Any, **kwargs: Any) -> Any:
+        sources[0].path.unlink()  # someone else's doing
+        return real(sources, target, *args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "write_merged", write_merged)
+    invoke("run", "--data-dir", data_dir, "--once", "--log-level", "error")
+    monkeypatch.setattr(merge_module, "write_merged", real)
+
+    history = json_lines(invoke("history", "--data-dir", data_dir, "--json").stdout)
+    assert [(line["kind"], line.get("state")) for line in history] == [("merge", "rolled-back")], (
+        history
+    )
+    assert invoke("run", "--data-dir", data_dir, "--once").exit_code == 0
+    left = data_files(data_dir)
+    assert len(left) == 1 and left[0].name != files.output  # the rest, merged without it
+    assert pq.read_metadata(left[0]).num_rows < files.rows

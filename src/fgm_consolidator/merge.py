@@ -210,16 +210,18 @@ def _remember_unreadable(
     torn companion never brought its file back, and the report named the wrong file."""
     culprit = Path(exc.path or "").name
     for source in plan.sources:
+        if culprit not in (source.name, companion_name(source.name)):
+            continue
+        try:
+            st = os.lstat(folder / culprit)
+        except FileNotFoundError:
+            # Gone (removed by someone mid-merge): nothing to hold out, and a journal row
+            # "unreadable: No such file" would stay for good. The next pass goes without it.
+            continue
         if culprit == source.name:
             bad = UnreadableFile(source.name, source.identity, exc.reason, source.ctime_ns)
-        elif culprit == companion_name(source.name):
-            try:
-                st = os.lstat(folder / culprit)
-            except FileNotFoundError:
-                continue  # gone: the next pass merges its file without it
-            bad = UnreadableFile(culprit, durable.FileIdentity.of(st), exc.reason, st.st_ctime_ns)
         else:
-            continue
+            bad = UnreadableFile(culprit, durable.FileIdentity.of(st), exc.reason, st.st_ctime_ns)
         report_unreadable(journal, plan.partition, bad)
 
 
