@@ -1115,3 +1115,20 @@ def test_a_source_deleted_by_someone_mid_merge_is_not_reported_unreadable(
     left = data_files(data_dir)
     assert len(left) == 1 and left[0].name != files.output  # the rest, merged without it
     assert pq.read_metadata(left[0]).num_rows < files.rows
+
+
+def test_a_data_dir_without_partitions_says_so_at_every_pass(
+    data_dir: Path, populate: Callable[..., SimulationSummary]
+) -> None:
+    """`FGM_DATA_DIR` pointing at an empty volume (a wrong mount) merged nothing, logged
+    nothing about it and looked healthy for good."""
+    for populated in (False, True):
+        if populated:
+            populate()
+        proc = run_cli("run", "--once", "--data-dir", str(data_dir))
+        assert proc.returncode == 0, proc.stderr
+        said = [line for line in proc.stderr.splitlines() if "event=no-partitions" in line]
+        if populated:
+            assert said == [], proc.stderr
+        else:
+            assert len(said) == 1 and f"data_dir={data_dir}" in said[0], proc.stderr

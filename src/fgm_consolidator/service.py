@@ -132,6 +132,9 @@ def plan_one(
     return scan, plans, skipped
 
 
+EMPTY = "no dt=YYYY-MM-DD/identifier=NAME folder yet; is this the monitor's data directory?"
+
+
 def consolidation_pass(
     journal: Journal, settings: Settings, stop: StopFlag, backoff: Backoff | None = None
 ) -> PassReport:
@@ -149,6 +152,8 @@ def consolidation_pass(
     partitions, left_alone = walk_partitions(settings.data_dir)
     for folder in left_alone:
         log_event(log, "partition-skipped", logging.WARNING, path=folder.path, reason=folder.reason)
+    if not partitions and not left_alone:  # a wrong mount or path looked healthy for good
+        log_event(log, "no-partitions", logging.WARNING, data_dir=settings.data_dir, reason=EMPTY)
     settings.observer.pass_started(partitions)
     for partition in partitions:
         if stop.requested:
