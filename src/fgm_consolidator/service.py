@@ -313,8 +313,9 @@ def run_service(
             journal.close()
 
 
-PASS = "<pass>"  # the backoff key of a pass that failed as a whole (the journal), or whose
-# recovery had to leave a merge as it was
+# The backoff key of a pass that failed as a whole (the journal), or whose recovery had to
+# leave a merge as it was.
+PASS = "<pass>"
 
 
 def _loop(
