@@ -78,6 +78,22 @@ class FileIdentity:
         return cls(st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+FileKey = tuple[int, int]  # (device, inode): which file a name points at
+
+
+def file_key(st: os.stat_result) -> FileKey:
+    return st.st_dev, st.st_ino
+
+
+def named_file(path: Path) -> FileKey | None:
+    """The file `path` now names (a link followed), or None when nothing does: a process
+    holding a file open learns this way whether the name still leads to it."""
+    try:
+        return file_key(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
 def identity(path: Path) -> FileIdentity:
     """The identity of the name itself: a symbolic link is not its target."""
     return FileIdentity.of(os.lstat(path))

@@ -201,28 +201,20 @@ JOURNAL_GONE = (
 )
 
 
-def _inode(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 class Journal:
     """All reads and writes of the journal database; knows nothing of parquet or the disk."""
 
     def __init__(self, db: Database, path: Path) -> None:
         self.db = db
         self.path = path
-        self._opened = _inode(path)  # what `check_in_place` compares the path with
+        self._opened = durable.named_file(path)  # what `check_in_place` compares the path with
 
     def check_in_place(self) -> None:
         """JournalError when the path no longer names the file this process writes: removed
         (a person cleaning `.fgm-consolidator/` up) or replaced. SQLite goes on writing into
         the open file unseen, so history, and the proof of every later merge, would be lost
         at the next restart; the service stops instead, saying so."""
-        if _inode(self.path) != self._opened:
+        if durable.named_file(self.path) != self._opened:
             raise JournalError(JOURNAL_GONE, self.path)
 
     @classmethod

@@ -34,17 +34,13 @@ class HeldLock:
     """The lock file this process holds, as it was when taken."""
 
     path: Path
-    inode: tuple[int, int]
+    file: durable.FileKey
 
     def check(self) -> None:
         """LockError when the path no longer names the file this process locked: removed (with
         the state folder, say) or replaced. Another instance would then lock a new file and
         work beside this one (invariant 7), so the holder stops instead."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            st = None
-        if st is None or (st.st_dev, st.st_ino) != self.inode:
+        if durable.named_file(self.path) != self.file:
             raise LockError(
                 "the lock file was removed or replaced while this service ran; stopping, as"
                 " another instance could now take the data directory",
@@ -104,7 +100,6 @@ def _exclusive(path: Path, what: str, suffix: str = "") -> Iterator[HeldLock]:
             os.pwrite(fd, holder.encode(), 0)
         except OSError as exc:  # a full volume: its error alone would not name the file
             raise LockError(f"cannot write the lock file: {exc.strerror or exc}", path) from exc
-        st = os.fstat(fd)
-        yield HeldLock(path, (st.st_dev, st.st_ino))
+        yield HeldLock(path, durable.file_key(os.fstat(fd)))
     finally:
         os.close(fd)
