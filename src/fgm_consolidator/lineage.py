@@ -3,7 +3,7 @@
 Every output carries its lineage in its parquet key-value metadata: the merge id, its rows, and
 each source's name and rows. That is enough, with the journal lost, to tell which live files
 an output already holds, and to prove it row by row: every row of the files still present is
-among the output's rows (`rows_contained`). Only names that parse as ours are
+among the output's rows (`unproven` answers which are not). Only names that parse as ours are
 read, and a file whose lineage does not decode simply has none.
 """
 
@@ -40,15 +40,6 @@ class Lineage:
     @property
     def names(self) -> frozenset[str]:
         return frozenset(s.name for s in self.sources)
-
-    def offset_of(self, name: str) -> int:
-        """Where `name`'s rows start in the output."""
-        offset = 0
-        for source in self.sources:
-            if source.name == name:
-                return offset
-            offset += source.rows
-        raise KeyError(name)
 
     def rows_of(self, name: str) -> int:
         return next(s.rows for s in self.sources if s.name == name)
