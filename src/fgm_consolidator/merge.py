@@ -365,13 +365,6 @@ def delete_sources(folder: Path, record: MergeRecord) -> None:
         companion = folder / companion_name(source.name)
         if source in present:
             durable.remove(folder / source.name)
-        if source.companion is not None and _same(companion, source.companion):
+        if source.companion is not None and optional_identity(companion) == source.companion:
             durable.remove(companion)
     durable.fsync_dir(folder)
-
-
-def _same(path: Path, expected: durable.FileIdentity) -> bool:
-    try:
-        return durable.identity(path) == expected
-    except FileNotFoundError:
-        return False
