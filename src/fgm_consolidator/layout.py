@@ -194,7 +194,7 @@ def linked_folder(data_dir: Path, partition: str) -> Path | None:
 
 def iter_partitions(data_dir: Path) -> Iterator[str]:
     """Partition keys in sorted order (see `walk_partitions`), for whoever does not report the
-    folders left alone: only a pass does, once."""
+    folders left alone: only a pass and `status` do."""
     yield from walk_partitions(data_dir)[0]
 
 
