@@ -14,7 +14,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Literal
 
-STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 STAMP = r"[0-9]{8}T[0-9]{6}Z"
 STATE_DIR = ".fgm-consolidator"
 JOURNAL_NAME = "journal.db"
