@@ -54,9 +54,8 @@ def encode(merge_id: int, sources: Sequence[tuple[str, int]]) -> dict[bytes, byt
     return {LINEAGE_KEY: json.dumps(doc, separators=(",", ":")).encode()}
 
 
-def decode(metadata: Mapping[bytes, bytes] | None) -> Lineage | None:
-    """The lineage in a footer's key-value metadata; None when absent or not ours."""
-    raw = (metadata or {}).get(LINEAGE_KEY)
+def decode(raw: bytes | None) -> Lineage | None:
+    """The lineage `encode` stored under LINEAGE_KEY; None when absent or not ours."""
     if raw is None:
         return None
     try:
@@ -72,7 +71,7 @@ def read(path: Path) -> Lineage | None:
         raw = footers.read(path).lineage
     except (OSError, pa.ArrowException):
         return None
-    return decode({LINEAGE_KEY: raw} if raw is not None else None)
+    return decode(raw)
 
 
 def lineages(folder: Path, names: Collection[str]) -> dict[str, Lineage]:
