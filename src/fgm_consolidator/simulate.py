@@ -561,6 +561,23 @@ def write_rotation(
     return handle.finish()
 
 
+def open_rotations(data_dir: Path, spec: SimulationSpec, rotation: int) -> list[OpenRotation]:
+    """Every pod's file of one rotation, created and still being written: what a live node
+    holds while the window runs. Each is finished by its `finish`."""
+    start = rotation_start(spec, rotation)
+    return [
+        OpenRotation(
+            data_dir,
+            pod,
+            start,
+            spec=spec,
+            run=run_at(spec, pod, rotation),
+            containers=containers_at(spec, pod.identifier, rotation),
+        )
+        for pod in spec.pods
+    ]
+
+
 def rotation_start(spec: SimulationSpec, rotation: int) -> datetime:
     return _whole_second(spec.start) + timedelta(seconds=rotation * spec.rotation_seconds)
 
