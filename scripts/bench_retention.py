@@ -31,11 +31,6 @@ from fgm_consolidator.journal import Journal
 STATES = ["planned", "writing", "written", "renamed", "sources-deleted"]
 
 
-def journal_bytes(path: Path) -> int:
-    wal = path.with_name(path.name + "-wal")
-    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
-
-
 def fill(path: Path, merges: int, old_fraction: float, now: datetime, first_id: int = 1) -> None:
     """Bulk insert in one transaction (the real service commits each step; same rows)."""
     conn = sqlite3.connect(path, isolation_level=None)
@@ -103,18 +98,18 @@ def measure(strategy: str, merges: int, old_fraction: float, folder: Path) -> di
     journal.close()
     fill(path, merges, old_fraction, now)
     journal = Journal.open(path)
-    before = journal_bytes(path)
+    before = retention.journal_bytes(path)
     cutoff = (now - timedelta(days=30)).isoformat(timespec="milliseconds")
     t0 = time.perf_counter()
     counts = journal.prune(cutoff=cutoff, at=now.isoformat(timespec="milliseconds"))
     t1 = time.perf_counter()
-    after_prune = journal_bytes(path)
+    after_prune = retention.journal_bytes(path)
     free = journal.free_fraction()
     if strategy == "incremental":
         journal.db.conn.executescript("PRAGMA incremental_vacuum;")  # execute() frees one page
     journal.compact(vacuum=strategy == "vacuum")
     t2 = time.perf_counter()
-    after = journal_bytes(path)
+    after = retention.journal_bytes(path)
     journal.close()
     return {
         "strategy": strategy,
@@ -140,7 +135,7 @@ def steady(days: int, per_day: int, folder: Path) -> None:
         report = retention.prune(journal, 30, now)
         journal.close()
         if (day + 1) % 10 == 0:
-            print(json.dumps({"day": day + 1, "bytes": journal_bytes(path),
+            print(json.dumps({"day": day + 1, "bytes": retention.journal_bytes(path),
                               "pruned": report.merges, "vacuumed": report.vacuumed}))  # fmt: skip
 
 

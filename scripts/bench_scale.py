@@ -24,6 +24,8 @@ from pathlib import Path
 
 import benchlib
 
+from fgm_consolidator.layout import default_journal_path
+
 IDENTIFIERS = ("fine-grained-monitor-0", "fine-grained-monitor-1")
 FLAT_MARGIN = 1.5  # a ratio of seconds per file under this counts as flat on 2 shared cores
 IDLE_TARGET_S = 1.0
@@ -56,13 +58,10 @@ class Day:
     idle: Pass  # a pass right after it, with nothing to do
 
 
-def journal_path(data_dir: Path) -> Path:
-    return data_dir / ".fgm-consolidator" / "journal.db"
-
-
 def journal_merges(data_dir: Path) -> int | None:
-    """Merges in the journal so far (read-only), or None before the first pass."""
-    path = journal_path(data_dir)
+    """Merges in the journal so far (read-only): 0 before the first pass, None when the
+    journal does not read."""
+    path = default_journal_path(data_dir)
     if not path.exists():
         return 0
     with contextlib.suppress(sqlite3.Error):
@@ -76,7 +75,7 @@ def journal_merges(data_dir: Path) -> int | None:
 
 
 def journal_size(data_dir: Path) -> int:
-    path = journal_path(data_dir)
+    path = default_journal_path(data_dir)
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) if path.exists() else 0
 
 

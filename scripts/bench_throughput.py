@@ -200,6 +200,7 @@ def median_outcome(rounds: Sequence[Outcome]) -> Outcome:
     run = dataclasses.replace(
         runs[0],
         wall_s=statistics.median(r.wall_s for r in runs),
+        # The median CPU, user and system together, so that `cpu_s` gives it.
         user_s=statistics.median(r.cpu_s for r in runs),
         system_s=0.0,
         max_rss_bytes=int(statistics.median(r.max_rss_bytes for r in runs)),
@@ -297,10 +298,6 @@ def check_fidelity(partition: Path, outputs: Sequence[Path]) -> Fidelity:
 # -- reporting --------------------------------------------------------------------------------
 
 
-def _relative(value: float | None, reference: float | None) -> str:
-    return benchlib.ratio(value, reference)
-
-
 def print_report(outcomes: Sequence[Outcome]) -> None:
     ours = {o.era: o for o in outcomes if o.tool == "fgm-consolidator" and o.ok}
     rows = []
@@ -311,8 +308,8 @@ def print_report(outcomes: Sequence[Outcome]) -> None:
             [
                 o.era,
                 o.tool,
-                _relative(o.cpu_per_gb, base.cpu_per_gb if base else None) if o.ok else "-",
-                _relative(run.max_rss_bytes, ref.max_rss_bytes if ref else None)
+                benchlib.ratio(o.cpu_per_gb, base.cpu_per_gb if base else None) if o.ok else "-",
+                benchlib.ratio(run.max_rss_bytes, ref.max_rss_bytes if ref else None)
                 if o.ok and run
                 else "-",
                 ("yes" if o.fidelity.types == "exact" else "no") if o.fidelity else "-",
@@ -379,9 +376,7 @@ def one_metric_row_groups(paths: Sequence[Path]) -> str:
         column = metadata.schema.names.index("metric_name")
         for index in range(metadata.num_row_groups):
             total += 1
-            stats = metadata.row_group(index).column(column).statistics
-            if stats is not None and stats.has_min_max and stats.min == stats.max:
-                single += 1
+            single += benchlib.single_value(metadata.row_group(index).column(column).statistics)
     return f"{single} / {total}"
 
 
@@ -399,9 +394,9 @@ def target_lines(outcomes: Sequence[Outcome]) -> list[str]:
             lines += _judged(era, ours, others, here)
         if ours is not None and ours.run is not None:
             lines += [
-                f"same layout ({era}): {o.tool} uses {_relative(o.cpu_per_gb, ours.cpu_per_gb)}"
-                f" the CPU and {_relative(o.run.max_rss_bytes, ours.run.max_rss_bytes)} the"
-                " peak RSS"
+                f"same layout ({era}): {o.tool} uses"
+                f" {benchlib.ratio(o.cpu_per_gb, ours.cpu_per_gb)} the CPU and"
+                f" {benchlib.ratio(o.run.max_rss_bytes, ours.run.max_rss_bytes)} the peak RSS"
                 for o in here
                 if o.tool in BY_METRIC and o.run is not None
             ]

@@ -276,10 +276,6 @@ def metric_list(files: Sequence[Path]) -> tuple[Path, set[str]]:
     return newest, {str(v) for v in pc.unique(column).to_pylist()}
 
 
-def _one_value(stats: pq.Statistics | None) -> bool:
-    return bool(stats is not None and stats.has_min_max and stats.min == stats.max)
-
-
 def _has_page_index(group: pq.RowGroupMetaData) -> bool:
     """An offset index on every column chunk, and a column index on every chunk with
     statistics (a column index is the statistics of each page)."""
@@ -304,7 +300,7 @@ def layout_row(layout: Layout) -> list[object]:
             rows += group.num_rows
             if METRIC in names:
                 stats = group.column(names.index(METRIC)).statistics
-                single_metric += _one_value(stats)
+                single_metric += benchlib.single_value(stats)
             if CONTAINER in names:
                 blooms += _has_bloom(group.column(names.index(CONTAINER)))
             page_index += _has_page_index(group)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 try:
     from fgm_consolidator import simulate
@@ -406,6 +407,12 @@ def parquet_files(data_dir: Path) -> list[Path]:
 
 def total_size(paths: Iterable[Path]) -> int:
     return sum(p.stat().st_size for p in paths)
+
+
+def single_value(stats: pq.Statistics | None) -> bool:
+    """Row-group statistics that name one value: for `metric_name`, a row group a reader
+    looking for any other metric skips. Without statistics it cannot skip it."""
+    return bool(stats is not None and stats.has_min_max and stats.min == stats.max)
 
 
 # -- page cache -------------------------------------------------------------------------------

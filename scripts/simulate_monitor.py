@@ -119,17 +119,7 @@ def run_live(args: argparse.Namespace) -> int:
     rotation = 0
     while not stop.is_set() and (args.count == 0 or rotation < args.count):
         start = simulate.rotation_start(spec, rotation)
-        handles = [
-            simulate.OpenRotation(
-                args.data_dir,
-                pod,
-                start,
-                spec=spec,
-                run=simulate.run_at(spec, pod, rotation),
-                containers=simulate.containers_at(spec, pod.identifier, rotation),
-            )
-            for pod in spec.pods
-        ]
+        handles = simulate.open_rotations(args.data_dir, spec, rotation)
         deadline = start.timestamp() + spec.rotation_seconds
         stop.wait(max(0.0, deadline - time.time()))
         seconds = spec.rotation_seconds

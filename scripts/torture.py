@@ -92,17 +92,7 @@ class Monitor(threading.Thread):
 
     def _rotate(self, rotation: int) -> None:
         start = simulate.rotation_start(self.spec, rotation)
-        handles = [
-            simulate.OpenRotation(
-                self.data_dir,
-                pod,
-                start,
-                spec=self.spec,
-                run=simulate.run_at(self.spec, pod, rotation),
-                containers=simulate.containers_at(self.spec, pod.identifier, rotation),
-            )
-            for pod in self.spec.pods
-        ]
+        handles = simulate.open_rotations(self.data_dir, self.spec, rotation)
         self.stop.wait(max(0.0, start.timestamp() + ROTATION_S - time.time()))
         for handle in handles:
             partition = str(handle.path.parent.relative_to(self.data_dir))

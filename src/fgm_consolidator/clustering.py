@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from . import durable
 from .label_sets import LabelSets
-from .schemas import METRIC_NAME as METRIC
+from .schemas import METRIC_NAME
 
 
 class FirstRows:
@@ -45,7 +45,7 @@ class FirstRows:
 
     def take_from(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
         """`batch` without the first rows of metrics not seen before, which are kept here."""
-        codes = _encoded(batch.column(METRIC))
+        codes = _encoded(batch.column(METRIC_NAME))
         if self._seen.issuperset(codes.dictionary.to_pylist()):
             return [batch]  # the usual case: a source's dictionary names what it holds
         firsts = []
@@ -67,7 +67,7 @@ class FirstRows:
         head = head.unify_dictionaries().combine_chunks()
         if head.num_rows == 0:
             return head
-        keys, _metrics = metric_keys(head.column(METRIC).chunk(0))
+        keys, _metrics = metric_keys(head.column(METRIC_NAME).chunk(0))
         return head.take(pc.sort_indices(keys))
 
 
@@ -264,7 +264,7 @@ class MetricSorter:
             return
         if self._labels is not None:
             buffer = self._labels.pack(buffer)
-        keys, metrics = metric_keys(buffer.column(METRIC))
+        keys, metrics = metric_keys(buffer.column(METRIC_NAME))
         order = pc.sort_indices(keys)  # stable: rows of a metric keep their arrival order
         # Runs are copied out a few metrics at a time, about a quarter of the buffer per `take`:
         # one `take` per metric cost five times the CPU of one for the whole buffer, which in

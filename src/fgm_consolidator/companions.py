@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fgm_consolidator import durable
-from fgm_consolidator.errors import CompanionError
+from . import durable
+from .errors import CompanionError
 
 SUPPORTED_VERSIONS = (1, 2)
 # A container takes ~200 bytes, up to ~2 KB with labels; a node runs at most a few hundred.
@@ -216,7 +216,7 @@ def read_companion(path: Path) -> ContainerSidecar:
     Only a regular file of at most MAX_BYTES is read: a link to /dev/zero or a runaway file
     would otherwise be read whole into a process whose limit is 128 MiB."""
     try:
-        with durable.open_regular(Path(path)) as handle:
+        with durable.open_regular(path) as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > MAX_BYTES:
                 raise CompanionError(

@@ -19,8 +19,9 @@ The points (each reached just after the step it names has returned):
 - `durable:renamed` after a rename, before the folder is synced;
 - `durable:unlinked` after each unlink (temp name, source, companion, orphan);
 - `durable:fsync-dir` after a folder is synced;
-- `recovery:<action>` after recovery resolved one merge (`resumed`, `rolled-back`,
-  `needs-a-person`), `recovery:swept` after the orphans of one folder are gone.
+- `recovery:<action>` after recovery dealt with one merge (`resumed`, `rolled-back`,
+  `needs-a-person`, or `failed` when the disk refused a step and the merge was left as it
+  was), `recovery:swept` after the orphans of one folder are gone.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from tenacity import (
 )
 
 from . import crashpoints
-from .errors import TRANSIENT_ERRNOS, NameTakenError
+from .errors import TRANSIENT_ERRNOS, NameTakenError, NotRegularFileError
 from .logs import log_event
 
 if TYPE_CHECKING:
@@ -97,12 +97,6 @@ def named_file(path: Path) -> FileKey | None:
 def identity(path: Path) -> FileIdentity:
     """The identity of the name itself: a symbolic link is not its target."""
     return FileIdentity.of(os.lstat(path))
-
-
-class NotRegularFileError(OSError):
-    """A data file's name on something that is not a regular file: a symbolic link, a folder, a
-    FIFO, a device. Never opened, merged or deleted. Opening a FIFO waits for a writer forever,
-    and merging a link's target and then deleting the link leaves its rows twice."""
 
 
 def not_regular_reason(mode: int) -> str | None:

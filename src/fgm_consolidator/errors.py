@@ -77,3 +77,11 @@ class OutputCheckError(ConsolidatorError):
 
 class MergeAborted(ConsolidatorError):
     """A merge was stopped on request (SIGTERM past the grace period) and rolled back."""
+
+
+class NotRegularFileError(OSError):
+    """A data file's name on something that is not a regular file: a symbolic link, a folder, a
+    FIFO, a device. Never opened, merged or deleted. Opening a FIFO waits for a writer forever,
+    and merging a link's target and then deleting the link leaves its rows twice. An OSError,
+    not a ConsolidatorError, so that every reader of a file treats it as the read failure it
+    is, where it already handles the others."""

@@ -202,7 +202,8 @@ JOURNAL_GONE = (
 
 
 class Journal:
-    """All reads and writes of the journal database; knows nothing of parquet or the disk."""
+    """All reads and writes of the journal database; knows nothing of parquet or of the data
+    files (the only files it touches are its own, and the folders that hold them)."""
 
     def __init__(self, db: Database, path: Path) -> None:
         self.db = db

@@ -14,7 +14,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Literal
 
-STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 STAMP = r"[0-9]{8}T[0-9]{6}Z"
 STATE_DIR = ".fgm-consolidator"
 JOURNAL_NAME = "journal.db"
@@ -194,7 +193,7 @@ def linked_folder(data_dir: Path, partition: str) -> Path | None:
 
 def iter_partitions(data_dir: Path) -> Iterator[str]:
     """Partition keys in sorted order (see `walk_partitions`), for whoever does not report the
-    folders left alone: only a pass does, once."""
+    folders left alone: only a pass and `status` do."""
     yield from walk_partitions(data_dir)[0]
 
 

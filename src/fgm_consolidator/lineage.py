@@ -3,7 +3,7 @@
 Every output carries its lineage in its parquet key-value metadata: the merge id, its rows, and
 each source's name and rows. That is enough, with the journal lost, to tell which live files
 an output already holds, and to prove it row by row: every row of the files still present is
-among the output's rows (`rows_contained`). Only names that parse as ours are
+among the output's rows (`unproven` answers which are not). Only names that parse as ours are
 read, and a file whose lineage does not decode simply has none.
 """
 
@@ -41,15 +41,6 @@ class Lineage:
     def names(self) -> frozenset[str]:
         return frozenset(s.name for s in self.sources)
 
-    def offset_of(self, name: str) -> int:
-        """Where `name`'s rows start in the output."""
-        offset = 0
-        for source in self.sources:
-            if source.name == name:
-                return offset
-            offset += source.rows
-        raise KeyError(name)
-
     def rows_of(self, name: str) -> int:
         return next(s.rows for s in self.sources if s.name == name)
 
@@ -63,9 +54,8 @@ def encode(merge_id: int, sources: Sequence[tuple[str, int]]) -> dict[bytes, byt
     return {LINEAGE_KEY: json.dumps(doc, separators=(",", ":")).encode()}
 
 
-def decode(metadata: Mapping[bytes, bytes] | None) -> Lineage | None:
-    """The lineage in a footer's key-value metadata; None when absent or not ours."""
-    raw = (metadata or {}).get(LINEAGE_KEY)
+def decode(raw: bytes | None) -> Lineage | None:
+    """The lineage `encode` stored under LINEAGE_KEY; None when absent or not ours."""
     if raw is None:
         return None
     try:
@@ -81,7 +71,7 @@ def read(path: Path) -> Lineage | None:
         raw = footers.read(path).lineage
     except (OSError, pa.ArrowException):
         return None
-    return decode({LINEAGE_KEY: raw} if raw is not None else None)
+    return decode(raw)
 
 
 def lineages(folder: Path, names: Collection[str]) -> dict[str, Lineage]:

@@ -35,6 +35,8 @@ class Stream(Protocol):
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """An error caught outside the `context` it escaped from still names its merge: the fields
+    `context` attached to it join the line, over the current context's and under `fields`."""
     merged = dict(_context.get())
     for value in fields.values():
         if isinstance(value, BaseException):

@@ -150,10 +150,9 @@ def _check_sources(folder: Path, plan: MergePlan) -> None:
     replaced now means another process is at work here, and publishing would duplicate rows."""
     for source in plan.sources:
         path = folder / source.name
-        try:
-            now = durable.identity(path)
-        except FileNotFoundError:
-            raise SourceChangedError("gone before the output was published", path) from None
+        now = optional_identity(path)
+        if now is None:
+            raise SourceChangedError("gone before the output was published", path)
         if now != source.identity:
             raise SourceChangedError(
                 f"changed before the output was published ({source.identity} -> {now})", path
@@ -293,11 +292,8 @@ def _yield_to(
     listed = set().union(*(held.names for held in rivals.values()))
     names = ", ".join(sorted(rivals))
     for source in record.sources:
-        path = folder / source.name
-        try:
-            intact = durable.identity(path) == source.identity
-        except FileNotFoundError:
-            intact = source.name in listed
+        now = optional_identity(folder / source.name)
+        intact = source.name in listed if now is None else now == source.identity
         if not intact:
             error = (
                 f"{names} also hold(s) sources of {record.output}, and {source.name} is "
@@ -350,9 +346,8 @@ def delete_sources(folder: Path, record: MergeRecord) -> None:
     present = []
     for source in record.sources:
         path = folder / source.name
-        try:
-            now = durable.identity(path)
-        except FileNotFoundError:
+        now = optional_identity(path)
+        if now is None:
             continue  # deleted before a crash
         if now != source.identity:
             raise SourceChangedError(
@@ -365,13 +360,6 @@ def delete_sources(folder: Path, record: MergeRecord) -> None:
         companion = folder / companion_name(source.name)
         if source in present:
             durable.remove(folder / source.name)
-        if source.companion is not None and _same(companion, source.companion):
+        if source.companion is not None and optional_identity(companion) == source.companion:
             durable.remove(companion)
     durable.fsync_dir(folder)
-
-
-def _same(path: Path, expected: durable.FileIdentity) -> bool:
-    try:
-        return durable.identity(path) == expected
-    except FileNotFoundError:
-        return False

@@ -153,10 +153,17 @@ def is_day_over(partition: str, today: date) -> bool:
     return day < today
 
 
+def waiting_metrics(scan: PartitionScan) -> list[SourceFile]:
+    """The eligible `metrics-*` files: what `min_files` counts and a backlog reports. Outputs
+    are eligible too (a window is merged again as it fills) but are no work left undone: a
+    day that converged to one output per window must not look like a backlog."""
+    return [s for s in scan.eligible if s.file.kind == "metrics"]
+
+
 def plan_partition(
     scan: PartitionScan, policy: Policy, today: date
 ) -> tuple[list[MergePlan], list[Skipped]]:
-    waiting = sum(1 for s in scan.eligible if s.file.kind == "metrics")
+    waiting = len(waiting_metrics(scan))
     closed = is_day_over(scan.partition, today) and scan.young == 0
     if waiting < policy.min_files and not closed:
         return [], []

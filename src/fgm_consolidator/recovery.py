@@ -225,10 +225,11 @@ def recover_from_lineage(data_dir: Path, busy: set[tuple[str, str]]) -> list[Lin
     """Remove the present files that an output provably holds already; report the rest.
 
     A file goes only when an output's lineage lists it with its row count, the output reads
-    back completely, and the file's rows equal the output's rows at the place the lineage
-    gives. A file that two outputs claim, an output that does not read back, a file that
-    differs: all stay where they are, reported, and held out of later merges. Outputs of an
-    unfinished merge of our journal (`busy`) are the journal's business.
+    back completely, and every row of the file is among the output's (`judge_partition`;
+    outputs are laid out by metric, so no offset in them holds a source's rows). A file that
+    two outputs claim, an output that does not read back, a file that differs: all stay where
+    they are, reported, and held out of later merges. Outputs of an unfinished merge of our
+    journal (`busy`) are the journal's business.
     """
     actions: list[LineageAction] = []
     for partition in iter_partitions(data_dir):

@@ -100,7 +100,7 @@ class PassReport:
     unreadable: list[tuple[str, UnreadableFile]] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (partition, error)
-    backlog: dict[str, int] = field(default_factory=dict)  # partition -> eligible files left
+    backlog: dict[str, int] = field(default_factory=dict)  # partition -> metrics-* files left
     deferred: list[str] = field(default_factory=list)  # partitions waiting out a backoff
 
     @property

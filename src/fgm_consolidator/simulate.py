@@ -547,18 +547,25 @@ def write_companion(
     return final
 
 
-def write_rotation(
-    data_dir: Path,
-    pod: PodSpec,
-    start: datetime,
-    *,
-    spec: SimulationSpec,
-    run: MonitorRun,
-    containers: Sequence[SimContainer],
-) -> WrittenRotation:
-    """One complete rotation (parquet + companion) for a window that has already ended."""
-    handle = OpenRotation(data_dir, pod, start, spec=spec, run=run, containers=containers)
-    return handle.finish()
+def open_rotation(
+    data_dir: Path, spec: SimulationSpec, pod: PodSpec, rotation: int
+) -> OpenRotation:
+    """One pod's file of one rotation, created under its final name and not yet finished:
+    which monitor process writes it, and which containers it sees, follow from the spec."""
+    return OpenRotation(
+        data_dir,
+        pod,
+        rotation_start(spec, rotation),
+        spec=spec,
+        run=run_at(spec, pod, rotation),
+        containers=containers_at(spec, pod.identifier, rotation),
+    )
+
+
+def open_rotations(data_dir: Path, spec: SimulationSpec, rotation: int) -> list[OpenRotation]:
+    """Every pod's file of one rotation, open at once: what a live node holds while the
+    window runs. Each is completed by its `finish`."""
+    return [open_rotation(data_dir, spec, pod, rotation) for pod in spec.pods]
 
 
 def rotation_start(spec: SimulationSpec, rotation: int) -> datetime:
@@ -574,16 +581,8 @@ def iter_rotations(
     (spec, rotation), separate processes can each write a share of one spec.
     """
     for rotation in range(spec.rotations) if only is None else only:
-        start = rotation_start(spec, rotation)
-        for pod in spec.pods:
-            yield write_rotation(
-                data_dir,
-                pod,
-                start,
-                spec=spec,
-                run=run_at(spec, pod, rotation),
-                containers=containers_at(spec, pod.identifier, rotation),
-            )
+        for pod in spec.pods:  # each finished before the next is opened
+            yield open_rotation(data_dir, spec, pod, rotation).finish()
 
 
 def generate(data_dir: Path, spec: SimulationSpec, only: range | None = None) -> SimulationSummary:

@@ -27,7 +27,7 @@ from . import lock
 from .errors import LockError
 from .journal import Journal, MergeRecord, PassRecord, UnreadableRecord
 from .layout import SkippedFolder, lock_path, walk_partitions
-from .plan import Policy
+from .plan import Policy, waiting_metrics
 from .recovery import LineageAction, judge_partition
 from .retention import journal_bytes
 from .scan import UnreadableFile, is_recorded_version
@@ -177,7 +177,7 @@ def _look_at_partitions(
         bad += [_not_yet_recorded(partition, u) for u in scan.unreadable]
         look.unreadable.extend(bad)
         look.lineage.extend(doubts)
-        waiting = sum(1 for s in scan.eligible if s.file.kind == "metrics")
+        waiting = len(waiting_metrics(scan))
         mergeable = sum(len(p.sources) for p in plans)
         if waiting or bad:  # young files alone: the monitor's current file, or our new output
             look.backlog.append(Backlog(partition, waiting, mergeable, scan.young, len(bad)))

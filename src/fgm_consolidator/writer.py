@@ -193,20 +193,7 @@ def _stream(
     # writer does not close it, and its last bytes (and any error writing them) come out only
     # when it is closed below.
     stream = pa.BufferedOutputStream(pa.PythonFile(sink, mode="w"), OUTPUT_BUFFER)
-    writer = pq.ParquetWriter(
-        stream,
-        buffered.remove_metadata(),
-        version="2.6",
-        data_page_version="2.0",
-        compression="zstd",
-        compression_level=options.compression_level,
-        use_dictionary=_dictionary_columns(schema),
-        column_encoding=_delta_columns(schema) or None,
-        write_statistics=_statistics_columns(schema),
-        write_page_index=True,
-        store_schema=False,  # the stored schema is the output's, added below
-        bloom_filter_options=_bloom_filters(schema),
-    )
+    writer = _parquet_writer(stream, buffered, schema, options)
     row_groups = 0
 
     def write_row_group(table: pa.Table) -> None:
@@ -249,6 +236,28 @@ def _stream(
     writer.close()
     stream.close()
     return row_groups
+
+
+def _parquet_writer(
+    stream: pa.NativeFile, buffered: pa.Schema, schema: pa.Schema, options: WriteOptions
+) -> pq.ParquetWriter:
+    """The output's encoding, one choice per kind of column (each helper below says why).
+    Rows arrive as `buffered`; readers see `schema`, stored by `_stream` once every row group
+    is written."""
+    return pq.ParquetWriter(
+        stream,
+        buffered.remove_metadata(),
+        version="2.6",
+        data_page_version="2.0",
+        compression="zstd",
+        compression_level=options.compression_level,
+        use_dictionary=_dictionary_columns(schema),
+        column_encoding=_delta_columns(schema) or None,
+        write_statistics=_statistics_columns(schema),
+        write_page_index=True,
+        store_schema=False,  # the stored schema is the output's, added by `_stream`
+        bloom_filter_options=_bloom_filters(schema),
+    )
 
 
 def _stored(schema: pa.Schema) -> bytes:
