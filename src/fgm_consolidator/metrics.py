@@ -15,12 +15,12 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from . import __version__
 from .errors import ConsolidatorError
 from .journal import Journal
 from .logs import log_event
@@ -45,7 +45,7 @@ class MetricsObserver(Observer):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         Info(PREFIX + "build", "The running version.", registry=r).info(
-            {"version": version("fgm-consolidator")}
+            {"version": __version__}
         )
         self.merges = Counter(
             PREFIX + "merges",
