@@ -155,6 +155,7 @@ class PassRecord:
 class PruneCounts:
     merges: int
     passes: int
+    unreadable: int = 0
 
 
 # Merges whose history may go: finished before the cutoff and never flagged for a person;
@@ -458,12 +459,16 @@ class Journal:
                 ),
             )
 
-    def prune(self, *, cutoff: str, at: str) -> PruneCounts:
+    def prune(
+        self, *, cutoff: str, at: str, unreadable: Sequence[UnreadableRecord] = ()
+    ) -> PruneCounts:
         """Forget finished history older than `cutoff` (ISO 8601, UTC), in one transaction.
 
         Only what `_PRUNABLE` allows: nothing unfinished, flagged for a person, or the latest
-        failure of files still waiting is ever removed.
+        failure of files still waiting is ever removed. `unreadable`: rows the caller found to
+        describe no file on disk any more (the journal does not look at the disk).
         """
+        gone = json.dumps([[u.partition, u.name, u.size, u.mtime_ns] for u in unreadable])
         with self.transaction():
             ids = [row[0] for row in self.db.execute(_PRUNABLE, {"cutoff": cutoff})]
             doomed = json.dumps(ids)
@@ -476,12 +481,18 @@ class Journal:
                 "DELETE FROM merges WHERE id IN (SELECT value FROM json_each(?))", [doomed]
             )
             passes = self.db.execute(_PRUNABLE_PASSES, {"cutoff": cutoff}).rowcount
+            forgotten = self.db.execute(
+                "DELETE FROM unreadable WHERE (partition, name, size, mtime_ns) IN (SELECT"
+                " json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+                " json_extract(value, '$[2]'), json_extract(value, '$[3]') FROM json_each(?))",
+                [gone],
+            ).rowcount
             self.db.execute("DELETE FROM prunes WHERE at < ?", [cutoff])
             self.db.execute(
                 "INSERT INTO prunes (at, cutoff, merges, passes) VALUES (?, ?, ?, ?)",
                 (at, cutoff, len(ids), passes),
             )
-        return PruneCounts(len(ids), passes)
+        return PruneCounts(len(ids), passes, forgotten)
 
     def free_fraction(self) -> float:
         """Share of the database's pages that are free (left by deletes, reused by inserts)."""

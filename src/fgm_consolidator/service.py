@@ -377,7 +377,7 @@ def _loop(
             )
         settings.observer.observe_pass(report, time.monotonic() - started, journal)
         if not stop.requested:
-            retention.prune_if_due(journal, settings.retention_days)
+            retention.prune_if_due(journal, settings.retention_days, data_dir=settings.data_dir)
         # a signal during the wait ends the loop there: no pass starts after SIGTERM
         if once or stop.requested or stop.wait(wait):
             log_event(log, "stopped", reason="signal" if stop.requested else "once")
