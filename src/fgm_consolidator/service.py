@@ -24,7 +24,7 @@ from types import FrameType
 
 import pyarrow as pa
 
-from . import lineage, lock, memory, retention
+from . import identity, lineage, lock, memory, retention
 from .backoff import Backoff
 from .errors import ConsolidatorError
 from .journal import Journal, PassResult, UnreadableRecord
@@ -307,15 +307,16 @@ def run_service(
     ):
         memory.keep_freed_heap()
         journal = Journal.open(settings.journal_path)
-        log_event(
-            log,
-            "started",
-            data_dir=settings.data_dir,
-            journal=settings.journal_path,
-            check_interval_s=settings.check_interval_s,
-            once=once,
-        )
         try:
+            identity.bind(journal, settings.data_dir)
+            log_event(
+                log,
+                "started",
+                data_dir=settings.data_dir,
+                journal=settings.journal_path,
+                check_interval_s=settings.check_interval_s,
+                once=once,
+            )
             startup = recover(
                 journal,
                 settings.data_dir,

@@ -1,0 +1,93 @@
+"""Which data directory a journal belongs to, so that one never recovers another's merges.
+
+A journal records partitions relative to its data directory. A `--journal` kept outside the
+data directory can be given with one data directory and later with another (at the same time
+is refused by `<journal>.lock`); the second's recovery would then judge the first one's merges
+by its own folders. So each data directory gets a random id, written once into its state folder
+(`.fgm-consolidator/data-dir-id`) where it travels with the data whatever path the volume is
+mounted at, and the journal records that id (journal migration 4). A journal recorded for
+another id is refused by every command before anything is touched; a journal recorded for none
+(new, or from before migration 4) adopts the data directory it is opened with for writing.
+
+The default journal lives in that same state folder, so it cannot belong to another directory:
+if the id file alone was lost, the journal's id is written back, with no step for anyone.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from . import durable
+from .errors import ConfigError, ConsolidatorError
+from .journal import DataDirBinding, Journal, recorded_data_dir
+from .layout import STATE_DIR, data_dir_id_path, is_default_journal, tmp_name
+
+
+def read_id(data_dir: Path) -> str | None:
+    """The data directory's id, or None before the first `run` or `recover` gave it one."""
+    path = data_dir_id_path(data_dir)
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConsolidatorError(f"cannot read the data directory's id: {exc}", path) from exc
+    return text or None
+
+
+def _write_id(data_dir: Path, data_dir_id: str) -> None:
+    """Written once, durably: a temp file synced, renamed without overwriting, folder synced."""
+    path = data_dir_id_path(data_dir)
+    tmp = path.with_name(tmp_name(path.name))
+    durable.remove(tmp)  # left by a crash before its rename
+    durable.write_new_file(tmp, (data_dir_id + "\n").encode())
+    durable.rename_no_replace(tmp, path)
+    durable.fsync_dir(path.parent)
+
+
+def refusal(
+    journal: Path, data_dir: Path, recorded: DataDirBinding | None, found: str | None
+) -> str | None:
+    """Why `journal` must not be used with `data_dir`, or None when it may."""
+    if recorded is None or recorded.id == found:
+        return None
+    if found is None and is_default_journal(journal, data_dir):
+        return None  # only the id file was lost; `bind` writes it back
+    id_path = data_dir_id_path(data_dir)
+    here = f"id {found}" if found is not None else "which has no id yet"
+    return (
+        f"{journal} is the journal of data directory {recorded.path} (id {recorded.id}), not"
+        f" of {data_dir} ({here}): its recovery would act here on merges made there. Give"
+        f" {data_dir} a journal of its own (another --journal path; a new one is created), or,"
+        f" if {data_dir} is that same directory and lost its {STATE_DIR} folder, write"
+        f" {recorded.id} into {id_path} and run again"
+    )
+
+
+def check(journal: Path, data_dir: Path) -> None:
+    """Before any command touches anything: ConfigError (a usage error of --journal, exit 2)
+    when the journal belongs to another data directory. Reads only."""
+    try:
+        found = read_id(data_dir)
+    except ConsolidatorError as exc:
+        raise ConfigError("--data-dir", str(exc)) from exc
+    reason = refusal(journal, data_dir, recorded_data_dir(journal), found)
+    if reason is not None:
+        raise ConfigError("--journal", reason)
+
+
+def bind(journal: Journal, data_dir: Path) -> None:
+    """Under the data directory's lock, with the journal open for writing: give the data
+    directory its id if it has none, and record it in a journal that records none."""
+    recorded = journal.data_dir_binding()
+    found = read_id(data_dir)
+    reason = refusal(journal.path, data_dir, recorded, found)
+    if reason is not None:  # changed since `check`
+        raise ConfigError("--journal", reason)
+    if found is None:
+        found = recorded.id if recorded is not None else uuid.uuid4().hex
+        _write_id(data_dir, found)
+    path = str(data_dir.absolute())
+    if recorded is None or recorded.path != path:
+        journal.bind_data_dir(found, path)
