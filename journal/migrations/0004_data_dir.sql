@@ -11,6 +11,5 @@
 CREATE TABLE data_dir (
     one INTEGER PRIMARY KEY CHECK (one = 1),
     id TEXT NOT NULL,                 -- the content of <data-dir>/.fgm-consolidator/data-dir-id
-    path TEXT NOT NULL,               -- absolute path it was last opened at, for messages
-    bound_at TEXT NOT NULL            -- ISO 8601, UTC: when the journal adopted it
+    path TEXT NOT NULL                -- absolute path it was last opened at, for messages
 );

@@ -205,7 +205,6 @@ class DataDirBinding:
 
     id: str
     path: str
-    bound_at: str
 
 
 JOURNAL_GONE = (
@@ -720,9 +719,9 @@ class Journal:
         of a journal already bound never changes (the caller refuses another one)."""
         with self.transaction():
             self.db.execute(
-                "INSERT INTO data_dir (one, id, path, bound_at) VALUES (1, ?, ?, ?)"
+                "INSERT INTO data_dir (one, id, path) VALUES (1, ?, ?)"
                 " ON CONFLICT (one) DO UPDATE SET path = excluded.path WHERE id = excluded.id",
-                (data_dir_id, path, utc_now()),
+                (data_dir_id, path),
             )
 
     def latest_transition_at(self) -> str | None:
@@ -764,8 +763,8 @@ def recorded_data_dir(path: Path) -> DataDirBinding | None:
 def _binding(conn: sqlite3.Connection) -> DataDirBinding | None:
     if int(conn.execute("PRAGMA user_version").fetchone()[0]) < DATA_DIR_VERSION:
         return None
-    row = conn.execute("SELECT id, path, bound_at FROM data_dir").fetchone()
-    return None if row is None else DataDirBinding(str(row[0]), str(row[1]), str(row[2]))
+    row = conn.execute("SELECT id, path FROM data_dir").fetchone()
+    return None if row is None else DataDirBinding(str(row[0]), str(row[1]))
 
 
 def _check_regular(path: Path) -> None:
