@@ -18,7 +18,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from . import durable
+from . import crashpoints, durable
 from .errors import ConfigError, ConsolidatorError
 from .journal import DataDirBinding, Journal, recorded_data_dir
 from .layout import STATE_DIR, data_dir_id_path, is_default_journal, tmp_name
@@ -37,13 +37,16 @@ def read_id(data_dir: Path) -> str | None:
 
 
 def _write_id(data_dir: Path, data_dir_id: str) -> None:
-    """Written once, durably: a temp file synced, renamed without overwriting, folder synced."""
+    """Written once, durably, before the journal records it: a temp file synced, renamed
+    without overwriting, folder synced. A crash before the rename leaves the temp file, which
+    the next start replaces; the journal is bound only once the name is durable."""
     path = data_dir_id_path(data_dir)
     tmp = path.with_name(tmp_name(path.name))
-    durable.remove(tmp)  # left by a crash before its rename
-    durable.write_new_file(tmp, (data_dir_id + "\n").encode())
-    durable.rename_no_replace(tmp, path)
-    durable.fsync_dir(path.parent)
+    with crashpoints.unnamed():
+        durable.remove(tmp)
+        durable.write_new_file(tmp, (data_dir_id + "\n").encode())
+        durable.rename_no_replace(tmp, path)
+        durable.fsync_dir(path.parent)
 
 
 def refusal(
