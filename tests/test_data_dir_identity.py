@@ -10,7 +10,6 @@ paths named, nothing touched), and the same directory at another path is still i
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -144,4 +143,4 @@ def test_a_directory_that_lost_its_id_gets_its_journal_back_as_the_message_says(
     data_dir_id_path(a).write_text(known + "\n")
     run_once(a, journal)
     assert binding(journal).id == known
-    assert not os.path.exists(str(data_dir_id_path(a)) + ".tmp")
+    assert list(state_dir(a).glob("*.tmp")) == []

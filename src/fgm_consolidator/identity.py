@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 
 from . import crashpoints, durable
-from .errors import ConfigError, ConsolidatorError
+from .errors import ConfigError, ConsolidatorError, NameTakenError
 from .journal import DataDirBinding, Journal, recorded_data_dir
-from .layout import STATE_DIR, data_dir_id_path, is_default_journal, tmp_name
+from .layout import STATE_DIR, TMP_SUFFIX, data_dir_id_path, is_default_journal
 
 
 def read_id(data_dir: Path) -> str | None:
@@ -29,24 +29,33 @@ def read_id(data_dir: Path) -> str | None:
     path = data_dir_id_path(data_dir)
     try:
         text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no state folder: the lock says why
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConsolidatorError(f"cannot read the data directory's id: {exc}", path) from exc
     return text or None
 
 
-def _write_id(data_dir: Path, data_dir_id: str) -> None:
-    """Written once, durably, before the journal records it: a temp file synced, renamed
-    without overwriting, folder synced. A crash before the rename leaves the temp file, which
-    the next start replaces; the journal is bound only once the name is durable."""
+def _establish_id(data_dir: Path, proposed: str) -> str:
+    """Write `proposed` as the id, once and durably, before any journal records it: a temp file
+    synced, linked to the final name without overwriting, folders synced. Returns the id now in
+    place: another instance (its lock bypassed) may have written its own first. The temp name is
+    this attempt's own, so two attempts never remove each other's."""
     path = data_dir_id_path(data_dir)
-    tmp = path.with_name(tmp_name(path.name))
+    tmp = path.with_name(f"{path.name}.{proposed}{TMP_SUFFIX}")
+    path.parent.mkdir(exist_ok=True)
     with crashpoints.unnamed():
-        durable.remove(tmp)
-        durable.write_new_file(tmp, (data_dir_id + "\n").encode())
-        durable.rename_no_replace(tmp, path)
+        durable.write_new_file(tmp, (proposed + "\n").encode())
+        try:
+            durable.rename_no_replace(tmp, path)
+        except NameTakenError:
+            durable.remove(tmp)
         durable.fsync_dir(path.parent)
+        durable.fsync_dir(data_dir)  # the state folder's own name: nobody else syncs it
+    found = read_id(data_dir)
+    if found is None:
+        raise ConsolidatorError("the data directory's id file is empty; remove it", path)
+    return found
 
 
 def refusal(
@@ -85,12 +94,11 @@ def bind(journal: Journal, data_dir: Path) -> None:
     directory its id if it has none, and record it in a journal that records none."""
     recorded = journal.data_dir_binding()
     found = read_id(data_dir)
+    if found is None:
+        found = _establish_id(data_dir, recorded.id if recorded else uuid.uuid4().hex)
     reason = refusal(journal.path, data_dir, recorded, found)
     if reason is not None:  # changed since `check`
         raise ConfigError("--journal", reason)
-    if found is None:
-        found = recorded.id if recorded is not None else uuid.uuid4().hex
-        _write_id(data_dir, found)
     path = str(data_dir.absolute())
     if recorded is None or recorded.path != path:
         journal.bind_data_dir(found, path)
