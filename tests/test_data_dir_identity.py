@@ -57,16 +57,23 @@ def tree(folder: Path) -> dict[str, str]:
     }
 
 
-def test_the_default_layout_binds_itself_with_no_step(dirs: tuple[Path, Path, Path]) -> None:
-    a, _b, _journal = dirs
+def test_the_default_layout_needs_no_step_and_writes_nothing_new(
+    dirs: tuple[Path, Path, Path],
+) -> None:
+    a, _b, journal = dirs
     old_journal(default_journal_path(a), 3)  # a journal from before data directory ids
     run_once(a)
-    recorded = binding(default_journal_path(a))
-    assert (recorded.id, recorded.path) == (data_dir_id(a), str(a))
-    # the id file alone lost (the journal beside it is surely this directory's): written back
+    assert not data_dir_id_path(a).exists()
+    assert recorded_data_dir(default_journal_path(a)) is None
+    # an external journal gives the directory its id; the default journal is bound with it
+    run_once(a, journal)
+    known = data_dir_id(a)
+    run_once(a)
+    assert binding(default_journal_path(a)) == DataDirBinding(known, str(a))
+    # the id file alone lost beside its bound default journal: written back, nothing refused
     data_dir_id_path(a).unlink()
     run_once(a)
-    assert data_dir_id(a) == recorded.id == binding(default_journal_path(a)).id
+    assert data_dir_id(a) == known
 
 
 COMMANDS = [
@@ -85,7 +92,7 @@ def test_a_journal_of_another_data_directory_is_refused_by_every_command(
     a, b, journal = dirs
     run_once(a, journal)
     if b_has_an_id:
-        run_once(b)  # B has run before, with its own default journal
+        run_once(b, journal.parent.parent / "b-journal.db")  # B ran before, with its own
     before = (tree(b), tree(journal.parent))
     for command in COMMANDS:
         result = run_cli(*command, "--data-dir", str(b), "--journal", str(journal), env=ENV)

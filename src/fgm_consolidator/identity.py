@@ -9,12 +9,17 @@ mounted at, and the journal records that id (journal migration 4). A journal rec
 another id is refused by every command before anything is touched; a journal recorded for none
 (new, or from before migration 4) adopts the data directory it is opened with for writing.
 
-The default journal lives in that same state folder, so it cannot belong to another directory:
-if the id file alone was lost, the journal's id is written back, with no step for anyone.
+The default journal lives in that same state folder, so it cannot be given to another
+directory without being moved: a data directory that only ever had its default journal gets
+no id file (the default layout writes nothing it did not write before), and its journal is
+bound once the directory has an id (given by the first external journal used with it). If the
+id file alone was lost beside a bound default journal, the journal's id is written back.
 """
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -22,6 +27,9 @@ from . import crashpoints, durable
 from .errors import ConfigError, ConsolidatorError, NameTakenError
 from .journal import DataDirBinding, Journal, recorded_data_dir
 from .layout import STATE_DIR, TMP_SUFFIX, data_dir_id_path, is_default_journal
+from .logs import log_event
+
+log = logging.getLogger(__name__)
 
 
 def read_id(data_dir: Path) -> str | None:
@@ -77,6 +85,14 @@ def refusal(
     )
 
 
+def _refuse(
+    journal: Path, data_dir: Path, recorded: DataDirBinding | None, found: str | None
+) -> None:
+    reason = refusal(journal, data_dir, recorded, found)
+    if reason is not None:
+        raise ConfigError("--journal", reason)
+
+
 def check(journal: Path, data_dir: Path) -> None:
     """Before any command touches anything: ConfigError (a usage error of --journal, exit 2)
     when the journal belongs to another data directory. Reads only."""
@@ -84,21 +100,28 @@ def check(journal: Path, data_dir: Path) -> None:
         found = read_id(data_dir)
     except ConsolidatorError as exc:
         raise ConfigError("--data-dir", str(exc)) from exc
-    reason = refusal(journal, data_dir, recorded_data_dir(journal), found)
-    if reason is not None:
-        raise ConfigError("--journal", reason)
+    _refuse(journal, data_dir, recorded_data_dir(journal), found)
 
 
 def bind(journal: Journal, data_dir: Path) -> None:
     """Under the data directory's lock, with the journal open for writing: give the data
-    directory its id if it has none, and record it in a journal that records none."""
+    directory its id if it has none (not for an unbound default journal), and record it in a
+    journal that records none. Refuses
+    first (what `check` let through may have changed since). A disk that refuses the id or
+    its record (full) is logged and the journal stays unbound, as before migration 4, until
+    the next start binds it: a full disk must not stop the service that frees space."""
     recorded = journal.data_dir_binding()
     found = read_id(data_dir)
-    if found is None:
-        found = _establish_id(data_dir, recorded.id if recorded else uuid.uuid4().hex)
-    reason = refusal(journal.path, data_dir, recorded, found)
-    if reason is not None:  # changed since `check`
-        raise ConfigError("--journal", reason)
-    path = str(data_dir.absolute())
-    if recorded is None or recorded.path != path:
-        journal.bind_data_dir(found, path)
+    _refuse(journal.path, data_dir, recorded, found)
+    if found is None and recorded is None and is_default_journal(journal.path, data_dir):
+        return  # see the module's docstring: the default layout writes nothing new
+    try:
+        if found is None:
+            found = _establish_id(data_dir, recorded.id if recorded else uuid.uuid4().hex)
+            _refuse(journal.path, data_dir, recorded, found)  # another instance's id came first
+        path = str(data_dir.absolute())
+        if recorded is None or recorded.path != path:
+            journal.bind_data_dir(found, path)
+    except (OSError, sqlite3.Error) as exc:
+        log_event(log, "data-dir-id-failed", logging.WARNING, data_dir=data_dir, error=exc,
+                  retry="at the next start")  # fmt: skip
