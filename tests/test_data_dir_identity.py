@@ -9,13 +9,16 @@ paths named, nothing touched), and the same directory at another path is still i
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 from pathlib import Path
 
 import pytest
 from conftest import old_journal, run_cli, small_spec
 
-from fgm_consolidator.journal import DataDirBinding, recorded_data_dir
+from fgm_consolidator import durable, identity
+from fgm_consolidator.journal import DataDirBinding, Journal, recorded_data_dir
 from fgm_consolidator.layout import data_dir_id_path, default_journal_path, state_dir
 from fgm_consolidator.simulate import PodSpec, generate
 
@@ -151,3 +154,28 @@ def test_a_directory_that_lost_its_id_gets_its_journal_back_as_the_message_says(
     run_once(a, journal)
     assert binding(journal).id == known
     assert list(state_dir(a).glob("*.tmp")) == []
+
+
+def test_a_disk_that_refuses_the_id_leaves_the_journal_unbound_until_the_next_start(
+    dirs: tuple[Path, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A full disk must not stop the service that frees space: logged, bound next time."""
+    a, _b, journal_path = dirs
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    journal = Journal.open(journal_path)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(durable, "write_new_file", full)
+            with caplog.at_level(logging.WARNING, logger="fgm_consolidator"):
+                identity.bind(journal, a)
+        assert [r.getMessage() for r in caplog.records] == ["data-dir-id-failed"]
+        assert journal.data_dir_binding() is None and not data_dir_id_path(a).exists()
+        identity.bind(journal, a)
+        assert journal.data_dir_binding() == DataDirBinding(data_dir_id(a), str(a))
+    finally:
+        journal.close()
