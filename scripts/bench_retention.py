@@ -132,7 +132,7 @@ def steady(days: int, per_day: int, folder: Path) -> None:
         now = start + timedelta(days=day + 1)
         fill(path, per_day, 0.0, now, first_id=day * per_day + 1)  # finished a day before `now`
         journal = Journal.open(path)
-        report = retention.prune(journal, 30, now)
+        report = retention.prune(journal, 30, now, data_dir=folder)
         journal.close()
         if (day + 1) % 10 == 0:
             print(json.dumps({"day": day + 1, "bytes": retention.journal_bytes(path),

@@ -188,7 +188,7 @@ def journal_history(path: Path) -> list[journal_module.MergeRecord]:
 @pytest.fixture(autouse=True)
 def _restore_process_state() -> Iterator[None]:
     """In-process `run` installs signal handlers and every command reconfigures logging."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     logger = logging.getLogger("fgm_consolidator")
     saved = (list(logger.handlers), logger.level, logger.propagate)
     yield

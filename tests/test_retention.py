@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -164,11 +165,12 @@ def test_old_pass_records_go_except_the_newest_and_the_newest_success(
 def test_a_prune_runs_at_most_once_a_day(journal: Journal, clock: Clock) -> None:
     add_merge(journal, clock, OLD, FINISHED, ("a1", "a2"))
     add_merge(journal, clock, OLD, FINISHED, ("b1", "b2"))
-    first = retention.prune_if_due(journal, 30, now=NOW)
+    tmp = journal.path.parent
+    first = retention.prune_if_due(journal, 30, now=NOW, data_dir=tmp)
     assert first is not None and first.merges == 1
     add_merge(journal, clock, OLD, FINISHED, ("c1", "c2"))  # now prunable: b is not the newest
-    assert retention.prune_if_due(journal, 30, now=NOW + timedelta(hours=23)) is None
-    later = retention.prune_if_due(journal, 30, now=NOW + timedelta(hours=24))
+    assert retention.prune_if_due(journal, 30, now=NOW + timedelta(hours=23), data_dir=tmp) is None
+    later = retention.prune_if_due(journal, 30, now=NOW + timedelta(hours=24), data_dir=tmp)
     assert later is not None and later.merges == 1
     recorded = journal.db.execute("SELECT at, merges FROM prunes ORDER BY id").fetchall()
     assert [m for _, m in recorded] == [1, 1]
@@ -207,7 +209,7 @@ def test_a_big_prune_is_compacted_and_the_wal_emptied(
         journal.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         before = retention.journal_bytes(path)
         with caplog.at_level(logging.INFO, logger="fgm_consolidator"):
-            report = retention.prune(journal, 30, NOW)
+            report = retention.prune(journal, 30, NOW, data_dir=tmp_path)
         assert (report.merges, report.vacuumed, report.bytes_before) == (1999, True, before)
         assert report.bytes_after == retention.journal_bytes(path)
         assert report.bytes_after < before / 5
@@ -227,7 +229,7 @@ def test_a_small_prune_leaves_the_free_pages_for_reuse(tmp_path: Path) -> None:
     journal = Journal.open(path)
     try:
         journal.db.execute("UPDATE transitions SET at = ? WHERE merge_id <= 50", [OLD.isoformat()])
-        report = retention.prune(journal, 30, NOW)
+        report = retention.prune(journal, 30, NOW, data_dir=tmp_path)
         assert (report.merges, report.vacuumed) == (50, False)
         assert 0 < journal.free_fraction() < retention.VACUUM_ABOVE
         assert len(journal.history()) == 950
@@ -279,7 +281,7 @@ def test_a_failing_prune_is_logged_and_does_not_stop_the_service(
         "INSERT INTO prunes (at, cutoff, merges, passes) VALUES (?, '', 0, 0)", [OLD.isoformat()]
     )
     with caplog.at_level(logging.ERROR, logger="fgm_consolidator"):
-        assert retention.prune_if_due(journal, 30, now=NOW) is None
+        assert retention.prune_if_due(journal, 30, now=NOW, data_dir=journal.path.parent) is None
     failed = [r for r in caplog.records if r.getMessage() == "prune-failed"]
     assert len(failed) == 1
     assert len(journal.history()) == 1  # rolled back whole
@@ -293,6 +295,43 @@ def test_a_retention_longer_than_the_calendar_keeps_everything(
     service after its first pass (OverflowError: date value out of range)."""
     add_merge(journal, clock, OLD, FINISHED, ("m1", "m2"))
     add_merge(journal, clock, OLD, FINISHED, ("m3", "m4"))
-    report = retention.prune(journal, days, NOW)
+    report = retention.prune(journal, days, NOW, data_dir=journal.path.parent)
     assert (report.merges, report.passes) == (0, 0)
     assert len(journal.history()) == 2
+
+
+def test_unreadable_records_go_once_their_file_is_gone_and_older_than_the_retention(
+    tmp_path: Path, journal: Journal, clock: Clock
+) -> None:
+    """The table of unreadable files once kept a row for every file it ever listed, long
+    after the monitor's retention (or a merge, once readable) had removed the file."""
+    data_dir = tmp_path / "data"
+    made = [(PART, "kept"), (PART, "deleted"), (PART, "replaced"), (PART, "recent"),
+            (OTHER, "in-a-folder-removed")]  # fmt: skip
+    for partition, name in made:
+        path = data_dir / partition / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not parquet")
+        clock.at = RECENT if name == "recent" else OLD
+        st = path.stat()
+        journal.record_unreadable(
+            partition, name, FileIdentity.of(st), "bad", ctime_ns=st.st_ctime_ns
+        )
+    (data_dir / PART / "deleted").unlink()
+    (data_dir / PART / "recent").unlink()
+    (data_dir / PART / "replaced").write_bytes(b"other bytes under the same name")
+    shutil.rmtree(data_dir / OTHER)
+
+    def names() -> set[str]:
+        return {r.name for r in journal.unreadable()}
+
+    report = retention.prune(journal, 30, NOW, data_dir=data_dir)
+    # a file still there keeps its row however old; a gone one's row stays for the retention
+    assert names() == {"kept", "recent"}
+    assert report.unreadable == 3
+    (data_dir / PART / "kept").unlink()
+    assert retention.prune(journal, 30, NOW + timedelta(days=1), data_dir=data_dir).unreadable == 1
+    assert names() == {"recent"}
+    later = NOW + timedelta(days=40)  # the recent row is now older than the retention too
+    assert retention.prune(journal, 30, later, data_dir=data_dir).unreadable == 1
+    assert names() == set()

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from conftest import PAST, rows_pyarrow, run_cli, small_spec, tmp_files
 
+from fgm_consolidator import lock
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path, lock_path
 from fgm_consolidator.service import StopFlag
@@ -403,7 +404,9 @@ def test_a_journal_shared_by_two_data_directories_is_held_by_one_service(
 ) -> None:
     """Each data directory had its own lock, so both services used the one journal, and each
     one's recovery judged the other's merges by its own folders (a merge killed after
-    `renamed` was flagged needs-attention by the other, its sources left beside its output)."""
+    `renamed` was flagged needs-attention by the other, its sources left beside its output).
+    The journal is locked (`<journal>.lock`) and, once bound, names its data directory: the
+    other is refused while the service runs and after it stopped, before touching anything."""
     populate()
     shared = tmp_path / "shared" / "journal.db"
     other = tmp_path / "other"
@@ -411,22 +414,42 @@ def test_a_journal_shared_by_two_data_directories_is_held_by_one_service(
     service = start("--journal", str(shared), "--check-interval", "300")
     service.wait_for("pass-finished")
     before = snapshot(other)
-    for command in (["run", "--once", "--min-age", "0"], ["recover"]):
-        refused = run_cli(*command, "--data-dir", str(other), "--journal", str(shared),
-                          env={"FGM_CRASH_AT": ""})  # fmt: skip
-        assert refused.returncode == 1, (command, refused.stderr)
-        assert refused.stderr.startswith(
-            f"Error: {shared}.lock: another fgm-consolidator holds this journal"
-            f" (pid={service.proc.pid} host="
-        )
-        assert refused.stderr.count("\n") == 1
-    assert snapshot(other) == before
+
+    def refused_to_other() -> None:
+        for command in (["run", "--once", "--min-age", "0"], ["recover"]):
+            refused = run_cli(*command, "--data-dir", str(other), "--journal", str(shared),
+                              env={"FGM_CRASH_AT": ""})  # fmt: skip
+            assert refused.returncode == 2, (command, refused.stderr)
+            assert f"{shared} is the journal of data directory {data_dir}" in refused.stderr
+        assert snapshot(other) == before
+
+    refused_to_other()
     code, _took = service.terminate(timeout=DEADLINE_S)
     assert code == 0
+    refused_to_other()
     # the kernel dropped both locks with the process
-    after = run_cli("run", "--once", "--min-age", "0", "--data-dir", str(other), "--journal",
+    after = run_cli("run", "--once", "--min-age", "0", "--data-dir", str(data_dir), "--journal",
                     str(shared), env={"FGM_CRASH_AT": ""})  # fmt: skip
     assert after.returncode == 0, after.stderr
+
+
+def test_the_journal_lock_refuses_a_second_data_directory_before_the_journal_is_bound(
+    data_dir: Path, tmp_path: Path, populate: Any
+) -> None:
+    """The journal's lock holds from before it is bound: a second data directory started in
+    that window (its `run` read no binding yet) is refused by the lock, with the holder."""
+    populate()
+    shared = tmp_path / "shared" / "journal.db"
+    other = tmp_path / "other"
+    generate(other, small_spec((PodSpec("pod-b"),)))
+    with lock.exclusive_journal(shared, data_dir):
+        refused = run_cli("recover", "--data-dir", str(other), "--journal", str(shared),
+                          env={"FGM_CRASH_AT": ""})  # fmt: skip
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.startswith(
+        f"Error: {shared}.lock: another fgm-consolidator holds this journal (pid={os.getpid()} "
+    )
+    assert refused.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("removed", ["state folder", "journal"])

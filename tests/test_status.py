@@ -15,8 +15,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from conftest import JournalClock as Clock
 from fgm_consolidator import service as service_module
 from fgm_consolidator.journal import Journal, PassResult
 from fgm_consolidator.layout import default_journal_path, lock_path
+from fgm_consolidator.observe import Observer
 from fgm_consolidator.plan import Policy
 from fgm_consolidator.service import Settings, StopFlag, run_service
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, SimulationSummary, generate
@@ -147,8 +148,14 @@ def test_a_partition_error_fails_the_pass_and_a_signal_stops_it(
     settings = Settings(data_dir, default_journal_path(data_dir))
     assert run_service(settings, StopFlag(0), once=True) == 1
     stop = StopFlag(0)
-    stop.request()
-    assert run_service(settings, stop) == 0
+
+    class SignalledOnceThePassBegins(Observer):
+        """A stop requested before the pass would end start-up recovery and begin no pass."""
+
+        def pass_started(self, partitions: Sequence[str]) -> None:
+            stop.request()
+
+    assert run_service(replace(settings, observer=SignalledOnceThePassBegins()), stop) == 0
     failed, stopped = passes(data_dir)
     assert (failed.result, failed.partition_errors, failed.merges_finished) == (
         PassResult.FAILED, 1, 1,
@@ -512,7 +519,7 @@ def test_status_works_on_a_journal_from_before_pass_records(
     with sqlite3.connect(path) as conn:  # what an older version left: schema 1 only
         conn.executescript(
             "DROP TABLE passes; DROP TABLE prunes; ALTER TABLE unreadable DROP COLUMN ctime_ns;"
-            " PRAGMA user_version = 1;"
+            " DROP TABLE data_dir; PRAGMA user_version = 1;"
         )
     conn.close()
     proc = run_cli("status", "--data-dir", str(data_dir), "--json")

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import config, logs, progress
+from . import config, identity, logs, progress
 from .errors import ConfigError, ConsolidatorError
 from .journal import Journal
 from .layout import default_journal_path, iter_partitions, parse_partition
@@ -245,6 +245,7 @@ def run(
     }
     _check_config(lambda: config.check_finite(numbers))
     _check_config(lambda: config.check_journal(journal_path, data_dir))
+    _check_config(lambda: identity.check(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=once and not dry_run)
         policy = Policy(
@@ -355,6 +356,7 @@ def recover_command(
 
     journal_path = journal or default_journal_path(data_dir)
     _check_config(lambda: config.check_journal(journal_path, data_dir))
+    _check_config(lambda: identity.check(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=True)
         try:
@@ -364,6 +366,7 @@ def recover_command(
             ):
                 opened = Journal.open(journal_path)
                 try:
+                    identity.bind(opened, data_dir)
                     report = recover(opened, data_dir, observer=shown)
                 finally:
                     opened.close()
@@ -433,6 +436,7 @@ def history(
     path = journal or default_journal_path(data_dir)
     if not path.exists():
         raise click.ClickException(f"{path}: no journal here; has `run` ever run on {data_dir}?")
+    _check_config(lambda: identity.check(path, data_dir))
     since_text = None if since is None else since.isoformat()
     try:
         opened = Journal.open(path, read_only=True)
@@ -500,10 +504,12 @@ def status(
     if check_interval is not None:
         numbers["--check-interval"] = check_interval
     _check_config(lambda: config.check_finite(numbers))
+    journal_path = journal or default_journal_path(data_dir)
+    _check_config(lambda: identity.check(journal_path, data_dir))
     try:
         report = compute_status(
             data_dir,
-            journal or default_journal_path(data_dir),
+            journal_path,
             check_interval_s=check_interval,
             stale_after=stale_after,
             liveness=liveness,

@@ -22,6 +22,10 @@ The points (each reached just after the step it names has returned):
 - `recovery:<action>` after recovery dealt with one merge (`resumed`, `rolled-back`,
   `needs-a-person`, or `failed` when the disk refused a step and the merge was left as it
   was), `recovery:swept` after the orphans of one folder are gone.
+
+Inside `unnamed()` no point is reached: the data directory's id, written once by the first
+start, uses the durable steps too, and would otherwise shift every number above by one for the
+first run of each directory.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ENV_VAR = "FGM_CRASH_AT"
@@ -36,6 +42,17 @@ COUNT_ENV_VAR = "FGM_CRASH_COUNT"
 ANY = "*"
 
 _counts: dict[str, int] = {}
+_unnamed = 0  # depth of `unnamed()` blocks
+
+
+@contextmanager
+def unnamed() -> Iterator[None]:
+    global _unnamed
+    _unnamed += 1
+    try:
+        yield
+    finally:
+        _unnamed -= 1
 
 
 def _armed() -> tuple[str, int] | None:
@@ -59,6 +76,8 @@ def _record(point: str) -> None:
 
 
 def reach(point: str) -> None:
+    if _unnamed:
+        return
     _record(point)
     armed = _armed()
     if armed is None or armed[0] not in (point, ANY):

@@ -23,7 +23,7 @@ from sqlite_utils import Database
 
 from . import crashpoints, durable
 from .durable import FileIdentity
-from .errors import JournalError
+from .errors import ConsolidatorError, JournalError
 from .states import TERMINAL, MergeState, check_transition
 
 REPAIR_HINT = (
@@ -155,6 +155,7 @@ class PassRecord:
 class PruneCounts:
     merges: int
     passes: int
+    unreadable: int = 0
 
 
 # Merges whose history may go: finished before the cutoff and never flagged for a person;
@@ -195,6 +196,17 @@ class UnreadableRecord:
     ctime_ns: int | None  # None in rows from before migration 3
 
 
+DATA_DIR_VERSION = 4  # the migration that added the data_dir table
+
+
+@dataclass(frozen=True)
+class DataDirBinding:
+    """The data directory a journal belongs to: its id, and the path it was last opened at."""
+
+    id: str
+    path: str
+
+
 JOURNAL_GONE = (
     "the journal was removed or replaced while this service ran; stopping, so that a restart"
     " recovers from what is on disk"
@@ -223,13 +235,7 @@ class Journal:
         _check_regular(path)
         try:
             if read_only:
-                # No `-wal` file means no writer has the journal open: `immutable` then reads
-                # it without creating `-wal`/`-shm` files, so `history` and `run --dry-run`
-                # leave the volume exactly as they found it.
-                wal = path.with_name(path.name + "-wal")
-                flags = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
-                uri = f"{path.resolve().as_uri()}?{flags}"  # percent-encodes ?, # and %
-                conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+                conn = _connect_read_only(path)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(path, isolation_level=None)
@@ -459,12 +465,16 @@ class Journal:
                 ),
             )
 
-    def prune(self, *, cutoff: str, at: str) -> PruneCounts:
+    def prune(
+        self, *, cutoff: str, at: str, unreadable: Sequence[UnreadableRecord] = ()
+    ) -> PruneCounts:
         """Forget finished history older than `cutoff` (ISO 8601, UTC), in one transaction.
 
         Only what `_PRUNABLE` allows: nothing unfinished, flagged for a person, or the latest
-        failure of files still waiting is ever removed.
+        failure of files still waiting is ever removed. `unreadable`: rows the caller found to
+        describe no file on disk any more (the journal does not look at the disk).
         """
+        gone = json.dumps([[u.partition, u.name, u.size, u.mtime_ns] for u in unreadable])
         with self.transaction():
             ids = [row[0] for row in self.db.execute(_PRUNABLE, {"cutoff": cutoff})]
             doomed = json.dumps(ids)
@@ -477,12 +487,18 @@ class Journal:
                 "DELETE FROM merges WHERE id IN (SELECT value FROM json_each(?))", [doomed]
             )
             passes = self.db.execute(_PRUNABLE_PASSES, {"cutoff": cutoff}).rowcount
+            forgotten = self.db.execute(
+                "DELETE FROM unreadable WHERE (partition, name, size, mtime_ns) IN (SELECT"
+                " json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+                " json_extract(value, '$[2]'), json_extract(value, '$[3]') FROM json_each(?))",
+                [gone],
+            ).rowcount
             self.db.execute("DELETE FROM prunes WHERE at < ?", [cutoff])
             self.db.execute(
                 "INSERT INTO prunes (at, cutoff, merges, passes) VALUES (?, ?, ?, ?)",
                 (at, cutoff, len(ids), passes),
             )
-        return PruneCounts(len(ids), passes)
+        return PruneCounts(len(ids), passes, forgotten)
 
     def free_fraction(self) -> float:
         """Share of the database's pages that are free (left by deletes, reused by inserts)."""
@@ -695,10 +711,61 @@ class Journal:
         row = self.db.execute("SELECT max(at) FROM prunes").fetchone()
         return None if row[0] is None else str(row[0])
 
+    def data_dir_binding(self) -> DataDirBinding | None:
+        """None for a journal no `run` or `recover` has bound yet (or from before migration 4)."""
+        return _binding(self.db.conn)
+
+    def bind_data_dir(self, data_dir_id: str, path: str) -> None:
+        """Record the data directory this journal belongs to, or the path it is now at; the id
+        of a journal already bound never changes (the caller refuses another one)."""
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO data_dir (one, id, path) VALUES (1, ?, ?)"
+                " ON CONFLICT (one) DO UPDATE SET path = excluded.path WHERE id = excluded.id",
+                (data_dir_id, path),
+            )
+
     def latest_transition_at(self) -> str | None:
         """When any merge last changed state: a long pass that is getting somewhere."""
         row = self.db.execute("SELECT at FROM transitions ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else str(row[0])
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """No `-wal` file means no writer has the journal open: `immutable` then reads it without
+    creating `-wal`/`-shm` files, so `history` and `run --dry-run` leave the volume exactly as
+    they found it."""
+    wal = path.with_name(path.name + "-wal")
+    flags = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+    uri = f"{path.resolve().as_uri()}?{flags}"  # percent-encodes ?, # and %
+    return sqlite3.connect(uri, uri=True, isolation_level=None)
+
+
+def recorded_data_dir(path: Path) -> DataDirBinding | None:
+    """The data directory the journal at `path` belongs to, read before any command opens it
+    (without the integrity check, which the command's own open makes). None when there is no
+    journal, none readable (the command's open says why), or none recorded yet."""
+    try:
+        _check_regular(path)
+        if not path.is_file():
+            return None
+        conn = _connect_read_only(path)
+    except (ConsolidatorError, OSError, sqlite3.Error):
+        return None
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        return _binding(conn)
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+
+
+def _binding(conn: sqlite3.Connection) -> DataDirBinding | None:
+    if int(conn.execute("PRAGMA user_version").fetchone()[0]) < DATA_DIR_VERSION:
+        return None
+    row = conn.execute("SELECT id, path FROM data_dir").fetchone()
+    return None if row is None else DataDirBinding(str(row[0]), str(row[1]))
 
 
 def _check_regular(path: Path) -> None:

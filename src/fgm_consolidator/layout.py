@@ -18,6 +18,7 @@ STAMP = r"[0-9]{8}T[0-9]{6}Z"
 STATE_DIR = ".fgm-consolidator"
 JOURNAL_NAME = "journal.db"
 LOCK_NAME = "lock"
+DATA_DIR_ID_NAME = "data-dir-id"
 TMP_SUFFIX = ".tmp"
 PARQUET_SUFFIX = ".parquet"
 COMPANION_SUFFIX = ".containers"
@@ -207,3 +208,14 @@ def default_journal_path(data_dir: Path) -> Path:
 
 def lock_path(data_dir: Path) -> Path:
     return state_dir(data_dir) / LOCK_NAME
+
+
+def is_default_journal(journal: Path, data_dir: Path) -> bool:
+    """The journal inside its data directory's state folder: it can belong to no other."""
+    return journal.absolute() == default_journal_path(data_dir).absolute()
+
+
+def data_dir_id_path(data_dir: Path) -> Path:
+    """Where the data directory's identity lives: it travels with the data, whatever the path
+    the volume is mounted at (the host's, the pod's)."""
+    return state_dir(data_dir) / DATA_DIR_ID_NAME

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import durable
 from .errors import LockError, LockHeldError
-from .layout import default_journal_path, lock_path
+from .layout import is_default_journal, lock_path
 
 
 def refuse_irregular(path: Path, mode: int) -> None:
@@ -66,7 +66,7 @@ def exclusive_journal(journal: Path, data_dir: Path) -> Iterator[HeldLock | None
     """A journal outside its data directory is locked too (`<journal>.lock`): two data
     directories given one `--journal` each hold their own lock, and each one's recovery would
     judge the other's merges by its own folders. The default journal needs no second lock."""
-    if journal.absolute() == default_journal_path(data_dir).absolute():
+    if is_default_journal(journal, data_dir):
         yield None
         return
     with _exclusive(journal.with_name(journal.name + ".lock"), "journal") as held:

@@ -4,6 +4,9 @@ Recovery decides from what is really on disk, because the disk can be one step a
 journal: an output in place with the recorded checksum means the rename happened, whatever the
 journal's last word. It rolls forward only from a verified output, rolls back only while every
 source is intact, and otherwise touches nothing and says why.
+
+A stop request (`should_stop`, the service's signal flag) is honoured between merges and
+between partitions, never inside one merge's steps: what is left is the next recovery's work.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,22 +196,34 @@ def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
     return removed
 
 
+def _never() -> bool:
+    return False
+
+
 def recover(
-    journal: Journal, data_dir: Path, *, sweep: bool = True, observer: Observer | None = None
+    journal: Journal,
+    data_dir: Path,
+    *,
+    sweep: bool = True,
+    observer: Observer | None = None,
+    should_stop: Callable[[], bool] = _never,
 ) -> RecoveryReport:
     """`sweep` (start-up and the `recover` command, under the lock) also removes orphan temp
-    files and settles, from their lineage, outputs whose sources are still present."""
+    files and settles, from their lineage, outputs whose sources are still present. Once
+    `should_stop()` is true, the report holds what was done so far."""
     observer = observer or Observer()
     report = RecoveryReport()
     unfinished = journal.unfinished()
     observer.recovery_started(len(unfinished))
     for record in unfinished:
+        if should_stop():
+            return report
         with context(merge_id=record.id, partition=record.partition, output=record.output):
             action = _resolve_or_leave(journal, data_dir, record)
         report.actions.append(action)
         crashpoints.reach(f"recovery:{action.action.replace(' ', '-')}")
         observer.observe_recovery(action)
-    if sweep:
+    if sweep and not should_stop():
         unfinished = journal.unfinished()
         keep = {
             (record.partition, tmp_name(name))
@@ -217,11 +232,13 @@ def recover(
         }
         report.swept = sweep_orphans(data_dir, keep)
         busy = {(record.partition, record.output) for record in unfinished}
-        report.lineage = recover_from_lineage(data_dir, busy)
+        report.lineage = recover_from_lineage(data_dir, busy, should_stop)
     return report
 
 
-def recover_from_lineage(data_dir: Path, busy: set[tuple[str, str]]) -> list[LineageAction]:
+def recover_from_lineage(
+    data_dir: Path, busy: set[tuple[str, str]], should_stop: Callable[[], bool] = _never
+) -> list[LineageAction]:
     """Remove the present files that an output provably holds already; report the rest.
 
     A file goes only when an output's lineage lists it with its row count, the output reads
@@ -233,6 +250,8 @@ def recover_from_lineage(data_dir: Path, busy: set[tuple[str, str]]) -> list[Lin
     """
     actions: list[LineageAction] = []
     for partition in iter_partitions(data_dir):
+        if should_stop():
+            break
         folder = data_dir / partition
         try:
             actions.extend(_settle_partition(folder, partition, busy))

@@ -5,6 +5,10 @@ do not repeat it), finished history older than `--history-retention-days` is for
 that reached sources-deleted, rolled-back merges whose every source went into a later merge,
 and old pass records. Nothing unfinished, nothing ever flagged for a person, and no failure
 that is still the latest word on its files is pruned (the rule is `journal._PRUNABLE`).
+Records of unreadable files older than the retention go too once the version they describe is
+no longer on disk (deleted by the monitor's retention, or merged once readable): without this
+the table grew with history. A record of a file still there stays, however old: it is what
+keeps that file out of merges without reading it again every pass.
 
 Space: deleted rows leave free pages that later inserts reuse, so a journal in steady state (a
 day forgotten, a day added) stays flat on its own. A prune that frees more than a quarter of
@@ -19,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from .journal import Journal
+from .journal import Journal, UnreadableRecord
 from .logs import log_event
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,7 @@ class PruneReport:
     cutoff: str
     merges: int
     passes: int
+    unreadable: int
     bytes_before: int
     bytes_after: int
     vacuumed: bool
@@ -65,22 +71,47 @@ def _cutoff(now: datetime, retention_days: float) -> datetime:
         return datetime.min.replace(tzinfo=UTC)
 
 
-def prune(journal: Journal, retention_days: float, now: datetime) -> PruneReport:
+def describes_nothing_on_disk(data_dir: Path, record: UnreadableRecord) -> bool:
+    """True when the file a record describes is gone: no file of that name, or one with other
+    content (size or mtime). A file we cannot look at (a folder we may not search) is kept."""
+    try:
+        st = os.lstat(data_dir / record.partition / record.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) != (record.size, record.mtime_ns)
+
+
+def prune(journal: Journal, retention_days: float, now: datetime, *, data_dir: Path) -> PruneReport:
+    """One lstat per unreadable record older than the cutoff: few, and once a day."""
     cutoff = _iso(_cutoff(now, retention_days))
     before = journal_bytes(journal.path)
-    counts = journal.prune(cutoff=cutoff, at=_iso(now))
+    gone = [
+        record
+        for record in journal.unreadable()
+        if record.first_seen < cutoff and describes_nothing_on_disk(data_dir, record)
+    ]
+    counts = journal.prune(cutoff=cutoff, at=_iso(now), unreadable=gone)
     vacuum = journal.free_fraction() > VACUUM_ABOVE
     journal.compact(vacuum=vacuum)
     report = PruneReport(
-        cutoff, counts.merges, counts.passes, before, journal_bytes(journal.path), vacuum
+        cutoff,
+        counts.merges,
+        counts.passes,
+        counts.unreadable,
+        before,
+        journal_bytes(journal.path),
+        vacuum,
     )
     log_event(
         log,
         "journal-pruned",
-        logging.INFO if report.merges or report.passes else logging.DEBUG,  # no daily noise
+        logging.INFO if report.merges or report.passes or report.unreadable else logging.DEBUG,
         cutoff=report.cutoff,
         merges=report.merges,
         passes=report.passes,
+        unreadable=report.unreadable,
         bytes_before=report.bytes_before,
         bytes_after=report.bytes_after,
         vacuumed=report.vacuumed,
@@ -89,7 +120,7 @@ def prune(journal: Journal, retention_days: float, now: datetime) -> PruneReport
 
 
 def prune_if_due(
-    journal: Journal, retention_days: float, now: datetime | None = None
+    journal: Journal, retention_days: float, now: datetime | None = None, *, data_dir: Path
 ) -> PruneReport | None:
     """Prune when the last prune is a day old; a failure (a full volume during VACUUM) is
     logged and never stops the service: the journal is only bigger than it needs to be."""
@@ -98,7 +129,7 @@ def prune_if_due(
         last = journal.last_prune_at()
         if last is not None and now - datetime.fromisoformat(last) < PRUNE_EVERY:
             return None
-        return prune(journal, retention_days, now)
+        return prune(journal, retention_days, now, data_dir=data_dir)
     except sqlite3.Error as exc:
         log_event(log, "prune-failed", logging.ERROR, error=exc)
         return None

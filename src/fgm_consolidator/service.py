@@ -1,9 +1,10 @@
 """The sidecar loop: lock, recover, then a pass now and every interval until told to stop.
 
-SIGTERM/SIGINT are noticed between steps: no new merge starts, the merge being written may
-finish within the grace period and is rolled back cleanly past it, and a merge already written
-is always finished (renames and unlinks take milliseconds). Between passes the process sleeps
-on an event, using no CPU.
+SIGTERM/SIGINT/SIGHUP are noticed between steps: no new merge starts, the merge being written
+may finish within the grace period and is rolled back cleanly past it, and a merge already
+written is always finished (renames and unlinks take milliseconds). Start-up recovery stops
+between merges and between partitions, so a large backlog does not outlast the kubelet's grace
+period. Between passes the process sleeps on an event, using no CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from types import FrameType
 
 import pyarrow as pa
 
-from . import lineage, lock, memory, retention
+from . import identity, lineage, lock, memory, retention
 from .backoff import Backoff
 from .errors import ConsolidatorError
 from .journal import Journal, PassResult, UnreadableRecord
@@ -89,8 +90,13 @@ class StopFlag:
         return self._event.wait(min(seconds, threading.TIMEOUT_MAX))
 
     def install(self) -> None:
+        """SIGHUP (the terminal that started `run` closed) stops as SIGTERM does: its default
+        action killed the process mid-step, without the `stopped` line. Under `nohup`, which
+        starts it ignored, it stays ignored."""
         signal.signal(signal.SIGTERM, self.request)
         signal.signal(signal.SIGINT, self.request)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, self.request)
 
 
 @dataclass
@@ -142,7 +148,11 @@ def consolidation_pass(
     write, an I/O error while writing or publishing) is reported and the others go on; a
     journal error ends the pass. With `backoff`, a partition that failed is skipped until its
     backoff is over, so a full disk is not hit with a whole merge every interval."""
-    report = PassReport(recovery=recover(journal, settings.data_dir, sweep=False))
+    report = PassReport(
+        recovery=recover(
+            journal, settings.data_dir, sweep=False, should_stop=lambda: stop.requested
+        )
+    )
     log_recovery(report.recovery)
     # A merge recovery had to leave as it was holds its partition until a recovery settles it:
     # planned again, its sources would go into a second merge. The other partitions go on.
@@ -297,17 +307,26 @@ def run_service(
     ):
         memory.keep_freed_heap()
         journal = Journal.open(settings.journal_path)
-        log_event(
-            log,
-            "started",
-            data_dir=settings.data_dir,
-            journal=settings.journal_path,
-            check_interval_s=settings.check_interval_s,
-            once=once,
-        )
         try:
-            startup = recover(journal, settings.data_dir, observer=settings.observer)
+            identity.bind(journal, settings.data_dir)
+            log_event(
+                log,
+                "started",
+                data_dir=settings.data_dir,
+                journal=settings.journal_path,
+                check_interval_s=settings.check_interval_s,
+                once=once,
+            )
+            startup = recover(
+                journal,
+                settings.data_dir,
+                observer=settings.observer,
+                should_stop=lambda: stop.requested,
+            )
             log_recovery(startup)
+            if stop.requested:  # the rest of the recovery is the next start's
+                log_event(log, "stopped", reason="signal")
+                return 0
             return _loop(journal, settings, stop, once, held)
         finally:
             journal.close()
@@ -359,7 +378,7 @@ def _loop(
             )
         settings.observer.observe_pass(report, time.monotonic() - started, journal)
         if not stop.requested:
-            retention.prune_if_due(journal, settings.retention_days)
+            retention.prune_if_due(journal, settings.retention_days, data_dir=settings.data_dir)
         # a signal during the wait ends the loop there: no pass starts after SIGTERM
         if once or stop.requested or stop.wait(wait):
             log_event(log, "stopped", reason="signal" if stop.requested else "once")
