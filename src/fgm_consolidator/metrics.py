@@ -44,9 +44,7 @@ class MetricsObserver(Observer):
         self.data_dir = data_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        Info(PREFIX + "build", "The running version.", registry=r).info(
-            {"version": __version__}
-        )
+        Info(PREFIX + "build", "The running version.", registry=r).info({"version": __version__})
         self.merges = Counter(
             PREFIX + "merges",
             "Merges this process ran, by outcome: the journal state each ended in.",
