@@ -6,6 +6,7 @@ real exit code, a SIGKILL, the environment a container passes) through `run_cli`
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -15,6 +16,7 @@ import os
 import re
 import shlex
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -36,7 +38,7 @@ from fgm_consolidator import journal as journal_module
 from fgm_consolidator import merge as merge_module
 from fgm_consolidator.cli import main
 from fgm_consolidator.journal import Journal
-from fgm_consolidator.layout import lock_path
+from fgm_consolidator.layout import default_journal_path, lock_path
 from fgm_consolidator.simulate import PodSpec, SimulationSummary
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -1132,3 +1134,54 @@ def test_a_data_dir_without_partitions_says_so_at_every_pass(
             assert said == [], proc.stderr
         else:
             assert len(said) == 1 and f"data_dir={data_dir}" in said[0], proc.stderr
+
+
+@contextlib.contextmanager
+def journal_held_for_writing(path: Path) -> Iterator[None]:
+    """Another process's write transaction open on the journal (a sqlite3 shell, a backup):
+    opening it still works; every write waits out the busy timeout, then fails."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+@pytest.mark.parametrize("command", [["recover"], ["run", "--once"]])
+def test_a_journal_locked_after_it_opened_is_one_error_line_naming_it(
+    data_dir: Path, populate: Callable[..., SimulationSummary], command: list[str]
+) -> None:
+    """Recovery's first write waited out the lock, then died with a `database is locked`
+    traceback that named no file and said nothing of what to do."""
+    populate()
+    killed = run_cli(
+        "run", "--data-dir", str(data_dir), "--once", env={"FGM_CRASH_AT": "journal:written"}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    path = default_journal_path(data_dir)
+    with journal_held_for_writing(path):
+        result = run_cli(*command, "--data-dir", str(data_dir))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert error.startswith(f"Error: {path}: journal failed (database is locked); ")
+    assert "kept it locked" in error and "move the journal aside" not in error
+    assert invoke("recover", "--data-dir", data_dir).exit_code == 0  # finished once it is free
+    assert Journal.open(path).unfinished() == []
+
+
+def test_a_pass_failed_on_a_locked_journal_names_the_journal(
+    data_dir: Path, populate: Callable[..., SimulationSummary]
+) -> None:
+    """`pass-failed error="database is locked"`: which database, and what to do?"""
+    populate()
+    path = default_journal_path(data_dir)
+    Journal.open(path).close()
+    with journal_held_for_writing(path):
+        result = run_cli("run", "--once", "--data-dir", str(data_dir))
+    assert result.returncode == 1, result.stderr
+    [failed] = [line for line in result.stderr.splitlines() if "event=pass-failed" in line]
+    assert f"{path}: journal failed (database is locked); " in failed
+    assert "kept it locked" in failed

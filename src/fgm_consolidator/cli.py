@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sqlite3
 import sys
 import tempfile
 import time
@@ -21,8 +20,8 @@ from typing import Any, TypeVar
 import click
 
 from . import config, identity, logs, progress
-from .errors import ConfigError, ConsolidatorError
-from .journal import Journal
+from .errors import ConfigError, ConsolidatorError, JournalError
+from .journal import Journal, errors_explained
 from .layout import default_journal_path, iter_partitions, parse_partition
 from .observe import Observer, Observers
 from .plan import MB, Policy
@@ -258,7 +257,8 @@ def run(
         )
         try:
             if dry_run:
-                _print_plan(data_dir, journal_path, policy)
+                with errors_explained(journal_path):
+                    _print_plan(data_dir, journal_path, policy)
                 return
             metrics, serve = _metrics(data_dir, metrics_port, metrics_addr)
             observer = Observers(shown, *metrics)
@@ -273,12 +273,8 @@ def run(
             )
             stop = StopFlag(grace_period)
             stop.install()
-            code = run_service(
-                settings,
-                stop,
-                once=once,
-                serve=serve,
-            )
+            with errors_explained(journal_path):
+                code = run_service(settings, stop, once=once, serve=serve)
         except (ConsolidatorError, OSError) as exc:
             raise _fail(exc) from exc
     raise SystemExit(code)
@@ -366,8 +362,9 @@ def recover_command(
             ):
                 opened = Journal.open(journal_path)
                 try:
-                    identity.bind(opened, data_dir)
-                    report = recover(opened, data_dir, observer=shown)
+                    with errors_explained(journal_path):
+                        identity.bind(opened, data_dir)
+                        report = recover(opened, data_dir, observer=shown)
                 finally:
                     opened.close()
         except (ConsolidatorError, OSError) as exc:
@@ -443,14 +440,17 @@ def history(
     except ConsolidatorError as exc:
         raise _fail(exc) from exc
     try:
-        records = opened.iter_history(
-            limit=limit,
-            partition=partition,
-            state=MergeState(state) if state else None,
-            since=since_text,
-        )
-        _emit(map(merge_fields, records), as_json)
-        unreadable = [] if state else opened.unreadable(partition)
+        with errors_explained(path):
+            records = opened.iter_history(
+                limit=limit,
+                partition=partition,
+                state=MergeState(state) if state else None,
+                since=since_text,
+            )
+            _emit(map(merge_fields, records), as_json)
+            unreadable = [] if state else opened.unreadable(partition)
+    except JournalError as exc:
+        raise _fail(exc) from exc
     finally:
         opened.close()
     _emit(
@@ -507,15 +507,16 @@ def status(
     journal_path = journal or default_journal_path(data_dir)
     _check_config(lambda: identity.check(journal_path, data_dir))
     try:
-        report = compute_status(
-            data_dir,
-            journal_path,
-            check_interval_s=check_interval,
-            stale_after=stale_after,
-            liveness=liveness,
-        )
-    except (ConsolidatorError, OSError, sqlite3.Error) as exc:
-        raise click.ClickException(str(exc)) from exc
+        with errors_explained(journal_path):
+            report = compute_status(
+                data_dir,
+                journal_path,
+                check_interval_s=check_interval,
+                stale_after=stale_after,
+                liveness=liveness,
+            )
+    except (ConsolidatorError, OSError) as exc:
+        raise _fail(exc) from exc
     if report.last_pass is not None:
         _echo(pass_fields(report.last_pass), as_json)
     _emit(map(backlog_fields, report.backlog), as_json)

@@ -36,26 +36,43 @@ SQLITE_MAX_INT = 2**63 - 1
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 _BUSY_HINT = (
     "another process kept it locked past the 5 s we wait (a consolidator given the same"
-    " --journal, a sqlite3 shell, a backup); nothing was changed: find it and try again"
+    " --journal, a sqlite3 shell, a backup): find it and try again"
 )
-_FULL_HINT = "its volume is full; nothing was changed: free some space and try again"
-_IO_HINT = (
-    "the volume may be full or failing; nothing was changed: check it (df, dmesg) and try"
-    " again; if the volume is fine and this persists, "
-)
+_FULL_HINT = "its volume is full: free some space and try again"
+_IO_HINT = "the volume may be full or failing: check it (df, dmesg) and try again"
+_UNCHANGED = "nothing was changed"
+# A failure after the open: the steps already taken stay taken, each one journaled or provable
+# from the disk, and the next run goes on from there.
+_RESUMES = "what was done stays done, and the next run goes on from there"
 
 
-def _open_hint(exc: sqlite3.DatabaseError) -> str:
-    """What to do depends on why: moving aside a journal that is only locked, or that sits on
-    a full volume, would throw away a sound audit trail and force a lineage recovery."""
+def explained(exc: sqlite3.DatabaseError, path: Path, *, opening: bool) -> JournalError:
+    """SQLite's messages name no file and give no advice. What to do depends on why: moving
+    aside a journal that is only locked, or that sits on a full volume, would throw away a
+    sound audit trail and force a lineage recovery."""
     code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary result code
+    changed = _UNCHANGED if opening else _RESUMES
     if code in _BUSY_CODES:
-        return _BUSY_HINT
-    if code == sqlite3.SQLITE_FULL:
-        return _FULL_HINT
-    if code == sqlite3.SQLITE_IOERR:
-        return _IO_HINT + REPAIR_HINT
-    return REPAIR_HINT
+        hint = f"{_BUSY_HINT}; {changed}"
+    elif code == sqlite3.SQLITE_FULL:
+        hint = f"{_FULL_HINT}; {changed}"
+    elif code == sqlite3.SQLITE_IOERR:
+        hint = f"{_IO_HINT}; {changed}; if the volume is fine and this persists, {REPAIR_HINT}"
+    else:
+        hint = REPAIR_HINT
+    what = "cannot open journal" if opening else "journal failed"
+    return JournalError(f"{what} ({exc}); {hint}", path)
+
+
+@contextmanager
+def errors_explained(path: Path) -> Iterator[None]:
+    """Around a command's use of an open journal: its SQLite errors come out as a JournalError
+    naming the journal and what to do, where they gave a traceback. Only outermost: inside a
+    pass, a journal error must stay what it is, to end the pass (see `service`)."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        raise explained(exc, path, opening=False) from exc
 
 
 def utc_now() -> str:
@@ -253,7 +270,7 @@ class Journal:
                 journal._check_version()
                 journal._check_set_up()
         except sqlite3.DatabaseError as exc:
-            raise JournalError(f"cannot open journal ({exc}); {_open_hint(exc)}", path) from exc
+            raise explained(exc, path, opening=True) from exc
         return journal
 
     def _sync_new_names(self) -> None:

@@ -27,7 +27,7 @@ import pyarrow as pa
 from . import identity, lineage, lock, memory, retention
 from .backoff import Backoff
 from .errors import ConsolidatorError
-from .journal import Journal, PassResult, UnreadableRecord
+from .journal import Journal, PassResult, UnreadableRecord, explained
 from .layout import walk_partitions
 from .logs import log_event
 from .merge import MergeOutcome, execute, report_unreadable
@@ -373,6 +373,8 @@ def _loop(
             ok = False
             if not once:
                 wait = backoff.failed(PASS, exc)
+            if isinstance(exc, sqlite3.DatabaseError):  # SQLite's text names no file
+                exc = explained(exc, journal.path, opening=False)
             log_event(
                 log, "pass-failed", logging.ERROR, error=exc, retry_in_s=None if once else wait
             )
