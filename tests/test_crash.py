@@ -559,3 +559,30 @@ def test_a_copy_of_the_output_under_its_final_name_is_not_kept_twice(
     ]
     assert check(data_dir, expected).violations == []
     assert_fully_consolidated(data_dir, [POD_A])
+
+
+def test_a_temp_output_damaged_after_written_is_rolled_back_not_published(
+    data_dir: Path,
+) -> None:
+    """`written` promises a complete temp file with the recorded checksum, and recovery rolls
+    forward only from a verified one: a temp file changed since (a disk that lost a synced
+    page, a person's tool) is never published, the sources being intact it is rolled back,
+    and the next run merges again."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "journal:written").returncode == -9
+    corrupt(folder / (OUTPUT + ".tmp"))
+
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [action] = [a for a in json_lines(result.stdout) if a["kind"] == "recovery"]
+    assert (action["found"], action["action"]) == ("written", "rolled back")
+    assert "output not verifiable" in action["reason"]
+    assert not (folder / OUTPUT).exists()
+    assert count(folder, "metrics-", ".parquet") == SOURCES
+    assert tmp_files(data_dir) == []
+
+    assert run_once(data_dir).returncode == 0
+    assert check(data_dir, expected).violations == []
+    assert_fully_consolidated(data_dir, [POD_A])
