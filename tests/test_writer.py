@@ -157,3 +157,25 @@ def test_an_abort_request_removes_the_partial_output(sources: list[Path], tmp_pa
         write(sources, target, should_abort=abort)
     assert not target.exists()
     assert len(calls) == 3
+
+
+def test_a_metric_first_seen_in_a_later_source_is_named_in_row_group_0(
+    sources: list[Path], tmp_path: Path
+) -> None:
+    """The viewer lists metrics from row group 0 of the newest file alone: a metric the first
+    sources lack (a collector enabled mid-hour) must be there too, not only in its own group."""
+    names = sorted(set(pq.read_table(sources[0]).column("metric_name").to_pylist()))
+    late = names[-1]
+    for early in sources[:3]:  # the first three sources never saw `late`
+        table = pq.read_table(early)
+        kept = table.filter(pa.compute.not_equal(table.column("metric_name"), late))
+        early.unlink()
+        pq.write_table(kept, early)
+    target = tmp_path / "out.parquet.tmp"
+    write(sources, target)
+    head = pq.ParquetFile(target).read_row_group(0).column("metric_name").to_pylist()
+    assert head == names
+    got = pq.read_table(target).to_pylist()
+    first_late = next(r for r in pq.read_table(sources[3]).to_pylist() if r["metric_name"] == late)
+    found = got[names.index(late)]
+    assert (found["metric_name"], found["time"]) == (late, first_late["time"])  # its earliest
