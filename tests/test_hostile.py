@@ -709,3 +709,32 @@ def test_a_lock_path_that_is_not_a_regular_file_is_refused_with_its_path(
     assert caught.value.path == str(path)
     kind = "a FIFO" if make is os.mkfifo else "a folder"
     assert caught.value.reason == f"the lock file is {kind}, not a regular file; remove it"
+
+
+# A name in OUTPUT's window whose range, joined with OUTPUT's, names neither file: a planner
+# that took both as mergeable would merge them into one.
+COPY = "consolidated-20251230T083500Z-20251230T084000Z.parquet"
+
+
+def test_two_outputs_listing_the_same_sources_are_kept_apart_for_a_person(
+    data_dir: Path,
+) -> None:
+    """A copy of an output left in the folder (a restore, a second instance's output of the
+    same sources): the sources are gone, but every row is there twice. Recovery must say so
+    and change nothing, and no pass may merge the two into one file, which would make the
+    duplicate permanent and erase the lineage that shows it."""
+    make_data(data_dir, "small")
+    assert run_once(data_dir).returncode == 0
+    folder = data_dir / POD_A
+    shutil.copy2(folder / OUTPUT, folder / COPY)
+    held = {name: snapshot_file(folder / name) for name in os.listdir(folder)}
+
+    result = recover(data_dir)
+    assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
+    lines = [line for line in json_lines(result.stdout) if line["kind"] == "lineage"]
+    assert {(line["output"], line["file"]) for line in lines} == {(OUTPUT, COPY), (COPY, OUTPUT)}
+    assert all("list the same sources" in line["reason"] for line in lines)
+    assert all(line["action"] != "removed" for line in lines)
+
+    assert run_once(data_dir).returncode == 0
+    assert {name: snapshot_file(folder / name) for name in os.listdir(folder)} == held
