@@ -1,12 +1,15 @@
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import data_files
 
+from fgm_consolidator import writer
 from fgm_consolidator.durable import identity
 from fgm_consolidator.errors import MergeAborted, SourceChangedError, SourceReadError
 from fgm_consolidator.schemas import unify
@@ -179,3 +182,25 @@ def test_a_metric_first_seen_in_a_later_source_is_named_in_row_group_0(
     first_late = next(r for r in pq.read_table(sources[3]).to_pylist() if r["metric_name"] == late)
     found = got[names.index(late)]
     assert (found["metric_name"], found["time"]) == (late, first_late["time"])  # its earliest
+
+
+def test_a_source_that_reads_back_fewer_rows_than_its_footer_is_the_one_named(
+    sources: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that stops early without an error (pages decoded short) fails that source,
+    not the output: named, it is reported unreadable and held out of later merges. Left to the
+    output's row check, the failure was our side's, and the partition retried the same merge
+    after every backoff, for good."""
+    victim = sources[2]
+    real = writer._source_batches
+
+    def short(source: WriteSource, *args: Any) -> Iterator[pa.RecordBatch]:
+        batches = list(real(source, *args))
+        return iter(batches[:-1] if source.path == victim else batches)
+
+    monkeypatch.setattr(writer, "_source_batches", short)
+    target = tmp_path / "out.parquet.tmp"
+    with pytest.raises(SourceReadError, match="footer promised") as info:
+        write(sources, target)
+    assert info.value.path == str(victim)
+    assert not target.exists()
