@@ -24,6 +24,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from test_crash import (
 )
 from test_service import DEADLINE_S, SLOW, Service, fields, poll, running
 
-from fgm_consolidator import lineage, lock, merge
+from fgm_consolidator import companions, lineage, lock, merge
 from fgm_consolidator import status as status_module
 from fgm_consolidator.errors import LockError
 from fgm_consolidator.journal import Journal, MergeRecord
@@ -738,3 +739,31 @@ def test_two_outputs_listing_the_same_sources_are_kept_apart_for_a_person(
 
     assert run_once(data_dir).returncode == 0
     assert {name: snapshot_file(folder / name) for name in os.listdir(folder)} == held
+
+
+def test_lineage_recovery_keeps_a_companion_naming_a_container_its_output_lacks(
+    data_dir: Path,
+) -> None:
+    """A source the output provably holds goes, but its companion only when the output's
+    companion lists every container of it: otherwise the pod and labels of that container
+    would be lost with it. The companion stays, and the reason says why."""
+    crash_between_rename_and_deletes(data_dir)
+    lose(data_dir, "journal")
+    folder = data_dir / POD_A
+    victim = sorted(folder.glob("metrics-*.containers"))[3]
+    sidecar = companions.read_companion(victim)
+    extra = companions.Container("late-one", "pod-late", "c", "ns", "uid", "BestEffort")
+    victim.write_bytes(companions.encode(replace(sidecar, containers=(*sidecar.containers, extra))))
+    kept = victim.read_bytes()
+
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [line] = [
+        line
+        for line in json_lines(result.stdout)
+        if line["kind"] == "lineage" and line["file"] == victim.with_suffix(".parquet").name
+    ]
+    assert line["action"] == "removed"
+    assert f"companion kept (1 containers not in {OUTPUT_COMPANION})" in line["reason"]
+    assert victim.read_bytes() == kept
+    assert not victim.with_suffix(".parquet").exists()
