@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import data_files, rows_pyarrow, run_cli, small_spec, tmp_files
+from oracle import canonical_row
 from test_crash import (
     OUTPUT,
     OUTPUT_COMPANION,
@@ -767,3 +768,42 @@ def test_lineage_recovery_keeps_a_companion_naming_a_container_its_output_lacks(
     assert f"companion kept (1 containers not in {OUTPUT_COMPANION})" in line["reason"]
     assert victim.read_bytes() == kept
     assert not victim.with_suffix(".parquet").exists()
+
+
+def test_a_source_gone_that_no_rival_holds_stops_the_withdrawal(
+    data_dir: Path, tmp_path: Path, staged: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B (rotations 0-9) publishes while A (rotations 1-11) has finished, and rotation 0 was
+    deleted by someone else meanwhile: A holds nine of B's sources, but rotation 0's rows are
+    in B's output alone. Withdrawing it would lose them; a person decides instead."""
+    arrive(staged, data_dir, range(10))
+    journal_a, journal_b = two_journals(tmp_path)
+    [plan_b] = plan_one(data_dir, POD, POLICY, journal_b, time.time())[1]
+    first = sorted((data_dir / POD).glob("metrics-*.parquet"))[0]
+    aside = tmp_path / first.name
+    first.rename(aside)  # out of A's sight while it plans; a rename keeps B's identity of it
+    arrive(staged, data_dir, range(10, 12))
+    [plan_a] = plan_one(data_dir, POD, POLICY, journal_a, time.time())[1]
+    aside.rename(first)
+    only_in_b = Counter(canonical_row(row) for row in pq.read_table(first).to_pylist())
+    real_publish = merge.publish
+
+    def publish(folder: Path, output: str) -> None:
+        if output == plan_b.output:
+            assert execute(journal_a, data_dir, plan_a, POLICY).state is (
+                MergeState.SOURCES_DELETED
+            )
+            first.unlink()
+            first.with_suffix(".containers").unlink()
+        real_publish(folder, output)
+
+    monkeypatch.setattr(merge, "publish", publish)
+    outcome_b = execute(journal_b, data_dir, plan_b, POLICY)
+    journal_a.close()
+    journal_b.close()
+
+    assert first.name not in {s.name for s in plan_a.sources}
+    assert outcome_b.state is MergeState.NEEDS_ATTENTION
+    assert f"{first.name} is changed or gone without a rival holding it" in (outcome_b.error or "")
+    assert (data_dir / POD / plan_b.output).exists()
+    assert only_in_b - rows_pyarrow(data_dir) == Counter()
