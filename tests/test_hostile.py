@@ -47,7 +47,7 @@ from test_crash import (
 )
 from test_service import DEADLINE_S, SLOW, Service, fields, poll, running
 
-from fgm_consolidator import companions, lineage, lock, merge
+from fgm_consolidator import companions, lineage, lock, merge, recovery
 from fgm_consolidator import status as status_module
 from fgm_consolidator.errors import LockError
 from fgm_consolidator.journal import Journal, MergeRecord
@@ -807,3 +807,29 @@ def test_a_source_gone_that_no_rival_holds_stops_the_withdrawal(
     assert f"{first.name} is changed or gone without a rival holding it" in (outcome_b.error or "")
     assert (data_dir / POD / plan_b.output).exists()
     assert only_in_b - rows_pyarrow(data_dir) == Counter()
+
+
+def test_lineage_recovery_keeps_a_file_rewritten_while_it_was_compared(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proof reads a file's rows, then the file goes: one rewritten in between (twice
+    the rows now) is no longer the file proven held, and is kept."""
+    crash_between_rename_and_deletes(data_dir)
+    lose(data_dir, "journal")
+    folder = data_dir / POD_A
+    victim = sorted(folder.glob("metrics-*.parquet"))[3]
+    grown = pa.concat_tables([pq.read_table(victim)] * 2)
+    real_unproven = lineage.unproven
+
+    def unproven(*args: Any, **kwargs: Any) -> dict[str, str]:
+        found = real_unproven(*args, **kwargs)
+        pq.write_table(grown, victim)
+        return found
+
+    monkeypatch.setattr(lineage, "unproven", unproven)
+    actions = recovery.recover_from_lineage(data_dir, set())
+
+    [kept] = [a for a in actions if not a.removed]
+    assert (kept.file, kept.reason) == (victim.name, f"{victim.name} changed while it was compared")
+    assert pq.read_table(victim).equals(grown)
+    assert sorted(p.name for p in folder.glob("metrics-*.parquet")) == [victim.name]
