@@ -14,6 +14,7 @@ from conftest import data_files, rows_pyarrow, tmp_files
 
 from fgm_consolidator import durable, merge, writer
 from fgm_consolidator.cli import main
+from fgm_consolidator.errors import NameTakenError
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.plan import Policy
@@ -300,3 +301,15 @@ def test_a_write_the_disk_silently_lost_is_caught_before_anything_is_published(
     report = run_pass(settings, journal)
     assert [m.state for m in report.merges] == [MergeState.SOURCES_DELETED]
     assert rows_pyarrow(settings.data_dir) == before_rows
+
+
+def test_a_final_name_taken_after_the_check_is_never_overwritten(tmp_path: Path) -> None:
+    """`publish` looks at the final name first, but another process may take it before the
+    rename: the primitive itself must refuse, atomically, and leave both files as they were."""
+    ours, theirs = tmp_path / "out.parquet.tmp", tmp_path / "out.parquet"
+    ours.write_bytes(b"ours")
+    theirs.write_bytes(b"theirs")
+    with pytest.raises(NameTakenError) as info:
+        durable.rename_no_replace(ours, theirs)
+    assert info.value.path == str(theirs)
+    assert (ours.read_bytes(), theirs.read_bytes()) == (b"ours", b"theirs")
