@@ -491,6 +491,11 @@ def test_output_lost_while_sources_are_gone_needs_a_person(data_dir: Path, damag
     record = journal_records(data_dir)[0]
     assert record.state is MergeState.NEEDS_ATTENTION
     assert [t.actor for t in record.transitions].count("recovery") == 1
+    # nor does a pass merge the sources left: with the output gone, no lineage claims them,
+    # and only the journal holds them back for the person
+    assert run_once(data_dir).returncode == 0
+    assert snapshot(data_dir) == files
+    assert len(journal_records(data_dir)) == 1
 
 
 # -- a foreign file under the companion's final name (invariants 2 and 5) ---------------------
