@@ -1,6 +1,6 @@
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +10,14 @@ import pytest
 from conftest import data_files
 
 from fgm_consolidator import writer
+from fgm_consolidator.clustering import MetricSorter
 from fgm_consolidator.durable import identity
-from fgm_consolidator.errors import MergeAborted, SourceChangedError, SourceReadError
+from fgm_consolidator.errors import (
+    MergeAborted,
+    OutputCheckError,
+    SourceChangedError,
+    SourceReadError,
+)
 from fgm_consolidator.schemas import unify
 from fgm_consolidator.simulate import PodSpec
 from fgm_consolidator.writer import WriteOptions, WriteSource, write_merged
@@ -203,4 +209,46 @@ def test_a_source_that_reads_back_fewer_rows_than_its_footer_is_the_one_named(
     with pytest.raises(SourceReadError, match="footer promised") as info:
         write(sources, target)
     assert info.value.path == str(victim)
+    assert not target.exists()
+
+
+def lose_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_add = MetricSorter.add
+    calls = {"n": 0}
+
+    def add(self: MetricSorter, batch: pa.RecordBatch) -> None:
+        calls["n"] += 1
+        if calls["n"] != 3:
+            real_add(self, batch)
+
+    monkeypatch.setattr(MetricSorter, "add", add)
+
+
+def write_another_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_writer = pq.ParquetWriter
+
+    def microseconds(*args: Any, **kwargs: Any) -> pq.ParquetWriter:
+        return real_writer(*args, coerce_timestamps="us", **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetWriter", microseconds)
+
+
+@pytest.mark.parametrize(
+    ("bug", "found"),
+    [(lose_a_batch, "rows, expected"), (write_another_type, "output schema")],
+    ids=["a-batch-lost", "a-type-changed"],
+)
+def test_the_output_check_stops_what_a_writer_bug_would_publish(
+    sources: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bug: Callable[[pytest.MonkeyPatch], None],
+    found: str,
+) -> None:
+    """The footer read back is the last word before a merge is journaled `written`: rows the
+    sort lost, or a column written as another type, must fail the write, not be published."""
+    bug(monkeypatch)
+    target = tmp_path / "out.parquet.tmp"
+    with pytest.raises(OutputCheckError, match=found):
+        write(sources, target)
     assert not target.exists()
