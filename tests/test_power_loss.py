@@ -336,3 +336,71 @@ def test_the_harness_finds_a_missing_folder_sync(workload: Workload, scratch: Pa
         for variant, violations in cut.items():
             found.setdefault(variant, []).extend(violations)
     assert any("expected rows lost" in v for v in found.get("keep-unlinks", [])), found
+
+
+# -- a power cut while the lineage settles a merge whose journal was lost ----------------------
+
+
+class Killed(BaseException):
+    """kill -9: the process stops, and the page cache, with every change not yet synced, stays."""
+
+
+def killed_after_publish(workload: Workload, crashed: Path, disk: Disk) -> None:
+    """Run until the first output and its companion have their final names, not yet synced,
+    then die; and the journal is lost (a person removed it). Only the outputs' lineage is left
+    to say which sources they hold."""
+    clone_tree(workload.template, crashed)
+
+    def reach(point: str) -> None:
+        disk.reach(point)
+        if disk.points.count("durable:renamed") == 2:  # the companion's: no temp name is left
+            raise Killed(point)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(durable, "os", ShimOs(disk))
+        patch.setattr(crashpoints, "reach", reach)
+        with pytest.raises(Killed):
+            quiescent_pass(crashed, POLICY)
+    journal = default_journal_path(crashed)
+    for name in (journal.name, journal.name + "-wal", journal.name + "-shm"):
+        (journal.parent / name).unlink(missing_ok=True)
+
+
+def recover_under_the_shim(data_dir: Path, disk: Disk) -> bool:
+    """`recover` in-process with the shim; True when the power was cut."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(durable, "os", ShimOs(disk))
+        patch.setattr(crashpoints, "reach", disk.reach)
+        try:
+            recover_in_process(data_dir)
+        except PowerCut:
+            return True
+    return False
+
+
+def test_power_cut_at_every_point_of_a_lineage_recovery(workload: Workload, scratch: Path) -> None:
+    """The output's name is still only in the page cache when lineage recovery proves its
+    sources held: the output must be durable before the first of them is unlinked, or a cut
+    that keeps the unlinks and loses the name loses their rows."""
+    dry = Disk(scratch / "dry-stash")
+    killed_after_publish(workload, scratch / "dry", dry)
+    assert any(op.kind == "link" for ops in dry.unsynced.values() for op in ops)
+    before = len(dry.points)
+    assert not recover_under_the_shim(scratch / "dry", dry)
+    points = dry.points[before:]
+    assert points.count("durable:unlinked") == 8  # four sources and their companions
+    failures: dict[str, list[str]] = {}
+    for n, point in enumerate(points, start=1):
+        crashed = (scratch / f"cut-{n}").resolve()
+        disk = Disk(scratch / f"cut-{n}-stash")
+        killed_after_publish(workload, crashed, disk)
+        disk.cut_at = len(disk.points) + n
+        assert recover_under_the_shim(crashed, disk)
+        for variant in VARIANTS:
+            state = power_cut_state(disk, crashed, scratch / f"cut-{n}-{variant}", variant)
+            recover_in_process(state)
+            if quiescent_pass(state, POLICY) != 0:
+                failures.setdefault(f"{point} (#{n})", []).append(f"{variant}: pass failed")
+            elif expected_rows(state) != workload.expected:
+                failures.setdefault(f"{point} (#{n})", []).append(f"{variant}: rows differ")
+    assert failures == {}
