@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 from conftest import PAST, rows_pyarrow, run_cli, small_spec, tmp_files
 from oracle import check, expected_rows
 
+from fgm_consolidator import companions
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
@@ -490,6 +491,11 @@ def test_output_lost_while_sources_are_gone_needs_a_person(data_dir: Path, damag
     record = journal_records(data_dir)[0]
     assert record.state is MergeState.NEEDS_ATTENTION
     assert [t.actor for t in record.transitions].count("recovery") == 1
+    # nor does a pass merge the sources left: with the output gone, no lineage claims them,
+    # and only the journal holds them back for the person
+    assert run_once(data_dir).returncode == 0
+    assert snapshot(data_dir) == files
+    assert len(journal_records(data_dir)) == 1
 
 
 # -- a foreign file under the companion's final name (invariants 2 and 5) ---------------------
@@ -559,3 +565,53 @@ def test_a_copy_of_the_output_under_its_final_name_is_not_kept_twice(
     ]
     assert check(data_dir, expected).violations == []
     assert_fully_consolidated(data_dir, [POD_A])
+
+
+def test_a_temp_output_damaged_after_written_is_rolled_back_not_published(
+    data_dir: Path,
+) -> None:
+    """`written` promises a complete temp file with the recorded checksum, and recovery rolls
+    forward only from a verified one: a temp file changed since (a disk that lost a synced
+    page, a person's tool) is never published, the sources being intact it is rolled back,
+    and the next run merges again."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "journal:written").returncode == -9
+    corrupt(folder / (OUTPUT + ".tmp"))
+
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [action] = [a for a in json_lines(result.stdout) if a["kind"] == "recovery"]
+    assert (action["found"], action["action"]) == ("written", "rolled back")
+    assert "output not verifiable" in action["reason"]
+    assert not (folder / OUTPUT).exists()
+    assert count(folder, "metrics-", ".parquet") == SOURCES
+    assert tmp_files(data_dir) == []
+
+    assert run_once(data_dir).returncode == 0
+    assert check(data_dir, expected).violations == []
+    assert_fully_consolidated(data_dir, [POD_A])
+
+
+def test_a_companion_rewritten_after_its_merge_was_published_is_kept(data_dir: Path) -> None:
+    """The run dies once the output is published; the monitor then rewrites a source's
+    companion (a container it had missed). Recovery deletes the source, whose rows the output
+    holds, but not the new companion: the output's companion lacks what was added to it."""
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "journal:renamed").returncode == -9
+    victim = sorted(folder.glob("metrics-*.containers"))[3]
+    sidecar = companions.read_companion(victim)
+    extra = companions.Container("late-one", "pod-late", "c", "ns", "uid", "BestEffort")
+    victim.write_bytes(companions.encode(replace(sidecar, containers=(*sidecar.containers, extra))))
+    rewritten = victim.read_bytes()
+
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [a["action"] for a in json_lines(result.stdout) if a["kind"] == "recovery"] == [
+        "resumed"
+    ]
+    assert count(folder, "metrics-", ".parquet") == 0
+    assert victim.read_bytes() == rewritten
+    assert count(folder, "metrics-", ".containers") == 1

@@ -14,6 +14,7 @@ from conftest import data_files, rows_pyarrow, tmp_files
 
 from fgm_consolidator import durable, merge, writer
 from fgm_consolidator.cli import main
+from fgm_consolidator.errors import NameTakenError
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.plan import Policy
@@ -266,3 +267,49 @@ def test_a_source_that_stays_undeletable_blocks_neither_start_up_nor_other_parti
     assert run_service(settings, StopFlag(grace_s=20), once=True) == 0
     assert rows_pyarrow(data_dir) == before_rows
     assert not stuck.exists() and len(data_files(data_dir)) == 2
+
+
+def test_a_write_the_disk_silently_lost_is_caught_before_anything_is_published(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A disk that acknowledges a write it never made (a lying cache, a buggy FUSE layer):
+    the bytes are hashed and counted, so only reading the output back shows the hole. The
+    output check must roll the merge back; without it the torn output was published and
+    every source deleted."""
+    settings, journal = setup
+    before_files = data_files(settings.data_dir)
+    before_rows = rows_pyarrow(settings.data_dir)
+    real_write_all = durable.write_all
+    calls = {"n": 0}
+
+    def lossy(handle: object, data: bytes | memoryview) -> None:
+        calls["n"] += 1
+        if calls["n"] != 2:  # the second write of the output vanishes, reported as done
+            real_write_all(handle, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(durable, "write_all", lossy)
+    monkeypatch.setattr(writer, "OUTPUT_BUFFER", 1024)  # several writes, the footer last
+    report = run_pass(settings, journal)
+    assert calls["n"] > 2
+    assert [m.state for m in report.merges] == [MergeState.ROLLED_BACK]
+    assert "output" in (report.merges[0].error or "")
+    assert report.merges[0].retry_later  # our side of the disk: the partition backs off
+    assert data_files(settings.data_dir) == before_files
+    assert tmp_files(settings.data_dir) == []
+
+    monkeypatch.undo()
+    report = run_pass(settings, journal)
+    assert [m.state for m in report.merges] == [MergeState.SOURCES_DELETED]
+    assert rows_pyarrow(settings.data_dir) == before_rows
+
+
+def test_a_final_name_taken_after_the_check_is_never_overwritten(tmp_path: Path) -> None:
+    """`publish` looks at the final name first, but another process may take it before the
+    rename: the primitive itself must refuse, atomically, and leave both files as they were."""
+    ours, theirs = tmp_path / "out.parquet.tmp", tmp_path / "out.parquet"
+    ours.write_bytes(b"ours")
+    theirs.write_bytes(b"theirs")
+    with pytest.raises(NameTakenError) as info:
+        durable.rename_no_replace(ours, theirs)
+    assert info.value.path == str(theirs)
+    assert (ours.read_bytes(), theirs.read_bytes()) == (b"ours", b"theirs")

@@ -24,6 +24,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import data_files, rows_pyarrow, run_cli, small_spec, tmp_files
+from oracle import canonical_row
 from test_crash import (
     OUTPUT,
     OUTPUT_COMPANION,
@@ -45,7 +47,7 @@ from test_crash import (
 )
 from test_service import DEADLINE_S, SLOW, Service, fields, poll, running
 
-from fgm_consolidator import lineage, lock, merge
+from fgm_consolidator import companions, lineage, lock, merge, recovery
 from fgm_consolidator import status as status_module
 from fgm_consolidator.errors import LockError
 from fgm_consolidator.journal import Journal, MergeRecord
@@ -709,3 +711,125 @@ def test_a_lock_path_that_is_not_a_regular_file_is_refused_with_its_path(
     assert caught.value.path == str(path)
     kind = "a FIFO" if make is os.mkfifo else "a folder"
     assert caught.value.reason == f"the lock file is {kind}, not a regular file; remove it"
+
+
+# A name in OUTPUT's window whose range, joined with OUTPUT's, names neither file: a planner
+# that took both as mergeable would merge them into one.
+COPY = "consolidated-20251230T083500Z-20251230T084000Z.parquet"
+
+
+def test_two_outputs_listing_the_same_sources_are_kept_apart_for_a_person(
+    data_dir: Path,
+) -> None:
+    """A copy of an output left in the folder (a restore, a second instance's output of the
+    same sources): the sources are gone, but every row is there twice. Recovery must say so
+    and change nothing, and no pass may merge the two into one file, which would make the
+    duplicate permanent and erase the lineage that shows it."""
+    make_data(data_dir, "small")
+    assert run_once(data_dir).returncode == 0
+    folder = data_dir / POD_A
+    shutil.copy2(folder / OUTPUT, folder / COPY)
+    held = {name: snapshot_file(folder / name) for name in os.listdir(folder)}
+
+    result = recover(data_dir)
+    assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
+    lines = [line for line in json_lines(result.stdout) if line["kind"] == "lineage"]
+    assert {(line["output"], line["file"]) for line in lines} == {(OUTPUT, COPY), (COPY, OUTPUT)}
+    assert all("list the same sources" in line["reason"] for line in lines)
+    assert all(line["action"] != "removed" for line in lines)
+
+    assert run_once(data_dir).returncode == 0
+    assert {name: snapshot_file(folder / name) for name in os.listdir(folder)} == held
+
+
+def test_lineage_recovery_keeps_a_companion_naming_a_container_its_output_lacks(
+    data_dir: Path,
+) -> None:
+    """A source the output provably holds goes, but its companion only when the output's
+    companion lists every container of it: otherwise the pod and labels of that container
+    would be lost with it. The companion stays, and the reason says why."""
+    crash_between_rename_and_deletes(data_dir)
+    lose(data_dir, "journal")
+    folder = data_dir / POD_A
+    victim = sorted(folder.glob("metrics-*.containers"))[3]
+    sidecar = companions.read_companion(victim)
+    extra = companions.Container("late-one", "pod-late", "c", "ns", "uid", "BestEffort")
+    victim.write_bytes(companions.encode(replace(sidecar, containers=(*sidecar.containers, extra))))
+    kept = victim.read_bytes()
+
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [line] = [
+        line
+        for line in json_lines(result.stdout)
+        if line["kind"] == "lineage" and line["file"] == victim.with_suffix(".parquet").name
+    ]
+    assert line["action"] == "removed"
+    assert f"companion kept (1 containers not in {OUTPUT_COMPANION})" in line["reason"]
+    assert victim.read_bytes() == kept
+    assert not victim.with_suffix(".parquet").exists()
+
+
+def test_a_source_gone_that_no_rival_holds_stops_the_withdrawal(
+    data_dir: Path, tmp_path: Path, staged: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B (rotations 0-9) publishes while A (rotations 1-11) has finished, and rotation 0 was
+    deleted by someone else meanwhile: A holds nine of B's sources, but rotation 0's rows are
+    in B's output alone. Withdrawing it would lose them; a person decides instead."""
+    arrive(staged, data_dir, range(10))
+    journal_a, journal_b = two_journals(tmp_path)
+    [plan_b] = plan_one(data_dir, POD, POLICY, journal_b, time.time())[1]
+    first = sorted((data_dir / POD).glob("metrics-*.parquet"))[0]
+    aside = tmp_path / first.name
+    first.rename(aside)  # out of A's sight while it plans; a rename keeps B's identity of it
+    arrive(staged, data_dir, range(10, 12))
+    [plan_a] = plan_one(data_dir, POD, POLICY, journal_a, time.time())[1]
+    aside.rename(first)
+    only_in_b = Counter(canonical_row(row) for row in pq.read_table(first).to_pylist())
+    real_publish = merge.publish
+
+    def publish(folder: Path, output: str) -> None:
+        if output == plan_b.output:
+            assert execute(journal_a, data_dir, plan_a, POLICY).state is (
+                MergeState.SOURCES_DELETED
+            )
+            first.unlink()
+            first.with_suffix(".containers").unlink()
+        real_publish(folder, output)
+
+    monkeypatch.setattr(merge, "publish", publish)
+    outcome_b = execute(journal_b, data_dir, plan_b, POLICY)
+    journal_a.close()
+    journal_b.close()
+
+    assert first.name not in {s.name for s in plan_a.sources}
+    assert outcome_b.state is MergeState.NEEDS_ATTENTION
+    assert f"{first.name} is changed or gone without a rival holding it" in (outcome_b.error or "")
+    assert (data_dir / POD / plan_b.output).exists()
+    assert only_in_b - rows_pyarrow(data_dir) == Counter()
+
+
+def test_lineage_recovery_keeps_a_file_rewritten_while_it_was_compared(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proof reads a file's rows, then the file goes: one rewritten in between (twice
+    the rows now) is no longer the file proven held, and is kept."""
+    crash_between_rename_and_deletes(data_dir)
+    lose(data_dir, "journal")
+    folder = data_dir / POD_A
+    victim = sorted(folder.glob("metrics-*.parquet"))[3]
+    grown = pa.concat_tables([pq.read_table(victim)] * 2)
+    real_unproven = lineage.unproven
+
+    def unproven(*args: Any, **kwargs: Any) -> dict[str, str]:
+        found = real_unproven(*args, **kwargs)
+        pq.write_table(grown, victim)
+        return found
+
+    monkeypatch.setattr(lineage, "unproven", unproven)
+    actions = recovery.recover_from_lineage(data_dir, set())
+
+    [kept] = [a for a in actions if not a.removed]
+    assert (kept.file, kept.reason) == (victim.name, f"{victim.name} changed while it was compared")
+    assert pq.read_table(victim).equals(grown)
+    assert sorted(p.name for p in folder.glob("metrics-*.parquet")) == [victim.name]

@@ -230,3 +230,50 @@ def test_reading_an_empty_journal_file_names_it_and_says_why(tmp_path: Path) -> 
         Journal.open(path, read_only=True)
     assert caught.value.path == str(path)
     assert path.read_bytes() == b""
+
+
+# Where each state may be entered from, by the durable sequence (DESIGN.md): a step is only
+# journaled after the one before it, `needs-attention` only flags a merge past `written`, and
+# a terminal state is never left.
+ENTERED_FROM = {
+    S.WRITING: {S.PLANNED},
+    S.WRITTEN: {S.WRITING},
+    S.RENAMED: {S.WRITTEN, S.NEEDS_ATTENTION},
+    S.SOURCES_DELETED: {S.RENAMED, S.NEEDS_ATTENTION},
+    S.NEEDS_ATTENTION: {S.WRITTEN, S.RENAMED},
+    S.ROLLED_BACK: {S.PLANNED, S.WRITING, S.WRITTEN, S.RENAMED, S.NEEDS_ATTENTION},
+}
+PATH_TO = {  # a legal walk into each state, from `planned`
+    S.PLANNED: [],
+    S.WRITING: [S.WRITING],
+    S.WRITTEN: [S.WRITING, S.WRITTEN],
+    S.RENAMED: [S.WRITING, S.WRITTEN, S.RENAMED],
+    S.NEEDS_ATTENTION: [S.WRITING, S.WRITTEN, S.NEEDS_ATTENTION],
+    S.SOURCES_DELETED: [S.WRITING, S.WRITTEN, S.RENAMED, S.SOURCES_DELETED],
+    S.ROLLED_BACK: [S.ROLLED_BACK],
+}
+
+
+@pytest.mark.parametrize("current", list(PATH_TO), ids=str)
+def test_no_state_is_entered_but_from_the_step_before_it(journal: Journal, current: S) -> None:
+    """Every jump the durable sequence forbids is refused, and leaves the history as it was:
+    a journal that took `writing -> renamed`, say, would let recovery finish a merge whose
+    output was never verified."""
+    merge_id = plan(journal)
+    for state in PATH_TO[current]:
+        journal.transition(merge_id, state, actor="merge")
+    walked = journal.merge(merge_id).transitions
+    refused = [target for target in S if current not in ENTERED_FROM.get(target, set())]
+    assert refused  # every state forbids something, even `needs-attention`
+    for target in refused:
+        with pytest.raises(IllegalTransitionError, match=f"from {current} to {target}"):
+            journal.transition(merge_id, target, actor="merge")
+    assert journal.merge(merge_id).transitions == walked
+
+
+def test_a_merge_is_only_ever_started_as_planned(journal: Journal) -> None:
+    merge_id = plan(journal)
+    for state in (s for s in S if s is not S.PLANNED):
+        with pytest.raises(IllegalTransitionError, match="must start as planned"):
+            journal.transition(merge_id + 1, state, actor="merge")
+    assert [r.id for r in journal.history()] == [merge_id]

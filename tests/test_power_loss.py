@@ -21,8 +21,10 @@ on each variant, then a quiescent pass, then the oracle checks all six condition
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +35,11 @@ from conftest import PAST, clone_tree
 from oracle import RowKey, check, expected_rows, quiescent_pass, recover_in_process
 
 from fgm_consolidator import crashpoints, durable, merge
+from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path, iter_partitions
+from fgm_consolidator.merge import execute
 from fgm_consolidator.plan import Policy
+from fgm_consolidator.service import plan_one
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
 
 # Two partitions of six files; aligned 6-minute windows make two merges in each, of four and
@@ -336,3 +341,138 @@ def test_the_harness_finds_a_missing_folder_sync(workload: Workload, scratch: Pa
         for variant, violations in cut.items():
             found.setdefault(variant, []).extend(violations)
     assert any("expected rows lost" in v for v in found.get("keep-unlinks", [])), found
+
+
+# -- a power cut while the lineage settles a merge whose journal was lost ----------------------
+
+
+class Killed(BaseException):
+    """kill -9: the process stops, and the page cache, with every change not yet synced, stays."""
+
+
+def killed_after_publish(workload: Workload, crashed: Path, disk: Disk) -> None:
+    """Run until the first output and its companion have their final names, not yet synced,
+    then die; and the journal is lost (a person removed it). Only the outputs' lineage is left
+    to say which sources they hold."""
+    clone_tree(workload.template, crashed)
+
+    def reach(point: str) -> None:
+        disk.reach(point)
+        if disk.points.count("durable:renamed") == 2:  # the companion's: no temp name is left
+            raise Killed(point)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(durable, "os", ShimOs(disk))
+        patch.setattr(crashpoints, "reach", reach)
+        with pytest.raises(Killed):
+            quiescent_pass(crashed, POLICY)
+    journal = default_journal_path(crashed)
+    for name in (journal.name, journal.name + "-wal", journal.name + "-shm"):
+        (journal.parent / name).unlink(missing_ok=True)
+
+
+def recover_under_the_shim(data_dir: Path, disk: Disk) -> bool:
+    """`recover` in-process with the shim; True when the power was cut."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(durable, "os", ShimOs(disk))
+        patch.setattr(crashpoints, "reach", disk.reach)
+        try:
+            recover_in_process(data_dir)
+        except PowerCut:
+            return True
+    return False
+
+
+def test_power_cut_at_every_point_of_a_lineage_recovery(workload: Workload, scratch: Path) -> None:
+    """The output's name is still only in the page cache when lineage recovery proves its
+    sources held: the output must be durable before the first of them is unlinked, or a cut
+    that keeps the unlinks and loses the name loses their rows."""
+    dry = Disk(scratch / "dry-stash")
+    killed_after_publish(workload, scratch / "dry", dry)
+    assert any(op.kind == "link" for ops in dry.unsynced.values() for op in ops)
+    before = len(dry.points)
+    assert not recover_under_the_shim(scratch / "dry", dry)
+    points = dry.points[before:]
+    assert points.count("durable:unlinked") == 8  # four sources and their companions
+    failures: dict[str, list[str]] = {}
+    for n, point in enumerate(points, start=1):
+        crashed = (scratch / f"cut-{n}").resolve()
+        disk = Disk(scratch / f"cut-{n}-stash")
+        killed_after_publish(workload, crashed, disk)
+        disk.cut_at = len(disk.points) + n
+        assert recover_under_the_shim(crashed, disk)
+        for variant in VARIANTS:
+            state = power_cut_state(disk, crashed, scratch / f"cut-{n}-{variant}", variant)
+            recover_in_process(state)
+            if quiescent_pass(state, POLICY) != 0:
+                failures.setdefault(f"{point} (#{n})", []).append(f"{variant}: pass failed")
+            elif expected_rows(state) != workload.expected:
+                failures.setdefault(f"{point} (#{n})", []).append(f"{variant}: rows differ")
+    assert failures == {}
+
+
+# -- a power cut after an instance past the lock withdrew its output --------------------------
+
+WHOLE_DAY = Policy(min_files=2, min_age_s=0)  # one output of all six files of a partition
+
+
+def withdraw_under_the_shim(data_dir: Path, journals: Path, disk: Disk) -> bool:
+    """Two instances past the lock: B plans the first window of a partition, A (a wider
+    policy) all of it. A finishes while B is about to publish, so B publishes, finds A's
+    output holding its sources, and withdraws its own. True when the power was cut."""
+    partition = next(iter_partitions(data_dir))
+    journal_a = Journal.open(journals / "a.db")
+    journal_b = Journal.open(journals / "b.db")
+    now = time.time()
+    plan_b = plan_one(data_dir, partition, POLICY, journal_b, now)[1][0]
+    [plan_a] = plan_one(data_dir, partition, WHOLE_DAY, journal_a, now)[1]
+    real_publish = merge.publish
+
+    def publish(folder: Path, output: str) -> None:
+        if output == plan_b.output:
+            assert execute(journal_a, data_dir, plan_a, WHOLE_DAY).error is None
+        real_publish(folder, output)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(durable, "os", ShimOs(disk))
+            patch.setattr(crashpoints, "reach", disk.reach)
+            patch.setattr(merge, "publish", publish)
+            outcome = execute(journal_b, data_dir, plan_b, POLICY)
+            assert "withdrawn, sources kept" in (outcome.error or "")
+    except PowerCut:
+        return True
+    finally:
+        journal_a.close()
+        journal_b.close()
+    return False
+
+
+def test_a_withdrawn_output_is_gone_for_good_before_the_journal_says_so(
+    workload: Workload, scratch: Path
+) -> None:
+    """B's withdrawal is journaled `rolled-back`, a terminal state: were the unlink of its
+    output not yet synced, a power cut would bring the output back beside A's, every row of
+    B's sources twice, and no recovery would take it away again."""
+    dry = Disk(scratch / "dry-stash")
+    (scratch / "dry-journals").mkdir()
+    assert not withdraw_under_the_shim(
+        clone_tree(workload.template, scratch / "dry").resolve(), scratch / "dry-journals", dry
+    )
+    n = dry.points.index("journal:rolled-back") + 1
+    crashed = clone_tree(workload.template, scratch / "crashed").resolve()
+    journals = scratch / "journals"
+    journals.mkdir()
+    disk = Disk(scratch / "cut-stash", cut_at=n)
+    assert withdraw_under_the_shim(crashed, journals, disk)
+    failures = {}
+    for variant in VARIANTS:
+        state = power_cut_state(disk, crashed, scratch / variant, variant)
+        journal = scratch / f"{variant}.db"
+        for suffix in ("", "-wal"):
+            if (journals / f"b.db{suffix}").exists():
+                shutil.copy2(journals / f"b.db{suffix}", f"{journal}{suffix}")
+        recover_in_process(state, journal)
+        if expected_rows(state) != workload.expected:
+            failures[variant] = "rows differ"
+    assert failures == {}

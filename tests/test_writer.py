@@ -1,14 +1,23 @@
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import data_files
 
+from fgm_consolidator import writer
+from fgm_consolidator.clustering import MetricSorter
 from fgm_consolidator.durable import identity
-from fgm_consolidator.errors import MergeAborted, SourceChangedError, SourceReadError
+from fgm_consolidator.errors import (
+    MergeAborted,
+    OutputCheckError,
+    SourceChangedError,
+    SourceReadError,
+)
 from fgm_consolidator.schemas import unify
 from fgm_consolidator.simulate import PodSpec
 from fgm_consolidator.writer import WriteOptions, WriteSource, write_merged
@@ -157,3 +166,89 @@ def test_an_abort_request_removes_the_partial_output(sources: list[Path], tmp_pa
         write(sources, target, should_abort=abort)
     assert not target.exists()
     assert len(calls) == 3
+
+
+def test_a_metric_first_seen_in_a_later_source_is_named_in_row_group_0(
+    sources: list[Path], tmp_path: Path
+) -> None:
+    """The viewer lists metrics from row group 0 of the newest file alone: a metric the first
+    sources lack (a collector enabled mid-hour) must be there too, not only in its own group."""
+    names = sorted(set(pq.read_table(sources[0]).column("metric_name").to_pylist()))
+    late = names[-1]
+    for early in sources[:3]:  # the first three sources never saw `late`
+        table = pq.read_table(early)
+        kept = table.filter(pa.compute.not_equal(table.column("metric_name"), late))
+        early.unlink()
+        pq.write_table(kept, early)
+    target = tmp_path / "out.parquet.tmp"
+    write(sources, target)
+    head = pq.ParquetFile(target).read_row_group(0).column("metric_name").to_pylist()
+    assert head == names
+    got = pq.read_table(target).to_pylist()
+    first_late = next(r for r in pq.read_table(sources[3]).to_pylist() if r["metric_name"] == late)
+    found = got[names.index(late)]
+    assert (found["metric_name"], found["time"]) == (late, first_late["time"])  # its earliest
+
+
+def test_a_source_that_reads_back_fewer_rows_than_its_footer_is_the_one_named(
+    sources: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that stops early without an error (pages decoded short) fails that source,
+    not the output: named, it is reported unreadable and held out of later merges. Left to the
+    output's row check, the failure was our side's, and the partition retried the same merge
+    after every backoff, for good."""
+    victim = sources[2]
+    real = writer._source_batches
+
+    def short(source: WriteSource, *args: Any) -> Iterator[pa.RecordBatch]:
+        batches = list(real(source, *args))
+        return iter(batches[:-1] if source.path == victim else batches)
+
+    monkeypatch.setattr(writer, "_source_batches", short)
+    target = tmp_path / "out.parquet.tmp"
+    with pytest.raises(SourceReadError, match="footer promised") as info:
+        write(sources, target)
+    assert info.value.path == str(victim)
+    assert not target.exists()
+
+
+def lose_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_add = MetricSorter.add
+    calls = {"n": 0}
+
+    def add(self: MetricSorter, batch: pa.RecordBatch) -> None:
+        calls["n"] += 1
+        if calls["n"] != 3:
+            real_add(self, batch)
+
+    monkeypatch.setattr(MetricSorter, "add", add)
+
+
+def write_another_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_writer = pq.ParquetWriter
+
+    def microseconds(*args: Any, **kwargs: Any) -> pq.ParquetWriter:
+        return real_writer(*args, coerce_timestamps="us", **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetWriter", microseconds)
+
+
+@pytest.mark.parametrize(
+    ("bug", "found"),
+    [(lose_a_batch, "rows, expected"), (write_another_type, "output schema")],
+    ids=["a-batch-lost", "a-type-changed"],
+)
+def test_the_output_check_stops_what_a_writer_bug_would_publish(
+    sources: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bug: Callable[[pytest.MonkeyPatch], None],
+    found: str,
+) -> None:
+    """The footer read back is the last word before a merge is journaled `written`: rows the
+    sort lost, or a column written as another type, must fail the write, not be published."""
+    bug(monkeypatch)
+    target = tmp_path / "out.parquet.tmp"
+    with pytest.raises(OutputCheckError, match=found):
+        write(sources, target)
+    assert not target.exists()
