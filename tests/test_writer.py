@@ -233,10 +233,24 @@ def write_another_type(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pq, "ParquetWriter", microseconds)
 
 
+def store_another_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The columns right, but the Arrow schema pyarrow readers take their types from wrong."""
+    real_stored = writer._stored
+
+    def as_dictionaries(schema: pa.Schema) -> bytes:
+        return real_stored(writer.buffer_schema(schema))
+
+    monkeypatch.setattr(writer, "_stored", as_dictionaries)
+
+
 @pytest.mark.parametrize(
     ("bug", "found"),
-    [(lose_a_batch, "rows, expected"), (write_another_type, "output schema")],
-    ids=["a-batch-lost", "a-type-changed"],
+    [
+        (lose_a_batch, "rows, expected"),
+        (write_another_type, "output schema"),
+        (store_another_schema, "output schema"),
+    ],
+    ids=["a-batch-lost", "a-type-changed", "a-stored-type-changed"],
 )
 def test_the_output_check_stops_what_a_writer_bug_would_publish(
     sources: list[Path],
