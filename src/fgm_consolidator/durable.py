@@ -99,6 +99,15 @@ def identity(path: Path) -> FileIdentity:
     return FileIdentity.of(os.lstat(path))
 
 
+def optional_identity(path: Path) -> FileIdentity | None:
+    """None for a file that is gone: to the checks before a publish or a delete, gone is an
+    answer ("deleted before a crash", "taken by a rival"), not an error."""
+    try:
+        return identity(path)
+    except FileNotFoundError:
+        return None
+
+
 def not_regular_reason(mode: int) -> str | None:
     """Why a file of this mode is left alone, or None for a regular file."""
     if stat.S_ISREG(mode):

@@ -29,7 +29,7 @@ from .journal import Journal, MergeRecord
 from .layout import companion_name, tmp_name
 from .logs import context, log_event
 from .plan import MergePlan, Policy
-from .scan import UnreadableFile, optional_identity
+from .scan import UnreadableFile
 from .states import MergeState
 from .writer import WriteOptions, WriteSource, write_merged
 
@@ -150,7 +150,7 @@ def _check_sources(folder: Path, plan: MergePlan) -> None:
     replaced now means another process is at work here, and publishing would duplicate rows."""
     for source in plan.sources:
         path = folder / source.name
-        now = optional_identity(path)
+        now = durable.optional_identity(path)
         if now is None:
             raise SourceChangedError("gone before the output was published", path)
         if now != source.identity:
@@ -158,7 +158,7 @@ def _check_sources(folder: Path, plan: MergePlan) -> None:
                 f"changed before the output was published ({source.identity} -> {now})", path
             )
         companion = folder / companion_name(source.name)
-        if optional_identity(companion) != source.companion:
+        if durable.optional_identity(companion) != source.companion:
             # The monitor writes a companion after its file: one that came or changed since
             # planning is not in the output's, and would be left behind, beside no file.
             raise SourceChangedError(
@@ -292,7 +292,7 @@ def _yield_to(
     listed = set().union(*(held.names for held in rivals.values()))
     names = ", ".join(sorted(rivals))
     for source in record.sources:
-        now = optional_identity(folder / source.name)
+        now = durable.optional_identity(folder / source.name)
         intact = source.name in listed if now is None else now == source.identity
         if not intact:
             error = (
@@ -346,7 +346,7 @@ def delete_sources(folder: Path, record: MergeRecord) -> None:
     present = []
     for source in record.sources:
         path = folder / source.name
-        now = optional_identity(path)
+        now = durable.optional_identity(path)
         if now is None:
             continue  # deleted before a crash
         if now != source.identity:
@@ -360,6 +360,7 @@ def delete_sources(folder: Path, record: MergeRecord) -> None:
         companion = folder / companion_name(source.name)
         if source in present:
             durable.remove(folder / source.name)
-        if source.companion is not None and optional_identity(companion) == source.companion:
+        planned = source.companion
+        if planned is not None and durable.optional_identity(companion) == planned:
             durable.remove(companion)
     durable.fsync_dir(folder)

@@ -88,11 +88,11 @@ def _broken_sources(folder: Path, record: MergeRecord) -> list[str]:
     """Names of sources that are missing or changed; empty when rolling back loses nothing."""
     broken = []
     for source in record.sources:
-        try:
-            if durable.identity(folder / source.name) != source.identity:
-                broken.append(f"{source.name} (changed)")
-        except FileNotFoundError:
+        now = durable.optional_identity(folder / source.name)
+        if now is None:
             broken.append(f"{source.name} (missing)")
+        elif now != source.identity:
+            broken.append(f"{source.name} (changed)")
     return broken
 
 

@@ -103,13 +103,6 @@ def _companion_held(companion: Path, known: dict[str, list[UnreadableRecord]]) -
     return any(is_recorded_version(record, st) for record in records)
 
 
-def optional_identity(path: Path) -> FileIdentity | None:
-    try:
-        return durable.identity(path)
-    except FileNotFoundError:
-        return None
-
-
 def scan_partition(
     data_dir: Path,
     partition: str,
@@ -158,7 +151,7 @@ def scan_partition(
         except SourceReadError as exc:
             unreadable.append(UnreadableFile(name, on_disk, exc.reason, st.st_ctime_ns))
             continue
-        companion = optional_identity(folder / companion_name(name))
+        companion = durable.optional_identity(folder / companion_name(name))
         eligible.append(SourceFile(parsed, identity, rows, schema, companion, st.st_ctime_ns))
     eligible.sort(key=lambda s: s.file)
     return PartitionScan(partition, folder, tuple(eligible), tuple(unreadable), young, names)

@@ -32,7 +32,7 @@ from .layout import walk_partitions
 from .logs import log_event
 from .merge import MergeOutcome, execute, report_unreadable
 from .observe import Observer
-from .plan import MergePlan, Policy, Skipped, plan_partition
+from .plan import MergePlan, Policy, Skipped, plan_partition, waiting_metrics
 from .recovery import RecoveryReport, recover
 from .reports import recovery_fields
 from .scan import PartitionScan, UnreadableFile, scan_partition
@@ -258,7 +258,7 @@ def _consolidate_partition(
 
 def backlog(scan: PartitionScan, consolidated: set[str]) -> int:
     """Eligible `metrics-*` files this pass did not consolidate (held back, failed, stopped)."""
-    return sum(1 for s in scan.eligible if s.file.kind == "metrics" and s.name not in consolidated)
+    return sum(1 for s in waiting_metrics(scan) if s.name not in consolidated)
 
 
 def log_outcome(outcome: MergeOutcome) -> None:
