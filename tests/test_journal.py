@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -159,6 +160,30 @@ def test_a_newer_journal_is_refused(tmp_path: Path) -> None:
         conn.execute("PRAGMA user_version = 99")
     with pytest.raises(JournalError, match="newer than this"):
         Journal.open(path)
+
+
+def _open_descriptors(path: Path) -> list[str]:
+    fds = Path("/proc/self/fd")
+    found = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == str(path):
+                found.append(fd.name)
+    return found
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_refused_journal_is_not_left_open(tmp_path: Path, read_only: bool) -> None:
+    """Refused for its version, the journal's connection stayed open: a caller that goes on
+    (status, a test, a program) held the file, and its lock, for as long as it ran."""
+    path = tmp_path / "j.db"
+    Journal.open(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(JournalError, match="newer than this"):
+        Journal.open(path, read_only=read_only)
+    assert _open_descriptors(path) == []
 
 
 @pytest.mark.parametrize("damage", ["garbage", "bad-pages", "truncated"])

@@ -256,22 +256,30 @@ class Journal:
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(path, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.execute("PRAGMA foreign_keys=ON")
             journal = cls(Database(conn), path)
-            journal._check_integrity()
-            if not read_only:
-                if journal._user_version() == 0:
-                    journal._sync_new_names()
-                journal._migrate()
-            else:
-                journal._check_version()
-                journal._check_set_up()
+            try:
+                journal._prepare(read_only)
+            except BaseException:
+                conn.close()  # a refused journal is left by the command, not held open
+                raise
         except sqlite3.DatabaseError as exc:
             raise explained(exc, path, opening=True) from exc
         return journal
+
+    def _prepare(self, read_only: bool) -> None:
+        if not read_only:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._check_integrity()
+        if read_only:
+            self._check_version()
+            self._check_set_up()
+            return
+        if self._user_version() == 0:
+            self._sync_new_names()
+        self._migrate()
 
     def _sync_new_names(self) -> None:
         """A journal not yet migrated may be brand new, and so may its folder: make both names
@@ -310,7 +318,6 @@ class Journal:
         """A reader of a journal no migration ever ran on (an empty file) met `no such table`
         deep inside `history` and `status`."""
         if self._user_version() == 0:
-            self.close()
             raise JournalError(
                 "the journal holds no tables: an empty file, or one `run` is just creating;"
                 " `run` and `recover` take an empty journal for a lost one and recover from"
