@@ -38,8 +38,7 @@ from fgm_consolidator import crashpoints, durable, merge
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path, iter_partitions
 from fgm_consolidator.merge import execute
-from fgm_consolidator.plan import Policy
-from fgm_consolidator.service import plan_one
+from fgm_consolidator.plan import Policy, plan_one
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
 
 # Two partitions of six files; aligned 6-minute windows make two merges in each, of four and

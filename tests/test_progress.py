@@ -21,8 +21,7 @@ from test_service import DEADLINE_S, Service
 
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path, iter_partitions
-from fgm_consolidator.plan import Policy
-from fgm_consolidator.service import plan_one
+from fgm_consolidator.plan import Policy, plan_one
 from fgm_consolidator.simulate import PodSpec, generate
 
 PODS = ("pod-a", "pod-b", "pod-c")

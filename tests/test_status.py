@@ -25,6 +25,7 @@ import pytest
 from conftest import PAST, data_files, install_journal_clock, run_cli
 from conftest import JournalClock as Clock
 
+from fgm_consolidator import plan as plan_module
 from fgm_consolidator import service as service_module
 from fgm_consolidator.journal import Journal, PassResult
 from fgm_consolidator.layout import default_journal_path, lock_path
@@ -137,14 +138,14 @@ def test_a_partition_error_fails_the_pass_and_a_signal_stops_it(
     data_dir: Path, populate: Callable[..., SimulationSummary], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     populate(PodSpec("pod-a"), PodSpec("pod-b"))
-    real = service_module.scan_partition
+    real = plan_module.scan_partition
 
     def scan_partition(data: Path, partition: str, **kwargs: Any) -> Any:
         if partition == P_A:
             raise PermissionError(13, "Permission denied", str(data / partition))
         return real(data, partition, **kwargs)
 
-    monkeypatch.setattr(service_module, "scan_partition", scan_partition)
+    monkeypatch.setattr(plan_module, "scan_partition", scan_partition)
     settings = Settings(data_dir, default_journal_path(data_dir))
     assert run_service(settings, StopFlag(0), once=True) == 1
     stop = StopFlag(0)

@@ -24,7 +24,7 @@ from .errors import ConfigError, ConsolidatorError, JournalError
 from .journal import Journal, errors_explained
 from .layout import default_journal_path, iter_partitions, parse_partition
 from .observe import Observer, Observers
-from .plan import MB, Policy
+from .plan import MB, PARTITION_ERRORS, Policy, plan_one
 from .recovery import recover
 from .reports import (
     backlog_fields,
@@ -38,7 +38,7 @@ from .reports import (
     status_fields,
     unreadable_fields,
 )
-from .service import PARTITION_ERRORS, Settings, StopFlag, plan_one, run_service
+from .service import Settings, StopFlag, run_service
 from .states import MergeState
 from .status import EXIT_NEEDS_PERSON, compute_status
 

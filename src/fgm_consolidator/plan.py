@@ -12,22 +12,32 @@ stamp inside the group's range would give the merge with this output the output'
 and that merge would be skipped on every pass. A partition is worked once it has `min_files`
 eligible `metrics-*` files, or once its day is over (then every group of two or more files is
 merged, so the tail of a day is not left behind).
+
+`plan_one` is the one look at a partition that everything shares: it gathers what the plan
+must respect (the journal's unreadable and held files, the outputs' lineage), scans, and plans.
+A pass acts on it; `run --dry-run` and `status` only report it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pyarrow as pa
 
-from .errors import SchemaConflictError
+from . import lineage
+from .errors import ConsolidatorError, SchemaConflictError
+from .journal import Journal, UnreadableRecord
 from .layout import companion_name, format_consolidated, parse_data_file, partition_day
-from .scan import PartitionScan, SourceFile
+from .scan import PartitionScan, SourceFile, scan_partition
 from .schemas import Era, era_of, unify
 
 MB = 1_000_000
+
+# What one partition may throw without stopping the pass; journal (sqlite3) errors do stop it.
+PARTITION_ERRORS = (ConsolidatorError, OSError, pa.ArrowException)
 
 
 @dataclass(frozen=True)
@@ -184,3 +194,23 @@ def plan_partition(
         taken.add(output)
         plans.append(MergePlan(scan.partition, output, tuple(sources), schema))
     return plans, skipped
+
+
+def plan_one(
+    data_dir: Path, partition: str, policy: Policy, journal: Journal | None, now: float
+) -> tuple[PartitionScan, list[MergePlan], list[Skipped]]:
+    """Scan and plan one partition: the one look at a partition that a pass acts on, and that
+    `run --dry-run` and `status` report."""
+    known: list[UnreadableRecord] = []
+    held: set[str] = set()
+    if journal is not None:
+        known = journal.unreadable(partition)
+        held = journal.held_names(partition)
+    folder = data_dir / partition
+    held |= lineage.claimed_names(folder, lineage.list_names(folder))
+    scan = scan_partition(
+        data_dir, partition, min_age_s=policy.min_age_s, now=now, known_unreadable=known, held=held
+    )
+    today = datetime.fromtimestamp(now, UTC).date()
+    plans, skipped = plan_partition(scan, policy, today)
+    return scan, plans, skipped

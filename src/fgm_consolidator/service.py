@@ -18,30 +18,23 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-import pyarrow as pa
-
-from . import identity, lineage, lock, memory, retention
+from . import identity, lock, memory, retention
 from .backoff import Backoff
-from .errors import ConsolidatorError
-from .journal import Journal, PassResult, UnreadableRecord, explained
+from .journal import Journal, PassResult, explained
 from .layout import walk_partitions
 from .logs import log_event
 from .merge import MergeOutcome, execute, report_unreadable
 from .observe import Observer
-from .plan import MergePlan, Policy, Skipped, plan_partition, waiting_metrics
+from .plan import PARTITION_ERRORS, Policy, Skipped, plan_one, waiting_metrics
 from .recovery import RecoveryReport, recover
 from .reports import recovery_fields
-from .scan import PartitionScan, UnreadableFile, scan_partition
+from .scan import PartitionScan, UnreadableFile
 from .states import MergeState
 
 log = logging.getLogger(__name__)
-
-# What one partition may throw without stopping the pass; journal (sqlite3) errors do stop it.
-PARTITION_ERRORS = (ConsolidatorError, OSError, pa.ArrowException)
 
 
 @dataclass(frozen=True)
@@ -117,25 +110,6 @@ class PassReport:
         if stopped:
             return PassResult.STOPPED
         return PassResult.FAILED if self.errors else PassResult.OK
-
-
-def plan_one(
-    data_dir: Path, partition: str, policy: Policy, journal: Journal | None, now: float
-) -> tuple[PartitionScan, list[MergePlan], list[Skipped]]:
-    """Scan and plan one partition; shared by real passes and `--dry-run`."""
-    known: list[UnreadableRecord] = []
-    held: set[str] = set()
-    if journal is not None:
-        known = journal.unreadable(partition)
-        held = journal.held_names(partition)
-    folder = data_dir / partition
-    held |= lineage.claimed_names(folder, lineage.list_names(folder))
-    scan = scan_partition(
-        data_dir, partition, min_age_s=policy.min_age_s, now=now, known_unreadable=known, held=held
-    )
-    today = datetime.fromtimestamp(now, UTC).date()
-    plans, skipped = plan_partition(scan, policy, today)
-    return scan, plans, skipped
 
 
 EMPTY = "no dt=YYYY-MM-DD/identifier=NAME folder yet; is this the monitor's data directory?"

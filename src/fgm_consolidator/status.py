@@ -27,11 +27,10 @@ from . import lock
 from .errors import LockError
 from .journal import Journal, MergeRecord, PassRecord, UnreadableRecord
 from .layout import SkippedFolder, lock_path, walk_partitions
-from .plan import Policy, waiting_metrics
+from .plan import PARTITION_ERRORS, Policy, plan_one, waiting_metrics
 from .recovery import LineageAction, judge_partition
 from .retention import journal_bytes
 from .scan import UnreadableFile, is_recorded_version
-from .service import PARTITION_ERRORS, plan_one
 from .states import MergeState
 
 DEFAULT_CHECK_INTERVAL_S = 300.0
