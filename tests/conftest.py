@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from oracle import canonical_row
 
+from fgm_consolidator import companions
 from fgm_consolidator.journal import _migrations
 from fgm_consolidator.layout import STATE_DIR, iter_partitions, parse_data_file
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, SimulationSummary, generate
@@ -232,3 +234,13 @@ def install_journal_clock(monkeypatch: pytest.MonkeyPatch, at: datetime) -> Jour
     clock = JournalClock(at)
     monkeypatch.setattr(journal, "utc_now", clock)
     return clock
+
+
+def add_late_container(folder: Path) -> Path:
+    """The monitor rewrites the fourth companion of `folder` with a container it had missed:
+    one no output's companion lists. Returns that companion."""
+    victim = sorted(folder.glob("metrics-*.containers"))[3]
+    sidecar = companions.read_companion(victim)
+    extra = companions.Container("late-one", "pod-late", "c", "ns", "uid", "BestEffort")
+    victim.write_bytes(companions.encode(replace(sidecar, containers=(*sidecar.containers, extra))))
+    return victim

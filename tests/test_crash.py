@@ -10,16 +10,15 @@ import json
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import PAST, rows_pyarrow, run_cli, small_spec, tmp_files
+from conftest import PAST, add_late_container, rows_pyarrow, run_cli, small_spec, tmp_files
 from oracle import check, expected_rows
 
-from fgm_consolidator import companions
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
@@ -601,10 +600,7 @@ def test_a_companion_rewritten_after_its_merge_was_published_is_kept(data_dir: P
     make_data(data_dir, "small")
     folder = data_dir / POD_A
     assert run_once(data_dir, "journal:renamed").returncode == -9
-    victim = sorted(folder.glob("metrics-*.containers"))[3]
-    sidecar = companions.read_companion(victim)
-    extra = companions.Container("late-one", "pod-late", "c", "ns", "uid", "BestEffort")
-    victim.write_bytes(companions.encode(replace(sidecar, containers=(*sidecar.containers, extra))))
+    victim = add_late_container(folder)
     rewritten = victim.read_bytes()
 
     result = recover(data_dir)

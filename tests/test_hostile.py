@@ -24,7 +24,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import data_files, rows_pyarrow, run_cli, small_spec, tmp_files
+from conftest import add_late_container, data_files, rows_pyarrow, run_cli, small_spec, tmp_files
 from oracle import canonical_row
 from test_crash import (
     OUTPUT,
@@ -47,7 +46,7 @@ from test_crash import (
 )
 from test_service import DEADLINE_S, SLOW, Service, fields, poll, running
 
-from fgm_consolidator import companions, lineage, lock, merge, recovery
+from fgm_consolidator import lineage, lock, merge, recovery
 from fgm_consolidator import status as status_module
 from fgm_consolidator.errors import LockError
 from fgm_consolidator.journal import Journal, MergeRecord
@@ -751,10 +750,7 @@ def test_lineage_recovery_keeps_a_companion_naming_a_container_its_output_lacks(
     crash_between_rename_and_deletes(data_dir)
     lose(data_dir, "journal")
     folder = data_dir / POD_A
-    victim = sorted(folder.glob("metrics-*.containers"))[3]
-    sidecar = companions.read_companion(victim)
-    extra = companions.Container("late-one", "pod-late", "c", "ns", "uid", "BestEffort")
-    victim.write_bytes(companions.encode(replace(sidecar, containers=(*sidecar.containers, extra))))
+    victim = add_late_container(folder)
     kept = victim.read_bytes()
 
     result = recover(data_dir)
