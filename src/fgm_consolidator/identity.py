@@ -66,31 +66,25 @@ def _establish_id(data_dir: Path, proposed: str) -> str:
     return found
 
 
-def refusal(
+def _refuse(
     journal: Path, data_dir: Path, recorded: DataDirBinding | None, found: str | None
-) -> str | None:
-    """Why `journal` must not be used with `data_dir`, or None when it may."""
+) -> None:
+    """ConfigError (a usage error of --journal, exit 2) when `journal` must not be used with
+    `data_dir`."""
     if recorded is None or recorded.id == found:
-        return None
+        return
     if found is None and is_default_journal(journal, data_dir):
-        return None  # only the id file was lost; `bind` writes it back
+        return  # only the id file was lost; `bind` writes it back
     id_path = data_dir_id_path(data_dir)
     here = f"id {found}" if found is not None else "which has no id yet"
-    return (
+    raise ConfigError(
+        "--journal",
         f"{journal} is the journal of data directory {recorded.path} (id {recorded.id}), not"
         f" of {data_dir} ({here}): its recovery would act here on merges made there. Give"
         f" {data_dir} a journal of its own (another --journal path; a new one is created), or,"
         f" if {data_dir} is that same directory and lost its {STATE_DIR} folder, write"
-        f" {recorded.id} into {id_path} and run again"
+        f" {recorded.id} into {id_path} and run again",
     )
-
-
-def _refuse(
-    journal: Path, data_dir: Path, recorded: DataDirBinding | None, found: str | None
-) -> None:
-    reason = refusal(journal, data_dir, recorded, found)
-    if reason is not None:
-        raise ConfigError("--journal", reason)
 
 
 def check(journal: Path, data_dir: Path) -> None:
@@ -106,10 +100,10 @@ def check(journal: Path, data_dir: Path) -> None:
 def bind(journal: Journal, data_dir: Path) -> None:
     """Under the data directory's lock, with the journal open for writing: give the data
     directory its id if it has none (not for an unbound default journal), and record it in a
-    journal that records none. Refuses
-    first (what `check` let through may have changed since). A disk that refuses the id or
-    its record (full) is logged and the journal stays unbound, as before migration 4, until
-    the next start binds it: a full disk must not stop the service that frees space."""
+    journal that records none. Refuses first: what `check` let through may have changed
+    since. A disk that refuses the id or its record (full) is logged and the journal stays
+    unbound, as before migration 4, until the next start binds it: a full disk must not stop
+    the service that frees space."""
     recorded = journal.data_dir_binding()
     found = read_id(data_dir)
     _refuse(journal.path, data_dir, recorded, found)
