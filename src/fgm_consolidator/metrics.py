@@ -25,8 +25,8 @@ from .errors import ConsolidatorError
 from .journal import Journal
 from .logs import log_event
 from .observe import Observer
+from .scan import still_on_disk
 from .states import MergeState
-from .status import still_on_disk
 
 if TYPE_CHECKING:
     from .merge import MergeOutcome

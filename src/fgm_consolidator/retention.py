@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from .journal import Journal, UnreadableRecord
+from .journal import Journal
 from .logs import log_event
+from .scan import still_on_disk
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +71,6 @@ def _cutoff(now: datetime, retention_days: float) -> datetime:
         return datetime.min.replace(tzinfo=UTC)
 
 
-def describes_nothing_on_disk(data_dir: Path, record: UnreadableRecord) -> bool:
-    """True when the file a record describes is gone: no file of that name, or one with other
-    content (size or mtime). A file we cannot look at (a folder we may not search) is kept."""
-    try:
-        st = os.lstat(data_dir / record.partition / record.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    except OSError:
-        return False
-    return (st.st_size, st.st_mtime_ns) != (record.size, record.mtime_ns)
-
-
 def prune(journal: Journal, retention_days: float, now: datetime, *, data_dir: Path) -> PruneReport:
     """One lstat per unreadable record older than the cutoff: few, and once a day."""
     cutoff = _iso(_cutoff(now, retention_days))
@@ -90,7 +78,7 @@ def prune(journal: Journal, retention_days: float, now: datetime, *, data_dir: P
     gone = [
         record
         for record in journal.unreadable()
-        if record.first_seen < cutoff and describes_nothing_on_disk(data_dir, record)
+        if record.first_seen < cutoff and not still_on_disk(data_dir, record)
     ]
     counts = journal.prune(cutoff=cutoff, at=_iso(now), unreadable=gone)
     vacuum = journal.free_fraction() > VACUUM_ABOVE

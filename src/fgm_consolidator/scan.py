@@ -90,6 +90,19 @@ def is_recorded_version(record: UnreadableRecord, st: os.stat_result) -> bool:
     return st.st_ctime_ns <= datetime.fromisoformat(record.first_seen).timestamp() * 1e9
 
 
+def still_on_disk(data_dir: Path, record: UnreadableRecord) -> bool:
+    """The journal remembers every unreadable version of a file: is this one still there? A
+    file gone, or another version of it, is not; one we cannot look at (a folder we may not
+    search) counts as there, so that nothing is reported fixed or forgotten on a guess."""
+    try:
+        st = os.lstat(data_dir / record.partition / record.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return is_recorded_version(record, st)
+
+
 def _companion_held(companion: Path, known: dict[str, list[UnreadableRecord]]) -> bool:
     """True while a file's companion is the version a merge found unreadable: the file waits
     for its companion to change or go, as a file found unreadable itself waits for itself."""

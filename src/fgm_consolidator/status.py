@@ -17,7 +17,6 @@ with its last pass. Health has three parts:
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -30,7 +29,7 @@ from .layout import SkippedFolder, lock_path, walk_partitions
 from .plan import PARTITION_ERRORS, Policy, plan_one, waiting_metrics
 from .recovery import LineageAction, judge_partition
 from .retention import journal_bytes
-from .scan import UnreadableFile, is_recorded_version
+from .scan import UnreadableFile, still_on_disk
 from .states import MergeState
 
 DEFAULT_CHECK_INTERVAL_S = 300.0
@@ -115,15 +114,6 @@ def _policy(last: PassRecord | None) -> Policy:
     recorded = dict(last.settings.get("policy", {})) if last else {}
     known = {f.name for f in fields(Policy)}
     return Policy(**{k: v for k, v in recorded.items() if k in known})
-
-
-def still_on_disk(data_dir: Path, record: UnreadableRecord) -> bool:
-    """The journal remembers every unreadable version of a file; is this one still there?"""
-    try:
-        st = os.lstat(data_dir / record.partition / record.name)
-    except OSError:
-        return False
-    return is_recorded_version(record, st)
 
 
 def _not_yet_recorded(partition: str, bad: UnreadableFile) -> UnreadableRecord:
