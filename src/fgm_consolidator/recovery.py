@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from . import companions, crashpoints, durable, lineage
@@ -28,7 +29,21 @@ from .observe import Observer
 from .states import MergeState
 
 ACTOR = "recovery"
-FAILED = "failed"
+
+
+class Step(StrEnum):
+    """What recovery did with one unfinished merge: printed by `recover`, logged, and the name
+    of the crash point reached after it (spaces as dashes)."""
+
+    RESUMED = "resumed"
+    ROLLED_BACK = "rolled back"
+    NEEDS_A_PERSON = "needs a person"
+    FAILED = "failed"  # the disk refused a step; left as it was for the next recovery
+
+    @property
+    def crash_point(self) -> str:
+        return "recovery:" + self.value.replace(" ", "-")
+
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +55,7 @@ class RecoveryAction:
     output: str
     found: MergeState
     result: MergeState
-    action: str  # "resumed", "rolled back", "needs a person", "failed" (left as it was)
+    action: Step
     reason: str
 
 
@@ -69,7 +84,7 @@ class RecoveryReport:
     @property
     def failed(self) -> list[RecoveryAction]:
         """Merges an I/O error left as they were, for the next recovery to try again."""
-        return [a for a in self.actions if a.action == FAILED]
+        return [a for a in self.actions if a.action is Step.FAILED]
 
     @property
     def uncertain(self) -> list[LineageAction]:
@@ -96,7 +111,7 @@ def _broken_sources(folder: Path, record: MergeRecord) -> list[str]:
     return broken
 
 
-def _action(record: MergeRecord, result: MergeState, action: str, reason: str) -> RecoveryAction:
+def _action(record: MergeRecord, result: MergeState, action: Step, reason: str) -> RecoveryAction:
     return RecoveryAction(
         record.id, record.partition, record.output, record.state, result, action, reason
     )
@@ -113,7 +128,7 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
     if state in (MergeState.PLANNED, MergeState.WRITING):
         reason = f"interrupted while {state}; sources intact, temp files removed"
         roll_back(journal, folder, record.id, record.output, error=reason, actor=ACTOR)
-        return _action(record, MergeState.ROLLED_BACK, "rolled back", reason)
+        return _action(record, MergeState.ROLLED_BACK, Step.ROLLED_BACK, reason)
 
     final = folder / record.output
     output_ok = checksum(final) == record.output_checksum
@@ -124,14 +139,14 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
         except NameTakenError as exc:  # the companion's name is taken by a foreign file
             return _needs_person(journal, record, str(exc))
         if error is None:
-            return _action(record, result, "resumed", f"output verified, finished from {state}")
-        action = "rolled back" if result is MergeState.ROLLED_BACK else "needs a person"
+            return _action(record, result, Step.RESUMED, f"output verified, finished from {state}")
+        action = Step.ROLLED_BACK if result is MergeState.ROLLED_BACK else Step.NEEDS_A_PERSON
         return _action(record, result, action, error)
     broken = _broken_sources(folder, record)
     if not broken and (state is MergeState.WRITTEN or not final.exists()):
         reason = f"interrupted at {state}; output not verifiable, sources intact"
         roll_back(journal, folder, record.id, record.output, error=reason, actor=ACTOR)
-        return _action(record, MergeState.ROLLED_BACK, "rolled back", reason)
+        return _action(record, MergeState.ROLLED_BACK, Step.ROLLED_BACK, reason)
     what = "corrupt (checksum differs)" if final.exists() else "missing"
     listed = ", ".join(broken) or "none"
     reason = f"output {record.output} is {what}; sources not intact: {listed}"
@@ -148,14 +163,14 @@ def _resolve_or_leave(journal: Journal, data_dir: Path, record: MergeRecord) -> 
     except OSError as exc:
         reason = f"{exc}; left {record.state}, the next recovery tries again"
         log_event(log, "recovery-failed", logging.ERROR, error=reason)
-        return _action(record, record.state, FAILED, reason)
+        return _action(record, record.state, Step.FAILED, reason)
 
 
 def _needs_person(journal: Journal, record: MergeRecord, reason: str) -> RecoveryAction:
     """Flag once; a merge already flagged is re-checked every pass without new history rows."""
     if record.state is not MergeState.NEEDS_ATTENTION:
         journal.transition(record.id, MergeState.NEEDS_ATTENTION, actor=ACTOR, error=reason)
-    return _action(record, MergeState.NEEDS_ATTENTION, "needs a person", reason)
+    return _action(record, MergeState.NEEDS_ATTENTION, Step.NEEDS_A_PERSON, reason)
 
 
 def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
@@ -221,7 +236,7 @@ def recover(
         with context(merge_id=record.id, partition=record.partition, output=record.output):
             action = _resolve_or_leave(journal, data_dir, record)
         report.actions.append(action)
-        crashpoints.reach(f"recovery:{action.action.replace(' ', '-')}")
+        crashpoints.reach(action.action.crash_point)
         observer.observe_recovery(action)
     if sweep and not should_stop():
         unfinished = journal.unfinished()
