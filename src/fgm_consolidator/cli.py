@@ -28,13 +28,16 @@ from .plan import MB, PARTITION_ERRORS, Policy, plan_one
 from .recovery import recover
 from .reports import (
     backlog_fields,
+    found_unreadable_fields,
     lineage_fields,
     merge_fields,
+    partition_error_fields,
     pass_fields,
     plan_fields,
     problem_fields,
     recovery_fields,
     skipped_fields,
+    skipped_merge_fields,
     status_fields,
     unreadable_fields,
 )
@@ -312,20 +315,12 @@ def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:
             try:
                 scan, plans, skipped = plan_one(data_dir, partition, policy, journal, now)
             except PARTITION_ERRORS as exc:
-                _echo({"kind": "error", "partition": partition, "error": str(exc)}, False)
+                _echo(partition_error_fields(partition, exc), False)
                 continue
             for bad in scan.unreadable:
-                _echo(
-                    {"kind": "unreadable", "partition": partition, "file": bad.name,
-                     "reason": bad.reason},
-                    False,
-                )  # fmt: skip
+                _echo(found_unreadable_fields(partition, bad), False)
             for skip in skipped:
-                _echo(
-                    {"kind": "skipped", "partition": partition, "output": skip.output,
-                     "reason": skip.reason},
-                    False,
-                )  # fmt: skip
+                _echo(skipped_merge_fields(partition, skip), False)
             for plan in plans:
                 merges += 1
                 files += len(plan.sources)

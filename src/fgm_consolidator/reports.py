@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .journal import MergeRecord, PassRecord, UnreadableRecord
 from .layout import SkippedFolder
-from .plan import MergePlan
+from .plan import MergePlan, Skipped
 from .recovery import LineageAction, RecoveryAction
-
-if TYPE_CHECKING:  # status imports service, which imports this module
-    from .status import Backlog, Problem, Status
+from .scan import UnreadableFile
+from .status import Backlog, Problem, Status
 
 
 def _duration_s(record: MergeRecord) -> float:
@@ -76,6 +75,19 @@ def lineage_fields(action: LineageAction) -> dict[str, Any]:
 
 def skipped_fields(folder: SkippedFolder) -> dict[str, Any]:
     return {"kind": "skipped", "path": str(folder.path), "reason": folder.reason}
+
+
+def skipped_merge_fields(partition: str, skip: Skipped) -> dict[str, Any]:
+    return {"kind": "skipped", "partition": partition, "output": skip.output, "reason": skip.reason}
+
+
+def found_unreadable_fields(partition: str, bad: UnreadableFile) -> dict[str, Any]:
+    """A file this look found unreadable, before any journal recorded it."""
+    return {"kind": "unreadable", "partition": partition, "file": bad.name, "reason": bad.reason}
+
+
+def partition_error_fields(partition: str, error: Exception) -> dict[str, Any]:
+    return {"kind": "error", "partition": partition, "error": str(error)}
 
 
 def plan_fields(plan: MergePlan) -> dict[str, Any]:
