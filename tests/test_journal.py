@@ -63,8 +63,9 @@ def test_a_merge_walks_the_states_and_keeps_every_transition(journal: Journal) -
 
 def test_illegal_transitions_raise_and_change_nothing(journal: Journal) -> None:
     merge_id = plan(journal)
-    with pytest.raises(IllegalTransitionError, match="planned to renamed"):
+    with pytest.raises(IllegalTransitionError, match="planned to renamed") as refused:
         journal.transition(merge_id, S.RENAMED, actor="merge")
+    assert refused.value.path == str(journal.path)  # the record a person must read
     journal.transition(merge_id, S.ROLLED_BACK, actor="merge", error="boom")
     with pytest.raises(IllegalTransitionError, match="rolled-back to writing"):
         journal.transition(merge_id, S.WRITING, actor="merge")

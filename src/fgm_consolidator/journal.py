@@ -422,7 +422,7 @@ class Journal:
     def _insert_transition(
         self, merge_id: int, state: MergeState, actor: str, error: str | None
     ) -> None:
-        check_transition(merge_id, self._current_state(merge_id), state)
+        check_transition(merge_id, self._current_state(merge_id), state, self.path)
         self.db.execute(
             "INSERT INTO transitions (merge_id, state, at, actor, error) VALUES (?, ?, ?, ?, ?)",
             (merge_id, str(state), utc_now(), actor, error),

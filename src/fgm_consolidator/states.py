@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 
 from .errors import IllegalTransitionError
 
@@ -45,10 +46,18 @@ ALLOWED: dict[MergeState, frozenset[MergeState]] = {
 }
 
 
-def check_transition(merge_id: int, current: MergeState | None, target: MergeState) -> None:
+def check_transition(
+    merge_id: int, current: MergeState | None, target: MergeState, journal: Path | None = None
+) -> None:
+    """Refuse a step the state machine does not have; the error names the journal, whose
+    record of the merge is what a person must read."""
     if current is None:
         if target is not MergeState.PLANNED:
-            raise IllegalTransitionError(f"merge {merge_id} must start as planned, not {target}")
+            raise IllegalTransitionError(
+                f"merge {merge_id} must start as planned, not {target}", journal
+            )
         return
     if target not in ALLOWED[current]:
-        raise IllegalTransitionError(f"merge {merge_id} cannot go from {current} to {target}")
+        raise IllegalTransitionError(
+            f"merge {merge_id} cannot go from {current} to {target}", journal
+        )
