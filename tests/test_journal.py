@@ -303,3 +303,37 @@ def test_a_merge_is_only_ever_started_as_planned(journal: Journal) -> None:
         with pytest.raises(IllegalTransitionError, match="must start as planned"):
             journal.transition(merge_id + 1, state, actor="merge")
     assert [r.id for r in journal.history()] == [merge_id]
+
+
+def _ended(journal: Journal, walk: list[tuple[S, str]], partition: str = "p") -> int:
+    merge_id = plan(journal, partition=partition)
+    for state, actor in walk:
+        journal.transition(merge_id, state, actor=actor)
+    return merge_id
+
+
+DIED_WRITING = [(S.WRITING, "merge"), (S.ROLLED_BACK, "recovery")]
+DIED_PLANNED = [(S.ROLLED_BACK, "recovery")]
+
+
+def test_deaths_count_the_latest_merges_recovery_found_dead_while_planned_or_writing(
+    journal: Journal,
+) -> None:
+    assert journal.deaths("p", "recovery").count == 0
+    _ended(journal, DIED_WRITING)
+    _ended(journal, [(S.WRITING, "merge"), (S.ROLLED_BACK, "merge")])  # failed, process lived
+    assert journal.deaths("p", "recovery").count == 0
+    _ended(journal, DIED_PLANNED)
+    _ended(journal, DIED_WRITING)
+    _ended(journal, DIED_WRITING, partition="other")
+    deaths = journal.deaths("p", "recovery")
+    assert deaths.count == 2
+    newest = journal.merge(journal.newest_merge_id() - 1).transitions[-1].at
+    assert deaths.last_at == newest
+    # Killed after the output was written: the write itself did not kill it.
+    _ended(journal, [(S.WRITING, "merge"), (S.WRITTEN, "merge"), (S.ROLLED_BACK, "recovery")])
+    assert journal.deaths("p", "recovery").count == 0
+    assert journal.deaths("other", "recovery").count == 1
+    for _ in range(5):
+        _ended(journal, DIED_WRITING)
+    assert journal.deaths("p", "recovery", lookback=3).count == 3  # bounded, history aside

@@ -5,6 +5,7 @@ retrying at every interval would rewrite (and delete) a whole output each time a
 with the same error. After `n` consecutive failures a key waits `interval * 2**(n-1)`, capped,
 before it is tried again; the first success resets it and is logged, so an operator sees both
 the start and the end of an outage. Times are monotonic: a wall-clock jump changes nothing.
+The one wait that outlives a process (`Hold`) is counted in the journal's wall-clock time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from .logs import log_event
 
@@ -21,10 +23,45 @@ log = logging.getLogger(__name__)
 # interval): with the default 300 s interval a failing partition is retried at least hourly.
 MAX_DOUBLINGS = 5
 MAX_WAIT_S = 3600.0
+DEATHS_BEFORE_HOLD = 2
 
 
 def cap_for(interval_s: float) -> float:
     return max(interval_s, min(interval_s * float(2**MAX_DOUBLINGS), MAX_WAIT_S))
+
+
+def wait_after(failures: int, interval_s: float) -> float:
+    return min(interval_s * float(2 ** max(failures - 1, 0)), cap_for(interval_s))
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A partition whose latest merges died with their process, and when it may be tried again.
+
+    A merge that kills its process (out of memory on an input, a crash in a decoder) leaves no
+    failure for the process to count: the next one starts afresh, plans the same merge first
+    and dies again, and the partitions after it are never reached. The journal does remember
+    (`Journal.deaths`): from the second death in a row the partition waits as a failing one
+    would, counted from the latest death. One death is what a deploy's SIGKILL or a power cut
+    leaves, and costs no wait.
+    """
+
+    deaths: int
+    last_death: datetime
+    until: datetime
+
+    def active(self, now: datetime) -> bool:
+        """A clock set back before the latest death ends the wait rather than stretch it."""
+        return self.last_death <= now < self.until
+
+
+def hold_for(deaths: int, last_death: str | None, interval_s: float) -> Hold | None:
+    """The hold for `deaths` in a row, the latest at `last_death` (ISO 8601), if any."""
+    if deaths < DEATHS_BEFORE_HOLD or last_death is None:
+        return None
+    at = datetime.fromisoformat(last_death)
+    wait = wait_after(deaths - DEATHS_BEFORE_HOLD + 1, interval_s)
+    return Hold(deaths, at, at + timedelta(seconds=wait))
 
 
 @dataclass
@@ -35,8 +72,7 @@ class Backoff:
 
     def delay(self, key: str) -> float:
         """The wait after the failures recorded so far (one interval when there are none)."""
-        count = self.failures.get(key, 0)
-        return min(self.interval_s * float(2 ** max(count - 1, 0)), cap_for(self.interval_s))
+        return wait_after(self.failures.get(key, 0), self.interval_s)
 
     def due(self, key: str, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now

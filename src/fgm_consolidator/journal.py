@@ -169,6 +169,29 @@ class PassRecord:
 
 
 @dataclass(frozen=True)
+class Deaths:
+    """A partition's latest merges that died with their process: rolled back by recovery from
+    `planned` or `writing`, counted from the newest merge back to the first that did not."""
+
+    count: int
+    last_at: str | None  # when recovery rolled back the newest of them
+
+
+# The last few merges of a partition, newest first: each one's latest state, who set it and
+# when, and the state before it. Bounded, so the cost does not grow with the history.
+_LATEST_ENDINGS = """
+SELECT last.state, last.actor, last.at,
+  (SELECT p.state FROM transitions p WHERE p.merge_id = m.id AND p.id < last.id
+   ORDER BY p.id DESC LIMIT 1)
+FROM merges m
+JOIN transitions last ON last.id = (SELECT max(t.id) FROM transitions t WHERE t.merge_id = m.id)
+WHERE m.partition = ?
+ORDER BY m.id DESC LIMIT ?
+"""
+_DIED_WHILE = (str(MergeState.PLANNED), str(MergeState.WRITING))
+
+
+@dataclass(frozen=True)
 class PruneCounts:
     merges: int
     passes: int
@@ -576,6 +599,20 @@ class Journal:
             terminal,
         )
         return sorted(records, key=lambda r: r.id)
+
+    def deaths(self, partition: str, recovered_by: str, *, lookback: int = 16) -> Deaths:
+        """How many of the partition's latest merges (at most `lookback`) died with their
+        process in a row; `recovered_by` is the actor recovery writes."""
+        count, last_at = 0, None
+        rows = self.db.execute(_LATEST_ENDINGS, (partition, lookback))
+        for state, actor, at, before in rows:
+            if state != MergeState.ROLLED_BACK or actor != recovered_by:
+                break
+            if before not in _DIED_WHILE:
+                break
+            count += 1
+            last_at = last_at or str(at)
+        return Deaths(count, last_at)
 
     def history(
         self,

@@ -20,6 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from . import companions, crashpoints, durable, lineage
+from .backoff import Hold, hold_for
 from .errors import CompanionError, NameTakenError
 from .journal import Journal, MergeRecord
 from .layout import companion_name, is_our_tmp, iter_partitions, linked_folder, tmp_name
@@ -97,6 +98,12 @@ def checksum(path: Path) -> str | None:
             return hashlib.file_digest(handle, "sha256").hexdigest()
     except FileNotFoundError:
         return None
+
+
+def hold(journal: Journal, partition: str, interval_s: float) -> Hold | None:
+    """The wait of a partition whose latest merges recovery found dead with their process."""
+    deaths = journal.deaths(partition, ACTOR)
+    return hold_for(deaths.count, deaths.last_at, interval_s)
 
 
 def _broken_sources(folder: Path, record: MergeRecord) -> list[str]:

@@ -163,5 +163,6 @@ def status_fields(status: Status) -> dict[str, Any]:
         "unfinished": len(status.unfinished),
         "waiting": sum(b.waiting for b in status.backlog) if status.scanned else None,
         "unreadable": len(status.unreadable) if status.scanned else None,
+        "held": len(status.held) if status.scanned else None,
         "journal_bytes": status.journal_bytes,
     }

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -29,7 +30,7 @@ from .logs import log_event
 from .merge import MergeOutcome, execute, report_unreadable
 from .observe import Observer
 from .plan import PARTITION_ERRORS, Policy, Skipped, plan_one, waiting_metrics
-from .recovery import RecoveryReport, recover
+from .recovery import RecoveryReport, hold, recover
 from .reports import recovery_fields
 from .scan import PartitionScan, UnreadableFile
 from .states import MergeState
@@ -142,7 +143,11 @@ def consolidation_pass(
     for partition in partitions:
         if stop.requested:
             break
-        if partition in stuck or (backoff is not None and not backoff.due(partition)):
+        if (
+            partition in stuck
+            or (backoff is not None and not backoff.due(partition))
+            or _held(journal, partition, settings.check_interval_s, now)
+        ):
             report.deferred.append(partition)
             settings.observer.partition_done(partition)
             continue
@@ -159,6 +164,23 @@ def consolidation_pass(
                 _settle_backoff(backoff, partition, report.merges[merges_before:])
         settings.observer.partition_done(partition)
     return report
+
+
+def _held(journal: Journal, partition: str, interval_s: float, now: float) -> bool:
+    """Logged at every pass it holds, like a partition that fails."""
+    held = hold(journal, partition, interval_s)
+    if held is None or not held.active(datetime.fromtimestamp(now, UTC)):
+        return False
+    log_event(
+        log,
+        "partition-held",
+        logging.WARNING,
+        partition=partition,
+        deaths=held.deaths,
+        until=held.until.isoformat(timespec="seconds"),
+        reason=f"its last {held.deaths} merges died with the process (out of memory? killed?)",
+    )
+    return True
 
 
 def _settle_backoff(backoff: Backoff, partition: str, merges: list[MergeOutcome]) -> None:

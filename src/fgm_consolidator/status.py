@@ -10,7 +10,8 @@ with its last pass. Health has three parts:
 - a service that just started gets that same window before its first successful pass (its
   start is when it took the data directory's lock; the lock file's mtime says when, if the lock
   path is a regular file: `run` refuses any other, so it is reported and says nothing);
-- no merge waits for a person (state needs-attention), and no output's lineage lists files
+- no merge waits for a person (state needs-attention), no partition is held because its
+  latest merges died with the process (`backoff.Hold`), and no output's lineage lists files
   still beside it that `recover` would have to settle (see `_lineage_check`).
 """
 
@@ -23,11 +24,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import lock
+from .backoff import Hold
 from .errors import LockError
 from .journal import Journal, MergeRecord, PassRecord, UnreadableRecord
 from .layout import SkippedFolder, lock_path, walk_partitions
 from .plan import PARTITION_ERRORS, Policy, plan_one, waiting_metrics
-from .recovery import LineageAction, judge_partition
+from .recovery import LineageAction, hold, judge_partition
 from .retention import journal_bytes
 from .scan import UnreadableFile, still_on_disk
 from .states import MergeState
@@ -74,6 +76,7 @@ class Status:
     backlog: tuple[Backlog, ...]
     unreadable: tuple[UnreadableRecord, ...]
     lineage: tuple[LineageAction, ...]  # files an output's lineage lists, still beside it
+    held: tuple[tuple[str, Hold], ...]  # partitions whose latest merges died with the process
     skipped: tuple[SkippedFolder, ...]  # folders named like partitions that are not walked
     journal_bytes: int
     problems: tuple[Problem, ...]
@@ -127,6 +130,7 @@ class _Look:
     backlog: list[Backlog] = field(default_factory=list)
     unreadable: list[UnreadableRecord] = field(default_factory=list)
     lineage: list[LineageAction] = field(default_factory=list)
+    held: list[tuple[str, Hold]] = field(default_factory=list)
     # named like partitions and left alone (symbolic links)
     skipped: list[SkippedFolder] = field(default_factory=list)
 
@@ -151,6 +155,7 @@ def _look_at_partitions(
     policy: Policy,
     now: datetime,
     busy: set[tuple[str, str]],
+    interval_s: float,
 ) -> _Look:
     partitions, skipped = walk_partitions(data_dir)
     look = _Look(skipped=skipped)
@@ -158,6 +163,7 @@ def _look_at_partitions(
         try:
             scan, plans, _ = plan_one(data_dir, partition, policy, journal, now.timestamp())
             known = journal.unreadable(partition) if journal else []
+            held = hold(journal, partition, interval_s) if journal else None
             doubts = _lineage_check(data_dir / partition, partition, scan.names, busy)
         except PARTITION_ERRORS as exc:
             look.backlog.append(Backlog(partition, 0, 0, 0, 0, error=str(exc)))
@@ -166,6 +172,8 @@ def _look_at_partitions(
         bad += [_not_yet_recorded(partition, u) for u in scan.unreadable]
         look.unreadable.extend(bad)
         look.lineage.extend(doubts)
+        if held is not None:
+            look.held.append((partition, held))
         waiting = len(waiting_metrics(scan))
         mergeable = sum(len(p.sources) for p in plans)
         if waiting or bad:  # young files alone: the monitor's current file, or our new output
@@ -242,8 +250,19 @@ def _problems(status: Status, journal_path: Path, data_dir: Path) -> list[Proble
                 "see `fgm-consolidator history --state needs-attention`",
             )
         )
+    found += [_held_problem(data_dir, partition, held) for partition, held in status.held]
     found += _lineage_problems(data_dir, status.lineage)
     return found
+
+
+def _held_problem(data_dir: Path, partition: str, held: Hold) -> Problem:
+    until = held.until.isoformat(timespec="seconds")
+    return Problem(
+        EXIT_NEEDS_PERSON,
+        f"{data_dir / partition}: its last {held.deaths} merges died with the process (out of "
+        f"memory? killed?); it waits until {until}, then is tried again; see the logs and "
+        f"`fgm-consolidator history --partition {partition}`",
+    )
 
 
 def compute_status(
@@ -264,6 +283,9 @@ def compute_status(
     try:
         now = now or Journal.now()
         last = journal.last_pass() if journal else None
+        if check_interval_s is None:
+            recorded = last.settings.get("check_interval_s") if last else None
+            check_interval_s = float(recorded or DEFAULT_CHECK_INTERVAL_S)
         success = journal.last_successful_pass() if journal else None
         transition = _at(journal.latest_transition_at()) if journal else None
         newest = journal.newest_merge_id() if journal else 0  # before `unfinished`: see below
@@ -272,7 +294,7 @@ def compute_status(
         look = (
             _Look()
             if liveness
-            else _look_at_partitions(data_dir, journal, _policy(last), now, busy)
+            else _look_at_partitions(data_dir, journal, _policy(last), now, busy, check_interval_s)
         )
         doubts = look.lineage
         if journal is not None and doubts:
@@ -283,9 +305,6 @@ def compute_status(
     finally:
         if journal is not None:
             journal.close()
-    if check_interval_s is None:
-        recorded = last.settings.get("check_interval_s") if last else None
-        check_interval_s = float(recorded or DEFAULT_CHECK_INTERVAL_S)
     started, lock_problem = _service_started(data_dir)
     status = Status(
         now=now,
@@ -302,6 +321,7 @@ def compute_status(
         backlog=tuple(look.backlog),
         unreadable=tuple(look.unreadable),
         lineage=tuple(doubts),
+        held=tuple(look.held),
         skipped=tuple(look.skipped),
         journal_bytes=journal_bytes(journal_path),
         problems=(),

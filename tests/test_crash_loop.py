@@ -1,0 +1,110 @@
+"""A merge that kills its process at every try must not crash-loop the sidecar for good, nor
+starve the partitions after it.
+
+Out of memory on one input, or a crash in a decoder, kills the process with no chance to record
+a failure; the next start plans the same merge first and dies the same way. Real processes
+here: a crash point SIGKILLs the first merge of a run (pod-a's, the first partition) while it
+writes, twice; the third start must hold pod-a back and merge pod-b, `status` must name pod-a,
+and once the hold is over pod-a is merged too. No row is lost or kept twice on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from conftest import rows_pyarrow, run_cli, small_spec
+
+from fgm_consolidator.backoff import MAX_WAIT_S, hold_for
+from fgm_consolidator.simulate import PodSpec, generate
+
+POD_A = "dt=2025-12-30/identifier=pod-a"
+POD_B = "dt=2025-12-30/identifier=pod-b"
+KILLED = -signal.SIGKILL
+EXIT_NEEDS_PERSON = 3
+
+
+def run_once(data_dir: Path, *options: str, crash: bool = False) -> Any:
+    return run_cli(
+        "run", "--once", "--data-dir", str(data_dir), "--min-age", "0", "--min-files", "2",
+        "--log-format", "json", *options,
+        env={"FGM_CRASH_AT": "writer:row-group" if crash else ""},
+    )  # fmt: skip
+
+
+def events(stderr: str, name: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [line for line in lines if line["event"] == name]
+
+
+def consolidated(folder: Path) -> bool:
+    names = [p.name for p in folder.iterdir()]
+    return any(n.startswith("consolidated-") for n in names) and not any(
+        n.startswith("metrics-") for n in names
+    )
+
+
+def test_a_merge_that_kills_its_process_twice_holds_its_partition_and_the_rest_go_on(
+    data_dir: Path,
+) -> None:
+    generate(data_dir, small_spec((PodSpec("pod-a"), PodSpec("pod-b"))))
+    expected = rows_pyarrow(data_dir)
+    names_a = sorted(p.name for p in (data_dir / POD_A).iterdir())
+
+    for attempt in (1, 2):
+        died = run_once(data_dir, crash=True)
+        assert died.returncode == KILLED, (attempt, died.stderr)
+        assert not consolidated(data_dir / POD_B), "pod-a's merge is the first of a run"
+
+    after = run_once(data_dir)
+    assert after.returncode == 0, after.stderr
+    [held] = events(after.stderr, "partition-held")
+    assert (held["partition"], held["deaths"]) == (POD_A, 2)
+    assert sorted(p.name for p in (data_dir / POD_A).iterdir()) == names_a
+    assert consolidated(data_dir / POD_B)
+    assert rows_pyarrow(data_dir) == expected
+
+    status = run_cli("status", "--data-dir", str(data_dir))
+    assert status.returncode == EXIT_NEEDS_PERSON, status.stdout + status.stderr
+    assert f"{data_dir / POD_A}: its last 2 merges died with the process" in status.stdout
+    assert " held=1 " in status.stdout
+    liveness = run_cli("status", "--data-dir", str(data_dir), "--liveness")
+    assert liveness.returncode == 0, liveness.stdout  # a restart cannot help with it
+
+    # With a 0.2 s interval the hold (one interval after the latest death) ends at once.
+    deadline = time.monotonic() + 60
+    while not consolidated(data_dir / POD_A):
+        assert time.monotonic() < deadline, "pod-a was never tried again"
+        retried = run_once(data_dir, "--check-interval", "0.2")
+        assert retried.returncode == 0, retried.stderr
+    assert rows_pyarrow(data_dir) == expected
+    settled = run_cli("status", "--data-dir", str(data_dir), "--check-interval", "300")
+    assert settled.returncode == 0, settled.stdout  # a success ends the count of deaths
+
+
+def test_one_death_costs_no_wait(data_dir: Path) -> None:
+    """What a deploy's SIGKILL or a power cut leaves: the next start merges as usual."""
+    generate(data_dir, small_spec((PodSpec("pod-a"),)))
+    expected = rows_pyarrow(data_dir)
+    assert run_once(data_dir, crash=True).returncode == KILLED
+    after = run_once(data_dir)
+    assert after.returncode == 0, after.stderr
+    assert events(after.stderr, "partition-held") == []
+    assert consolidated(data_dir / POD_A)
+    assert rows_pyarrow(data_dir) == expected
+
+
+def test_the_hold_doubles_with_each_death_up_to_the_cap_and_a_clock_set_back_ends_it() -> None:
+    died = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    assert hold_for(1, died.isoformat(), 300) is None
+    waits = [hold_for(n, died.isoformat(), 300) for n in (2, 3, 4, 12)]
+    assert [(h.until - died).total_seconds() for h in waits if h] == [300, 600, 1200, MAX_WAIT_S]
+    second = waits[0]
+    assert second is not None
+    assert second.active(died + timedelta(seconds=299))
+    assert not second.active(died + timedelta(seconds=300))
+    assert not second.active(died - timedelta(days=3))  # not a three-day wait
