@@ -95,6 +95,10 @@ def test_held_names_come_from_merges_that_need_a_person(journal: Journal) -> Non
         *(s.name for s in SOURCES),
     }
     assert journal.held_names("dt=2025-12-31/identifier=a") == set()
+    writing = plan(journal, output="consolidated-y.parquet")
+    journal.transition(writing, S.WRITING, actor="merge")  # unfinished, but no person's
+    journal.transition(merge_id, S.ROLLED_BACK, actor="recovery")  # settled by a person
+    assert journal.held_names("dt=2025-12-30/identifier=a") == set()
 
 
 def test_unreadable_files_are_recorded_once_per_version(journal: Journal) -> None:

@@ -726,12 +726,17 @@ class Journal:
         ]
 
     def held_names(self, partition: str) -> set[str]:
-        """Files a person must look at first: every name of a merge that needs attention."""
+        """Files a person must look at first: every name of a merge that needs attention.
+        Asked once per partition per pass, so it reads that partition's merges only."""
         held: set[str] = set()
-        for record in self.unfinished():
-            if record.partition == partition and record.state is MergeState.NEEDS_ATTENTION:
-                held.add(record.output)
-                held.update(s.name for s in record.sources)
+        waiting = self._merges(
+            "m.partition = ? AND (SELECT state FROM transitions t WHERE t.merge_id = m.id"
+            " ORDER BY t.id DESC LIMIT 1) = ?",
+            [partition, str(MergeState.NEEDS_ATTENTION)],
+        )
+        for record in waiting:
+            held.add(record.output)
+            held.update(s.name for s in record.sources)
         return held
 
     def _has_passes(self) -> bool:
