@@ -151,11 +151,14 @@ def describe(schema: pa.Schema) -> list[tuple[str, pa.DataType, bool]]:
 
 
 def union_by_id(sidecars: list[ContainerSidecar]) -> list[Container]:
-    """First occurrence of each container id wins and keeps its place."""
+    """First occurrence of each container id wins and keeps its place; a labelled occurrence
+    fills in an unlabelled one."""
     seen: dict[str, Container] = {}
     for sidecar in sidecars:
         for container in sidecar.containers:
-            seen.setdefault(container.container_id, container)
+            known = seen.get(container.container_id)
+            if known is None or (known.labels is None and container.labels is not None):
+                seen[container.container_id] = container
     return list(seen.values())
 
 
