@@ -497,6 +497,29 @@ def test_output_lost_while_sources_are_gone_needs_a_person(data_dir: Path, damag
     assert len(journal_records(data_dir)) == 1
 
 
+def test_a_published_output_whose_checksum_differs_is_left_for_a_person(data_dir: Path) -> None:
+    """DESIGN: a checksum that does not match is left untouched, flagged, and `recover` exits
+    non-zero, even when every source is still there. Rolling the merge back would keep the
+    damaged output beside its sources (rows twice); finishing would delete the sources."""
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "journal:renamed").returncode == -9  # no source deleted yet
+    assert count(folder, "metrics-", ".parquet") == SOURCES
+    corrupt(folder / OUTPUT)
+    files = snapshot(data_dir)
+
+    for _ in range(2):
+        result = recover(data_dir)
+        assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
+        action = json_lines(result.stdout)[0]
+        assert action["action"] == "needs a person"
+        assert f"output {OUTPUT} is corrupt (checksum differs)" in action["reason"]
+        assert snapshot(data_dir) == files
+    assert journal_records(data_dir)[0].state is MergeState.NEEDS_ATTENTION
+    assert run_once(data_dir).returncode == 0
+    assert snapshot(data_dir) == files
+
+
 # -- a foreign file under the companion's final name (invariants 2 and 5) ---------------------
 
 
