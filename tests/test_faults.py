@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -359,3 +360,33 @@ def test_a_companion_write_the_disk_silently_lost_is_caught_before_anything_is_p
 
 def companion_files(data_dir: Path) -> list[Path]:
     return sorted(data_dir.rglob("*.containers"))
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_failed_fsync_names_what_it_could_not_sync(
+    setup, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:  # type: ignore[no-untyped-def]
+    """os.fsync's error names no file: an EIO on the output or its folder was reported as a
+    bare "[Errno 5] Input/output error" by the merge and the partition. Errors carry the path
+    and the reason; the errno stays, so nothing decides differently."""
+    settings, journal = setup
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        is_folder = stat.S_ISDIR(os.fstat(fd).st_mode)
+        if is_folder == (what == "folder"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    report = run_pass(settings, journal)
+    partition = settings.data_dir / "dt=2025-12-30/identifier=pod-a"
+    if what == "file":
+        [merge_] = report.merges
+        assert merge_.state is MergeState.ROLLED_BACK
+        error = merge_.error or ""
+        assert str(partition / (merge_.output + ".tmp")) in error
+    else:  # the roll back cannot be made durable either: the partition fails
+        [(_, error)] = report.errors
+        assert str(partition) in error
+    assert os.strerror(errno.EIO) in error and "fsync" in error

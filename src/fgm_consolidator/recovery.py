@@ -379,7 +379,7 @@ def _settle_source(folder: Path, partition: str, verdict: LineageVerdict) -> Lin
 def _make_durable(path: Path) -> None:
     """The output's bytes and name on disk before anything it holds is deleted."""
     with open(path, "rb") as handle:
-        durable.fsync_file(handle)
+        durable.fsync_file(handle, path)
     durable.fsync_dir(path.parent)
 
 
