@@ -23,6 +23,7 @@ consolidator process is running.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections import Counter
@@ -116,6 +117,34 @@ def expected_rows(data_dir: Path) -> Counter[RowKey]:
     for partition, path in data_file_paths(data_dir):
         expected.update(row_keys(pq.read_table(path), partition))
     return expected
+
+
+ContainerIds = dict[str, set[str]]  # partition -> container ids some companion lists
+
+
+def viewer_containers(data_dir: Path) -> ContainerIds:
+    """The containers the viewer lists per partition: those of the companion of each live data
+    file (FORMATS: a parquet file without one contributes none). A companion that does not
+    decode contributes none either (reported by `read_live`)."""
+    found: ContainerIds = {}
+    for partition, path in data_file_paths(data_dir):
+        ids = found.setdefault(partition, set())
+        companion = path.parent / companion_name(path.name)
+        if companion.exists():
+            with contextlib.suppress(ConsolidatorError):
+                sidecar = companions.read_companion(companion)
+                ids.update(c.container_id for c in sidecar.containers)
+    return found
+
+
+def check_containers(data_dir: Path, expected: ContainerIds, report: OracleReport) -> None:
+    """FORMATS: an output's companion is the union of its sources', or containers that lived
+    only in consolidated periods vanish from the viewer."""
+    live = viewer_containers(data_dir)
+    for partition, ids in sorted(expected.items()):
+        lost = ids - live.get(partition, set())
+        if lost:
+            report.add(f"{partition}: containers no companion lists any more: {_examples(lost)}")
 
 
 # -- the state of the disk and the journal ------------------------------------------------------
@@ -337,8 +366,10 @@ def check(
     *,
     journal_path: Path | None = None,
     idempotence: bool = True,
+    containers: ContainerIds | None = None,
 ) -> OracleReport:
-    """All six conditions; an empty `violations` list means the run kept every promise."""
+    """All six conditions; an empty `violations` list means the run kept every promise. With
+    `containers` (`viewer_containers` before the run), also that the viewer lists them all."""
     report = OracleReport()
     if idempotence:
         check_idempotent(data_dir, journal_path, report)
@@ -348,6 +379,8 @@ def check(
     check_rows(live, expected, report)
     check_journal(data_dir, records, live, report)
     check_unreadable_kept(data_dir, records, unreadable, report)
+    if containers is not None:
+        check_containers(data_dir, containers, report)
     return report
 
 

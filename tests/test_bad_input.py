@@ -296,6 +296,39 @@ def test_names_shaped_like_the_monitors_but_with_no_real_date_are_left_alone(
     assert "with a real date" in history.stderr
 
 
+def test_files_not_ours_anywhere_in_the_data_directory_are_never_touched(node: Node) -> None:
+    """FORMATS: `session.json` and `index.json` are the monitor's; the viewer reads every
+    `.parquet` name it cannot parse; the monitor writes `<name>.containers.tmp` before its
+    rename. Cleanup deletes only names it parses as its own (STYLE 2): a run and a recover
+    leave every such file byte- and mtime-identical, and merge the monitor's files around them."""
+    node.arrive(range(12))
+    expected = rows_of([node.path(i) for i in range(12)])
+    day = node.data_dir / KEY.split("/")[0]
+    foreign = {
+        node.data_dir / "session.json": b'{"run_id": "x"}',
+        node.data_dir / "index.json": b"{}",
+        day / "notes.txt": b"not a partition",
+        node.folder / "README": b"a person's note",
+        node.folder / (metrics_name(3) + ".bak"): node.path(3).read_bytes(),
+        node.folder / "custom-export.parquet": node.path(4).read_bytes(),
+        node.folder / "consolidated-20251230T080000Z.parquet": node.path(5).read_bytes(),
+        node.folder / (companion(node.path(11)).name + ".tmp"): b"half a companion",
+        node.folder / "consolidated-20251230T080000Z-20251230T0900Z.parquet.tmp": b"not ours",
+    }
+    for path, data in foreign.items():
+        path.write_bytes(data)
+    prints = {path: fingerprint(path) for path in foreign}
+
+    for command in ("run", "recover"):
+        args = [command, "--data-dir", str(node.data_dir)]
+        result = run_cli(*args, *(("--once", "--min-age", "0") if command == "run" else ()))
+        assert result.returncode == 0, result.stderr
+        assert {path: fingerprint(path) for path in prints} == prints
+    outputs = [p for p in data_files(node.data_dir) if p.name.startswith("consolidated-")]
+    assert outputs and not any(p.name.startswith("metrics-") for p in data_files(node.data_dir))
+    assert rows_of(outputs) == expected
+
+
 def test_a_file_with_a_future_mtime_is_left_alone_until_its_time_comes(
     node: Node, events: list[Event]
 ) -> None:

@@ -342,14 +342,30 @@ def test_union_dedupes_first_wins_and_keeps_order() -> None:
 
 
 def test_union_version_is_max_and_encodes() -> None:
-    v1 = ContainerSidecar(1, (c("aaa"),))
-    v2 = ContainerSidecar(2, (c("bbb", labels=(("k", "v"),)), c("aaa", labels=(("x", "y"),))))
+    v1 = ContainerSidecar(1, (c("aaa"), c("ccc")))
+    v2 = ContainerSidecar(2, (c("bbb", labels=(("k", "v"),)),))
     result = union([v1, v2])
-    assert result == ContainerSidecar(2, (c("aaa"), c("bbb", labels=(("k", "v"),))))
-    # The v1 container carries no labels and encodes as option-none in the v2 result.
+    assert result == ContainerSidecar(2, (c("aaa"), c("ccc"), c("bbb", labels=(("k", "v"),))))
+    # The v1 containers carry no labels and encode as option-none in the v2 result.
     assert decode(encode(result)) == result
     assert encode(result).startswith(
-        b"\x02" + struct.pack("<Q", 2) + s("aaa") + NONE * 4 + s("Burstable") + NONE
+        b"\x02" + struct.pack("<Q", 3) + s("aaa") + NONE * 4 + s("Burstable") + NONE
+    )
+
+
+def test_union_takes_the_labels_a_later_companion_knows_of_a_container() -> None:
+    """A monitor upgraded mid-window writes a v1 companion, then v2 ones listing the same
+    container with its labels. First-wins kept the v1 entry, so the labels the viewer showed
+    for the sources vanished from the consolidated file. The labelled entry now fills the
+    unlabelled one in its place; between two labelled entries the first still wins."""
+    v1 = ContainerSidecar(1, (c("aaa", qos="first"), c("bbb")))
+    v2 = ContainerSidecar(
+        2, (c("aaa", qos="second", labels=(("x", "y"),)), c("bbb", labels=(("k", "v"),)))
+    )
+    later = ContainerSidecar(2, (c("bbb", labels=(("k", "other"),)),))
+    result = union([v1, v2, later])
+    assert result == ContainerSidecar(
+        2, (c("aaa", qos="second", labels=(("x", "y"),)), c("bbb", labels=(("k", "v"),)))
     )
 
 

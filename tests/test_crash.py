@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from conftest import PAST, add_late_container, rows_pyarrow, run_cli, small_spec, tmp_files
-from oracle import check, expected_rows
+from oracle import check, expected_rows, viewer_containers
 
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path
@@ -497,6 +497,29 @@ def test_output_lost_while_sources_are_gone_needs_a_person(data_dir: Path, damag
     assert len(journal_records(data_dir)) == 1
 
 
+def test_a_published_output_whose_checksum_differs_is_left_for_a_person(data_dir: Path) -> None:
+    """DESIGN: a checksum that does not match is left untouched, flagged, and `recover` exits
+    non-zero, even when every source is still there. Rolling the merge back would keep the
+    damaged output beside its sources (rows twice); finishing would delete the sources."""
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "journal:renamed").returncode == -9  # no source deleted yet
+    assert count(folder, "metrics-", ".parquet") == SOURCES
+    corrupt(folder / OUTPUT)
+    files = snapshot(data_dir)
+
+    for _ in range(2):
+        result = recover(data_dir)
+        assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
+        action = json_lines(result.stdout)[0]
+        assert action["action"] == "needs a person"
+        assert f"output {OUTPUT} is corrupt (checksum differs)" in action["reason"]
+        assert snapshot(data_dir) == files
+    assert journal_records(data_dir)[0].state is MergeState.NEEDS_ATTENTION
+    assert run_once(data_dir).returncode == 0
+    assert snapshot(data_dir) == files
+
+
 # -- a foreign file under the companion's final name (invariants 2 and 5) ---------------------
 
 
@@ -591,6 +614,59 @@ def test_a_temp_output_damaged_after_written_is_rolled_back_not_published(
     assert run_once(data_dir).returncode == 0
     assert check(data_dir, expected).violations == []
     assert_fully_consolidated(data_dir, [POD_A])
+
+
+@pytest.mark.parametrize("damage", ["torn", "gone"])
+def test_a_temp_companion_damaged_after_written_is_rolled_back_not_published(
+    data_dir: Path, damage: str
+) -> None:
+    """`written` promises the companion's temp file too (DESIGN step 3). Recovery verified
+    only the output's checksum: a torn companion temp was published and every source's
+    companion deleted (a gone one: the output published with none), so their containers
+    vanished from the viewer. Not verifiable, the sources intact: rolled back, merged again."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    containers = viewer_containers(data_dir)
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "journal:written").returncode == -9
+    temp = folder / (OUTPUT_COMPANION + ".tmp")
+    if damage == "torn":
+        temp.write_bytes(temp.read_bytes()[:-3])
+    else:
+        temp.unlink()
+
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [action] = [a for a in json_lines(result.stdout) if a["kind"] == "recovery"]
+    assert (action["found"], action["action"]) == ("written", "rolled back")
+    assert OUTPUT_COMPANION in action["reason"]
+    assert not (folder / OUTPUT).exists() and not (folder / OUTPUT_COMPANION).exists()
+    assert count(folder, "metrics-", ".parquet") == SOURCES
+    assert count(folder, "metrics-", ".containers") == SOURCES
+    assert tmp_files(data_dir) == []
+
+    assert run_once(data_dir).returncode == 0
+    assert check(data_dir, expected, containers=containers).violations == []
+    assert_fully_consolidated(data_dir, [POD_A])
+
+
+def test_a_published_companion_that_does_not_read_stops_the_deletes(data_dir: Path) -> None:
+    """The output is published and verified, but its companion is torn: deleting the sources'
+    companions would leave the viewer no list of their containers. A person decides; nothing
+    is deleted, and `recover` exits 3."""
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "journal:renamed").returncode == -9
+    companion = folder / OUTPUT_COMPANION
+    companion.write_bytes(companion.read_bytes()[:-3])
+    files = snapshot(data_dir)
+
+    result = recover(data_dir)
+    assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
+    [action] = [a for a in json_lines(result.stdout) if a["kind"] == "recovery"]
+    assert action["action"] == "needs a person"
+    assert f"companion {OUTPUT_COMPANION} does not read" in action["reason"]
+    assert snapshot(data_dir) == files
 
 
 def test_a_companion_rewritten_after_its_merge_was_published_is_kept(data_dir: Path) -> None:

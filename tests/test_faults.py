@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from conftest import data_files, rows_pyarrow, tmp_files
 
 from fgm_consolidator import durable, merge, writer
 from fgm_consolidator.cli import main
+from fgm_consolidator.companions import read_companion
 from fgm_consolidator.errors import NameTakenError
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
@@ -313,3 +315,78 @@ def test_a_final_name_taken_after_the_check_is_never_overwritten(tmp_path: Path)
         durable.rename_no_replace(ours, theirs)
     assert info.value.path == str(theirs)
     assert (ours.read_bytes(), theirs.read_bytes()) == (b"ours", b"theirs")
+
+
+def test_a_companion_write_the_disk_silently_lost_is_caught_before_anything_is_published(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """DESIGN step 3 writes the companion `.containers.tmp` "the same way" as the output:
+    synced, then read back. A disk that acknowledges the companion's bytes and keeps none
+    published an empty companion and deleted every source's: all their containers vanished
+    from the viewer (FORMATS: the consolidated file needs the union of its sources')."""
+    settings, journal = setup
+    before_companions = companion_files(settings.data_dir)
+    assert before_companions
+    before_files = data_files(settings.data_dir)
+    before_rows = rows_pyarrow(settings.data_dir)
+    real_write_all = durable.write_all
+    lost: list[str] = []
+
+    def lossy(handle: object, data: bytes | memoryview) -> None:
+        name = os.readlink(f"/proc/self/fd/{handle.fileno()}")  # type: ignore[attr-defined]
+        if name.endswith(".containers.tmp"):
+            lost.append(name)  # acknowledged, never written
+            return
+        real_write_all(handle, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(durable, "write_all", lossy)
+    report = run_pass(settings, journal)
+    assert lost
+    assert [m.state for m in report.merges] == [MergeState.ROLLED_BACK]
+    assert "companion" in (report.merges[0].error or "")
+    assert report.merges[0].retry_later  # our side of the disk: the partition backs off
+    assert data_files(settings.data_dir) == before_files
+    assert companion_files(settings.data_dir) == before_companions
+    assert tmp_files(settings.data_dir) == []
+    assert journal.unreadable() == []  # no source is to blame
+
+    monkeypatch.undo()
+    report = run_pass(settings, journal)
+    assert [m.state for m in report.merges] == [MergeState.SOURCES_DELETED]
+    assert rows_pyarrow(settings.data_dir) == before_rows
+    (published,) = companion_files(settings.data_dir)
+    assert read_companion(published).containers
+
+
+def companion_files(data_dir: Path) -> list[Path]:
+    return sorted(data_dir.rglob("*.containers"))
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_failed_fsync_names_what_it_could_not_sync(
+    setup, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:  # type: ignore[no-untyped-def]
+    """os.fsync's error names no file: an EIO on the output or its folder was reported as a
+    bare "[Errno 5] Input/output error" by the merge and the partition. Errors carry the path
+    and the reason; the errno stays, so nothing decides differently."""
+    settings, journal = setup
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        is_folder = stat.S_ISDIR(os.fstat(fd).st_mode)
+        if is_folder == (what == "folder"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    report = run_pass(settings, journal)
+    partition = settings.data_dir / "dt=2025-12-30/identifier=pod-a"
+    if what == "file":
+        [merge_] = report.merges
+        assert merge_.state is MergeState.ROLLED_BACK
+        error = merge_.error or ""
+        assert str(partition / (merge_.output + ".tmp")) in error
+    else:  # the roll back cannot be made durable either: the partition fails
+        [(_, error)] = report.errors
+        assert str(partition) in error
+    assert os.strerror(errno.EIO) in error and "fsync" in error

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,10 @@ from fgm_consolidator.service import (
 )
 from fgm_consolidator.simulate import PodSpec, generate
 from fgm_consolidator.states import MergeState
+from fgm_consolidator.writer import CONTAINER_ID
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import parquet_bloom
 
 LINEAGE = b"fgm_consolidator.lineage"
 DAY = "dt=2025-12-30"
@@ -151,11 +156,14 @@ def describe(schema: pa.Schema) -> list[tuple[str, pa.DataType, bool]]:
 
 
 def union_by_id(sidecars: list[ContainerSidecar]) -> list[Container]:
-    """First occurrence of each container id wins and keeps its place."""
+    """First occurrence of each container id wins and keeps its place; a labelled occurrence
+    fills in an unlabelled one."""
     seen: dict[str, Container] = {}
     for sidecar in sidecars:
         for container in sidecar.containers:
-            seen.setdefault(container.container_id, container)
+            known = seen.get(container.container_id)
+            if known is None or (known.labels is None and container.labels is not None):
+                seen[container.container_id] = container
     return list(seen.values())
 
 
@@ -242,6 +250,8 @@ def check_output(path: Path, before: Before, journal: Journal) -> list[str]:
             if chunk.path_in_schema == "metric_name":
                 assert chunk.statistics.min == min(r["metric_name"] for r in rows)
                 assert chunk.statistics.max == max(r["metric_name"] for r in rows)
+            if chunk.path_in_schema == CONTAINER_ID:
+                check_bloom(path, chunk, {r[CONTAINER_ID] for r in rows} - {None})
     assert start == len(expected)
 
     # Companion: the union by container id of the sources' companions.
@@ -250,6 +260,19 @@ def check_output(path: Path, before: Before, journal: Journal) -> list[str]:
     assert list(merged.containers) == union_by_id(companions)
     assert merged.version == max(c.version for c in companions)
     return names
+
+
+def check_bloom(path: Path, chunk: pq.ColumnChunkMetaData, present: set[str]) -> None:
+    """FORMATS: the viewer checks a bloom filter on `l_container_id` before it reads a row
+    group. One that answers "absent" for a container the row group holds hides its points."""
+    assert chunk.bloom_filter_offset, f"{path.name}: no bloom filter on {CONTAINER_ID}"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        bitset = parquet_bloom.read_bitset(fd, chunk.bloom_filter_offset, chunk.bloom_filter_length)
+    finally:
+        os.close(fd)
+    hidden = sorted(v for v in present if not parquet_bloom.might_contain(bitset, v.encode()))
+    assert hidden == [], f"{path.name}: the bloom filter excludes {hidden}"
 
 
 def prunes_by_statistics(field: pa.Field) -> bool:

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import pytest
 from conftest import PAST, clone_tree, run_cli
-from oracle import RowKey, check, expected_rows, quiescent_pass, recover_in_process
+from oracle import (
+    ContainerIds,
+    RowKey,
+    check,
+    expected_rows,
+    quiescent_pass,
+    recover_in_process,
+    viewer_containers,
+)
 
 from fgm_consolidator import crashpoints
 from fgm_consolidator.plan import MB, Policy
@@ -65,6 +73,7 @@ MERGE_POINTS = {
 class Template:
     data_dir: Path
     expected: Counter[RowKey]
+    containers: ContainerIds
     run_kills: list[str]  # every `<point>#<n>` the dry run reached, in order
 
 
@@ -99,13 +108,15 @@ def template(fast_root: Path) -> Template:
     data_dir.mkdir()
     generate(data_dir, SPEC)
     expected = expected_rows(data_dir)
+    containers = viewer_containers(data_dir)
+    assert all(containers.values())  # the spec writes companions
     (data_dir / LEFTOVER).write_bytes(b"PAR1" + bytes(100))
     (data_dir / ORPHAN).write_bytes(b"PAR1 partial")
     dry = clone_tree(data_dir, root / "dry")
     count = root / "dry.count"
     assert cli("run", "--once", "--data-dir", str(dry), *RUN_ARGS, count=count) == 0
     reached = crashpoints.read_reached(count)
-    return Template(data_dir, expected, crashpoints.occurrences(reached))
+    return Template(data_dir, expected, containers, crashpoints.occurrences(reached))
 
 
 def recovery_reaches(crashed: Path, scratch: Path) -> list[str]:
@@ -132,7 +143,7 @@ def settle_and_check(template: Template, state: Path) -> list[str]:
     recover_in_process(state)
     if quiescent_pass(state, POLICY) != 0:
         return ["the quiescent pass failed"]
-    return check(state, template.expected).violations
+    return check(state, template.expected, containers=template.containers).violations
 
 
 def test_the_dry_run_reaches_every_merge_point(template: Template) -> None:

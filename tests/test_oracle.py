@@ -12,8 +12,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import clone_tree, small_spec
-from oracle import RowKey, check, expected_rows, journal_records, quiescent_pass, row_keys
+from oracle import (
+    RowKey,
+    check,
+    expected_rows,
+    journal_records,
+    quiescent_pass,
+    row_keys,
+    viewer_containers,
+)
 
+from fgm_consolidator import companions
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.plan import Policy
@@ -163,3 +172,23 @@ def test_row_keys_ignore_layout(settled: Settled) -> None:
     keep = [i for i, v in enumerate(table.column("l_device").to_pylist()) if v is None]
     assert row_keys(table.take(keep), POD_A) == row_keys(narrow.take(keep), POD_A)
     assert row_keys(table, POD_A) <= expected
+
+
+def test_a_container_no_companion_lists_any_more_is_reported(
+    settled: Settled, tmp_path: Path
+) -> None:
+    """The output's companion rewritten without one of its containers: its rows are all
+    there, but the viewer no longer lists the container (FORMATS)."""
+    data_dir = clone_tree(settled.data_dir, tmp_path / "data")
+    expected = viewer_containers(settled.before)
+    assert all(expected.values())
+    assert check(data_dir, settled.expected, containers=expected).violations == []
+    path = output(data_dir).with_suffix(".containers")
+    sidecar = companions.read_companion(path)
+    path.unlink()  # the inode is shared with the settled directory
+    path.write_bytes(
+        companions.encode(companions.ContainerSidecar(sidecar.version, sidecar.containers[1:]))
+    )
+    gone = sidecar.containers[0].container_id
+    violations = check(data_dir, settled.expected, containers=expected).violations
+    assert any("containers no companion lists any more" in v and gone in v for v in violations)

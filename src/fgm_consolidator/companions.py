@@ -236,16 +236,21 @@ def union(sidecars: Iterable[ContainerSidecar]) -> ContainerSidecar | None:
     """Merge the companions of files being consolidated into the one for their output.
 
     The first occurrence of a container id wins and keeps its place, so the result is
-    deterministic given the order of the inputs. The version is the highest among the inputs so
-    that no labels are lost; version 1 containers then simply carry no labels. ``None`` means
-    there was nothing to merge, which is different from an empty companion.
+    deterministic given the order of the inputs, except that an occurrence with labels takes
+    the place of one without: a monitor upgraded mid-window lists a container in a version 1
+    companion, then with its labels in version 2 ones, and first-wins dropped those labels
+    from the viewer. The version is the highest among the inputs so that no labels are lost;
+    version 1 containers then simply carry no labels. ``None`` means there was nothing to
+    merge, which is different from an empty companion.
     """
     version: int | None = None
     seen: dict[str, Container] = {}
     for sidecar in sidecars:
         version = sidecar.version if version is None else max(version, sidecar.version)
         for container in sidecar.containers:
-            seen.setdefault(container.container_id, container)
+            known = seen.get(container.container_id)
+            if known is None or (known.labels is None and container.labels is not None):
+                seen[container.container_id] = container  # a dict keeps the key's place
     if version is None:
         return None
     return ContainerSidecar(version=version, containers=tuple(seen.values()))

@@ -195,9 +195,19 @@ class Sink:
         self.closed = True
 
 
-def fsync_file(handle: BinaryIO) -> None:
+def _synced(fd: int, path: Path) -> None:
+    """fsync, its error naming `path`: os.fsync names no file, so an EIO reached the merge
+    and the partition's log line as a bare "[Errno 5] Input/output error". The errno is kept."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{exc.strerror} (fsync)", str(path)) from exc
+
+
+def fsync_file(handle: BinaryIO, path: Path) -> None:
+    """`path` is the file `handle` has open, for the error."""
     handle.flush()
-    os.fsync(handle.fileno())
+    _synced(handle.fileno(), path)
     crashpoints.reach("durable:fsync-file")
 
 
@@ -205,7 +215,7 @@ def fsync_dir(path: Path) -> None:
     """Make creates, renames and unlinks in `path` survive a power cut."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        _synced(fd, path)
     finally:
         os.close(fd)
     crashpoints.reach("durable:fsync-dir")
@@ -217,7 +227,7 @@ def write_new_file(path: Path, data: bytes) -> None:
     try:
         with handle:
             write_all(handle, data)
-            fsync_file(handle)
+            fsync_file(handle, path)
     except BaseException:
         remove(path)
         raise

@@ -22,6 +22,7 @@ from .errors import (
     ConsolidatorError,
     MergeAborted,
     NameTakenError,
+    OutputCheckError,
     SourceChangedError,
     SourceReadError,
 )
@@ -175,8 +176,24 @@ def _write_companion_tmp(folder: Path, plan: MergePlan) -> None:
     ]
     merged = companions.union(sidecars)
     if merged is not None:
-        durable.write_new_file(
-            folder / tmp_name(companion_name(plan.output)), companions.encode(merged)
+        path = folder / tmp_name(companion_name(plan.output))
+        data = companions.encode(merged)
+        durable.write_new_file(path, data)
+        _check_companion(path, data)
+
+
+def _check_companion(path: Path, data: bytes) -> None:
+    """Read the companion back, as the output is (DESIGN step 3): a disk that acknowledged
+    bytes it never kept once published an empty companion and deleted every source's, so
+    their containers vanished from the viewer. Ours to retry: no source is to blame."""
+    try:
+        with durable.open_regular(path) as handle:
+            back = handle.read(len(data) + 1)
+    except OSError as exc:
+        raise OutputCheckError(f"companion does not read back: {exc}", path) from exc
+    if back != data:
+        raise OutputCheckError(
+            f"companion reads back other bytes than written ({len(back)} of {len(data)})", path
         )
 
 

@@ -140,7 +140,10 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
     final = folder / record.output
     output_ok = checksum(final) == record.output_checksum
     tmp_ok = checksum(folder / tmp_name(record.output)) == record.output_checksum
-    if output_ok or (state is MergeState.WRITTEN and tmp_ok and not final.exists()):
+    companion_doubt = _companion_doubt(folder, record)
+    if companion_doubt is None and (
+        output_ok or (state is MergeState.WRITTEN and tmp_ok and not final.exists())
+    ):
         try:
             result, error = finish(journal, folder, record, actor=ACTOR)
         except NameTakenError as exc:  # the companion's name is taken by a foreign file
@@ -150,14 +153,38 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
         action = Step.ROLLED_BACK if result is MergeState.ROLLED_BACK else Step.NEEDS_A_PERSON
         return _action(record, result, action, error)
     broken = _broken_sources(folder, record)
-    if not broken and (state is MergeState.WRITTEN or not final.exists()):
+    if not broken and not output_ok and (state is MergeState.WRITTEN or not final.exists()):
         reason = f"interrupted at {state}; output not verifiable, sources intact"
+        if companion_doubt is not None:
+            reason = f"interrupted at {state}; {companion_doubt}, sources intact"
         roll_back(journal, folder, record.id, record.output, error=reason, actor=ACTOR)
         return _action(record, MergeState.ROLLED_BACK, Step.ROLLED_BACK, reason)
+    if output_ok:  # then only the companion is in doubt
+        reason = f"{companion_doubt}; output {record.output} verified, nothing deleted"
+        return _needs_person(journal, record, reason)
     what = "corrupt (checksum differs)" if final.exists() else "missing"
     listed = ", ".join(broken) or "none"
     reason = f"output {record.output} is {what}; sources not intact: {listed}"
     return _needs_person(journal, record, reason)
+
+
+def _companion_doubt(folder: Path, record: MergeRecord) -> str | None:
+    """Why the output's companion, temp or published, cannot be published as it is; None
+    when it reads (or the output has none). `written` promises it as it promises the output
+    (DESIGN step 3), but the journal keeps no checksum of it: a torn one published deleted
+    every source's companion, and their containers vanished from the viewer."""
+    if not record.has_companion:
+        return None
+    name = companion_name(record.output)
+    temp, final = folder / tmp_name(name), folder / name
+    present = temp if temp.exists() else final
+    if not present.exists():
+        return f"companion {name} is missing"
+    try:
+        companions.read_companion(present)
+    except CompanionError as exc:
+        return f"companion {present.name} does not read: {exc.reason}"
+    return None
 
 
 def _resolve_or_leave(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAction:
@@ -386,7 +413,7 @@ def _settle_source(folder: Path, partition: str, verdict: LineageVerdict) -> Lin
 def _make_durable(path: Path) -> None:
     """The output's bytes and name on disk before anything it holds is deleted."""
     with open(path, "rb") as handle:
-        durable.fsync_file(handle)
+        durable.fsync_file(handle, path)
     durable.fsync_dir(path.parent)
 
 

@@ -170,7 +170,7 @@ def write_merged(
             digest = hashlib.sha256()
             sink = durable.Sink(handle, digest)
             row_groups = _stream(sources, sink, schema, options, should_abort, target)
-            durable.fsync_file(handle)
+            durable.fsync_file(handle, target)
         expected = sum(s.rows for s in sources)
         _check_output(target, schema, expected, sink.size)
     except BaseException:
