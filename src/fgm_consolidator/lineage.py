@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import footers
+from . import footers, reading
 from .errors import ConsolidatorError
 from .layout import parse_data_file
 from .schemas import LINEAGE_KEY, conform
@@ -131,7 +131,7 @@ def output_reads_back(path: Path, held: Lineage, *, decode: bool = True) -> str 
         parquet = pq.ParquetFile(path)
         with parquet:
             listed = parquet.metadata.num_rows
-            rows = sum(b.num_rows for b in parquet.iter_batches()) if decode else listed
+            rows = sum(b.num_rows for b in reading.batches(parquet)) if decode else listed
     except (OSError, pa.ArrowException) as exc:
         return f"output does not read back: {exc}"
     total = sum(s.rows for s in held.sources)
@@ -190,7 +190,7 @@ def _rows_not_found(output: Path, sources: Sequence[Path], held: Lineage) -> Cou
         wanted = {
             source.name: [
                 f
-                for batch in pq.ParquetFile(source).iter_batches()
+                for batch in reading.batches(pq.ParquetFile(source))
                 for f in _fingerprints(conform(batch, schema))
                 if f % buckets == bucket
             ]
@@ -199,7 +199,7 @@ def _rows_not_found(output: Path, sources: Sequence[Path], held: Lineage) -> Cou
         looked_for = {f for found in wanted.values() for f in found}
         have = Counter(
             f
-            for batch in pq.ParquetFile(output).iter_batches()
+            for batch in reading.batches(pq.ParquetFile(output))
             for f in _fingerprints(batch)
             if f in looked_for
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import crashpoints, durable, footers, label_sets
+from . import crashpoints, durable, footers, label_sets, reading
 from .clustering import FirstRows, MetricSorter
 from .durable import FileIdentity
 from .errors import (
@@ -142,7 +142,7 @@ def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBat
     """Every row of one source, in file order, laid out as `target`."""
 
     def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
-        for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, use_threads=False):
+        for batch in reading.batches(parquet, READ_BATCH_ROWS, use_threads=False):
             yield conform(batch, target)
 
     rows = 0
