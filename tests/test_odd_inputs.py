@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,59 @@ def test_map_era_outputs_merged_again_keep_every_value_and_type(data_dir: Path) 
     assert set(states) == {MergeState.SOURCES_DELETED}
     assert check(data_dir, expected).violations == []
     assert pa.types.is_map(pq.read_schema(final).field("labels").type)
+
+
+# -- values Python cannot hold ---------------------------------------------------------------
+
+
+def far_future_row(path: Path) -> None:
+    """One row of `path` stamped 2**62 ms after the epoch (year ~146 million): a valid Arrow
+    and parquet timestamp that no Python datetime can hold."""
+    stat = path.stat()
+    table = pq.read_table(path)
+    times = table.column("time").cast(pa.int64()).to_pylist()
+    times[0] = 2**62
+    index = table.schema.get_field_index("time")
+    table = table.set_column(index, table.field(index), pa.array(times, pa.timestamp("ms")))
+    pq.write_table(table, path, compression="zstd")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_lineage_recovery_proves_rows_whose_time_python_cannot_hold(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The proof turned every value into a Python object, and a timestamp past year 9999
+    raised OverflowError out of start-up recovery: `run` and `recover` died with a traceback
+    on every start, for every partition, and the sources stayed beside their output."""
+    generate(data_dir, small_spec(rotations=3))
+    folder = data_dir / "dt=2025-12-30/identifier=pod-a"
+    sources = sorted(folder.glob("metrics-*.parquet"))
+    far_future_row(sources[1])
+    before = {path.name: pq.read_table(path) for path in sources}
+    kept = tmp_path / "sources"
+    shutil.copytree(folder, kept)
+    assert run_once(data_dir) == 0
+    output = folder / consolidated_name(0, 2)
+    assert [p.name for p in data_files(data_dir)] == [output.name]
+    for path in kept.iterdir():  # a kill between the rename and the deletes, journal lost
+        shutil.copy2(path, folder / path.name)
+    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
+        path.unlink()
+
+    recover_in_process(data_dir)
+    assert [p.name for p in data_files(data_dir)] == [output.name]
+    after = rows_with_raw_time(pq.read_table(output))
+    assert after == sum((rows_with_raw_time(t) for t in before.values()), Counter())
+    assert str(2**62) in {dict(row)["time"] for row in after}
+
+
+def rows_with_raw_time(table: pa.Table) -> Counter[tuple[Any, ...]]:
+    """Every row, every column but labels it lacks (null in a wider output), the time as its
+    integer (the oracle's rows are Python objects)."""
+    table = table.set_column(
+        table.schema.get_field_index("time"), "time", table.column("time").cast(pa.int64())
+    )
+    return Counter(
+        tuple(sorted((k, repr(v)) for k, v in row.items() if v is not None or k[:2] != "l_"))
+        for row in table.to_pylist()
+    )

@@ -174,7 +174,16 @@ def unproven(
                 for s in counted
             }
         missing = _rows_not_found(output, counted, held)
-    except (OSError, pa.ArrowException, ValueError, KeyError, ConsolidatorError) as exc:
+    # OverflowError: a value no Python object holds (a time nested in a struct, say) is a
+    # doubt, not a traceback out of start-up recovery.
+    except (
+        OSError,
+        pa.ArrowException,
+        ValueError,
+        KeyError,
+        OverflowError,
+        ConsolidatorError,
+    ) as exc:
         return {s.name: f"cannot compare {s.name} with {output.name}: {exc}" for s in sources}
     for name, rows in missing.items():
         problems[name] = f"{name} differs from its rows in {output.name} ({rows} rows not found)"
@@ -213,8 +222,20 @@ def _rows_not_found(output: Path, sources: Sequence[Path], held: Lineage) -> Cou
 
 
 def _fingerprints(batch: pa.RecordBatch) -> list[int]:
-    columns = [[_hashable(value) for value in column.to_pylist()] for column in batch.columns]
+    columns = [
+        [_hashable(value) for value in _comparable(column).to_pylist()] for column in batch.columns
+    ]
     return [hash(row) for row in zip(*columns, strict=True)]
+
+
+def _comparable(column: pa.Array) -> pa.Array:
+    """Times, dates and durations as the integers they are stored as: as Python objects a
+    timestamp past year 9999 raised OverflowError out of start-up recovery; as integers every
+    unit, nanoseconds too, compares exactly."""
+    kind = column.type
+    if pa.types.is_temporal(kind) and kind.bit_width in (32, 64):
+        return column.view(pa.int32() if kind.bit_width == 32 else pa.int64())
+    return column
 
 
 def _hashable(value: object) -> object:
