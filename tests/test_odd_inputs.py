@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import consolidated_name, data_files, small_spec, tmp_files
 from oracle import check, expected_rows, recover_in_process
 
@@ -190,3 +191,45 @@ def rows_with_raw_time(table: pa.Table) -> Counter[tuple[Any, ...]]:
         tuple(sorted((k, repr(v)) for k, v in row.items() if v is not None or k[:2] != "l_"))
         for row in table.to_pylist()
     )
+
+
+# -- text that is not UTF-8 ------------------------------------------------------------------
+
+
+def not_utf8(values: list[bytes]) -> pa.Array:
+    """A utf8 array holding bytes that are not UTF-8, as a torn or foreign writer leaves them
+    (pyarrow checks nothing when it reads a parquet page)."""
+    raw = pa.array(values, pa.binary())
+    return pa.Array.from_buffers(pa.utf8(), len(raw), raw.buffers())
+
+
+@pytest.mark.parametrize("column", ["l_container_name", "metric_name", "run_id"])
+def test_a_file_whose_text_is_not_utf8_is_reported_and_blocks_nothing(
+    data_dir: Path, column: str
+) -> None:
+    """The merge decodes metric names and label sets to Python strings, and a byte that is not
+    UTF-8 raised UnicodeDecodeError there, which no check took for a bad source: every merge
+    of the partition rolled back as an unexpected failure, the file was never reported, and
+    its neighbours were never merged."""
+    generate(data_dir, small_spec(rotations=4))
+    folder = data_dir / "dt=2025-12-30/identifier=pod-a"
+    bad = sorted(folder.glob("metrics-*.parquet"))[-1]
+    stat = bad.stat()
+    table = pq.read_table(bad)
+    index = table.schema.get_field_index(column)
+    values = [v.encode() for v in table.column(column).to_pylist()]
+    values[1] = b"\xff\xfe" + values[1]
+    table = table.set_column(index, table.field(index), not_utf8(values))
+    pq.write_table(table, bad, compression="zstd")
+    os.utime(bad, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    bad_bytes = bad.read_bytes()
+    good = [path for path in sorted(folder.glob("metrics-*.parquet")) if path != bad]
+    expected = sum((rows_with_raw_time(pq.read_table(path)) for path in good), Counter())
+
+    run_once(data_dir)  # the merge that meets the file reports it
+    assert unreadable_names(data_dir) == [bad.name]
+    assert run_once(data_dir) == 0  # the next one goes without it
+    assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 2), bad.name]
+    assert rows_with_raw_time(pq.read_table(folder / consolidated_name(0, 2))) == expected
+    assert bad.read_bytes() == bad_bytes
+    assert tmp_files(data_dir) == []
