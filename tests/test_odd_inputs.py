@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import consolidated_name, data_files, small_spec, tmp_files
-from oracle import check, expected_rows, recover_in_process
+from oracle import OracleReport, check, check_rows, expected_rows, read_live, recover_in_process
 
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
@@ -233,3 +233,33 @@ def test_a_file_whose_text_is_not_utf8_is_reported_and_blocks_nothing(
     assert rows_with_raw_time(pq.read_table(folder / consolidated_name(0, 2))) == expected
     assert bad.read_bytes() == bad_bytes
     assert tmp_files(data_dir) == []
+
+
+# -- a lineage that is not ours ----------------------------------------------------------------
+
+
+def test_a_lineage_counting_infinite_rows_is_no_lineage(data_dir: Path) -> None:
+    """JSON reads `Infinity` as a float, and `int()` of it raised OverflowError, which the
+    decoder did not take for a lineage that is not ours: one file named like an output with
+    such metadata stopped every start-up recovery and every pass, for the whole directory."""
+    generate(data_dir, small_spec(rotations=3))
+    folder = data_dir / "dt=2025-12-30/identifier=pod-a"
+    foreign = folder / "consolidated-20251230T070000Z-20251230T071000Z.parquet"
+    table = pq.read_table(sorted(folder.glob("metrics-*.parquet"))[0])
+    lineage = b'{"merge_id":1,"rows":1,"sources":[{"name":"metrics-x.parquet","rows":Infinity}]}'
+    pq.write_table(table.replace_schema_metadata({b"fgm_consolidator.lineage": lineage}), foreign)
+    os.utime(foreign, (0, 0))
+    expected = expected_rows(data_dir)
+
+    assert run_once(data_dir) == 0
+    recover_in_process(data_dir)
+    assert [p.name for p in data_files(data_dir)] == [foreign.name, consolidated_name(0, 2)]
+    assert check_rows_only(data_dir, expected) == []
+
+
+def check_rows_only(data_dir: Path, expected: Counter[Any]) -> list[str]:
+    """The oracle's loss and duplicate conditions, without its journal conditions (a foreign
+    consolidated file is, by design, one no finished merge accounts for)."""
+    report = OracleReport()
+    check_rows(read_live(data_dir, report, set()), expected, report)
+    return report.violations

@@ -62,7 +62,7 @@ def decode(raw: bytes | None) -> Lineage | None:
         doc = json.loads(raw)
         sources = tuple(LineageSource(str(s["name"]), int(s["rows"])) for s in doc["sources"])
         return Lineage(int(doc["merge_id"]), int(doc["rows"]), sources)
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, OverflowError):  # Overflow: `"rows": Infinity`
         return None
 
 
