@@ -7,6 +7,7 @@ policy says should be there.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections import Counter
@@ -263,3 +264,33 @@ def check_rows_only(data_dir: Path, expected: Counter[Any]) -> list[str]:
     report = OracleReport()
     check_rows(read_live(data_dir, report, set()), expected, report)
     return report.violations
+
+
+def test_an_output_whose_lineage_lists_itself_is_not_deleted_as_its_own_copy(
+    data_dir: Path,
+) -> None:
+    """Lineage recovery removes a file that an output provably holds. An output whose lineage
+    named the output itself (renamed by hand to a name it lists, say) was proven to hold its
+    own rows, and removed: the only copy of them."""
+    generate(data_dir, small_spec(rotations=2))
+    folder = data_dir / "dt=2025-12-30/identifier=pod-a"
+    renamed = folder / "consolidated-20251230T070000Z-20251230T071000Z.parquet"
+    table = pq.read_table(sorted(folder.glob("metrics-*.parquet"))[0])
+    lineage = json.dumps(
+        {
+            "merge_id": 1,
+            "rows": table.num_rows,
+            "sources": [{"name": renamed.name, "rows": table.num_rows}],
+        }
+    )
+    pq.write_table(
+        table.replace_schema_metadata({b"fgm_consolidator.lineage": lineage.encode()}), renamed
+    )
+    os.utime(renamed, (0, 0))
+    expected = expected_rows(data_dir)
+
+    recover_in_process(data_dir)
+    assert renamed.exists()
+    assert run_once(data_dir) == 0
+    assert renamed.exists()
+    assert check_rows_only(data_dir, expected) == []

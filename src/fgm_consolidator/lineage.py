@@ -41,6 +41,11 @@ class Lineage:
     def names(self) -> frozenset[str]:
         return frozenset(s.name for s in self.sources)
 
+    def held_besides(self, output: str) -> frozenset[str]:
+        """The files this lineage of `output` says it holds, other than `output` itself: no
+        file is a copy of itself (one listing its own name was once removed as its own copy)."""
+        return self.names - {output}
+
     def rows_of(self, name: str) -> int:
         return next(s.rows for s in self.sources if s.name == name)
 
@@ -108,9 +113,10 @@ def claimed_names(folder: Path, names: Collection[str]) -> set[str]:
     held = lineages(folder, present)
     found: set[str] = set()
     for output, lineage in held.items():
-        if lineage.names & present:
+        held_here = lineage.held_besides(output) & present
+        if held_here:
             found.add(output)
-            found.update(lineage.names & present)
+            found.update(held_here)
     for output, others in overlaps(held).items():
         found.add(output)
         found.update(others)

@@ -316,7 +316,7 @@ def judge_partition(
             others = ", ".join(sorted(shared[output]))
             reason = f"{output} and {others} list the same sources: rows may be there twice"
             verdicts.append(LineageVerdict(output, others, reason, None))
-        present = sorted(claim.names & present_names)
+        present = sorted(claim.held_besides(output) & present_names)
         before = {name: durable.identity(folder / name) for name in present}
         doubts: dict[str, str] = {}
         if present and output not in shared:
