@@ -294,3 +294,44 @@ def test_an_output_whose_lineage_lists_itself_is_not_deleted_as_its_own_copy(
     assert run_once(data_dir) == 0
     assert renamed.exists()
     assert check_rows_only(data_dir, expected) == []
+
+
+@pytest.mark.parametrize(
+    ("column", "merged", "present"),
+    [("value_float", 0.0, -0.0), ("value_int", 0, 2**61 - 1)],
+)
+def test_lineage_recovery_keeps_a_file_whose_values_only_hash_like_the_outputs(
+    data_dir: Path, tmp_path: Path, column: str, merged: Any, present: Any
+) -> None:
+    """The proof that an output holds a file's rows compared Python hashes of the rows, and
+    Python hashes 0.0 like -0.0 and 0 like 2**61 - 1: a file at a listed name whose value
+    differed only so was proven held, and removed, and its value was nowhere any more."""
+    generate(data_dir, small_spec(rotations=2))
+    folder = data_dir / "dt=2025-12-30/identifier=pod-a"
+    source = sorted(folder.glob("metrics-*.parquet"))[0]
+    set_first_value(source, column, merged)
+    kept = tmp_path / "sources"
+    shutil.copytree(folder, kept)
+    assert run_once(data_dir) == 0
+    output = folder / consolidated_name(0, 1)
+    assert [p.name for p in data_files(data_dir)] == [output.name]
+    # A lost journal, and at a name the output lists, a file differing in that one value.
+    shutil.copy2(kept / source.name, source)
+    set_first_value(source, column, present)
+    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
+        path.unlink()
+
+    recover_in_process(data_dir)
+    assert source.exists()
+    assert pq.read_table(source).column(column)[0].as_py() == present
+
+
+def set_first_value(path: Path, column: str, value: Any) -> None:
+    stat = path.stat()
+    table = pq.read_table(path)
+    index = table.schema.get_field_index(column)
+    values = table.column(column).to_pylist()
+    values[0] = value
+    table = table.set_column(index, table.field(index), pa.array(values, table.field(index).type))
+    pq.write_table(table, path, compression="zstd")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
