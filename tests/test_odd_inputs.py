@@ -266,22 +266,20 @@ def check_rows_only(data_dir: Path, expected: Counter[Any]) -> list[str]:
     return report.violations
 
 
-def test_an_output_whose_lineage_lists_itself_is_not_deleted_as_its_own_copy(
+def test_an_output_whose_lineage_lists_itself_is_neither_deleted_nor_its_own_rival(
     data_dir: Path,
 ) -> None:
     """Lineage recovery removes a file that an output provably holds. An output whose lineage
     named the output itself (renamed by hand to a name it lists, say) was proven to hold its
-    own rows, and removed: the only copy of them."""
-    generate(data_dir, small_spec(rotations=2))
+    own rows, and removed: the only copy of them. Merged with its neighbours, it must not be
+    taken for a rival holding its own rows either (the merge would be withdrawn every pass)."""
+    generate(data_dir, small_spec(rotations=3))
     folder = data_dir / "dt=2025-12-30/identifier=pod-a"
-    renamed = folder / "consolidated-20251230T070000Z-20251230T071000Z.parquet"
+    renamed = folder / "consolidated-20251230T080010Z-20251230T080020Z.parquet"
     table = pq.read_table(sorted(folder.glob("metrics-*.parquet"))[0])
+    rows = table.num_rows
     lineage = json.dumps(
-        {
-            "merge_id": 1,
-            "rows": table.num_rows,
-            "sources": [{"name": renamed.name, "rows": table.num_rows}],
-        }
+        {"merge_id": 1, "rows": rows, "sources": [{"name": renamed.name, "rows": rows}]}
     )
     pq.write_table(
         table.replace_schema_metadata({b"fgm_consolidator.lineage": lineage.encode()}), renamed
@@ -292,8 +290,13 @@ def test_an_output_whose_lineage_lists_itself_is_not_deleted_as_its_own_copy(
     recover_in_process(data_dir)
     assert renamed.exists()
     assert run_once(data_dir) == 0
-    assert renamed.exists()
-    assert check_rows_only(data_dir, expected) == []
+    assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 2)]
+    journal = Journal.open(default_journal_path(data_dir), read_only=True)
+    try:
+        assert [record.state for record in journal.history()] == [MergeState.SOURCES_DELETED]
+    finally:
+        journal.close()
+    assert check(data_dir, expected).violations == []
 
 
 @pytest.mark.parametrize(
