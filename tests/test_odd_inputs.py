@@ -267,12 +267,13 @@ def check_rows_only(data_dir: Path, expected: Counter[Any]) -> list[str]:
 
 
 def test_an_output_whose_lineage_lists_itself_is_neither_deleted_nor_its_own_rival(
-    data_dir: Path,
+    data_dir: Path, tmp_path: Path
 ) -> None:
     """Lineage recovery removes a file that an output provably holds. An output whose lineage
     named the output itself (renamed by hand to a name it lists, say) was proven to hold its
     own rows, and removed: the only copy of them. Merged with its neighbours, it must not be
-    taken for a rival holding its own rows either (the merge would be withdrawn every pass)."""
+    taken for a rival holding its own rows either (the merge would be withdrawn every pass),
+    nor, with the journal lost, for a second output listing the same file."""
     generate(data_dir, small_spec(rotations=3))
     folder = data_dir / "dt=2025-12-30/identifier=pod-a"
     renamed = folder / "consolidated-20251230T080010Z-20251230T080020Z.parquet"
@@ -289,6 +290,8 @@ def test_an_output_whose_lineage_lists_itself_is_neither_deleted_nor_its_own_riv
 
     recover_in_process(data_dir)
     assert renamed.exists()
+    kept = tmp_path / "sources"
+    shutil.copytree(folder, kept)
     assert run_once(data_dir) == 0
     assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 2)]
     journal = Journal.open(default_journal_path(data_dir), read_only=True)
@@ -297,6 +300,14 @@ def test_an_output_whose_lineage_lists_itself_is_neither_deleted_nor_its_own_riv
     finally:
         journal.close()
     assert check(data_dir, expected).violations == []
+    # A kill between the rename and the deletes, the journal lost: the output holds them all.
+    for path in kept.iterdir():
+        shutil.copy2(path, folder / path.name)
+    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
+        path.unlink()
+    recover_in_process(data_dir)
+    assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 2)]
+    assert check_rows_only(data_dir, expected) == []
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,7 @@ def overlaps(held: Mapping[str, Lineage]) -> dict[str, set[str]]:
     first: dict[str, str] = {}
     shared: dict[str, set[str]] = {}
     for output, lineage in held.items():
-        for name in lineage.names:
+        for name in lineage.held_besides(output):
             other = first.setdefault(name, output)
             if other != output:
                 shared.setdefault(output, set()).add(other)

@@ -328,7 +328,7 @@ def judge_partition(
                 else lineage.unproven(folder / output, claim, sources, compare_rows=compare_rows)
             )
         for name in present:
-            claimants = sorted(o for o, c in held.items() if name in c.names)
+            claimants = sorted(o for o, c in held.items() if name in c.held_besides(o))
             if len(claimants) > 1 or output in shared:
                 doubts[name] = (
                     f"listed by several outputs ({', '.join(claimants)}); a person decides"
