@@ -1,8 +1,9 @@
 """Inputs the other files do not cover, each found to break a promise once.
 
-Every check compares the rows of the partition before and after, every column, against the
-oracle's row multiset (`oracle.expected_rows`), and what is left on disk against what the
-policy says should be there.
+Each test checks the rows of the partition after, every column, against those before: with the
+oracle (`oracle.expected_rows`, `check`), or, where the oracle cannot hold a value (a time past
+year 9999, text that is not UTF-8), column by column as stored; and what is left on disk
+against what the policy says should be there.
 """
 
 from __future__ import annotations
