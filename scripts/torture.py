@@ -63,10 +63,15 @@ SETTLE_ARGS = ("--min-age", "0", "--min-files", "2", "--max-span", "120", "--row
 class Monitor(threading.Thread):
     """fine-grained-monitor in `live` mode, one rotation a second per pod, rows recorded first."""
 
-    def __init__(self, data_dir: Path, pods: int, seed: int) -> None:
+    def __init__(self, data_dir: Path, pods: int, seed: int, map_pods: int = 0) -> None:
         super().__init__(name="monitor", daemon=True)
         self.spec = simulate.SimulationSpec(
-            pods=tuple(simulate.PodSpec(f"fine-grained-monitor-{i}") for i in range(pods)),
+            pods=tuple(
+                simulate.PodSpec(
+                    f"fine-grained-monitor-{i}", era="map" if i >= pods - map_pods else "flat"
+                )
+                for i in range(pods)
+            ),
             start=datetime.now(UTC).replace(microsecond=0),
             rotations=0,
             rotation_seconds=ROTATION_S,
@@ -206,7 +211,7 @@ def torture(args: argparse.Namespace, work: Path) -> Figures:
     data_dir.mkdir()
     log = work / "consolidator.log"
     figures = Figures(args.seed)
-    monitor = Monitor(data_dir, args.pods, args.seed)
+    monitor = Monitor(data_dir, args.pods, args.seed, args.map_pods)
     monitor.start()
     try:
         kill_loop(args, data_dir, log, monitor, figures)
@@ -245,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="default: a random one, printed")
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--pods", type=int, default=12, help="monitor instances (partitions)")
+    parser.add_argument(
+        "--map-pods", type=int, default=0, help="of those, how many write the lading map era"
+    )
     parser.add_argument("--min-delay", type=float, default=0.05, help="seconds before a kill")
     parser.add_argument("--max-delay", type=float, default=2.0)
     parser.add_argument("--check-every", type=int, default=10, help="0: only the final check")

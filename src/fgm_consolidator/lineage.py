@@ -9,6 +9,7 @@ read, and a file whose lineage does not decode simply has none.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -19,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import footers
+from . import footers, reading
 from .errors import ConsolidatorError
 from .layout import parse_data_file
 from .schemas import LINEAGE_KEY, conform
@@ -40,6 +41,11 @@ class Lineage:
     @property
     def names(self) -> frozenset[str]:
         return frozenset(s.name for s in self.sources)
+
+    def held_besides(self, output: str) -> frozenset[str]:
+        """The files this lineage of `output` says it holds, other than `output` itself: no
+        file is a copy of itself (one listing its own name was once removed as its own copy)."""
+        return self.names - {output}
 
     def rows_of(self, name: str) -> int:
         return next(s.rows for s in self.sources if s.name == name)
@@ -62,7 +68,7 @@ def decode(raw: bytes | None) -> Lineage | None:
         doc = json.loads(raw)
         sources = tuple(LineageSource(str(s["name"]), int(s["rows"])) for s in doc["sources"])
         return Lineage(int(doc["merge_id"]), int(doc["rows"]), sources)
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, OverflowError):  # Overflow: `"rows": Infinity`
         return None
 
 
@@ -92,7 +98,7 @@ def overlaps(held: Mapping[str, Lineage]) -> dict[str, set[str]]:
     first: dict[str, str] = {}
     shared: dict[str, set[str]] = {}
     for output, lineage in held.items():
-        for name in lineage.names:
+        for name in lineage.held_besides(output):
             other = first.setdefault(name, output)
             if other != output:
                 shared.setdefault(output, set()).add(other)
@@ -108,9 +114,10 @@ def claimed_names(folder: Path, names: Collection[str]) -> set[str]:
     held = lineages(folder, present)
     found: set[str] = set()
     for output, lineage in held.items():
-        if lineage.names & present:
+        held_here = lineage.held_besides(output) & present
+        if held_here:
             found.add(output)
-            found.update(lineage.names & present)
+            found.update(held_here)
     for output, others in overlaps(held).items():
         found.add(output)
         found.update(others)
@@ -131,7 +138,7 @@ def output_reads_back(path: Path, held: Lineage, *, decode: bool = True) -> str 
         parquet = pq.ParquetFile(path)
         with parquet:
             listed = parquet.metadata.num_rows
-            rows = sum(b.num_rows for b in parquet.iter_batches()) if decode else listed
+            rows = sum(b.num_rows for b in reading.batches(parquet)) if decode else listed
     except (OSError, pa.ArrowException) as exc:
         return f"output does not read back: {exc}"
     total = sum(s.rows for s in held.sources)
@@ -174,7 +181,16 @@ def unproven(
                 for s in counted
             }
         missing = _rows_not_found(output, counted, held)
-    except (OSError, pa.ArrowException, ValueError, KeyError, ConsolidatorError) as exc:
+    # OverflowError: a value no Python object holds (a time nested in a struct, say) is a
+    # doubt, not a traceback out of start-up recovery.
+    except (
+        OSError,
+        pa.ArrowException,
+        ValueError,
+        KeyError,
+        OverflowError,
+        ConsolidatorError,
+    ) as exc:
         return {s.name: f"cannot compare {s.name} with {output.name}: {exc}" for s in sources}
     for name, rows in missing.items():
         problems[name] = f"{name} differs from its rows in {output.name} ({rows} rows not found)"
@@ -190,7 +206,7 @@ def _rows_not_found(output: Path, sources: Sequence[Path], held: Lineage) -> Cou
         wanted = {
             source.name: [
                 f
-                for batch in pq.ParquetFile(source).iter_batches()
+                for batch in reading.batches(pq.ParquetFile(source))
                 for f in _fingerprints(conform(batch, schema))
                 if f % buckets == bucket
             ]
@@ -199,7 +215,7 @@ def _rows_not_found(output: Path, sources: Sequence[Path], held: Lineage) -> Cou
         looked_for = {f for found in wanted.values() for f in found}
         have = Counter(
             f
-            for batch in pq.ParquetFile(output).iter_batches()
+            for batch in reading.batches(pq.ParquetFile(output))
             for f in _fingerprints(batch)
             if f in looked_for
         )
@@ -213,12 +229,31 @@ def _rows_not_found(output: Path, sources: Sequence[Path], held: Lineage) -> Cou
 
 
 def _fingerprints(batch: pa.RecordBatch) -> list[int]:
-    columns = [[_hashable(value) for value in column.to_pylist()] for column in batch.columns]
-    return [hash(row) for row in zip(*columns, strict=True)]
+    """A 128-bit digest of each row's exact values. Python's own hash of a row was used here,
+    and it hashes 0.0 like -0.0 and 0 like 2**61 - 1: a file differing from the output only
+    so was proven held, and removed."""
+    columns = [
+        [_hashable(value) for value in _comparable(column).to_pylist()] for column in batch.columns
+    ]
+    return [
+        int.from_bytes(hashlib.blake2b(repr(row).encode(), digest_size=16).digest(), "little")
+        for row in zip(*columns, strict=True)
+    ]
+
+
+def _comparable(column: pa.Array) -> pa.Array:
+    """Times, dates and durations as the integers they are stored as: as Python objects a
+    timestamp past year 9999 raised OverflowError out of start-up recovery; as integers every
+    unit, nanoseconds too, compares exactly."""
+    kind = column.type
+    if pa.types.is_temporal(kind) and kind.bit_width in (32, 64):
+        return column.view(pa.int32() if kind.bit_width == 32 else pa.int64())
+    return column
 
 
 def _hashable(value: object) -> object:
-    """Equal values, equal hashes: NaN equals NaN here, and map entries become tuples."""
+    """Equal values, equal digests: every NaN is one value here, and map entries are tuples
+    (the repr of a float tells -0.0 from 0.0)."""
     if isinstance(value, float) and value != value:
         return ("NaN",)
     if isinstance(value, list | tuple):

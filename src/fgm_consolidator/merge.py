@@ -292,7 +292,9 @@ def _rivals(folder: Path, record: MergeRecord) -> dict[str, lineage.Lineage]:
     ours = {s.name for s in record.sources}
     found = lineage.lineages(folder, lineage.list_names(folder))
     return {
-        name: held for name, held in found.items() if name != record.output and held.names & ours
+        name: held
+        for name, held in found.items()
+        if name != record.output and held.held_besides(name) & ours
     }
 
 

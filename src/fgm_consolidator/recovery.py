@@ -350,7 +350,7 @@ def judge_partition(
             others = ", ".join(sorted(shared[output]))
             reason = f"{output} and {others} list the same sources: rows may be there twice"
             verdicts.append(LineageVerdict(output, others, reason, None))
-        present = sorted(claim.names & present_names)
+        present = sorted(claim.held_besides(output) & present_names)
         before = {name: durable.identity(folder / name) for name in present}
         doubts: dict[str, str] = {}
         if present and output not in shared:
@@ -362,7 +362,7 @@ def judge_partition(
                 else lineage.unproven(folder / output, claim, sources, compare_rows=compare_rows)
             )
         for name in present:
-            claimants = sorted(o for o, c in held.items() if name in c.names)
+            claimants = sorted(o for o, c in held.items() if name in c.held_besides(o))
             if len(claimants) > 1 or output in shared:
                 doubts[name] = (
                     f"listed by several outputs ({', '.join(claimants)}); a person decides"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import crashpoints, durable, footers, label_sets
+from . import crashpoints, durable, footers, label_sets, reading
 from .clustering import FirstRows, MetricSorter
 from .durable import FileIdentity
 from .errors import (
@@ -142,8 +142,8 @@ def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBat
     """Every row of one source, in file order, laid out as `target`."""
 
     def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
-        for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, use_threads=False):
-            yield conform(batch, target)
+        for batch in reading.batches(parquet, READ_BATCH_ROWS, use_threads=False):
+            yield _text_checked(conform(batch, target))
 
     rows = 0
     for batch in _source_batches(source, read, _dictionary_names(target)):
@@ -151,6 +151,20 @@ def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBat
         yield batch
     if rows != source.rows:
         raise SourceReadError(f"footer promised {source.rows} rows, read {rows}", source.path)
+
+
+def _text_checked(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """`batch`, once the text of its dictionary columns is proven UTF-8 (ArrowInvalid if not).
+
+    pyarrow does not check the text of a parquet page it reads, and the sort turns metric
+    names and label sets into Python strings: a byte that is not UTF-8 raised there, long
+    after the source was read, as an unexpected error that named no file, so the file was
+    never reported and its partition never merged. Here it is the source's read error. Only
+    the dictionaries are checked: a few values per batch, not a string per row."""
+    for column in batch.columns:
+        if pa.types.is_dictionary(column.type):
+            column.dictionary.validate(full=True)
+    return batch
 
 
 def write_merged(
