@@ -425,19 +425,11 @@ def test_source_changed_after_planning_is_kept_and_flagged(data_dir: Path, modif
     assert flagged.returncode == -9
     assert journal_records(data_dir)[0].state is MergeState.NEEDS_ATTENTION
 
-    for _ in range(2):
-        result = recover(data_dir)
-        assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
-        lines = json_lines(result.stdout)
-        action = lines[0]
-        assert action["kind"] == "recovery"
-        assert action["action"] == "needs a person"
-        assert action["result"] == "needs-attention"
-        assert changed.name in action["reason"]
-        assert "changed after merge 1 was planned" in action["reason"]
-        assert lines[-1]["needs_person"] == 1
-        assert lines[-1]["consistent"] is False
-        assert snapshot(data_dir) == files  # not one file deleted, the changed one included
+    # not one file deleted, the changed one included
+    lines = left_for_a_person(data_dir, files, changed.name, "changed after merge 1 was planned")
+    assert (lines[0]["kind"], lines[0]["result"]) == ("recovery", "needs-attention")
+    assert lines[-1]["needs_person"] == 1
+    assert lines[-1]["consistent"] is False
 
     record = journal_records(data_dir)[0]
     assert [(t.state, t.actor) for t in record.transitions] == [
@@ -464,6 +456,23 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def left_for_a_person(
+    data_dir: Path, files: dict[str, tuple[int, int, str]], *reasons: str
+) -> list[dict[str, Any]]:
+    """Two recoveries in a row: each exits 3, names every one of `reasons` in the merge's
+    reason, and deletes nothing. The lines the last one printed."""
+    for _ in range(2):
+        result = recover(data_dir)
+        assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
+        lines = json_lines(result.stdout)
+        action = lines[0]
+        assert action["action"] == "needs a person"
+        for reason in reasons:
+            assert reason in action["reason"], action["reason"]
+        assert snapshot(data_dir) == files
+    return lines
+
+
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_output_lost_while_sources_are_gone_needs_a_person(data_dir: Path, damage: str) -> None:
     make_data(data_dir, "small")
@@ -476,16 +485,11 @@ def test_output_lost_while_sources_are_gone_needs_a_person(data_dir: Path, damag
     files = snapshot(data_dir)
     assert count(folder, "metrics-", ".parquet") == SOURCES - 5
 
-    for _ in range(2):
-        result = recover(data_dir)
-        assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
-        action = json_lines(result.stdout)[0]
-        assert action["action"] == "needs a person"
-        assert action["found"] in ("renamed", "needs-attention")
-        what = "missing" if damage == "missing" else "corrupt (checksum differs)"
-        assert f"output {OUTPUT} is {what}" in action["reason"]
-        assert "metrics-20251230T080000Z.parquet (missing)" in action["reason"]
-        assert snapshot(data_dir) == files
+    what = "missing" if damage == "missing" else "corrupt (checksum differs)"
+    lines = left_for_a_person(
+        data_dir, files, f"output {OUTPUT} is {what}", "metrics-20251230T080000Z.parquet (missing)"
+    )
+    assert lines[0]["found"] == "needs-attention"  # as the first recovery left it
 
     record = journal_records(data_dir)[0]
     assert record.state is MergeState.NEEDS_ATTENTION
@@ -508,13 +512,7 @@ def test_a_published_output_whose_checksum_differs_is_left_for_a_person(data_dir
     corrupt(folder / OUTPUT)
     files = snapshot(data_dir)
 
-    for _ in range(2):
-        result = recover(data_dir)
-        assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
-        action = json_lines(result.stdout)[0]
-        assert action["action"] == "needs a person"
-        assert f"output {OUTPUT} is corrupt (checksum differs)" in action["reason"]
-        assert snapshot(data_dir) == files
+    left_for_a_person(data_dir, files, f"output {OUTPUT} is corrupt (checksum differs)")
     assert journal_records(data_dir)[0].state is MergeState.NEEDS_ATTENTION
     assert run_once(data_dir).returncode == 0
     assert snapshot(data_dir) == files
@@ -549,14 +547,7 @@ def test_companion_name_taken_after_the_output_is_published_needs_a_person(
     (folder / OUTPUT_COMPANION).write_bytes(b"not ours")
     files = snapshot(data_dir)
 
-    for _ in range(2):
-        result = recover(data_dir)
-        assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
-        action = json_lines(result.stdout)[0]
-        assert action["action"] == "needs a person"
-        assert "name already exists" in action["reason"]
-        assert OUTPUT_COMPANION in action["reason"]
-        assert snapshot(data_dir) == files
+    left_for_a_person(data_dir, files, "name already exists", OUTPUT_COMPANION)
     record = journal_records(data_dir)[0]
     assert record.state is MergeState.NEEDS_ATTENTION
     assert [t.actor for t in record.transitions].count("recovery") == 1
