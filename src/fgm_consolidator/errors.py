@@ -9,6 +9,8 @@ merge, which is rolled back and tried again by the next pass.
 from __future__ import annotations
 
 import errno
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EBUSY})
@@ -85,3 +87,23 @@ class NotRegularFileError(OSError):
     and merging a link's target and then deleting the link leaves its rows twice. An OSError,
     not a ConsolidatorError, so that every reader of a file treats it as the read failure it
     is, where it already handles the others."""
+
+
+@dataclass(frozen=True)
+class Unexpected:
+    """An exception no check foresaw (a bug, an input nothing anticipated), as a log line
+    carries it. Whoever catches one isolates the item it was working on (a merge, a partition)
+    and goes on with the others: raised further, one bad partition stopped every pass, or every
+    start-up, for the whole data directory."""
+
+    text: str
+    where: str  # the innermost frame: file:line in function
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Unexpected:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = "unknown"
+        if frames:
+            last = frames[-1]
+            where = f"{Path(last.filename).name}:{last.lineno} in {last.name}"
+        return cls(f"unexpected {type(exc).__name__}: {exc}", where)

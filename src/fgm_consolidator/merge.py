@@ -10,7 +10,6 @@ from __future__ import annotations
 import filecmp
 import logging
 import os
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from .errors import (
     OutputCheckError,
     SourceChangedError,
     SourceReadError,
+    Unexpected,
 )
 from .journal import Journal, MergeRecord
 from .layout import companion_name, tmp_name
@@ -135,12 +135,12 @@ def _write_and_finish(
         # A bug, or an input no check foresaw (two once surfaced as a KeyError and a TypeError
         # in the sort). Nothing is published before `written`, so rolling back is as safe here
         # as above; the partition then backs off, and the service goes on with the others.
-        unexpected = f"unexpected {type(exc).__name__}: {exc}"
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
-        log_event(log, "merge-crashed", logging.ERROR, error=unexpected, where=where)
-        roll_back(journal, folder, merge_id, plan.output, error=unexpected, actor="merge")
-        return MergeState.ROLLED_BACK, None, unexpected, True
+        unexpected = Unexpected.of(exc)
+        log_event(
+            log, "merge-crashed", logging.ERROR, error=unexpected.text, where=unexpected.where
+        )
+        roll_back(journal, folder, merge_id, plan.output, error=unexpected.text, actor="merge")
+        return MergeState.ROLLED_BACK, None, unexpected.text, True
     journal.record_written(merge_id, rows=result.rows, size=result.size, checksum=result.checksum)
     state, error = finish(journal, folder, journal.merge(merge_id), actor="merge")
     return state, result.size, error, False

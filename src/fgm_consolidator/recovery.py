@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from . import companions, crashpoints, durable, lineage
 from .backoff import Hold, hold_for
-from .errors import CompanionError, NameTakenError
+from .errors import CompanionError, NameTakenError, Unexpected
 from .journal import Journal, MergeRecord
 from .layout import companion_name, is_our_tmp, iter_partitions, linked_folder, tmp_name
 from .logs import context, log_event
@@ -191,12 +192,21 @@ def _resolve_or_leave(journal: Journal, data_dir: Path, record: MergeRecord) -> 
     """`resolve`, or the merge left in its state when the disk refuses a step (a source nobody
     may delete, EIO). Each step is safe to redo from the journal's state, as after a kill, so
     the next recovery tries again; meanwhile its sources stay held and the other merges and
-    partitions go on. Raised, one such file once stopped start-up and failed every pass."""
+    partitions go on. Raised, one such file once stopped start-up and failed every pass.
+    An exception no check foresaw is left the same way, naming where it was raised; a journal
+    error is not: without the journal, no recovery is safe."""
     try:
         return resolve(journal, data_dir, record)
+    except sqlite3.Error:
+        raise
     except OSError as exc:
         reason = f"{exc}; left {record.state}, the next recovery tries again"
         log_event(log, "recovery-failed", logging.ERROR, error=reason)
+        return _action(record, record.state, Step.FAILED, reason)
+    except Exception as exc:
+        unexpected = Unexpected.of(exc)
+        reason = f"{unexpected.text}; left {record.state}, the next recovery tries again"
+        log_event(log, "recovery-failed", logging.ERROR, error=reason, where=unexpected.where)
         return _action(record, record.state, Step.FAILED, reason)
 
 
@@ -306,6 +316,16 @@ def recover_from_lineage(
             actions.extend(_settle_partition(folder, partition, busy))
         except OSError as exc:
             log_event(log, "lineage-check-failed", logging.ERROR, partition=partition, error=exc)
+        except Exception as exc:  # nothing is deleted unproven, and the planner holds claims
+            unexpected = Unexpected.of(exc)
+            log_event(
+                log,
+                "lineage-check-failed",
+                logging.ERROR,
+                partition=partition,
+                error=unexpected.text,
+                where=unexpected.where,
+            )
     return actions
 
 

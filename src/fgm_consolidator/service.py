@@ -24,6 +24,7 @@ from types import FrameType
 
 from . import identity, lock, memory, retention
 from .backoff import Backoff
+from .errors import Unexpected
 from .journal import Journal, PassResult, explained
 from .layout import walk_partitions
 from .logs import log_event
@@ -159,6 +160,21 @@ def consolidation_pass(
             log_event(log, "partition-failed", logging.ERROR, partition=partition, error=exc)
             if backoff is not None:
                 backoff.failed(partition, exc)
+        except sqlite3.Error:
+            raise  # the journal: no partition can be worked without it
+        except Exception as exc:
+            unexpected = Unexpected.of(exc)
+            report.errors.append((partition, unexpected.text))
+            log_event(
+                log,
+                "partition-failed",
+                logging.ERROR,
+                partition=partition,
+                error=unexpected.text,
+                where=unexpected.where,
+            )
+            if backoff is not None:
+                backoff.failed(partition, unexpected.text)
         else:
             if backoff is not None:
                 _settle_backoff(backoff, partition, report.merges[merges_before:])
