@@ -107,3 +107,8 @@ class Unexpected:
             last = frames[-1]
             where = f"{Path(last.filename).name}:{last.lineno} in {last.name}"
         return cls(f"unexpected {type(exc).__name__}: {exc}", where)
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """For `log_event`: the error and where it was raised."""
+        return {"error": self.text, "where": self.where}

@@ -136,9 +136,7 @@ def _write_and_finish(
         # in the sort). Nothing is published before `written`, so rolling back is as safe here
         # as above; the partition then backs off, and the service goes on with the others.
         unexpected = Unexpected.of(exc)
-        log_event(
-            log, "merge-crashed", logging.ERROR, error=unexpected.text, where=unexpected.where
-        )
+        log_event(log, "merge-crashed", logging.ERROR, **unexpected.fields)
         roll_back(journal, folder, merge_id, plan.output, error=unexpected.text, actor="merge")
         return MergeState.ROLLED_BACK, None, unexpected.text, True
     journal.record_written(merge_id, rows=result.rows, size=result.size, checksum=result.checksum)

@@ -317,14 +317,12 @@ def recover_from_lineage(
         except OSError as exc:
             log_event(log, "lineage-check-failed", logging.ERROR, partition=partition, error=exc)
         except Exception as exc:  # nothing is deleted unproven, and the planner holds claims
-            unexpected = Unexpected.of(exc)
             log_event(
                 log,
                 "lineage-check-failed",
                 logging.ERROR,
                 partition=partition,
-                error=unexpected.text,
-                where=unexpected.where,
+                **Unexpected.of(exc).fields,
             )
     return actions
 

@@ -166,12 +166,7 @@ def consolidation_pass(
             unexpected = Unexpected.of(exc)
             report.errors.append((partition, unexpected.text))
             log_event(
-                log,
-                "partition-failed",
-                logging.ERROR,
-                partition=partition,
-                error=unexpected.text,
-                where=unexpected.where,
+                log, "partition-failed", logging.ERROR, partition=partition, **unexpected.fields
             )
             if backoff is not None:
                 backoff.failed(partition, unexpected.text)
