@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from conftest import PAST, rows_pyarrow, run_cli, small_spec, tmp_files
 
-from fgm_consolidator import lock
+from fgm_consolidator import lock, service
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path, lock_path
 from fgm_consolidator.service import StopFlag
@@ -349,26 +349,58 @@ def time_of(event: dict[str, str]) -> float:
 # -- (e) intervals longer than a thread can wait ----------------------------------------------
 
 
-class _RecordingEvent(threading.Event):
-    """Records each timeout asked for and returns at once, so the test never blocks."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.timeouts: list[float | None] = []
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self.timeouts.append(timeout)
-        return super().wait(0)
-
-
-def test_a_check_interval_longer_than_a_thread_can_wait_does_not_crash_the_loop() -> None:
+def test_a_check_interval_longer_than_a_thread_can_wait_does_not_crash_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """`run --check-interval 1e10` passed the option's range, ran a pass, then died with
     OverflowError (timestamp out of range for platform time_t) in the wait between passes."""
+    asked: list[float] = []
+    real = service.select.select
+
+    def recording(read: Any, write: Any, error: Any, timeout: float) -> Any:
+        asked.append(timeout)
+        return real(read, write, error, 0)
+
+    monkeypatch.setattr(service.select, "select", recording)
+    assert StopFlag(0).wait(1e10) is False
+    assert asked == [threading.TIMEOUT_MAX]
+
+
+def test_a_stop_requested_as_the_wait_begins_ends_it_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The signal handler runs in the main thread wherever it was, inside the wait too. It once
+    set a `threading.Event` whose lock the wait could be holding. Here the request lands at
+    the worst moment: after the wait saw no request, before it blocks. It must take no lock
+    and still wake the wait."""
     stop = StopFlag(0)
-    event = _RecordingEvent()
-    stop._event = event
-    assert stop.wait(1e10) is False
-    assert event.timeouts == [threading.TIMEOUT_MAX]
+    real = service.select.select
+
+    def signal_lands_first(read: Any, write: Any, error: Any, timeout: float) -> Any:
+        stop.request(signal.SIGTERM)
+        return real(read, write, error, timeout)
+
+    monkeypatch.setattr(service.select, "select", signal_lands_first)
+    began = time.monotonic()
+    assert stop.wait(60) is True
+    assert time.monotonic() - began < 30  # woken by the request, not by the timeout
+    assert stop.requested
+
+
+def test_sigterm_wakes_a_wait_in_this_process() -> None:
+    """The real handler, a real signal: the main thread waits, a thread sends SIGTERM."""
+    stop = StopFlag(0)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, stop.request)
+    try:
+        sender = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM))
+        began = time.monotonic()
+        sender.start()
+        assert stop.wait(60) is True
+        assert time.monotonic() - began < 30
+        sender.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -- (f) a lock file that cannot be written ---------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import select
 import signal
 import sqlite3
 import threading
@@ -63,26 +65,43 @@ class StopFlag:
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
-        self._event = threading.Event()
+        self._requested = False
         self._deadline: float | None = None
+        self._wake: tuple[int, int] | None = None  # a pipe, made by the first `wait`
 
     def request(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        """Also the signal handler, which runs in the main thread wherever that thread was, so
+        it takes no lock the main thread may hold. It used to set a `threading.Event`, whose
+        lock is not reentrant: a SIGTERM landing while the main thread held that lock inside
+        the event's own `wait` deadlocked the service for good (the likely cause of a CI run
+        whose service did not stop within 30 s). A byte in a pipe wakes the wait instead.
+        (Logging takes only reentrant locks.)"""
         if self._deadline is None:
             self._deadline = time.monotonic() + self.grace_s
             log_event(log, "stop-requested", signal=signum, grace_s=self.grace_s)
-        self._event.set()
+        self._requested = True
+        if self._wake is not None:
+            with contextlib.suppress(BlockingIOError):  # full: a byte is there already
+                os.write(self._wake[1], b"\0")
 
     @property
     def requested(self) -> bool:
-        return self._event.is_set()
+        return self._requested
 
     def past_grace(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
     def wait(self, seconds: float) -> bool:
-        # A wait past TIMEOUT_MAX (~292 years) raises OverflowError: `--check-interval 1e10`
-        # would crash the service after its first pass. Such a wait ends by signal anyway.
-        return self._event.wait(min(seconds, threading.TIMEOUT_MAX))
+        """True once a stop is requested, at the latest after `seconds`."""
+        if self._wake is None:
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            self._wake = (read, write)
+        if not self._requested:  # a request from here on writes to the pipe
+            # A wait past TIMEOUT_MAX (~292 years) raises OverflowError: `--check-interval
+            # 1e10` would crash the service after its first pass. Such a wait ends by signal.
+            select.select([self._wake[0]], [], [], min(seconds, threading.TIMEOUT_MAX))
+        return self._requested
 
     def install(self) -> None:
         """SIGHUP (the terminal that started `run` closed) stops as SIGTERM does: its default
