@@ -9,21 +9,19 @@ read, and a file whose lineage does not decode simply has none.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import footers, reading
+from . import containment, footers, reading
 from .errors import ConsolidatorError
 from .layout import parse_data_file
-from .schemas import LINEAGE_KEY, conform
+from .schemas import LINEAGE_KEY
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,7 @@ def output_reads_back(path: Path, held: Lineage, *, decode: bool = True) -> str 
         parquet = pq.ParquetFile(path)
         with parquet:
             listed = parquet.metadata.num_rows
-            rows = sum(b.num_rows for b in reading.batches(parquet)) if decode else listed
+            rows = sum(b.num_rows for b in _batches(parquet)) if decode else listed
     except (OSError, pa.ArrowException) as exc:
         return f"output does not read back: {exc}"
     total = sum(s.rows for s in held.sources)
@@ -147,20 +145,13 @@ def output_reads_back(path: Path, held: Lineage, *, decode: bool = True) -> str 
     return None
 
 
-# Fingerprints kept in memory at once while proving containment; more rows take more passes.
-BUCKET_ROWS = 500_000
-
-
 def unproven(
     output: Path, held: Lineage, sources: Sequence[Path], *, compare_rows: bool = True
 ) -> dict[str, str]:
     """Why each present source is not shown to lie inside the output; a source not in the
     answer is proven, and may go.
 
-    Outputs are laid out by metric, so a source's rows are spread over its output rather than
-    found at an offset: the proof counts row fingerprints instead, and hands each output row
-    to one source only, so it stays exact for rows two sources share. Fingerprints are split
-    into buckets by value to keep memory bounded; each bucket reads the files again. Without
+    The rows are compared by `containment`, in bounded memory. Without
     `compare_rows` only the footers' row counts are compared, which proves nothing: a source
     whose count agrees is answered with that.
     """
@@ -180,7 +171,7 @@ def unproven(
                 s.name: f"{s.name} is still here; its rows were not compared with {output.name}'s"
                 for s in counted
             }
-        missing = _rows_not_found(output, counted, held)
+        missing = containment.rows_not_found(output, counted)
     # OverflowError: a value no Python object holds (a time nested in a struct, say) is a
     # doubt, not a traceback out of start-up recovery.
     except (
@@ -197,65 +188,7 @@ def unproven(
     return problems
 
 
-def _rows_not_found(output: Path, sources: Sequence[Path], held: Lineage) -> Counter[str]:
-    schema = pq.read_schema(output)
-    total = sum(held.rows_of(source.name) for source in sources)
-    buckets = max(1, -(-total // BUCKET_ROWS))
-    missing: Counter[str] = Counter()
-    for bucket in range(buckets):
-        wanted = {
-            source.name: [
-                f
-                for batch in reading.batches(pq.ParquetFile(source))
-                for f in _fingerprints(conform(batch, schema))
-                if f % buckets == bucket
-            ]
-            for source in sources
-        }
-        looked_for = {f for found in wanted.values() for f in found}
-        have = Counter(
-            f
-            for batch in reading.batches(pq.ParquetFile(output))
-            for f in _fingerprints(batch)
-            if f in looked_for
-        )
-        for name, found in wanted.items():
-            for f in found:
-                if have[f] > 0:
-                    have[f] -= 1
-                else:
-                    missing[name] += 1
-    return missing
-
-
-def _fingerprints(batch: pa.RecordBatch) -> list[int]:
-    """A 128-bit digest of each row's exact values. Python's own hash of a row was used here,
-    and it hashes 0.0 like -0.0 and 0 like 2**61 - 1: a file differing from the output only
-    so was proven held, and removed."""
-    columns = [
-        [_hashable(value) for value in _comparable(column).to_pylist()] for column in batch.columns
-    ]
-    return [
-        int.from_bytes(hashlib.blake2b(repr(row).encode(), digest_size=16).digest(), "little")
-        for row in zip(*columns, strict=True)
-    ]
-
-
-def _comparable(column: pa.Array) -> pa.Array:
-    """Times, dates and durations as the integers they are stored as: as Python objects a
-    timestamp past year 9999 raised OverflowError out of start-up recovery; as integers every
-    unit, nanoseconds too, compares exactly."""
-    kind = column.type
-    if pa.types.is_temporal(kind) and kind.bit_width in (32, 64):
-        return column.view(pa.int32() if kind.bit_width == 32 else pa.int64())
-    return column
-
-
-def _hashable(value: object) -> object:
-    """Equal values, equal digests: every NaN is one value here, and map entries are tuples
-    (the repr of a float tells -0.0 from 0.0)."""
-    if isinstance(value, float) and value != value:
-        return ("NaN",)
-    if isinstance(value, list | tuple):
-        return tuple(_hashable(item) for item in value)
-    return value
+def _batches(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
+    """Small batches, without threads: only their count is wanted (every page decoded), and
+    65,536-row batches of an output took 25 MB at start-up."""
+    return reading.batches(parquet, containment.BATCH_ROWS, use_threads=False)
