@@ -149,6 +149,15 @@ def test_scale_quick() -> None:
     assert [p[3] for p in passes] == ["2", "0", "2", "0", "0"]  # merges: none when idle
 
 
+def test_recovery_quick_proves_every_source_at_both_sizes() -> None:
+    out = run_script("bench_recovery.py", "--quick")
+    absolute = table_rows(out, "Absolute figures")
+    assert [(r[0], r[1]) for r in absolute] == [("0.01", "4"), ("0.1", "4")]
+    small_rows, large_rows = (int(r[2].replace(",", "")) for r in absolute)
+    assert large_rows > 4 * small_rows
+    assert table_rows(out, "Larger vs smaller")[0][3] == "met"
+
+
 def test_bloom_probe_agrees_with_duckdb(tmp_path: Path) -> None:
     duckdb = pytest.importorskip("duckdb")
     assert parquet_bloom.xxh64(b"") == 0xEF46DB3751D8E999  # xxHash64 reference values
