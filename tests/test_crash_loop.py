@@ -11,6 +11,7 @@ and once the hold is over pod-a is merged too. No row is lost or kept twice on t
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from typing import Any
 from conftest import rows_pyarrow, run_cli, small_spec
 
 from fgm_consolidator.backoff import MAX_WAIT_S, hold_for
+from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.simulate import PodSpec, generate
 
 POD_A = "dt=2025-12-30/identifier=pod-a"
@@ -108,3 +110,52 @@ def test_the_hold_doubles_with_each_death_up_to_the_cap_and_a_clock_set_back_end
     assert second.active(died + timedelta(seconds=299))
     assert not second.active(died + timedelta(seconds=300))
     assert not second.active(died - timedelta(days=3))  # not a three-day wait
+
+
+def test_a_lineage_proof_that_kills_its_process_twice_is_held_and_start_up_goes_on(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The journal is lost between an output's rename and its sources' deletes, so start-up
+    must prove the output holds them, reading both; that proof kills its process (a crash
+    point stands in for a decoder's crash or the OOM killer). Without the hold every start
+    died there. The third start skips it, keeps the files and says why; `status` names the
+    output; once the wait is over the proof runs again and removes the sources."""
+    generate(data_dir, small_spec((PodSpec("pod-a"),)))
+    expected = rows_pyarrow(data_dir)
+    folder = data_dir / POD_A
+    shutil.copytree(folder, kept := tmp_path / "sources")
+    assert run_once(data_dir).returncode == 0
+    [output] = [p.name for p in folder.glob("consolidated-*.parquet")]
+    for path in kept.iterdir():
+        shutil.copy2(path, folder / path.name)
+    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
+        path.unlink()
+    in_the_proof = {"FGM_CRASH_AT": "recovery:attempt-begun"}
+
+    for attempt in (1, 2):
+        died = run_cli("recover", "--data-dir", str(data_dir), env=in_the_proof)
+        assert died.returncode == KILLED, (attempt, died.stdout + died.stderr)
+
+    after = run_cli(
+        "run", "--once", "--data-dir", str(data_dir), "--min-age", "0", "--log-format", "json",
+        env=in_the_proof,
+    )  # fmt: skip
+    assert after.returncode == 0, after.stderr
+    kept_files = events(after.stderr, "lineage-recovery")
+    assert kept_files and {e["action"] for e in kept_files} == {"kept"}
+    assert all("died with the process 2 times in a row" in e["reason"] for e in kept_files)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [output, output.replace(".parquet", ".containers"), *(p.name for p in kept.iterdir())]
+    )
+
+    status = run_cli("status", "--data-dir", str(data_dir))
+    assert status.returncode == EXIT_NEEDS_PERSON, status.stdout + status.stderr
+    assert f"{folder / output}: lineage check: its proof died with the process" in status.stdout
+
+    deadline = time.monotonic() + 60
+    while any(folder.glob("metrics-*.parquet")):
+        assert time.monotonic() < deadline, "the proof was never tried again"
+        retried = run_once(data_dir, "--check-interval", "0.2")
+        assert retried.returncode == 0, retried.stderr
+    assert sorted(p.name for p in folder.glob("*.parquet")) == [output]
+    assert rows_pyarrow(data_dir) == expected

@@ -37,7 +37,7 @@ def plan(journal: Journal, partition: str = "dt=2025-12-30/identifier=a", output
 def test_opens_in_wal_with_full_sync_and_latest_schema(journal: Journal) -> None:
     assert journal.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert journal.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert journal.db.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert journal.db.execute("PRAGMA user_version").fetchone()[0] == 5
     assert set(journal.db.table_names()) >= {
         "merges", "sources", "transitions", "unreadable", "passes", "prunes", "data_dir",
     }  # fmt: skip
@@ -138,7 +138,7 @@ def test_a_schema_2_journal_migrates_and_keeps_its_unreadable_rows(tmp_path: Pat
         before.close()
     after = Journal.open(path)
     try:
-        assert after.db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert after.db.execute("PRAGMA user_version").fetchone()[0] == 5
         assert after.unreadable() == [legacy]
         ident = FileIdentity(1, 10, 20)
         assert after.record_unreadable(legacy.partition, legacy.name, ident, "again", ctime_ns=50)
@@ -341,3 +341,30 @@ def test_deaths_count_the_latest_merges_recovery_found_dead_while_planned_or_wri
     for _ in range(5):
         _ended(journal, DIED_WRITING)
     assert journal.deaths("p", "recovery", lookback=3).count == 3  # bounded, history aside
+
+
+def test_an_attempt_begun_and_never_ended_counts_as_a_death_until_one_ends(
+    journal: Journal,
+) -> None:
+    assert journal.attempt_deaths("lineage:p/out").count == 0
+    journal.begin_attempt("lineage:p/out")  # the process died in it
+    journal.begin_attempt("lineage:p/out")  # and again
+    deaths = journal.attempt_deaths("lineage:p/out")
+    assert deaths.count == 2 and deaths.last_at is not None
+    assert journal.died_attempts() == [("lineage:p/out", deaths)]
+    assert journal.attempt_deaths("lineage:p/other").count == 0
+    journal.begin_attempt("lineage:p/out")
+    journal.end_attempt("lineage:p/out")  # this one lived to the end, whatever its outcome
+    assert journal.attempt_deaths("lineage:p/out").count == 0
+    assert journal.died_attempts() == []
+
+
+def test_a_journal_from_before_attempts_reads_as_none_died(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    old_journal(path, 4)
+    old = Journal.open(path, read_only=True)  # `status` does not migrate
+    try:
+        assert old.attempt_deaths("lineage:p/out").count == 0
+        assert old.died_attempts() == []
+    finally:
+        old.close()

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 MAX_DOUBLINGS = 5
 MAX_WAIT_S = 3600.0
 DEATHS_BEFORE_HOLD = 2
+DEFAULT_INTERVAL_S = 300.0  # `run --check-interval`'s default; the interval of a hold outside it
 
 
 def cap_for(interval_s: float) -> float:

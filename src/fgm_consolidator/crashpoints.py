@@ -21,7 +21,8 @@ The points (each reached just after the step it names has returned):
 - `durable:fsync-dir` after a folder is synced;
 - `recovery:<action>` after recovery dealt with one merge (`resumed`, `rolled-back`,
   `needs-a-person`, or `failed` when the disk refused a step and the merge was left as it
-  was), `recovery:swept` after the orphans of one folder are gone.
+  was), `recovery:swept` after the orphans of one folder are gone, `recovery:attempt-begun`
+  after a start-up step outside any merge (a lineage proof) is journaled as begun.
 
 Inside `unnamed()` no point is reached: the data directory's id, written once by the first
 start, uses the durable steps too, and would otherwise shift every number above by one for the

@@ -170,11 +170,12 @@ class PassRecord:
 
 @dataclass(frozen=True)
 class Deaths:
-    """A partition's latest merges that died with their process: rolled back by recovery from
-    `planned` or `writing`, counted from the newest merge back to the first that did not."""
+    """Work that died with its process, in a row: a partition's latest merges (rolled back by
+    recovery from `planned` or `writing`, counted from the newest merge back to the first that
+    did not), or the attempts at a start-up step (`attempts`, never ended)."""
 
     count: int
-    last_at: str | None  # when recovery rolled back the newest of them
+    last_at: str | None  # when the latest of them was rolled back, or began
 
 
 # The last few merges of a partition, newest first: each one's latest state, who set it and
@@ -237,6 +238,7 @@ class UnreadableRecord:
 
 
 DATA_DIR_VERSION = 4  # the migration that added the data_dir table
+ATTEMPTS_VERSION = 5  # the migration that added the attempts table
 
 
 @dataclass(frozen=True)
@@ -613,6 +615,36 @@ class Journal:
             count += 1
             last_at = last_at or str(at)
         return Deaths(count, last_at)
+
+    def attempt_deaths(self, subject: str) -> Deaths:
+        """How many attempts at `subject` in a row died with their process (begun, never
+        ended), and when the latest began."""
+        if self._user_version() < ATTEMPTS_VERSION:  # read-only, before `run` migrated it
+            return Deaths(0, None)
+        row = self.db.execute(
+            "SELECT deaths, last_at FROM attempts WHERE subject = ?", (subject,)
+        ).fetchone()
+        return Deaths(0, None) if row is None else Deaths(int(row[0]), str(row[1]))
+
+    def begin_attempt(self, subject: str) -> None:
+        """Committed before the step: if the process dies in it, the row stays and counts."""
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO attempts (subject, deaths, last_at) VALUES (?, 1, ?) ON CONFLICT"
+                " (subject) DO UPDATE SET deaths = deaths + 1, last_at = excluded.last_at",
+                (subject, utc_now()),
+            )
+
+    def end_attempt(self, subject: str) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM attempts WHERE subject = ?", (subject,))
+
+    def died_attempts(self) -> list[tuple[str, Deaths]]:
+        """Every step whose attempts died with their process, for `status`."""
+        if self._user_version() < ATTEMPTS_VERSION:
+            return []
+        rows = self.db.execute("SELECT subject, deaths, last_at FROM attempts ORDER BY subject")
+        return [(str(subject), Deaths(int(deaths), str(at))) for subject, deaths, at in rows]
 
     def history(
         self,

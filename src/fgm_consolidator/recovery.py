@@ -15,13 +15,15 @@ import hashlib
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 from . import companions, crashpoints, durable, lineage
-from .backoff import Hold, hold_for
+from .backoff import DEFAULT_INTERVAL_S, Hold, hold_for
 from .errors import CompanionError, NameTakenError, Unexpected
 from .journal import Journal, MergeRecord
 from .layout import companion_name, is_our_tmp, iter_partitions, linked_folder, tmp_name
@@ -105,6 +107,68 @@ def hold(journal: Journal, partition: str, interval_s: float) -> Hold | None:
     """The wait of a partition whose latest merges recovery found dead with their process."""
     deaths = journal.deaths(partition, ACTOR)
     return hold_for(deaths.count, deaths.last_at, interval_s)
+
+
+class ProofGuard:
+    """Keeps a lineage proof that kills its process from killing every start after it.
+
+    The proof reads whatever files it finds, and a file can make a reader die (out of memory,
+    a crash in a decoder) where no exception can be caught. Then every start dies in the
+    same proof, and the sidecar never merges again. So each proof is journaled while it runs
+    (`Journal.begin_attempt`); from the second death in a row it is held, like a partition
+    whose merges die (`hold_for`: one interval, then doubling), and its files are kept and
+    reported meanwhile. One death (a deploy's SIGKILL) costs nothing.
+    """
+
+    def __init__(self, journal: Journal, interval_s: float) -> None:
+        self._journal = journal
+        self._interval_s = interval_s
+
+    def held(self, subject: str) -> Hold | None:
+        deaths = self._journal.attempt_deaths(subject)
+        held = hold_for(deaths.count, deaths.last_at, self._interval_s)
+        return held if held is not None and held.active(Journal.now()) else None
+
+    def run(
+        self,
+        subject: str,
+        names: Collection[str],
+        prove: Callable[[], dict[str, str]],
+        *,
+        journaled: bool = True,
+    ) -> dict[str, str]:
+        """`prove()`, journaled as an attempt unless `journaled` is false (`status` only
+        reads); while `subject` is held, a doubt for each of `names` saying so instead."""
+        waiting = self.held(subject)
+        if waiting is not None:
+            return dict.fromkeys(names, held_reason(waiting))
+        if not journaled:
+            return prove()
+        with self.attempt(subject):
+            return prove()
+
+    @contextmanager
+    def attempt(self, subject: str) -> Iterator[None]:
+        """The block's work, journaled as begun until it ends, however it ends: only a death
+        leaves the row."""
+        self._journal.begin_attempt(subject)
+        crashpoints.reach("recovery:attempt-begun")
+        try:
+            yield
+        finally:
+            self._journal.end_attempt(subject)
+
+
+def proof_subject(partition: str, output: str) -> str:
+    return f"lineage:{partition}/{output}"
+
+
+def held_reason(held: Hold) -> str:
+    until = held.until.isoformat(timespec="seconds")
+    return (
+        f"its proof died with the process {held.deaths} times in a row (out of memory? a crash"
+        f" reading a file?); files kept, tried again at a start after {until}"
+    )
 
 
 def _broken_sources(folder: Path, record: MergeRecord) -> list[str]:
@@ -266,10 +330,13 @@ def recover(
     sweep: bool = True,
     observer: Observer | None = None,
     should_stop: Callable[[], bool] = _never,
+    interval_s: float = DEFAULT_INTERVAL_S,
 ) -> RecoveryReport:
     """`sweep` (start-up and the `recover` command, under the lock) also removes orphan temp
-    files and settles, from their lineage, outputs whose sources are still present. Once
-    `should_stop()` is true, the report holds what was done so far."""
+    files and settles, from their lineage, outputs whose sources are still present; a proof
+    that died with its process twice in a row waits like a failing partition (`interval_s`,
+    doubling; `ProofGuard`). Once `should_stop()` is true, the report holds what was done so
+    far."""
     observer = observer or Observer()
     report = RecoveryReport()
     unfinished = journal.unfinished()
@@ -291,12 +358,16 @@ def recover(
         }
         report.swept = sweep_orphans(data_dir, keep)
         busy = {(record.partition, record.output) for record in unfinished}
-        report.lineage = recover_from_lineage(data_dir, busy, should_stop)
+        guard = ProofGuard(journal, interval_s)
+        report.lineage = recover_from_lineage(data_dir, busy, should_stop, guard)
     return report
 
 
 def recover_from_lineage(
-    data_dir: Path, busy: set[tuple[str, str]], should_stop: Callable[[], bool] = _never
+    data_dir: Path,
+    busy: set[tuple[str, str]],
+    should_stop: Callable[[], bool] = _never,
+    guard: ProofGuard | None = None,
 ) -> list[LineageAction]:
     """Remove the present files that an output provably holds already; report the rest.
 
@@ -313,7 +384,7 @@ def recover_from_lineage(
             break
         folder = data_dir / partition
         try:
-            actions.extend(_settle_partition(folder, partition, busy))
+            actions.extend(_settle_partition(folder, partition, busy, guard))
         except OSError as exc:
             log_event(log, "lineage-check-failed", logging.ERROR, partition=partition, error=exc)
         except Exception as exc:  # nothing is deleted unproven, and the planner holds claims
@@ -348,6 +419,7 @@ def judge_partition(
     busy: Collection[tuple[str, str]],
     *,
     compare_rows: bool = True,
+    guard: ProofGuard | None = None,
 ) -> list[LineageVerdict]:
     """What each output's lineage says of the files beside it, among `names`; changes nothing.
 
@@ -373,12 +445,12 @@ def judge_partition(
         doubts: dict[str, str] = {}
         if present and output not in shared:
             sources = [folder / name for name in present]
-            unreadable = lineage.output_reads_back(folder / output, claim, decode=compare_rows)
-            doubts = (
-                dict.fromkeys(present, unreadable)
-                if unreadable
-                else lineage.unproven(folder / output, claim, sources, compare_rows=compare_rows)
-            )
+            prove = partial(_prove, folder / output, claim, sources, compare_rows=compare_rows)
+            if guard is None:
+                doubts = prove()
+            else:  # journaled only when rows are read: `status` reads footers, and no journal
+                subject = proof_subject(partition, output)
+                doubts = guard.run(subject, present, prove, journaled=compare_rows)
         for name in present:
             claimants = sorted(o for o, c in held.items() if name in c.held_besides(o))
             if len(claimants) > 1 or output in shared:
@@ -389,10 +461,20 @@ def judge_partition(
     return verdicts
 
 
+def _prove(
+    output: Path, claim: lineage.Lineage, sources: list[Path], *, compare_rows: bool = True
+) -> dict[str, str]:
+    """Why each of `sources` is not shown to be held by `output`: its doubts, by name."""
+    unreadable = lineage.output_reads_back(output, claim, decode=compare_rows)
+    if unreadable:
+        return {source.name: unreadable for source in sources}
+    return lineage.unproven(output, claim, sources, compare_rows=compare_rows)
+
+
 def _settle_partition(
-    folder: Path, partition: str, busy: set[tuple[str, str]]
+    folder: Path, partition: str, busy: set[tuple[str, str]], guard: ProofGuard | None
 ) -> list[LineageAction]:
-    verdicts = judge_partition(folder, partition, lineage.list_names(folder), busy)
+    verdicts = judge_partition(folder, partition, lineage.list_names(folder), busy, guard=guard)
     actions = [_settle_source(folder, partition, verdict) for verdict in verdicts]
     if any(action.removed for action in actions):
         durable.fsync_dir(folder)

@@ -348,6 +348,7 @@ def run_service(
                 settings.data_dir,
                 observer=settings.observer,
                 should_stop=lambda: stop.requested,
+                interval_s=settings.check_interval_s,
             )
             log_recovery(startup)
             if stop.requested:  # the rest of the recovery is the next start's

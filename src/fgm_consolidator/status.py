@@ -24,17 +24,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import lock
-from .backoff import Hold
+from .backoff import DEFAULT_INTERVAL_S, Hold
 from .errors import LockError
 from .journal import Journal, MergeRecord, PassRecord, UnreadableRecord
 from .layout import SkippedFolder, lock_path, walk_partitions
 from .plan import PARTITION_ERRORS, Policy, plan_one, waiting_metrics
-from .recovery import LineageAction, hold, judge_partition
+from .recovery import LineageAction, ProofGuard, hold, judge_partition
 from .retention import journal_bytes
 from .scan import UnreadableFile, still_on_disk
 from .states import MergeState
 
-DEFAULT_CHECK_INTERVAL_S = 300.0
+DEFAULT_CHECK_INTERVAL_S = DEFAULT_INTERVAL_S
 
 EXIT_HEALTHY = 0
 EXIT_NEEDS_PERSON = 3  # as `recover`
@@ -136,7 +136,11 @@ class _Look:
 
 
 def _lineage_check(
-    folder: Path, partition: str, names: frozenset[str], busy: set[tuple[str, str]]
+    folder: Path,
+    partition: str,
+    names: frozenset[str],
+    busy: set[tuple[str, str]],
+    guard: ProofGuard | None,
 ) -> list[LineageAction]:
     """`recover`'s lineage check (`judge_partition`) on footers only, the reading a pass has
     done already (`plan_one` reads every output's lineage): proving an output holds a file's
@@ -144,8 +148,9 @@ def _lineage_check(
     output lists and that is still beside it is a finding even where `recover` would prove and
     remove it: rows may be there twice, and a running service leaves such files alone (they
     are settled at start-up), so a person looks either way. The footers do give recover's own
-    reason where they suffice: counts that differ, outputs sharing a source."""
-    verdicts = judge_partition(folder, partition, names, busy, compare_rows=False)
+    reason where they suffice: counts that differ, outputs sharing a source, and a proof held
+    because it died with its process (`guard`, read only)."""
+    verdicts = judge_partition(folder, partition, names, busy, compare_rows=False, guard=guard)
     return [verdict.action(partition) for verdict in verdicts]
 
 
@@ -164,7 +169,8 @@ def _look_at_partitions(
             scan, plans, _ = plan_one(data_dir, partition, policy, journal, now.timestamp())
             known = journal.unreadable(partition) if journal else []
             held = hold(journal, partition, interval_s) if journal else None
-            doubts = _lineage_check(data_dir / partition, partition, scan.names, busy)
+            guard = ProofGuard(journal, interval_s) if journal else None
+            doubts = _lineage_check(data_dir / partition, partition, scan.names, busy, guard)
         except PARTITION_ERRORS as exc:
             look.backlog.append(Backlog(partition, 0, 0, 0, 0, error=str(exc)))
             continue
