@@ -639,13 +639,6 @@ class Journal:
         with self.transaction():
             self.db.execute("DELETE FROM attempts WHERE subject = ?", (subject,))
 
-    def died_attempts(self) -> list[tuple[str, Deaths]]:
-        """Every step whose attempts died with their process, for `status`."""
-        if self._user_version() < ATTEMPTS_VERSION:
-            return []
-        rows = self.db.execute("SELECT subject, deaths, last_at FROM attempts ORDER BY subject")
-        return [(str(subject), Deaths(int(deaths), str(at))) for subject, deaths, at in rows]
-
     def history(
         self,
         *,
