@@ -17,9 +17,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner, Result
 from oracle import canonical_row
 
 from fgm_consolidator import companions
+from fgm_consolidator.cli import main
 from fgm_consolidator.journal import _migrations
 from fgm_consolidator.layout import STATE_DIR, iter_partitions, parse_data_file
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, SimulationSummary, generate
@@ -154,6 +156,19 @@ def run_cli(
         timeout=timeout,
         env=full_env,
         check=False,
+    )
+
+
+def invoke(*args: str | Path, env: dict[str, str] | None = None) -> Result:
+    """The CLI in-process, with no FGM_* variable leaking in from the test's environment."""
+    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("FGM_")}
+    clean.update(env or {})
+    return CliRunner().invoke(
+        main,
+        [str(a) for a in args],
+        env=clean,
+        prog_name="fgm-consolidator",
+        catch_exceptions=False,
     )
 
 
