@@ -21,10 +21,11 @@ import click
 
 from . import config, identity, logs, progress
 from .errors import ConfigError, ConsolidatorError, JournalError
+from .isolation import PartitionFailure, isolated
 from .journal import Journal, errors_explained
 from .layout import default_journal_path, iter_partitions, parse_partition
 from .observe import Observer, Observers
-from .plan import MB, PARTITION_ERRORS, Policy, plan_one
+from .plan import MB, Policy, plan_one
 from .recovery import recover
 from .reports import (
     backlog_fields,
@@ -208,7 +209,12 @@ def _fill_standard_streams() -> None:
     help="Days the journal keeps finished merges; unfinished and failed ones stay.",
 )
 @_option("--once", is_flag=True, help="Recover, run one pass, exit.")
-@_option("--dry-run", is_flag=True, help="Print the plan; change nothing, not even the journal.")
+@_option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan; change nothing, not even the journal. Exit 1 if a partition could"
+    " not be planned (it is printed with its error; the others are planned).",
+)
 @_option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
@@ -261,8 +267,8 @@ def run(
         try:
             if dry_run:
                 with errors_explained(journal_path):
-                    _print_plan(data_dir, journal_path, policy)
-                return
+                    failed = _print_plan(data_dir, journal_path, policy)
+                raise SystemExit(1 if failed else 0)  # as `--once` with a partition failed
             metrics, serve = _metrics(data_dir, metrics_port, metrics_addr)
             observer = Observers(shown, *metrics)
             settings = Settings(
@@ -306,17 +312,19 @@ def _metrics(
     return [metrics], lambda: serving(metrics, port, addr)
 
 
-def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:
+def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> int:
+    """Returns how many partitions could not be planned; each is printed with its error."""
     journal = Journal.open(journal_path, read_only=True) if journal_path.exists() else None
-    merges = files = 0
+    merges = files = failed = 0
     now = time.time()
     try:
         for partition in iter_partitions(data_dir):
-            try:
-                scan, plans, skipped = plan_one(data_dir, partition, policy, journal, now)
-            except PARTITION_ERRORS as exc:
-                _echo(partition_error_fields(partition, exc), False)
+            looked = isolated(plan_one, data_dir, partition, policy, journal, now)
+            if isinstance(looked, PartitionFailure):
+                failed += 1
+                _echo(partition_error_fields(partition, looked), False)
                 continue
+            scan, plans, skipped = looked
             for bad in scan.unreadable:
                 _echo(found_unreadable_fields(partition, bad), False)
             for skip in skipped:
@@ -330,7 +338,9 @@ def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:
     finally:
         if journal is not None:
             journal.close()
-    _print(f"dry run: {merges} merges of {files} files planned; nothing was changed")
+    unplanned = f"; {failed} partition(s) could not be planned" if failed else ""
+    _print(f"dry run: {merges} merges of {files} files planned{unplanned}; nothing was changed")
+    return failed
 
 
 @main.command("recover")
