@@ -23,7 +23,7 @@ from . import config, identity, logs, progress
 from .errors import ConfigError, ConsolidatorError, JournalError
 from .isolation import PartitionFailure, isolated
 from .journal import Journal, errors_explained
-from .layout import default_journal_path, iter_partitions, parse_partition
+from .layout import MONITOR_ROTATION_S, default_journal_path, iter_partitions, parse_partition
 from .observe import Observer, Observers
 from .plan import MB, Policy, plan_one
 from .recovery import recover
@@ -173,7 +173,9 @@ def _fill_standard_streams() -> None:
     "--min-age",
     type=click.FloatRange(min=0),
     default=300.0,
-    help="Seconds since a file's mtime before it is eligible.",
+    help="Seconds since a file's mtime before it is eligible. Below one rotation of the"
+    f" monitor ({MONITOR_ROTATION_S} s) a file it still writes may be taken: allowed (tests"
+    " use 0), but `run` logs a warning at start-up.",
 )
 @_option(
     "--max-output-size",
@@ -256,6 +258,7 @@ def run(
     _check_config(lambda: identity.check(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=once and not dry_run)
+        config.warn_min_age(min_age)
         policy = Policy(
             min_files=min_files,
             min_age_s=min_age,
