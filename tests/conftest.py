@@ -172,6 +172,21 @@ def invoke(*args: str | Path, env: dict[str, str] | None = None) -> Result:
     )
 
 
+# The warning every `run --min-age 0` starts with (`config.warn_min_age`): tests take files at
+# once on purpose.
+MIN_AGE_WARNING = "min-age-below-rotation"
+
+
+def complaints(stderr: str) -> list[str]:
+    """The warning and error lines of a text log, but the one `--min-age 0` starts with."""
+    return [
+        line
+        for line in stderr.splitlines()
+        if ("level=warning" in line or "level=error" in line)
+        and f"event={MIN_AGE_WARNING} " not in line
+    ]
+
+
 @pytest.fixture(scope="module")
 def unprivileged(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """A command prefix under which file modes apply: root without CAP_DAC_OVERRIDE (as a

@@ -316,8 +316,9 @@ def recover_from_lineage(
         # planner holds the files an output claims.
         settled = isolated(_settle_partition, data_dir / partition, partition, busy)
         if isinstance(settled, PartitionFailure):
-            failed = settled.fields
-            log_event(log, "lineage-check-failed", logging.ERROR, partition=partition, **failed)
+            log_event(
+                log, "lineage-check-failed", logging.ERROR, partition=partition, **settled.fields
+            )
         else:
             actions.extend(settled)
     return actions
