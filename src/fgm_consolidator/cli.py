@@ -506,7 +506,8 @@ def status(
     stale_after: float,
     liveness: bool,
 ) -> None:
-    """Health for people and probes; read-only. Exit 0 healthy, 3 a merge needs a person,
+    """Health for people and probes; read-only. Exit 0 healthy, 3 a person must look (a merge
+    that needs one, a held partition, an output's lineage, an unforeseen error in a partition),
     4 no successful pass for --stale-after check intervals, 5 never ran here."""
     numbers = {"--stale-after": stale_after}
     if check_interval is not None:
