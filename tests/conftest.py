@@ -17,9 +17,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner, Result
 from oracle import canonical_row
 
 from fgm_consolidator import companions
+from fgm_consolidator.cli import main
 from fgm_consolidator.journal import _migrations
 from fgm_consolidator.layout import STATE_DIR, iter_partitions, parse_data_file
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, SimulationSummary, generate
@@ -155,6 +157,34 @@ def run_cli(
         env=full_env,
         check=False,
     )
+
+
+def invoke(*args: str | Path, env: dict[str, str] | None = None) -> Result:
+    """The CLI in-process, with no FGM_* variable leaking in from the test's environment."""
+    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("FGM_")}
+    clean.update(env or {})
+    return CliRunner().invoke(
+        main,
+        [str(a) for a in args],
+        env=clean,
+        prog_name="fgm-consolidator",
+        catch_exceptions=False,
+    )
+
+
+# The warning every `run --min-age 0` starts with (`config.warn_min_age`): tests take files at
+# once on purpose.
+MIN_AGE_WARNING = "min-age-below-rotation"
+
+
+def complaints(stderr: str) -> list[str]:
+    """The warning and error lines of a text log, but the one `--min-age 0` starts with."""
+    return [
+        line
+        for line in stderr.splitlines()
+        if ("level=warning" in line or "level=error" in line)
+        and f"event={MIN_AGE_WARNING} " not in line
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -31,8 +31,7 @@ from typing import Any
 import click
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner, Result
-from conftest import PAST, data_files, run_cli
+from conftest import PAST, data_files, invoke, run_cli
 
 from fgm_consolidator import journal as journal_module
 from fgm_consolidator import merge as merge_module
@@ -95,19 +94,6 @@ MERGE_TEXT_KEYS = [
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def invoke(*args: str | Path, env: dict[str, str] | None = None) -> Result:
-    """The CLI in-process, with no FGM_* variable leaking in from the test's environment."""
-    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("FGM_")}
-    clean.update(env or {})
-    return CliRunner().invoke(
-        main,
-        [str(a) for a in args],
-        env=clean,
-        prog_name="fgm-consolidator",
-        catch_exceptions=False,
-    )
 
 
 def parse_kv(line: str) -> dict[str, str]:

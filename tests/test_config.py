@@ -6,12 +6,14 @@ Every case runs the real command in a real process, as a container would.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import run_as, run_cli
@@ -245,3 +247,30 @@ def test_a_partition_folder_given_as_the_data_dir_is_refused(
     )
     assert_refused(proc, "--data-dir", reason)
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+# -- warned, not refused -------------------------------------------------------------------
+
+
+def warnings_of(proc: subprocess.CompletedProcess[str], event: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    return [line for line in lines if line["event"] == event]
+
+
+@pytest.mark.parametrize("mode", ["--dry-run", "--once"])
+@pytest.mark.parametrize(
+    ("min_age", "warned"), [(["--min-age", "0"], True), (["--min-age", "90"], False), ([], False)]
+)
+def test_a_min_age_below_one_rotation_is_warned_about_at_start_up(
+    data_dir: Path, mode: str, min_age: list[str], warned: bool
+) -> None:
+    """A file younger than one rotation (90 s) may still be written by the monitor; tests and
+    benchmarks use `--min-age 0` on purpose, so it runs, with one warning saying so."""
+    proc = run_cli("run", mode, "--data-dir", str(data_dir), "--log-format", "json", *min_age)
+    assert proc.returncode == 0, proc.stderr
+    found = warnings_of(proc, "min-age-below-rotation")
+    if warned:
+        [warning] = found
+        assert (warning["level"], warning["min_age_s"], warning["rotation_s"]) == ("warning", 0, 90)
+    else:
+        assert found == []

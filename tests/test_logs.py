@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import PAST, metrics_name, run_cli, small_spec
+from conftest import MIN_AGE_WARNING, PAST, metrics_name, run_cli, small_spec
 from test_cli import invoke, parse_kv
 from test_faults import failing
 
@@ -102,6 +102,7 @@ def test_every_line_of_a_run_parses_in_both_formats_and_they_agree(
 
     assert row_groups >= 5  # and yet no line per row group:
     assert Counter(f["event"] for f in as_json) == {
+        MIN_AGE_WARNING: 1,
         "started": 1,
         "merge-finished": 2,
         "file-unreadable": 1,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cli, small_spec
+from conftest import MIN_AGE_WARNING, run_cli, small_spec
 from test_cli import parse_kv
 from test_service import DEADLINE_S, Service
 
@@ -108,11 +108,11 @@ def test_run_once_on_a_terminal_draws_a_bar_and_keeps_log_lines_whole(data_dir: 
         assert f"  {done}/3" in terminal
     assert re.search(rf"\[#+\]  3/3  {PARTITIONS[-1]}", terminal)  # full at the end
     events = log_lines(terminal)
-    assert [e["event"] for e in events] == ["started"] + ["merge-finished"] * 3 + [
+    assert [e["event"] for e in events] == [MIN_AGE_WARNING, "started"] + ["merge-finished"] * 3 + [
         "pass-finished",
         "stopped",
     ]
-    assert [e["partition"] for e in events[1:4]] == PARTITIONS
+    assert [e["partition"] for e in events[2:5]] == PARTITIONS
 
 
 def test_run_once_in_a_pipe_logs_plain_progress_lines(data_dir: Path) -> None:
@@ -127,7 +127,10 @@ def test_run_once_in_a_pipe_logs_plain_progress_lines(data_dir: Path) -> None:
     ]
     # each partition's progress line follows its merge
     order = [e["event"] for e in events]
-    assert order == ["started"] + ["merge-finished", "progress"] * 3 + ["pass-finished", "stopped"]
+    assert order == [MIN_AGE_WARNING, "started"] + ["merge-finished", "progress"] * 3 + [
+        "pass-finished",
+        "stopped",
+    ]
 
 
 def test_the_long_running_service_shows_no_progress(data_dir: Path) -> None:

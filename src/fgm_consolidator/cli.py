@@ -21,10 +21,11 @@ import click
 
 from . import config, identity, logs, progress
 from .errors import ConfigError, ConsolidatorError, JournalError
+from .isolation import PartitionFailure, isolated
 from .journal import Journal, errors_explained
-from .layout import default_journal_path, iter_partitions, parse_partition
+from .layout import MONITOR_ROTATION_S, default_journal_path, iter_partitions, parse_partition
 from .observe import Observer, Observers
-from .plan import MB, PARTITION_ERRORS, Policy, plan_one
+from .plan import MB, Policy, plan_one
 from .recovery import recover
 from .reports import (
     backlog_fields,
@@ -172,7 +173,9 @@ def _fill_standard_streams() -> None:
     "--min-age",
     type=click.FloatRange(min=0),
     default=300.0,
-    help="Seconds since a file's mtime before it is eligible.",
+    help="Seconds since a file's mtime before it is eligible. Below one rotation of the"
+    f" monitor ({MONITOR_ROTATION_S} s) a file it still writes may be taken: allowed (tests"
+    " use 0), but `run` logs a warning at start-up.",
 )
 @_option(
     "--max-output-size",
@@ -208,7 +211,12 @@ def _fill_standard_streams() -> None:
     help="Days the journal keeps finished merges; unfinished and failed ones stay.",
 )
 @_option("--once", is_flag=True, help="Recover, run one pass, exit.")
-@_option("--dry-run", is_flag=True, help="Print the plan; change nothing, not even the journal.")
+@_option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan; change nothing, not even the journal. Exit 1 if a partition could"
+    " not be planned (it is printed with its error; the others are planned).",
+)
 @_option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
@@ -250,6 +258,7 @@ def run(
     _check_config(lambda: identity.check(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=once and not dry_run)
+        config.warn_min_age(min_age)
         policy = Policy(
             min_files=min_files,
             min_age_s=min_age,
@@ -261,8 +270,8 @@ def run(
         try:
             if dry_run:
                 with errors_explained(journal_path):
-                    _print_plan(data_dir, journal_path, policy)
-                return
+                    failed = _print_plan(data_dir, journal_path, policy)
+                raise SystemExit(1 if failed else 0)  # as `--once` with a partition failed
             metrics, serve = _metrics(data_dir, metrics_port, metrics_addr)
             observer = Observers(shown, *metrics)
             settings = Settings(
@@ -306,17 +315,19 @@ def _metrics(
     return [metrics], lambda: serving(metrics, port, addr)
 
 
-def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:
+def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> int:
+    """Returns how many partitions could not be planned; each is printed with its error."""
     journal = Journal.open(journal_path, read_only=True) if journal_path.exists() else None
-    merges = files = 0
+    merges = files = failed = 0
     now = time.time()
     try:
         for partition in iter_partitions(data_dir):
-            try:
-                scan, plans, skipped = plan_one(data_dir, partition, policy, journal, now)
-            except PARTITION_ERRORS as exc:
-                _echo(partition_error_fields(partition, exc), False)
+            looked = isolated(plan_one, data_dir, partition, policy, journal, now)
+            if isinstance(looked, PartitionFailure):
+                failed += 1
+                _echo(partition_error_fields(partition, looked), False)
                 continue
+            scan, plans, skipped = looked
             for bad in scan.unreadable:
                 _echo(found_unreadable_fields(partition, bad), False)
             for skip in skipped:
@@ -330,7 +341,9 @@ def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> None:
     finally:
         if journal is not None:
             journal.close()
-    _print(f"dry run: {merges} merges of {files} files planned; nothing was changed")
+    unplanned = f"; {failed} partition(s) could not be planned" if failed else ""
+    _print(f"dry run: {merges} merges of {files} files planned{unplanned}; nothing was changed")
+    return failed
 
 
 @main.command("recover")
@@ -493,7 +506,8 @@ def status(
     stale_after: float,
     liveness: bool,
 ) -> None:
-    """Health for people and probes; read-only. Exit 0 healthy, 3 a merge needs a person,
+    """Health for people and probes; read-only. Exit 0 healthy, 3 a person must look (a merge
+    that needs one, a held partition, an output's lineage, an unforeseen error in a partition),
     4 no successful pass for --stale-after check intervals, 5 never ran here."""
     numbers = {"--stale-after": stale_after}
     if check_interval is not None:

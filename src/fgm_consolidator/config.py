@@ -11,13 +11,17 @@ checked here too.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ConfigError
-from .layout import STATE_DIR, partition_day
+from .layout import MONITOR_ROTATION_S, STATE_DIR, partition_day
+from .logs import log_event
+
+log = logging.getLogger(__name__)
 
 
 def check_finite(values: Mapping[str, float]) -> None:
@@ -25,6 +29,21 @@ def check_finite(values: Mapping[str, float]) -> None:
     for option, value in values.items():
         if not math.isfinite(value):
             raise ConfigError(option, f"must be a finite number (got {value})")
+
+
+def warn_min_age(min_age_s: float) -> None:
+    """Below one rotation of the monitor, a file it is still writing may be planned (read as
+    unreadable until its footer is there, or taken as it stands). Not refused: tests and
+    benchmarks take every file at once on purpose (`--min-age 0`)."""
+    if min_age_s < MONITOR_ROTATION_S:
+        log_event(
+            log,
+            "min-age-below-rotation",
+            logging.WARNING,
+            min_age_s=min_age_s,
+            rotation_s=MONITOR_ROTATION_S,
+            reason="files younger than one rotation of the monitor may still be written",
+        )
 
 
 def check_data_dir(data_dir: Path) -> None:

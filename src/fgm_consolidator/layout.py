@@ -23,6 +23,11 @@ TMP_SUFFIX = ".tmp"
 PARQUET_SUFFIX = ".parquet"
 COMPANION_SUFFIX = ".containers"
 
+# The monitor opens a new `metrics-<ts>.parquet` every 90 s by default, the stamp marking the
+# start of its window, and writes that file's footer only when it rotates (FORMATS.md): a file
+# younger than one rotation may still be written.
+MONITOR_ROTATION_S = 90
+
 _METRICS_RE = re.compile(rf"^metrics-(?P<start>{STAMP})\.parquet$")
 _CONSOLIDATED_RE = re.compile(rf"^consolidated-(?P<start>{STAMP})-(?P<end>{STAMP})\.parquet$")
 _OUR_TMP_RE = re.compile(rf"^consolidated-{STAMP}-{STAMP}(\.parquet|\.containers)\.tmp$")

@@ -28,16 +28,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from . import lineage
-from .errors import ConsolidatorError, SchemaConflictError
+from .errors import SchemaConflictError
 from .journal import Journal, UnreadableRecord
 from .layout import companion_name, format_consolidated, parse_data_file, partition_day
 from .scan import PartitionScan, SourceFile, scan_partition
 from .schemas import Era, era_of, unify
 
 MB = 1_000_000
-
-# What one partition may throw without stopping the pass; journal (sqlite3) errors do stop it.
-PARTITION_ERRORS = (ConsolidatorError, OSError, pa.ArrowException)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from . import companions, crashpoints, durable, lineage
 from .backoff import DEFAULT_INTERVAL_S, Hold, hold_for
 from .errors import CompanionError, NameTakenError, Unexpected
+from .isolation import PartitionFailure, isolated
 from .journal import Journal, MergeRecord
 from .layout import companion_name, is_our_tmp, iter_partitions, linked_folder, tmp_name
 from .logs import context, log_event
@@ -382,19 +383,15 @@ def recover_from_lineage(
     for partition in iter_partitions(data_dir):
         if should_stop():
             break
-        folder = data_dir / partition
-        try:
-            actions.extend(_settle_partition(folder, partition, busy, guard))
-        except OSError as exc:
-            log_event(log, "lineage-check-failed", logging.ERROR, partition=partition, error=exc)
-        except Exception as exc:  # nothing is deleted unproven, and the planner holds claims
+        # A partition that fails is logged and left: nothing is deleted unproven, and the
+        # planner holds the files an output claims.
+        settled = isolated(_settle_partition, data_dir / partition, partition, busy, guard)
+        if isinstance(settled, PartitionFailure):
             log_event(
-                log,
-                "lineage-check-failed",
-                logging.ERROR,
-                partition=partition,
-                **Unexpected.of(exc).fields,
+                log, "lineage-check-failed", logging.ERROR, partition=partition, **settled.fields
             )
+        else:
+            actions.extend(settled)
     return actions
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from .isolation import PartitionFailure
 from .journal import MergeRecord, PassRecord, UnreadableRecord
 from .layout import SkippedFolder
 from .plan import MergePlan, Skipped
@@ -86,8 +87,9 @@ def found_unreadable_fields(partition: str, bad: UnreadableFile) -> dict[str, An
     return {"kind": "unreadable", "partition": partition, "file": bad.name, "reason": bad.reason}
 
 
-def partition_error_fields(partition: str, error: Exception) -> dict[str, Any]:
-    return {"kind": "error", "partition": partition, "error": str(error)}
+def partition_error_fields(partition: str, failure: PartitionFailure) -> dict[str, Any]:
+    """`where` only for an exception no check foresaw; None is left out of a text line."""
+    return {"kind": "error", "partition": partition, "error": failure.text, "where": failure.where}
 
 
 def plan_fields(plan: MergePlan) -> dict[str, Any]:
@@ -128,6 +130,7 @@ def backlog_fields(backlog: Backlog) -> dict[str, Any]:
         "young": backlog.young,
         "unreadable": backlog.unreadable,
         "error": backlog.error,
+        "where": backlog.where,
     }
 
 

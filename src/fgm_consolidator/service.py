@@ -26,13 +26,13 @@ from types import FrameType
 
 from . import identity, lock, memory, retention
 from .backoff import Backoff
-from .errors import Unexpected
+from .isolation import PARTITION_ERRORS, isolated
 from .journal import Journal, PassResult, explained
 from .layout import walk_partitions
 from .logs import log_event
 from .merge import MergeOutcome, execute, report_unreadable
 from .observe import Observer
-from .plan import PARTITION_ERRORS, Policy, Skipped, plan_one, waiting_metrics
+from .plan import Policy, Skipped, plan_one, waiting_metrics
 from .recovery import RecoveryReport, hold, recover
 from .reports import recovery_fields
 from .scan import PartitionScan, UnreadableFile
@@ -140,9 +140,10 @@ def consolidation_pass(
     journal: Journal, settings: Settings, stop: StopFlag, backoff: Backoff | None = None
 ) -> PassReport:
     """Recover, then each partition in turn. A partition that fails (a folder we may not
-    write, an I/O error while writing or publishing) is reported and the others go on; a
-    journal error ends the pass. With `backoff`, a partition that failed is skipped until its
-    backoff is over, so a full disk is not hit with a whole merge every interval."""
+    write, an I/O error while writing or publishing, an exception no check foresaw) is
+    reported and the others go on (`isolation`); a journal error ends the pass. With
+    `backoff`, a partition that failed is skipped until its backoff is over, so a full disk is
+    not hit with a whole merge every interval."""
     report = PassReport(
         recovery=recover(
             journal, settings.data_dir, sweep=False, should_stop=lambda: stop.requested
@@ -172,26 +173,14 @@ def consolidation_pass(
             settings.observer.partition_done(partition)
             continue
         merges_before = len(report.merges)
-        try:
-            _consolidate_partition(journal, settings, stop, partition, now, report)
-        except PARTITION_ERRORS as exc:
-            report.errors.append((partition, str(exc)))
-            log_event(log, "partition-failed", logging.ERROR, partition=partition, error=exc)
+        failure = isolated(_consolidate_partition, journal, settings, stop, partition, now, report)
+        if failure is not None:
+            report.errors.append((partition, failure.text))
+            log_event(log, "partition-failed", logging.ERROR, partition=partition, **failure.fields)
             if backoff is not None:
-                backoff.failed(partition, exc)
-        except sqlite3.Error:
-            raise  # the journal: no partition can be worked without it
-        except Exception as exc:
-            unexpected = Unexpected.of(exc)
-            report.errors.append((partition, unexpected.text))
-            log_event(
-                log, "partition-failed", logging.ERROR, partition=partition, **unexpected.fields
-            )
-            if backoff is not None:
-                backoff.failed(partition, unexpected.text)
-        else:
-            if backoff is not None:
-                _settle_backoff(backoff, partition, report.merges[merges_before:])
+                backoff.failed(partition, failure.logged)
+        elif backoff is not None:
+            _settle_backoff(backoff, partition, report.merges[merges_before:])
         settings.observer.partition_done(partition)
     return report
 

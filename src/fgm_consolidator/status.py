@@ -11,8 +11,11 @@ with its last pass. Health has three parts:
   start is when it took the data directory's lock; the lock file's mtime says when, if the lock
   path is a regular file: `run` refuses any other, so it is reported and says nothing);
 - no merge waits for a person (state needs-attention), no partition is held because its
-  latest merges died with the process (`backoff.Hold`), and no output's lineage lists files
-  still beside it that `recover` would have to settle (see `_lineage_check`).
+  latest merges died with the process (`backoff.Hold`), no output's lineage lists files
+  still beside it that `recover` would have to settle (see `_lineage_check`), and no
+  partition escaped the look with an exception no check foresaw (`isolation`). A foreseen
+  error (a folder it may not read) is listed with its partition but is no problem by itself:
+  a pass logs it and retries that partition after a backoff, and may well succeed then.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from pathlib import Path
 from . import lock
 from .backoff import DEFAULT_INTERVAL_S, Hold
 from .errors import LockError
+from .isolation import PartitionFailure, isolated
 from .journal import Journal, MergeRecord, PassRecord, UnreadableRecord
 from .layout import SkippedFolder, lock_path, walk_partitions
-from .plan import PARTITION_ERRORS, Policy, plan_one, waiting_metrics
+from .plan import Policy, plan_one, waiting_metrics
 from .recovery import LineageAction, ProofGuard, hold, judge_partition
 from .retention import journal_bytes
 from .scan import UnreadableFile, still_on_disk
@@ -52,6 +56,9 @@ class Backlog:
     young: int  # files younger than --min-age: the monitor may still write them
     unreadable: int
     error: str | None = None  # the partition could not be looked at
+    # where an exception no check foresaw was raised (a bug, an input nothing anticipated):
+    # a person must look (`EXIT_NEEDS_PERSON`); a foreseen error's text names its path
+    where: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,26 +172,50 @@ def _look_at_partitions(
     partitions, skipped = walk_partitions(data_dir)
     look = _Look(skipped=skipped)
     for partition in partitions:
-        try:
-            scan, plans, _ = plan_one(data_dir, partition, policy, journal, now.timestamp())
-            known = journal.unreadable(partition) if journal else []
-            held = hold(journal, partition, interval_s) if journal else None
-            guard = ProofGuard(journal, interval_s) if journal else None
-            doubts = _lineage_check(data_dir / partition, partition, scan.names, busy, guard)
-        except PARTITION_ERRORS as exc:
-            look.backlog.append(Backlog(partition, 0, 0, 0, 0, error=str(exc)))
+        found = isolated(_look_at_one, data_dir, partition, journal, policy, now, busy, interval_s)
+        if isinstance(found, PartitionFailure):
+            failed = Backlog(partition, 0, 0, 0, 0, error=found.text, where=found.where)
+            look.backlog.append(failed)
             continue
-        bad = [r for r in known if r.name in scan.names and still_on_disk(data_dir, r)]
-        bad += [_not_yet_recorded(partition, u) for u in scan.unreadable]
-        look.unreadable.extend(bad)
-        look.lineage.extend(doubts)
-        if held is not None:
-            look.held.append((partition, held))
-        waiting = len(waiting_metrics(scan))
-        mergeable = sum(len(p.sources) for p in plans)
-        if waiting or bad:  # young files alone: the monitor's current file, or our new output
-            look.backlog.append(Backlog(partition, waiting, mergeable, scan.young, len(bad)))
+        look.unreadable.extend(found.unreadable)
+        look.lineage.extend(found.lineage)
+        if found.held is not None:
+            look.held.append((partition, found.held))
+        if found.backlog is not None:
+            look.backlog.append(found.backlog)
     return look
+
+
+@dataclass(frozen=True)
+class _PartitionLook:
+    backlog: Backlog | None  # None: nothing waits but young files
+    unreadable: list[UnreadableRecord]
+    lineage: list[LineageAction]
+    held: Hold | None
+
+
+def _look_at_one(
+    data_dir: Path,
+    partition: str,
+    journal: Journal | None,
+    policy: Policy,
+    now: datetime,
+    busy: set[tuple[str, str]],
+    interval_s: float,
+) -> _PartitionLook:
+    scan, plans, _ = plan_one(data_dir, partition, policy, journal, now.timestamp())
+    known = journal.unreadable(partition) if journal else []
+    held = hold(journal, partition, interval_s) if journal else None
+    guard = ProofGuard(journal, interval_s) if journal else None
+    doubts = _lineage_check(data_dir / partition, partition, scan.names, busy, guard)
+    bad = [r for r in known if r.name in scan.names and still_on_disk(data_dir, r)]
+    bad += [_not_yet_recorded(partition, u) for u in scan.unreadable]
+    waiting = len(waiting_metrics(scan))
+    mergeable = sum(len(p.sources) for p in plans)
+    backlog = None
+    if waiting or bad:  # young files alone: the monitor's current file, or our new output
+        backlog = Backlog(partition, waiting, mergeable, scan.young, len(bad))
+    return _PartitionLook(backlog, bad, doubts, held)
 
 
 def _progress(
@@ -257,6 +288,7 @@ def _problems(status: Status, journal_path: Path, data_dir: Path) -> list[Proble
             )
         )
     found += [_held_problem(data_dir, partition, held) for partition, held in status.held]
+    found += [_unexpected_problem(data_dir, b) for b in status.backlog if b.where is not None]
     found += _lineage_problems(data_dir, status.lineage)
     return found
 
@@ -268,6 +300,18 @@ def _held_problem(data_dir: Path, partition: str, held: Hold) -> Problem:
         f"{data_dir / partition}: its last {held.deaths} merges died with the process (out of "
         f"memory? killed?); it waits until {until}, then is tried again; see the logs and "
         f"`fgm-consolidator history --partition {partition}`",
+    )
+
+
+def _unexpected_problem(data_dir: Path, failed: Backlog) -> Problem:
+    """Not retried into success like an I/O error may be, and no restart helps: a person looks.
+    A pass that meets the same error fails this partition alone and goes on."""
+    return Problem(
+        EXIT_NEEDS_PERSON,
+        f"{data_dir / failed.partition}: {failed.error} (raised at {failed.where}) while "
+        "looking at this partition: a bug or an input nothing foresaw; the other partitions "
+        "are looked at, and a pass that meets it fails this one alone (`partition-failed` in "
+        "the service's log)",
     )
 
 
