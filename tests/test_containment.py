@@ -7,6 +7,7 @@ within and across them, with buckets from one row to more than the rows.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import subprocess
@@ -165,3 +166,65 @@ def test_eight_times_the_rows_take_no_more_memory(tmp_path: Path) -> None:
     small_peak = prove_in_a_fresh_process(small, 2)
     large_peak = prove_in_a_fresh_process(large, 16)
     assert large_peak < 1.5 * small_peak, (small_peak, large_peak)
+
+
+ODD = pa.schema(
+    [
+        ("i", pa.int64()),
+        ("f", pa.float64()),
+        ("s", pa.utf8()),
+        ("d", pa.dictionary(pa.int32(), pa.utf8())),
+        ("b", pa.binary()),
+        ("t", pa.timestamp("ns")),
+        ("flag", pa.bool_()),
+        ("l", pa.list_(pa.float64())),
+        ("m", pa.map_(pa.utf8(), pa.utf8())),
+        ("st", pa.struct([("x", pa.int32()), ("y", pa.utf8())])),
+        ("n", pa.null()),
+    ]
+)
+DOMAINS: dict[str, list[object]] = {
+    "i": [None, 0, 1, -1, 2**62],
+    "f": [None, 0.0, -0.0, float("nan"), 1.5],
+    "s": [None, "", "a", "ab", "v1:", "n"],
+    "d": [None, "", "x", "xy"],
+    "b": [None, b"", b"\x00", b"b", b"n"],
+    "t": [None, 0, 1, 2**62],
+    "flag": [None, False, True],
+    "l": [None, [], [None], [0.0], [-0.0], [1.0, None], [None, 1.0]],
+    "m": [None, [], [("a", "")], [("", "a")], [("a", None)], [("a", "b"), ("c", "d")]],
+    "st": [None, {"x": None, "y": None}, {"x": 1, "y": ""}, {"x": 1, "y": "a"}],
+    "n": [None],
+}
+
+
+def plain(row: dict[str, object]) -> str:
+    """What makes two rows the same: the exact values, -0.0 not 0.0, every NaN one value."""
+    return repr(containment._hashable([row[name] for name in ODD.names]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fingerprints_tell_rows_apart_exactly_as_their_values_do(seed: int) -> None:
+    """Rows with values from small domains (empty and null, -0.0 and 0.0 whose bits are 0's,
+    text that looks like the encoding, lists and maps with nulls), each beside variants of
+    itself with one or two neighbouring values changed, so that near misses abound: the same
+    fingerprint for the same values only. A slice, with its lists' and maps' offsets into a
+    larger batch, digests its rows as the whole batch does."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(12):
+        base = {name: rng.choice(DOMAINS[name]) for name in ODD.names}
+        rows.append(base)
+        for left, right in itertools.pairwise(ODD.names):  # a value moved to its neighbour
+            for _ in range(3):
+                rows.append(base | {left: rng.choice(DOMAINS[left])})
+                rows.append(
+                    base | {left: rng.choice(DOMAINS[left]), right: rng.choice(DOMAINS[right])}
+                )
+    batch = pa.RecordBatch.from_pylist(rows, schema=ODD)
+    digests = containment.fingerprints(batch)
+    values = [plain(row) for row in rows]
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            assert (digests[i] == digests[j]) == (values[i] == values[j]), (rows[i], rows[j])
+    assert containment.fingerprints(batch.slice(37, 101)) == digests[37:138]
