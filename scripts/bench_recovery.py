@@ -9,7 +9,7 @@ then prove, row by row, that the output holds every source before deleting any (
 simulated at each scale, consolidated, its sources hard-linked back and the journal removed;
 `recover` is then measured in its own child process (wait4), and must remove every source.
 
-    bench_recovery.py [--scale 1.0] [--small-scale 0.1]
+    bench_recovery.py [--scale 1.0] [--small-scale 0.1] [--era flat|map]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--small-scale", type=float, default=0.1, help="the smaller's")
     parser.add_argument("--metrics", type=int, default=benchlib.DEFAULT_METRICS)
     parser.add_argument("--rotations", type=int, default=40, help="sources of the output")
+    parser.add_argument("--era", choices=["flat", "map"], default="flat", help="monitor schema")
     args = parser.parse_args(argv)
     if args.quick:
         args.scale, args.small_scale, args.metrics, args.rotations = 0.1, 0.01, 5, 4
@@ -53,7 +54,9 @@ def prove(work: Path, scale: float, args: argparse.Namespace) -> Proof:
     shape = benchlib.DayShape.from_scale(scale, args.metrics, rotations=args.rotations)
     day = benchlib.past_day(30)
     block, data_dir = work / f"block-{scale}", work / f"data-{scale}"
-    benchlib.generate_day(block, day, shape, identifiers=(IDENTIFIER,), seed=args.seed)
+    benchlib.generate_day(
+        block, day, shape, identifiers=(IDENTIFIER,), era=args.era, seed=args.seed
+    )
     benchlib.link_tree(block, data_dir)
     benchlib.run_consolidator(
         data_dir, ["--max-span", str(90 * args.rotations), "--min-files", "2"]
@@ -92,7 +95,11 @@ def row(proof: Proof) -> list[object]:
 def run(args: argparse.Namespace, work: Path) -> int:
     benchlib.print_header(
         "Recovery: `fgm-consolidator recover` proving one output by its lineage",
-        options={"sources per output": str(args.rotations), "metrics": str(args.metrics)},
+        options={
+            "sources per output": str(args.rotations),
+            "metrics": str(args.metrics),
+            "era": args.era,
+        },
     )
     small = prove(work, args.small_scale, args)
     large = prove(work, args.scale, args)
