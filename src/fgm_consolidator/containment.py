@@ -9,11 +9,12 @@ Each file is read once. A row's fingerprint (a 128-bit digest of its exact value
 of several anonymous bucket files by its value, the output's first, then the sources' in
 order, and one bucket at a time is counted, by Arrow, from the file's bytes. The buckets were
 once counted by reading and fingerprinting every file again per bucket, with a bucket's
-fingerprints held as Python integers: an output of 900,000 rows and its 40 sources took
-214 MiB and 8.3 s of CPU to prove at start-up, more than the sidecar's 128 MiB (an hour of a
-busy node, 8 million rows, held 500,000 fingerprints at a time and read everything 17 times).
-Now they take 103 MiB and 5.3 s, and more rows take more buckets, not more memory. The
-fingerprints cost 16 bytes a row on disk, beside the output, while the proof runs.
+fingerprints held as Python integers, and each row digested from the repr of its Python
+values: an output of 900,000 rows and its 40 sources took 214 MiB and 8.3 s of CPU to prove
+at start-up (map era: 310 MiB and 136 s), more than the sidecar's memory. Now 99.5 MiB and
+3.6 s (map: 112.4 MiB and 4.4 s; `scripts/bench_recovery.py`), and more rows take more
+buckets, not more memory. The fingerprints cost 16 bytes a row on disk, beside the output,
+while the proof runs.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from .schemas import conform
 # bucket grows instead.
 BUCKET_ROWS = 50_000
 MAX_BUCKETS = 256
-# Rows fingerprinted at once: their values become Python objects (17 columns of 8,192 rows
-# are about 140,000 objects).
+# Rows fingerprinted at once: each becomes its bytes (a few hundred, in Arrow) and two Python
+# objects, those bytes and their digest.
 BATCH_ROWS = 8_192
 DIGEST_BYTES = 16
 
