@@ -150,9 +150,8 @@ def _unmatched(
     have = pc.value_counts(digests.slice(0, output_rows))
     theirs = digests.slice(output_rows)
     need = pc.value_counts(theirs)
-    short = pc.filter(
-        need.field("values"), pc.greater(need.field("counts"), _counts_of(need, have))
-    )
+    wanted = need.field("values")
+    short = pc.filter(wanted, pc.greater(need.field("counts"), _counts_of(wanted, have)))
     if len(short) == 0:
         return
     left = dict(zip(short.to_pylist(), _counts_of(short, have).to_pylist(), strict=True))
@@ -168,9 +167,7 @@ def _unmatched(
 
 
 def _counts_of(wanted: pa.Array, have: pa.StructArray) -> pa.Array:
-    """How often the output has each of `wanted` (digests, or value counts of digests)."""
-    if isinstance(wanted, pa.StructArray):
-        wanted = wanted.field("values")
+    """How often the output has each digest of `wanted` (`have`: its value counts)."""
     places = pc.index_in(wanted, value_set=have.field("values"))
     return pc.coalesce(pc.take(have.field("counts"), places), 0)
 
