@@ -11,8 +11,8 @@ order, and one bucket at a time is counted, by Arrow, from the file's bytes. The
 once counted by reading and fingerprinting every file again per bucket, with a bucket's
 fingerprints held as Python integers, and each row digested from the repr of its Python
 values: an output of 900,000 rows and its 40 sources took 214 MiB and 8.3 s of CPU to prove
-at start-up (map era: 310 MiB and 136 s), more than the sidecar's memory. Now 99.5 MiB and
-3.6 s (map: 112.4 MiB and 4.4 s; `scripts/bench_recovery.py`), and more rows take more
+at start-up (map era: 310 MiB and 136 s), more than the sidecar's memory. Now 96.2 MiB and
+3.7 s (map: 96.9 MiB and 4.6 s; `scripts/bench_recovery.py`), and more rows take more
 buckets, not more memory. The fingerprints cost 16 bytes a row on disk, beside the output,
 while the proof runs.
 """
