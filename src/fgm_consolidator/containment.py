@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import reading
-from .schemas import conform
+from .schemas import conform, is_text_or_bytes
 
 # Rows of a bucket, counted in memory at once: Arrow's hashing of 16-byte digests peaks at
 # about 125 bytes a row. More rows take more buckets, not more memory, up to MAX_BUCKETS
@@ -256,13 +256,7 @@ def _fixed_width(kind: pa.DataType) -> bool:
 
 
 def _is_bytes(kind: pa.DataType) -> bool:
-    return bool(
-        pa.types.is_string(kind)
-        or pa.types.is_large_string(kind)
-        or pa.types.is_binary(kind)
-        or pa.types.is_large_binary(kind)
-        or pa.types.is_fixed_size_binary(kind)
-    )
+    return is_text_or_bytes(kind) or bool(pa.types.is_fixed_size_binary(kind))
 
 
 def _hashable(value: object) -> object:

@@ -30,6 +30,16 @@ def is_label(name: str) -> bool:
     return name.startswith(LABEL_PREFIX)
 
 
+def is_text_or_bytes(kind: pa.DataType) -> bool:
+    """Text or bytes of variable length, plain (not dictionary-encoded), in either width."""
+    return bool(
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    )
+
+
 def era_of(schema: pa.Schema) -> Era:
     return "map" if MAP_LABELS in schema.names else "flat"
 

@@ -30,7 +30,7 @@ from .errors import (
     SourceChangedError,
     SourceReadError,
 )
-from .schemas import METRIC_NAME, conform
+from .schemas import METRIC_NAME, conform, is_text_or_bytes
 
 # Rows decoded from a source at a time. A busy node's file is one row group of ~200k rows:
 # 64k-row batches put 150 MB at peak on 40 such files, 16k-row batches 120 MB (+10% CPU).
@@ -321,14 +321,7 @@ def _statistics_columns(schema: pa.Schema) -> list[str]:
 
 
 def _is_text_or_nested(kind: pa.DataType) -> bool:
-    return bool(
-        pa.types.is_string(kind)
-        or pa.types.is_large_string(kind)
-        or pa.types.is_binary(kind)
-        or pa.types.is_large_binary(kind)
-        or pa.types.is_dictionary(kind)
-        or pa.types.is_nested(kind)
-    )
+    return is_text_or_bytes(kind) or pa.types.is_dictionary(kind) or pa.types.is_nested(kind)
 
 
 def _bloom_filters(schema: pa.Schema) -> dict[str, dict[str, float]] | None:
