@@ -5,10 +5,12 @@ merge to a terminal state with every row kept once, idempotently, and a later `r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 from conftest import PAST, add_late_container, rows_pyarrow, run_cli, small_spec, tmp_files
 from oracle import check, expected_rows, viewer_containers
 
+from fgm_consolidator import companions
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
@@ -607,14 +610,24 @@ def test_a_temp_output_damaged_after_written_is_rolled_back_not_published(
     assert_fully_consolidated(data_dir, [POD_A])
 
 
-@pytest.mark.parametrize("damage", ["torn", "gone"])
+def alter(companion: Path) -> None:
+    """A companion that still decodes, one container short: what a disk that returns other
+    bytes than it acknowledged could leave, and no decoding can tell."""
+    sidecar = companions.read_companion(companion)
+    assert len(sidecar.containers) > 1
+    fewer = dataclasses.replace(sidecar, containers=sidecar.containers[1:])
+    companion.write_bytes(companions.encode(fewer))
+
+
+@pytest.mark.parametrize("damage", ["torn", "gone", "altered"])
 def test_a_temp_companion_damaged_after_written_is_rolled_back_not_published(
     data_dir: Path, damage: str
 ) -> None:
     """`written` promises the companion's temp file too (DESIGN step 3). Recovery verified
     only the output's checksum: a torn companion temp was published and every source's
     companion deleted (a gone one: the output published with none), so their containers
-    vanished from the viewer. Not verifiable, the sources intact: rolled back, merged again."""
+    vanished from the viewer. An altered one still decodes: only its journaled checksum
+    tells. Not verifiable, the sources intact: rolled back, merged again."""
     make_data(data_dir, "small")
     expected = expected_rows(data_dir)
     containers = viewer_containers(data_dir)
@@ -623,6 +636,8 @@ def test_a_temp_companion_damaged_after_written_is_rolled_back_not_published(
     temp = folder / (OUTPUT_COMPANION + ".tmp")
     if damage == "torn":
         temp.write_bytes(temp.read_bytes()[:-3])
+    elif damage == "altered":
+        alter(temp)
     else:
         temp.unlink()
 
@@ -641,22 +656,39 @@ def test_a_temp_companion_damaged_after_written_is_rolled_back_not_published(
     assert_fully_consolidated(data_dir, [POD_A])
 
 
-def test_a_published_companion_that_does_not_read_stops_the_deletes(data_dir: Path) -> None:
-    """The output is published and verified, but its companion is torn: deleting the sources'
-    companions would leave the viewer no list of their containers. A person decides; nothing
-    is deleted, and `recover` exits 3."""
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ("torn", "is not the one written"),
+        ("altered", "is not the one written"),
+        ("torn, written before migration 6", "does not read"),  # no checksum: decoded
+    ],
+)
+def test_a_published_companion_that_is_not_the_one_written_stops_the_deletes(
+    data_dir: Path, damage: str, said: str
+) -> None:
+    """The output is published and verified, but its companion is torn, or altered (it still
+    decodes, one container short): deleting the sources' companions would leave the viewer no
+    list of their containers. A person decides; nothing is deleted, and `recover` exits 3."""
     make_data(data_dir, "small")
     folder = data_dir / POD_A
     assert run_once(data_dir, "journal:renamed").returncode == -9
     companion = folder / OUTPUT_COMPANION
-    companion.write_bytes(companion.read_bytes()[:-3])
+    if damage.startswith("torn"):
+        companion.write_bytes(companion.read_bytes()[:-3])
+    else:
+        alter(companion)
+    if "before migration 6" in damage:
+        with sqlite3.connect(default_journal_path(data_dir)) as conn:
+            conn.execute("UPDATE merges SET companion_checksum = NULL")
+        conn.close()
     files = snapshot(data_dir)
 
     result = recover(data_dir)
     assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
     [action] = [a for a in json_lines(result.stdout) if a["kind"] == "recovery"]
     assert action["action"] == "needs a person"
-    assert f"companion {OUTPUT_COMPANION} does not read" in action["reason"]
+    assert f"companion {OUTPUT_COMPANION} {said}" in action["reason"]
     assert snapshot(data_dir) == files
 
 

@@ -123,6 +123,7 @@ class MergeRecord:
     output_checksum: str | None
     sources: tuple[SourceRecord, ...]
     transitions: tuple[Transition, ...]
+    companion_checksum: str | None = None  # None: no companion, or from before migration 6
 
     @property
     def state(self) -> MergeState:
@@ -433,13 +434,22 @@ class Journal:
             self._insert_transition(merge_id, state, actor, error)
         crashpoints.reach(f"journal:{state}")
 
-    def record_written(self, merge_id: int, *, rows: int, size: int, checksum: str) -> None:
-        """The output's figures and the `written` state, in one commit."""
+    def record_written(
+        self,
+        merge_id: int,
+        *,
+        rows: int,
+        size: int,
+        checksum: str,
+        companion_checksum: str | None = None,
+    ) -> None:
+        """The output's figures (and its companion's checksum) and the `written` state, in one
+        commit."""
         with self.transaction():
             self.db.execute(
-                "UPDATE merges SET output_rows = ?, output_bytes = ?, output_checksum = ?"
-                " WHERE id = ? AND output_checksum IS NULL",
-                (rows, size, checksum, merge_id),
+                "UPDATE merges SET output_rows = ?, output_bytes = ?, output_checksum = ?,"
+                " companion_checksum = ? WHERE id = ? AND output_checksum IS NULL",
+                (rows, size, checksum, companion_checksum, merge_id),
             )
             self._insert_transition(merge_id, MergeState.WRITTEN, "merge", None)
         crashpoints.reach(f"journal:{MergeState.WRITTEN}")
@@ -729,6 +739,7 @@ class Journal:
             output_checksum=row["output_checksum"],
             sources=sources,
             transitions=transitions,
+            companion_checksum=row.get("companion_checksum"),  # absent before migration 6
         )
 
     def unreadable(self, partition: str | None = None) -> list[UnreadableRecord]:

@@ -8,6 +8,7 @@ deletes its sources, whoever calls it.
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -117,8 +118,7 @@ def _write_and_finish(
             metadata=lineage_of(merge_id, plan),
             should_abort=should_abort,
         )
-        if _has_companion(plan):
-            _write_companion_tmp(folder, plan)
+        companion_sum = _write_companion_tmp(folder, plan) if _has_companion(plan) else None
         durable.fsync_dir(folder)
         _check_sources(folder, plan)
     except (ConsolidatorError, OSError, pa.ArrowException) as exc:
@@ -139,7 +139,13 @@ def _write_and_finish(
         log_event(log, "merge-crashed", logging.ERROR, **unexpected.fields)
         roll_back(journal, folder, merge_id, plan.output, error=unexpected.text, actor="merge")
         return MergeState.ROLLED_BACK, None, unexpected.text, True
-    journal.record_written(merge_id, rows=result.rows, size=result.size, checksum=result.checksum)
+    journal.record_written(
+        merge_id,
+        rows=result.rows,
+        size=result.size,
+        checksum=result.checksum,
+        companion_checksum=companion_sum,
+    )
     state, error = finish(journal, folder, journal.merge(merge_id), actor="merge")
     return state, result.size, error, False
 
@@ -166,18 +172,22 @@ def _check_sources(folder: Path, plan: MergePlan) -> None:
             )
 
 
-def _write_companion_tmp(folder: Path, plan: MergePlan) -> None:
+def _write_companion_tmp(folder: Path, plan: MergePlan) -> str | None:
+    """The sources' companions' union as the output's companion temp; its sha256, for the
+    journal, as the output's (None: nothing to write)."""
     sidecars = [
         companions.read_companion(folder / companion_name(s.name))
         for s in plan.sources
         if s.companion is not None
     ]
     merged = companions.union(sidecars)
-    if merged is not None:
-        path = folder / tmp_name(companion_name(plan.output))
-        data = companions.encode(merged)
-        durable.write_new_file(path, data)
-        _check_companion(path, data)
+    if merged is None:
+        return None
+    path = folder / tmp_name(companion_name(plan.output))
+    data = companions.encode(merged)
+    durable.write_new_file(path, data)
+    _check_companion(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _check_companion(path: Path, data: bytes) -> None:

@@ -236,9 +236,10 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
 
 def _companion_doubt(folder: Path, record: MergeRecord) -> str | None:
     """Why the output's companion, temp or published, cannot be published as it is; None
-    when it reads (or the output has none). `written` promises it as it promises the output
-    (DESIGN step 3), but the journal keeps no checksum of it: a torn one published deleted
-    every source's companion, and their containers vanished from the viewer."""
+    when it is the one written (or the output has none). `written` promises it as it
+    promises the output (DESIGN step 3): a torn one published deleted every source's
+    companion, and their containers vanished from the viewer. Its checksum is journaled
+    with the output's (migration 6); a merge written before that is checked by decoding."""
     if not record.has_companion:
         return None
     name = companion_name(record.output)
@@ -246,6 +247,10 @@ def _companion_doubt(folder: Path, record: MergeRecord) -> str | None:
     present = temp if temp.exists() else final
     if not present.exists():
         return f"companion {name} is missing"
+    if record.companion_checksum is not None:
+        if checksum(present) != record.companion_checksum:
+            return f"companion {present.name} is not the one written (checksum differs)"
+        return None
     try:
         companions.read_companion(present)
     except CompanionError as exc:
