@@ -183,7 +183,7 @@ def _bulk_finished_merges(path: Path, count: int, at: datetime) -> None:
     stamp = at.isoformat(timespec="milliseconds")
     for merge_id in range(1, count + 1):
         conn.execute(
-            "INSERT INTO merges VALUES (?, ?, ?, 'flat', '{}', 1, 1, 0, 1, 1, 'c')",
+            "INSERT INTO merges VALUES (?, ?, ?, 'flat', '{}', 1, 1, 0, 1, 1, 'c', NULL)",
             (merge_id, PART, f"consolidated-{merge_id:08d}.parquet"),
         )
         conn.executemany(
