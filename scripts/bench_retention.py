@@ -42,7 +42,9 @@ def fill(path: Path, merges: int, old_fraction: float, now: datetime, first_id: 
         start = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(hours=merge_id)
         partition = f"dt={start.date()}/identifier=pod-{merge_id % 7}"
         conn.execute(
-            "INSERT INTO merges VALUES (?, ?, ?, 'flat', ?, ?, ?, 1, ?, ?, ?)",
+            "INSERT INTO merges (id, partition, output, era, policy, rows_in, bytes_in,"
+            " has_companion, output_rows, output_bytes, output_checksum)"
+            " VALUES (?, ?, ?, 'flat', ?, ?, ?, 1, ?, ?, ?)",
             (
                 merge_id,
                 partition,

@@ -6,6 +6,7 @@ only that each script finishes, prints its tables and its fidelity checks pass.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -156,6 +157,21 @@ def test_recovery_quick_proves_every_source_at_both_sizes() -> None:
     small_rows, large_rows = (int(r[2].replace(",", "")) for r in absolute)
     assert large_rows > 4 * small_rows
     assert table_rows(out, "Larger vs smaller")[0][3] == "met"
+
+
+def test_retention_bench_prunes_a_journal_of_the_current_schema() -> None:
+    """It writes journal rows by hand: a column added by a migration once broke it unseen."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_retention.py"), "--merges", "200"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert {line["strategy"] for line in lines} == {"none", "vacuum", "incremental"}
+    assert all(line["pruned"] == 180 for line in lines)
 
 
 def test_bloom_probe_agrees_with_duckdb(tmp_path: Path) -> None:
