@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from . import config, identity, logs, progress
+from .backoff import DEFAULT_INTERVAL_S
 from .errors import ConfigError, ConsolidatorError, JournalError
 from .isolation import PartitionFailure, isolated
 from .journal import Journal, errors_explained
@@ -160,7 +161,7 @@ def _fill_standard_streams() -> None:
 @_option(
     "--check-interval",
     type=click.FloatRange(min=0, min_open=True),
-    default=300.0,
+    default=DEFAULT_INTERVAL_S,
     help="Seconds between consolidation passes.",
 )
 @_option(

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import identity, lock, memory, retention
-from .backoff import Backoff
+from .backoff import DEFAULT_INTERVAL_S, Backoff
 from .isolation import PARTITION_ERRORS, isolated
 from .journal import Journal, PassResult, explained
 from .layout import walk_partitions
@@ -46,7 +46,7 @@ class Settings:
     data_dir: Path
     journal_path: Path
     policy: Policy = field(default_factory=Policy)
-    check_interval_s: float = 300.0
+    check_interval_s: float = DEFAULT_INTERVAL_S
     grace_s: float = 20.0
     retention_days: float = 30.0
     observer: Observer = field(default_factory=Observer)  # metrics, progress; no-op by default

@@ -38,8 +38,6 @@ from .retention import journal_bytes
 from .scan import UnreadableFile, still_on_disk
 from .states import MergeState
 
-DEFAULT_CHECK_INTERVAL_S = DEFAULT_INTERVAL_S
-
 EXIT_HEALTHY = 0
 EXIT_NEEDS_PERSON = 3  # as `recover`
 EXIT_STALE = 4
@@ -335,7 +333,7 @@ def compute_status(
         last = journal.last_pass() if journal else None
         if check_interval_s is None:
             recorded = last.settings.get("check_interval_s") if last else None
-            check_interval_s = float(recorded or DEFAULT_CHECK_INTERVAL_S)
+            check_interval_s = float(recorded or DEFAULT_INTERVAL_S)
         success = journal.last_successful_pass() if journal else None
         transition = _at(journal.latest_transition_at()) if journal else None
         newest = journal.newest_merge_id() if journal else 0  # before `unfinished`: see below
