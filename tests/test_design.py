@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 
 from fgm_consolidator import journal
-from fgm_consolidator.states import ALLOWED, MergeState
+from fgm_consolidator.errors import IllegalTransitionError
+from fgm_consolidator.states import ALLOWED, MergeState, check_transition
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "fgm_consolidator"
@@ -76,12 +77,29 @@ def test_the_package_loads_the_schema_from_the_journal_folder() -> None:
 def test_the_transitions_states_md_lists_are_those_the_code_accepts() -> None:
     text = (CONTRACT / "STATES.md").read_text(encoding="utf-8")
     block = text.split("Allowed transitions", 1)[1].split("```")[1]
-    documented: dict[MergeState, set[MergeState]] = {}
+    documented: dict[MergeState | None, set[MergeState]] = {}
     for line in block.strip().splitlines():
         source, targets = (part.strip() for part in line.split("->"))
-        documented[MergeState(source)] = {MergeState(t.strip()) for t in targets.split("|")}
-    accepted = {state: set(targets) for state, targets in ALLOWED.items() if targets}
+        state = None if source == "(start)" else MergeState(source)
+        documented[state] = {MergeState(t.strip()) for t in targets.split("|")}
+    accepted: dict[MergeState | None, set[MergeState]] = {
+        state: set(targets) for state, targets in ALLOWED.items() if targets
+    }
+    accepted[None] = {
+        state
+        for state in MergeState
+        for adopted in (False, True)
+        if _starts(state, adopted=adopted)
+    }
     assert documented == accepted
+
+
+def _starts(state: MergeState, *, adopted: bool) -> bool:
+    try:
+        check_transition(1, None, state, adopted=adopted)
+    except IllegalTransitionError:
+        return False
+    return True
 
 
 def test_every_state_of_the_design_table_is_a_state_of_the_code() -> None:

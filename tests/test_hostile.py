@@ -334,6 +334,74 @@ def test_lineage_recovery_removes_what_the_output_provably_holds(
     assert rows_pyarrow(data_dir) == before
 
 
+def journaled_merges(data_dir: Path) -> list[MergeRecord]:
+    journal = Journal.open(default_journal_path(data_dir), read_only=True)
+    try:
+        return sorted(journal.history(), key=lambda r: r.id)
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("kill_at", ["journal:adopted", "durable:unlinked#3"])
+def test_a_removal_by_lineage_is_journaled_first_and_finished_after_a_kill(
+    data_dir: Path, kill_at: str
+) -> None:
+    """DESIGN invariant 3: a source goes only once the journal says its output holds it. With
+    the journal lost, the proven output is adopted as a merge at `renamed` before any file goes,
+    so a kill after that commit (or among the deletes) leaves a merge the next start finishes
+    like any other, and `history` shows what was removed and why."""
+    before = crash_between_rename_and_deletes(data_dir)
+    lose(data_dir, "journal")
+    left = sorted(p.name for p in (data_dir / POD_A).glob("metrics-*.parquet"))
+
+    assert run_once(data_dir, kill_at).returncode == -9
+    [adopted] = journaled_merges(data_dir)
+    assert adopted.adopted and adopted.state is MergeState.RENAMED
+    assert [s.name for s in adopted.sources] == left
+    assert adopted.output_checksum == recovery.checksum(data_dir / POD_A / OUTPUT)
+    gone = {name for name in left if not (data_dir / POD_A / name).exists()}
+    assert len(gone) == (0 if kill_at == "journal:adopted" else 2)  # the third unlink: a companion
+
+    result = run_once(data_dir)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(data_dir / POD_A)) == [OUTPUT_COMPANION, OUTPUT]
+    assert rows_pyarrow(data_dir) == before
+    [finished] = journaled_merges(data_dir)
+    assert [(t.state, t.actor) for t in finished.transitions] == [
+        (MergeState.RENAMED, "recovery"),
+        (MergeState.SOURCES_DELETED, "recovery"),
+    ]
+    history = run_cli("history", "--data-dir", str(data_dir), "--json")
+    [line] = json_lines(history.stdout)
+    assert (line["output"], line["state"], line["adopted"]) == (OUTPUT, "sources-deleted", True)
+    assert line["sources"] == LEFT
+
+
+def test_an_adopted_output_is_never_withdrawn_for_a_rival(data_dir: Path) -> None:
+    """An adopted output may hold rows of files deleted before its journal was lost, which its
+    record does not list; withdrawing it for a rival that lists one of its sources (as a merge
+    of ours yields to a second instance's) would lose those rows. A person decides instead."""
+    crash_between_rename_and_deletes(data_dir)
+    lose(data_dir, "journal")
+    assert run_once(data_dir, "journal:adopted").returncode == -9
+    folder = data_dir / POD_A
+    [adopted] = journaled_merges(data_dir)
+    rival = folder / "consolidated-20251230T000000Z-20251230T000001Z.parquet"
+    table = pq.read_table(folder / adopted.sources[0].name)
+    doc = lineage.encode(7, [(adopted.sources[0].name, table.num_rows)])
+    pq.write_table(table.replace_schema_metadata(doc), rival)
+    journal = Journal.open(default_journal_path(data_dir))
+    try:
+        state, error = merge.finish(journal, folder, adopted, actor="recovery")
+    finally:
+        journal.close()
+
+    assert state is MergeState.NEEDS_ATTENTION
+    assert f"{OUTPUT} was adopted from its lineage; nothing deleted" in (error or "")
+    assert (folder / OUTPUT).exists()
+    assert all((folder / s.name).exists() for s in adopted.sources)
+
+
 def fewer_rows(path: Path) -> None:
     table = pq.read_table(path)
     pq.write_table(table.slice(0, table.num_rows // 2), path)
@@ -823,7 +891,11 @@ def test_lineage_recovery_keeps_a_file_rewritten_while_it_was_compared(
         return found
 
     monkeypatch.setattr(lineage, "unproven", unproven)
-    actions = recovery.recover_from_lineage(data_dir, set())
+    journal = Journal.open(default_journal_path(data_dir))
+    try:
+        actions = recovery.recover_from_lineage(journal, data_dir, set())
+    finally:
+        journal.close()
 
     [kept] = [a for a in actions if not a.removed]
     assert (kept.file, kept.reason) == (victim.name, f"{victim.name} changed while it was compared")

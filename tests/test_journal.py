@@ -11,6 +11,7 @@ from fgm_consolidator.durable import FileIdentity
 from fgm_consolidator.errors import IllegalTransitionError, JournalError
 from fgm_consolidator.journal import Deaths, Journal, SourceRecord, UnreadableRecord
 from fgm_consolidator.states import MergeState as S
+from fgm_consolidator.states import check_transition
 
 SOURCES = [
     SourceRecord("metrics-20251230T100000Z.parquet", FileIdentity(1, 100, 5), 10, "f1", None),
@@ -307,6 +308,28 @@ def test_a_merge_is_only_ever_started_as_planned(journal: Journal) -> None:
         with pytest.raises(IllegalTransitionError, match="must start as planned"):
             journal.transition(merge_id + 1, state, actor="merge")
     assert [r.id for r in journal.history()] == [merge_id]
+
+
+def test_an_adopted_merge_starts_at_renamed_with_its_output_figures(journal: Journal) -> None:
+    """Recovery adopts an output its lineage proves, so the deletes it then makes are
+    journaled: the record starts at `renamed` with everything a later recovery checks, and
+    from there walks the usual states. Only `record_adopted` may start a merge there."""
+    merge_id = journal.record_adopted(
+        partition="p", output="o", era="flat", policy={"adopted": {"lineage_merge_id": 9}},
+        sources=SOURCES, output_rows=30, output_bytes=123, output_checksum="abc",
+        companion_checksum="def", actor="recovery",
+    )  # fmt: skip
+    journal.transition(merge_id, S.SOURCES_DELETED, actor="recovery")
+    record = journal.merge(merge_id)
+    assert record.adopted and not journal.merge(plan(journal)).adopted
+    assert [(t.state, t.actor) for t in record.transitions] == [
+        (S.RENAMED, "recovery"), (S.SOURCES_DELETED, "recovery"),
+    ]  # fmt: skip
+    assert (record.output_rows, record.output_bytes, record.output_checksum) == (30, 123, "abc")
+    assert (record.has_companion, record.companion_checksum) == (True, "def")
+    assert list(record.sources) == SOURCES and record.rows_in == sum(s.rows for s in SOURCES)
+    with pytest.raises(IllegalTransitionError, match="must start as renamed, not planned"):
+        check_transition(merge_id + 9, None, S.PLANNED, adopted=True)
 
 
 def _ended(journal: Journal, walk: list[tuple[S, str]], partition: str = "p") -> int:

@@ -24,7 +24,7 @@ from sqlite_utils import Database
 from . import crashpoints, durable
 from .durable import FileIdentity
 from .errors import ConsolidatorError, JournalError
-from .states import TERMINAL, MergeState, check_transition
+from .states import ADOPTED_START, TERMINAL, MergeState, check_transition
 
 REPAIR_HINT = (
     "stop the consolidator, move the journal aside (keep it for a post-mortem) and run "
@@ -140,6 +140,12 @@ class MergeRecord:
     @property
     def error(self) -> str | None:
         return self.transitions[-1].error
+
+    @property
+    def adopted(self) -> bool:
+        """Recorded by recovery from an output's lineage (`Journal.record_adopted`), not
+        planned here: the output may hold rows of files this journal never knew."""
+        return self.transitions[0].state is ADOPTED_START
 
 
 class PassResult(StrEnum):
@@ -391,40 +397,82 @@ class Journal:
         has_companion: bool,
     ) -> int:
         with self.transaction():
-            cursor = self.db.execute(
-                "INSERT INTO merges (partition, output, era, policy, rows_in, bytes_in,"
-                " has_companion) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    partition,
-                    output,
-                    era,
-                    json.dumps(dict(policy), sort_keys=True),
-                    sum(s.rows for s in sources),
-                    sum(s.identity.size for s in sources),
-                    int(has_companion),
-                ),
-            )
-            merge_id = int(cursor.lastrowid or 0)
-            for position, source in enumerate(sources):
-                companion = source.companion
-                self.db.execute(
-                    "INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        merge_id,
-                        position,
-                        source.name,
-                        source.identity.inode,
-                        source.identity.size,
-                        source.identity.mtime_ns,
-                        source.rows,
-                        source.schema_fingerprint,
-                        companion.inode if companion else None,
-                        companion.size if companion else None,
-                        companion.mtime_ns if companion else None,
-                    ),
-                )
+            merge_id = self._insert_merge(partition, output, era, policy, sources, has_companion)
             self._insert_transition(merge_id, MergeState.PLANNED, "merge", None)
         crashpoints.reach(f"journal:{MergeState.PLANNED}")
+        return merge_id
+
+    def record_adopted(
+        self,
+        *,
+        partition: str,
+        output: str,
+        era: str,
+        policy: Mapping[str, Any],
+        sources: Sequence[SourceRecord],
+        output_rows: int,
+        output_bytes: int,
+        output_checksum: str,
+        companion_checksum: str | None,
+        actor: str,
+    ) -> int:
+        """An output found without its merge in this journal, proven to hold `sources`: one
+        commit records it as `renamed` (durable under its final name, sources still present),
+        so their deletion is journaled like any merge's and a crash is finished by recovery."""
+        with self.transaction():
+            merge_id = self._insert_merge(
+                partition, output, era, policy, sources, companion_checksum is not None
+            )
+            self.db.execute(
+                "UPDATE merges SET output_rows = ?, output_bytes = ?, output_checksum = ?,"
+                " companion_checksum = ? WHERE id = ?",
+                (output_rows, output_bytes, output_checksum, companion_checksum, merge_id),
+            )
+            self._insert_transition(merge_id, ADOPTED_START, actor, None, adopted=True)
+        crashpoints.reach("journal:adopted")
+        return merge_id
+
+    def _insert_merge(
+        self,
+        partition: str,
+        output: str,
+        era: str,
+        policy: Mapping[str, Any],
+        sources: Sequence[SourceRecord],
+        has_companion: bool,
+    ) -> int:
+        cursor = self.db.execute(
+            "INSERT INTO merges (partition, output, era, policy, rows_in, bytes_in,"
+            " has_companion) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                partition,
+                output,
+                era,
+                json.dumps(dict(policy), sort_keys=True),
+                sum(s.rows for s in sources),
+                sum(s.identity.size for s in sources),
+                int(has_companion),
+            ),
+        )
+        merge_id = int(cursor.lastrowid or 0)
+        for position, source in enumerate(sources):
+            companion = source.companion
+            self.db.execute(
+                "INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    merge_id,
+                    position,
+                    source.name,
+                    source.identity.inode,
+                    source.identity.size,
+                    source.identity.mtime_ns,
+                    source.rows,
+                    source.schema_fingerprint,
+                    companion.inode if companion else None,
+                    companion.size if companion else None,
+                    companion.mtime_ns if companion else None,
+                ),
+            )
         return merge_id
 
     def transition(
@@ -455,9 +503,16 @@ class Journal:
         crashpoints.reach(f"journal:{MergeState.WRITTEN}")
 
     def _insert_transition(
-        self, merge_id: int, state: MergeState, actor: str, error: str | None
+        self,
+        merge_id: int,
+        state: MergeState,
+        actor: str,
+        error: str | None,
+        *,
+        adopted: bool = False,
     ) -> None:
-        check_transition(merge_id, self._current_state(merge_id), state, self.path)
+        current = self._current_state(merge_id)
+        check_transition(merge_id, current, state, self.path, adopted=adopted)
         self.db.execute(
             "INSERT INTO transitions (merge_id, state, at, actor, error) VALUES (?, ?, ?, ?, ?)",
             (merge_id, str(state), utc_now(), actor, error),

@@ -318,17 +318,21 @@ def _yield_to(
     nothing: each source is intact, or gone and listed by a rival. Otherwise a person decides."""
     listed = set().union(*(held.names for held in rivals.values()))
     names = ", ".join(sorted(rivals))
+    why_not = None
+    if record.adopted:
+        # It may also hold rows of files deleted before its journal was lost, which no
+        # source of this record stands for.
+        why_not = f"{record.output} was adopted from its lineage"
     for source in record.sources:
         now = durable.optional_identity(folder / source.name)
         intact = source.name in listed if now is None else now == source.identity
-        if not intact:
-            error = (
-                f"{names} also hold(s) sources of {record.output}, and {source.name} is "
-                f"changed or gone without a rival holding it; nothing deleted"
-            )
-            if record.state is not MergeState.NEEDS_ATTENTION:
-                journal.transition(record.id, MergeState.NEEDS_ATTENTION, actor=actor, error=error)
-            return MergeState.NEEDS_ATTENTION, error
+        if why_not is None and not intact:
+            why_not = f"{source.name} is changed or gone without a rival holding it"
+    if why_not is not None:
+        error = f"{names} also hold(s) sources of {record.output}, and {why_not}; nothing deleted"
+        if record.state is not MergeState.NEEDS_ATTENTION:
+            journal.transition(record.id, MergeState.NEEDS_ATTENTION, actor=actor, error=error)
+        return MergeState.NEEDS_ATTENTION, error
     durable.remove(folder / record.output)
     if record.has_companion:
         durable.remove(folder / companion_name(record.output))

@@ -22,15 +22,18 @@ from enum import StrEnum
 from functools import partial
 from pathlib import Path
 
-from . import companions, crashpoints, durable, lineage
+from . import companions, crashpoints, durable, footers, lineage
 from .backoff import DEFAULT_INTERVAL_S, Hold, hold_for
+from .durable import FileIdentity
 from .errors import CompanionError, NameTakenError, Unexpected
 from .isolation import PartitionFailure, isolated
-from .journal import Journal, MergeRecord
+from .journal import Journal, MergeRecord, SourceRecord
 from .layout import companion_name, is_our_tmp, iter_partitions, linked_folder, tmp_name
 from .logs import context, log_event
 from .merge import finish, roll_back
 from .observe import Observer
+from .schemas import era_of
+from .schemas import fingerprint as schema_fingerprint
 from .states import MergeState
 
 ACTOR = "recovery"
@@ -365,11 +368,12 @@ def recover(
         report.swept = sweep_orphans(data_dir, keep)
         busy = {(record.partition, record.output) for record in unfinished}
         guard = ProofGuard(journal, interval_s)
-        report.lineage = recover_from_lineage(data_dir, busy, should_stop, guard)
+        report.lineage = recover_from_lineage(journal, data_dir, busy, should_stop, guard)
     return report
 
 
 def recover_from_lineage(
+    journal: Journal,
     data_dir: Path,
     busy: set[tuple[str, str]],
     should_stop: Callable[[], bool] = _never,
@@ -379,7 +383,8 @@ def recover_from_lineage(
 
     A file goes only when an output's lineage lists it with its row count, the output reads
     back completely, and every row of the file is among the output's (`judge_partition`;
-    outputs are laid out by metric, so no offset in them holds a source's rows). A file that
+    outputs are laid out by metric, so no offset in them holds a source's rows), and only
+    once the journal has adopted the output as a merge holding it (`_adopt`). A file that
     two outputs claim, an output that does not read back, a file that differs: all stay where
     they are, reported, and held out of later merges. Outputs of an unfinished merge of our
     journal (`busy`) are the journal's business.
@@ -390,7 +395,7 @@ def recover_from_lineage(
             break
         # A partition that fails is logged and left: nothing is deleted unproven, and the
         # planner holds the files an output claims.
-        settled = isolated(_settle_partition, data_dir / partition, partition, busy, guard)
+        settled = isolated(_settle_partition, data_dir / partition, partition, busy, guard, journal)
         if isinstance(settled, PartitionFailure):
             log_event(
                 log, "lineage-check-failed", logging.ERROR, partition=partition, **settled.fields
@@ -474,12 +479,19 @@ def _prove(
 
 
 def _settle_partition(
-    folder: Path, partition: str, busy: set[tuple[str, str]], guard: ProofGuard | None
+    folder: Path,
+    partition: str,
+    busy: set[tuple[str, str]],
+    guard: ProofGuard | None,
+    journal: Journal,
 ) -> list[LineageAction]:
     verdicts = judge_partition(folder, partition, lineage.list_names(folder), busy, guard=guard)
-    actions = [_settle_source(folder, partition, verdict) for verdict in verdicts]
-    if any(action.removed for action in actions):
-        durable.fsync_dir(folder)
+    by_output: dict[str, list[LineageVerdict]] = {}
+    for verdict in verdicts:
+        by_output.setdefault(verdict.output, []).append(verdict)
+    actions: list[LineageAction] = []
+    for output, found in by_output.items():
+        actions.extend(_settle_output(journal, folder, partition, output, found))
     for action in actions:
         level = logging.INFO if action.removed else logging.WARNING
         log_event(
@@ -495,44 +507,113 @@ def _settle_partition(
     return actions
 
 
-def _settle_source(folder: Path, partition: str, verdict: LineageVerdict) -> LineageAction:
-    """Remove a file its output is proven to hold, unless it changed since the proof."""
-    if verdict.doubt is not None or verdict.before is None:
-        return verdict.action(partition)
-    name, output = verdict.file, verdict.output
-    if durable.identity(folder / name) != verdict.before:
-        return LineageAction(
-            partition, output, name, False, f"{name} changed while it was compared"
+def _settle_output(
+    journal: Journal,
+    folder: Path,
+    partition: str,
+    output: str,
+    verdicts: list[LineageVerdict],
+) -> list[LineageAction]:
+    """Remove the files `output` is proven to hold, unless they changed since the proof; the
+    others are reported as they stand. The removal is a merge of the journal's, adopted at
+    `renamed` and finished like any other, so a crash in it is recovery's to finish."""
+    actions: list[LineageAction] = []
+    proven: list[tuple[str, FileIdentity]] = []  # each file, as it was proven
+    for verdict in verdicts:
+        if verdict.doubt is not None or verdict.before is None:
+            actions.append(verdict.action(partition))
+        elif durable.identity(folder / verdict.file) != verdict.before:
+            reason = f"{verdict.file} changed while it was compared"
+            actions.append(LineageAction(partition, output, verdict.file, False, reason))
+        else:
+            proven.append((verdict.file, verdict.before))
+    if not proven:
+        return actions
+    digest = _made_durable(folder / output)
+    record, notes = _adopt(journal, folder, partition, output, digest, proven)
+    _result, error = finish(journal, folder, record, actor=ACTOR)
+    for source in record.sources:
+        if error is None:
+            reason = (
+                f"every row is in {output} (lineage and content); adopted as merge"
+                f" {record.id}{notes[source.name]}"
+            )
+        else:
+            reason = f"merge {record.id}: {error}"
+        actions.append(LineageAction(partition, output, source.name, error is None, reason))
+    return actions
+
+
+def _adopt(
+    journal: Journal,
+    folder: Path,
+    partition: str,
+    output: str,
+    digest: str,
+    proven: list[tuple[str, FileIdentity]],
+) -> tuple[MergeRecord, dict[str, str]]:
+    """Journal `output` (whose sha256 is `digest`) as a merge of the `proven` files, at
+    `renamed`, with what is needed to finish it: their identities from before the proof, the
+    output's checksum and its companion's. A file's companion is recorded, and so deleted
+    with it, only when the output's companion lists every container of it; `notes` says why
+    one is kept."""
+    footer = footers.read(folder / output)
+    held = lineage.decode(footer.lineage)
+    sources: list[SourceRecord] = []
+    notes: dict[str, str] = {}
+    for name, identity in proven:
+        source_footer = footers.read(folder / name)
+        companion, notes[name] = _companion_covered(folder, output, name)
+        sources.append(
+            SourceRecord(
+                name,
+                identity,
+                source_footer.rows,
+                schema_fingerprint(source_footer.schema),
+                companion,
+            )
         )
-    _make_durable(folder / output)
-    note = _settle_companion(folder, output, name)
-    durable.remove(folder / name)
-    return LineageAction(
-        partition, output, name, True, f"every row is in {output} (lineage and content){note}"
+    merge_id = journal.record_adopted(
+        partition=partition,
+        output=output,
+        era=era_of(footer.schema),
+        policy={"adopted": {"lineage_merge_id": held.merge_id if held else None}},
+        sources=sources,
+        output_rows=footer.rows,
+        output_bytes=footer.identity.size,
+        output_checksum=digest,
+        companion_checksum=checksum(folder / companion_name(output)),
+        actor=ACTOR,
     )
+    return journal.merge(merge_id), notes
 
 
-def _make_durable(path: Path) -> None:
-    """The output's bytes and name on disk before anything it holds is deleted."""
+def _made_durable(path: Path) -> str:
+    """The output's bytes and name on disk before anything it holds is deleted; the sha256 of
+    those bytes, which the journal then records (a file gone by now raises)."""
     with open(path, "rb") as handle:
         durable.fsync_file(handle, path)
+        handle.seek(0)
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
     durable.fsync_dir(path.parent)
+    return digest
 
 
-def _settle_companion(folder: Path, output: str, name: str) -> str:
-    """Remove the source's companion when the output's covers every container of it."""
+def _companion_covered(folder: Path, output: str, name: str) -> tuple[FileIdentity | None, str]:
+    """The identity of `name`'s companion when the output's covers every container of it (so
+    it may go with `name`); else None, and why it is kept."""
     theirs_path = folder / companion_name(name)
-    if not theirs_path.exists():
-        return ""
+    identity = durable.optional_identity(theirs_path)
+    if identity is None:
+        return None, ""
     try:
         theirs = companions.read_companion(theirs_path)
         ours = companions.read_companion(folder / companion_name(output))
     except CompanionError as exc:
-        return f"; companion kept ({exc.reason})"
+        return None, f"; companion kept ({exc.reason})"
     missing = {c.container_id for c in theirs.containers} - {
         c.container_id for c in ours.containers
     }
     if missing:
-        return f"; companion kept ({len(missing)} containers not in {companion_name(output)})"
-    durable.remove(theirs_path)
-    return ""
+        return None, f"; companion kept ({len(missing)} containers not in {companion_name(output)})"
+    return identity, ""

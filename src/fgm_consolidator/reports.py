@@ -36,6 +36,8 @@ def merge_fields(record: MergeRecord) -> dict[str, Any]:
         fields.setdefault(str(step.state), step.at)
     fields["duration_s"] = _duration_s(record)
     fields["error"] = record.error
+    if record.adopted:  # recorded by recovery from the output's lineage, after a lost journal
+        fields["adopted"] = True
     return fields
 
 

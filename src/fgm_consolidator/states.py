@@ -46,15 +46,28 @@ ALLOWED: dict[MergeState, frozenset[MergeState]] = {
 }
 
 
+# A merge recovery adopts starts here: an output of ours, found without the journal (lost)
+# beside files its lineage proves it holds, is durable under its final name, and the journal
+# must say so before any of those files is deleted (DESIGN invariant 3).
+ADOPTED_START = MergeState.RENAMED
+
+
 def check_transition(
-    merge_id: int, current: MergeState | None, target: MergeState, journal: Path | None = None
+    merge_id: int,
+    current: MergeState | None,
+    target: MergeState,
+    journal: Path | None = None,
+    *,
+    adopted: bool = False,
 ) -> None:
     """Refuse a step the state machine does not have; the error names the journal, whose
-    record of the merge is what a person must read."""
+    record of the merge is what a person must read. A merge starts as planned, or (`adopted`)
+    as `ADOPTED_START`."""
     if current is None:
-        if target is not MergeState.PLANNED:
+        start = ADOPTED_START if adopted else MergeState.PLANNED
+        if target is not start:
             raise IllegalTransitionError(
-                f"merge {merge_id} must start as planned, not {target}", journal
+                f"merge {merge_id} must start as {start}, not {target}", journal
             )
         return
     if target not in ALLOWED[current]:
