@@ -11,6 +11,15 @@ file's rows before it finishes the file, so the expected multiset lives here, ou
 directory. Every `--check-every` kills, while the consolidator is dead, the rows of every
 finished file must all be in some live file (invariant 1 at that instant; a row may be there
 twice until recovery). Exit status 1 on any violation; the work folder is then kept.
+
+    torture.py --kills 300 --lose-journal-every 3   # and lose the journal now and then
+
+With `--lose-journal-every N`, every Nth kill that leaves a merge unfinished is followed by the
+loss of the journal (and its WAL), deleted while the consolidator is dead. Start-up must then
+settle every output left beside its sources from the outputs' lineage alone (adopting it into
+the new journal) and sweep the temp files no journal knows. The oracle still checks every row
+(none lost, none twice); only "every output is accounted for by a finished merge" is waived,
+since the merges of a lost journal are gone with it.
 """
 
 from __future__ import annotations
@@ -118,6 +127,7 @@ class Figures:
     kills: int = 0
     kills_in_a_merge: int = 0  # kills that left a merge unfinished in the journal
     mid_run_checks: int = 0
+    journals_lost: int = 0
     violations: list[str] = field(default_factory=list)
 
 
@@ -176,12 +186,29 @@ def kill_loop(
             figures.violations.append(f"the consolidator exited on its own (rc={code})")
             return
         figures.kills += 1
-        figures.kills_in_a_merge += unfinished_merges(data_dir) > 0
+        in_a_merge = unfinished_merges(data_dir) > 0
+        figures.kills_in_a_merge += in_a_merge
+        every = args.lose_journal_every
+        if in_a_merge and every and figures.kills_in_a_merge % every == 0:
+            lose_journal(data_dir)
+            figures.journals_lost += 1
         if args.check_every and figures.kills % args.check_every == 0:
             check_nothing_lost(data_dir, monitor, figures)
         if figures.kills % 100 == 0:
             done = f"{figures.kills} kills, {len(figures.violations)} violations"
             print(f"... {done}", file=sys.stderr, flush=True)
+
+
+def logged_lines(log: Path, *parts: str) -> int:
+    """Lines of the consolidators' logs holding every one of `parts`."""
+    with open(log, encoding="utf-8", errors="replace") as lines:
+        return sum(all(part in line for part in parts) for line in lines)
+
+
+def lose_journal(data_dir: Path) -> None:
+    journal = default_journal_path(data_dir)
+    for path in journal.parent.glob(journal.name + "*"):  # the database, its WAL and shm
+        path.unlink()
 
 
 def merge_figures(records: list[MergeRecord]) -> dict[str, int]:
@@ -203,6 +230,7 @@ def merge_figures(records: list[MergeRecord]) -> dict[str, int]:
             r.state is MergeState.ROLLED_BACK and not by_recovery(r) for r in records
         ),
         "unfinished": sum(r.state not in TERMINAL for r in records),
+        "adopted": sum(r.adopted for r in records),
     }
 
 
@@ -224,7 +252,12 @@ def torture(args: argparse.Namespace, work: Path) -> Figures:
     if settle.wait() != 0:
         figures.violations.append(f"the quiescent pass exited {settle.returncode}; see {log}")
     expected, _ = monitor.snapshot()
-    report = check(data_dir, expected, journal_path=default_journal_path(data_dir))
+    report = check(
+        data_dir,
+        expected,
+        journal_path=default_journal_path(data_dir),
+        journal_lost=figures.journals_lost > 0,
+    )
     figures.violations.extend(report.violations)
     records = journal_records(data_dir)
     shown = {
@@ -237,6 +270,8 @@ def torture(args: argparse.Namespace, work: Path) -> Figures:
         "rows_checked": report.rows_checked,
         "live_files": report.files_checked,
         "mid_run_checks": figures.mid_run_checks,
+        "journals_lost": figures.journals_lost,
+        "removed_by_lineage": logged_lines(log, "event=lineage-recovery", "action=removed"),
         "violations": len(figures.violations),
     }
     print(" ".join(f"{key}={value}" for key, value in shown.items()), flush=True)
@@ -256,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-delay", type=float, default=0.05, help="seconds before a kill")
     parser.add_argument("--max-delay", type=float, default=2.0)
     parser.add_argument("--check-every", type=int, default=10, help="0: only the final check")
+    parser.add_argument(
+        "--lose-journal-every",
+        type=int,
+        default=0,
+        help="delete the journal after every Nth kill that leaves a merge unfinished",
+    )
     parser.add_argument("--work-dir", type=Path, help="default: a new temp folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     return parser
