@@ -31,8 +31,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import add_late_container, data_files, rows_pyarrow, run_cli, small_spec, tmp_files
-from oracle import canonical_row
+from conftest import (
+    add_late_container,
+    clone_tree,
+    data_files,
+    rows_pyarrow,
+    run_cli,
+    small_spec,
+    tmp_files,
+)
+from oracle import canonical_row, check, expected_rows
 from test_crash import (
     OUTPUT,
     OUTPUT_COMPANION,
@@ -46,7 +54,7 @@ from test_crash import (
 )
 from test_service import DEADLINE_S, SLOW, Service, fields, poll, running
 
-from fgm_consolidator import lineage, lock, merge, recovery
+from fgm_consolidator import crashpoints, lineage, lock, merge, recovery
 from fgm_consolidator import status as status_module
 from fgm_consolidator.errors import LockError
 from fgm_consolidator.journal import Journal, MergeRecord
@@ -375,6 +383,38 @@ def test_a_removal_by_lineage_is_journaled_first_and_finished_after_a_kill(
     [line] = json_lines(history.stdout)
     assert (line["output"], line["state"], line["adopted"]) == (OUTPUT, "sources-deleted", True)
     assert line["sources"] == LEFT
+
+
+def test_a_kill_anywhere_in_a_lineage_settlement_is_finished_by_the_next_recovery(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Kill points enumerated, not listed: a dry `recover` of the lost-journal state lists every
+    point the lineage settlement reaches (the proof's attempt, the fsyncs, the adoption, each
+    unlink, `sources-deleted`), and a real `recover` is killed at the first and the last
+    occurrence of each. The next `recover` must leave what the oracle accepts with the
+    journal it has: every row once, and the output accounted for by the adopted merge."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    assert run_once(data_dir, AFTER_FIVE_DELETES).returncode == -9
+    lose(data_dir, "journal")
+    count = tmp_path / "dry.count"
+    dry = clone_tree(data_dir, tmp_path / "dry")
+    env = {crashpoints.ENV_VAR: "", crashpoints.COUNT_ENV_VAR: str(count)}
+    assert run_cli("recover", "--data-dir", str(dry), env=env).returncode == 0
+    reached = crashpoints.occurrences(crashpoints.read_reached(count))
+    points = {spec.split("#")[0] for spec in reached}
+    assert {"recovery:attempt-begun", "journal:adopted", "journal:sources-deleted"} <= points
+    kills = sorted(
+        {next(s for s in reached if s.startswith(f"{p}#")) for p in points}
+        | {next(s for s in reversed(reached) if s.startswith(f"{p}#")) for p in points}
+    )
+    for n, kill_at in enumerate(kills):
+        clone = clone_tree(data_dir, tmp_path / f"kill-{n}")
+        env = {crashpoints.ENV_VAR: kill_at, crashpoints.COUNT_ENV_VAR: ""}
+        assert run_cli("recover", "--data-dir", str(clone), env=env).returncode == -9, kill_at
+        result = recover(clone)
+        assert result.returncode == 0, (kill_at, result.stdout + result.stderr)
+        assert check(clone, expected).violations == [], kill_at
 
 
 def test_an_adopted_output_is_never_withdrawn_for_a_rival(data_dir: Path) -> None:
