@@ -187,17 +187,18 @@ CASES = [
     Case("durable:unlinked#2", WRITTEN, N, N, True, "none", True),
     Case("durable:fsync-dir#2", WRITTEN, N, N, True, "none", True),
     Case("journal:renamed", RENAMED, N, N, True, "none", True),
-    # sources are unlinked one by one, each parquet then its companion
-    Case("durable:unlinked#3", RENAMED, N - 1, N, True, "none", True),
+    # sources are unlinked one by one, each companion then its parquet (a companion never
+    # outlives its file: nothing would name it once the journal is lost)
+    Case("durable:unlinked#3", RENAMED, N, N - 1, True, "none", True),
     Case("durable:unlinked#4", RENAMED, N - 1, N - 1, True, "none", True),
-    Case("durable:unlinked#25", RENAMED, N - 12, N - 11, True, "none", True),
+    Case("durable:unlinked#25", RENAMED, N - 11, N - 12, True, "none", True),
     Case("durable:unlinked#50", RENAMED, 0, 0, True, "none", True),
     Case("durable:fsync-dir#3", RENAMED, 0, 0, True, "none", True),
     Case("journal:sources-deleted", DELETED, 0, 0, True, "none", True),
     # the second partition's merge, the first one already finished
     Case("journal:planned#2", PLANNED, N, N, False, "none", data=TWO),
     Case("journal:written#2", WRITTEN, N, N, False, "complete", companion_tmp=True, data=TWO),
-    Case(f"durable:unlinked#{UNLINKS_PER_MERGE + 11}", RENAMED, N - 5, N - 4, True, "none", True,
+    Case(f"durable:unlinked#{UNLINKS_PER_MERGE + 11}", RENAMED, N - 4, N - 5, True, "none", True,
          data=TWO),
 ]
 # fmt: on

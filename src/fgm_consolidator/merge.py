@@ -373,7 +373,14 @@ def _same_file_or_bytes(tmp: Path, target: Path) -> bool:
 
 
 def delete_sources(folder: Path, record: MergeRecord) -> None:
-    """Re-stat every remaining source first: one changed file stops all deletes."""
+    """Re-stat every remaining source first: one changed file stops all deletes.
+
+    Each source's companion goes before the source itself. Cut between the two, the other
+    order left a companion whose file was gone: with the journal intact, recovery deletes it
+    too, but with the journal lost nothing names it any more (the output's lineage lists the
+    file, not its companion), and it stayed for good. This order leaves a file without its
+    companion instead, which is still a source that either recovery finishes, and whose
+    containers the output's companion lists already."""
     present = []
     for source in record.sources:
         path = folder / source.name
@@ -389,9 +396,9 @@ def delete_sources(folder: Path, record: MergeRecord) -> None:
         present.append(source)
     for source in record.sources:
         companion = folder / companion_name(source.name)
-        if source in present:
-            durable.remove(folder / source.name)
         planned = source.companion
         if planned is not None and durable.optional_identity(companion) == planned:
             durable.remove(companion)
+        if source in present:
+            durable.remove(folder / source.name)
     durable.fsync_dir(folder)
