@@ -40,7 +40,7 @@ from conftest import (
     small_spec,
     tmp_files,
 )
-from oracle import canonical_row, check, expected_rows
+from oracle import canonical_row, check, expected_rows, viewer_containers
 from test_crash import (
     OUTPUT,
     OUTPUT_COMPANION,
@@ -368,7 +368,10 @@ def test_a_removal_by_lineage_is_journaled_first_and_finished_after_a_kill(
     assert [s.name for s in adopted.sources] == left
     assert adopted.output_checksum == recovery.checksum(data_dir / POD_A / OUTPUT)
     gone = {name for name in left if not (data_dir / POD_A / name).exists()}
-    assert len(gone) == (0 if kill_at == "journal:adopted" else 2)  # the third unlink: a companion
+    assert len(gone) == (0 if kill_at == "journal:adopted" else 1)  # companion, file, companion
+    if gone:  # a companion never outlives its file
+        second = data_dir / POD_A / left[1]
+        assert second.exists() and not second.with_suffix(".containers").exists()
 
     result = run_once(data_dir)
     assert result.returncode == 0, result.stderr
@@ -415,6 +418,31 @@ def test_a_kill_anywhere_in_a_lineage_settlement_is_finished_by_the_next_recover
         result = recover(clone)
         assert result.returncode == 0, (kill_at, result.stdout + result.stderr)
         assert check(clone, expected).violations == [], kill_at
+
+
+def test_a_publish_cut_between_its_renames_keeps_its_companion_when_the_journal_is_lost(
+    data_dir: Path,
+) -> None:
+    """Killed after the output got its name and before its companion did, with the journal
+    lost: the companion's temp was swept as an orphan, the output stayed without companion,
+    and its sources' companions stayed behind alone, so the viewer lost their containers.
+    Now the temp is published, and the sources and their companions go by lineage."""
+    make_data(data_dir, "small")
+    expected, containers = expected_rows(data_dir), viewer_containers(data_dir)
+    assert run_once(data_dir, "durable:unlinked#1").returncode == -9
+    folder = data_dir / POD_A
+    assert (folder / OUTPUT).exists() and (folder / tmp_name(OUTPUT_COMPANION)).exists()
+    lose(data_dir, "journal")
+
+    result = recover(data_dir)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    published = [
+        line["path"] for line in json_lines(result.stdout) if line["kind"] == "orphan-published"
+    ]
+    assert published == [str(folder / OUTPUT_COMPANION)]
+    assert sorted(os.listdir(folder)) == [OUTPUT_COMPANION, OUTPUT]
+    assert check(data_dir, expected, containers=containers).violations == []
 
 
 def test_an_adopted_output_is_never_withdrawn_for_a_rival(data_dir: Path) -> None:

@@ -380,6 +380,8 @@ def recover_command(
             raise _fail(exc) from exc
     for action in report.actions:
         _echo(recovery_fields(action), as_json)
+    for path in report.published:
+        _echo({"kind": "orphan-published", "path": str(path)}, as_json)
     for path in report.swept:
         _echo({"kind": "orphan-removed", "path": str(path)}, as_json)
     for found in report.lineage:

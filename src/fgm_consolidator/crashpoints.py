@@ -10,8 +10,9 @@ before the point may kill: a dry run with it tells a harness every point and eve
 there is to kill at, without a hard-coded list. Unarmed, a point costs two dict lookups.
 
 The points (each reached just after the step it names has returned):
-- `journal:<state>` after each journal commit of a transition, `journal:unreadable` after a
-  file is recorded unreadable, `journal:migrated` after each schema migration;
+- `journal:<state>` after each journal commit of a transition, `journal:adopted` after
+  recovery adopts an output its lineage proves, `journal:unreadable` after a file is
+  recorded unreadable, `journal:migrated` after each schema migration;
 - `writer:row-group` after each row group handed to the output;
 - `durable:created` after a temp file is created (empty, not synced);
 - `durable:fsync-file` after a file's data is synced;
@@ -21,8 +22,10 @@ The points (each reached just after the step it names has returned):
 - `durable:fsync-dir` after a folder is synced;
 - `recovery:<action>` after recovery dealt with one merge (`resumed`, `rolled-back`,
   `needs-a-person`, or `failed` when the disk refused a step and the merge was left as it
-  was), `recovery:swept` after the orphans of one folder are gone, `recovery:attempt-begun`
-  after a start-up step outside any merge (a lineage proof) is journaled as begun.
+  was), `recovery:published` after an orphan companion temp of a published output gets its
+  final name, `recovery:swept` after the orphans of one folder are gone,
+  `recovery:attempt-begun` after a start-up step outside any merge (a lineage proof) is
+  journaled as begun.
 
 Inside `unnamed()` no point is reached: the data directory's id, written once by the first
 start, uses the durable steps too, and would otherwise shift every number above by one for the

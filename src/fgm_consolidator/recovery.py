@@ -28,7 +28,16 @@ from .durable import FileIdentity
 from .errors import CompanionError, NameTakenError, Unexpected
 from .isolation import PartitionFailure, isolated
 from .journal import Journal, MergeRecord, SourceRecord
-from .layout import companion_name, is_our_tmp, iter_partitions, linked_folder, tmp_name
+from .layout import (
+    COMPANION_SUFFIX,
+    PARQUET_SUFFIX,
+    TMP_SUFFIX,
+    companion_name,
+    is_our_tmp,
+    iter_partitions,
+    linked_folder,
+    tmp_name,
+)
 from .logs import context, log_event
 from .merge import finish, roll_back
 from .observe import Observer
@@ -83,6 +92,7 @@ class LineageAction:
 class RecoveryReport:
     actions: list[RecoveryAction] = field(default_factory=list)
     swept: list[Path] = field(default_factory=list)
+    published: list[Path] = field(default_factory=list)  # companions of cut publishes
     lineage: list[LineageAction] = field(default_factory=list)
 
     @property
@@ -290,6 +300,48 @@ def _needs_person(journal: Journal, record: MergeRecord, reason: str) -> Recover
     return _action(record, MergeState.NEEDS_ATTENTION, Step.NEEDS_A_PERSON, reason)
 
 
+def publish_orphan_companions(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
+    """Give an orphan companion temp of ours its final name when its output already has its
+    own and no companion: a publish cut between its two renames, with the journal lost.
+
+    `publish` renames the output first, so only that cut leaves a published output beside
+    its companion's temp, which was complete and read back before `written`. Swept, it left
+    the output without a companion, and the viewer without the containers of its sources
+    (whose own companions then stayed behind, lone). Published only when it decodes; the
+    returned paths are the companions published. As in the sweep, a folder that fails is
+    logged and skipped."""
+    published = []
+    for partition in iter_partitions(data_dir):
+        folder = data_dir / partition
+        try:
+            for entry in os.scandir(folder):
+                final = folder / entry.name.removesuffix(TMP_SUFFIX)
+                output = final.with_suffix(PARQUET_SUFFIX)
+                if (
+                    not is_our_tmp(entry.name)
+                    or final.suffix != COMPANION_SUFFIX
+                    or (partition, entry.name) in keep
+                    or not entry.is_file(follow_symlinks=False)
+                    or not output.is_file()
+                    or final.exists()
+                ):
+                    continue
+                try:
+                    companions.read_companion(folder / entry.name)
+                except CompanionError as exc:
+                    log_event(
+                        log, "orphan-kept", logging.WARNING, path=entry.path, reason=exc.reason
+                    )
+                    continue
+                durable.rename_no_replace(folder / entry.name, final)
+                durable.fsync_dir(folder)
+                crashpoints.reach("recovery:published")
+                published.append(final)
+        except OSError as exc:
+            log_event(log, "publish-failed", logging.ERROR, partition=partition, error=exc)
+    return published
+
+
 def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
     """Remove temp files of ours that no unfinished merge accounts for (e.g. journal lost).
 
@@ -365,6 +417,7 @@ def recover(
             for record in unfinished
             for name in (record.output, companion_name(record.output))
         }
+        report.published = publish_orphan_companions(data_dir, keep)
         report.swept = sweep_orphans(data_dir, keep)
         busy = {(record.partition, record.output) for record in unfinished}
         guard = ProofGuard(journal, interval_s)

@@ -301,6 +301,8 @@ def log_recovery(report: RecoveryReport) -> None:
         del fields["kind"]
         level = logging.WARNING if action.result is MergeState.NEEDS_ATTENTION else logging.INFO
         log_event(log, "recovery", level, **fields)
+    for path in report.published:
+        log_event(log, "orphan-published", path=path)
     for path in report.swept:
         log_event(log, "orphan-removed", path=path)
 
