@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the one copy of the oracle
 
 from oracle import (  # noqa: E402
+    ContainerIds,
     RowKey,
     check,
     data_file_paths,
@@ -53,7 +54,7 @@ from oracle import (  # noqa: E402
     row_keys,
 )
 
-from fgm_consolidator import simulate  # noqa: E402
+from fgm_consolidator import companions, simulate  # noqa: E402
 from fgm_consolidator.journal import MergeRecord  # noqa: E402
 from fgm_consolidator.layout import default_journal_path  # noqa: E402
 from fgm_consolidator.states import TERMINAL, MergeState  # noqa: E402
@@ -92,6 +93,9 @@ class Monitor(threading.Thread):
         self.lock = threading.Lock()
         self.expected: Counter[RowKey] = Counter()
         self.finished: set[Path] = set()
+        # partition -> every container id a companion of the monitor listed: the viewer must
+        # still list each at the end (FORMATS: an output's companion is its sources' union)
+        self.containers: ContainerIds = {}
         self.stop = threading.Event()
         self.error: BaseException | None = None
 
@@ -113,8 +117,12 @@ class Monitor(threading.Thread):
             keys = row_keys(handle.table(ROTATION_S), partition)
             with self.lock:  # recorded and finished as one step, for the mid-run check
                 self.expected.update(keys)
-                handle.finish(ROTATION_S)
+                written = handle.finish(ROTATION_S)
                 self.finished.add(handle.path)
+                if written.companion is not None:  # not merged yet: it is younger than min-age
+                    listed = companions.read_companion(written.companion).containers
+                    ids = self.containers.setdefault(partition, set())
+                    ids.update(c.container_id for c in listed)
 
     def snapshot(self) -> tuple[Counter[RowKey], set[Path]]:
         with self.lock:
@@ -257,6 +265,7 @@ def torture(args: argparse.Namespace, work: Path) -> Figures:
         expected,
         journal_path=default_journal_path(data_dir),
         journal_lost=figures.journals_lost > 0,
+        containers=monitor.containers,
     )
     figures.violations.extend(report.violations)
     records = journal_records(data_dir)
@@ -272,6 +281,7 @@ def torture(args: argparse.Namespace, work: Path) -> Figures:
         "mid_run_checks": figures.mid_run_checks,
         "journals_lost": figures.journals_lost,
         "removed_by_lineage": logged_lines(log, "event=lineage-recovery", "action=removed"),
+        "companions_published": logged_lines(log, "event=orphan-published"),
         "violations": len(figures.violations),
     }
     print(" ".join(f"{key}={value}" for key, value in shown.items()), flush=True)
