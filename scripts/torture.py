@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,7 @@ from oracle import (  # noqa: E402
 )
 
 from fgm_consolidator import companions, simulate  # noqa: E402
+from fgm_consolidator.errors import JournalError  # noqa: E402
 from fgm_consolidator.journal import MergeRecord  # noqa: E402
 from fgm_consolidator.layout import default_journal_path  # noqa: E402
 from fgm_consolidator.states import TERMINAL, MergeState  # noqa: E402
@@ -165,7 +167,23 @@ def check_nothing_lost(data_dir: Path, monitor: Monitor, figures: Figures) -> No
 
 
 def unfinished_merges(data_dir: Path) -> int:
-    return sum(r.state not in TERMINAL for r in journal_records(data_dir))
+    try:
+        records = journal_records(data_dir)
+    except JournalError:
+        if journal_is_empty(default_journal_path(data_dir)):
+            return 0  # a start killed while it created the journal (after a lost one)
+        raise
+    return sum(r.state not in TERMINAL for r in records)
+
+
+def journal_is_empty(path: Path) -> bool:
+    """A journal file with no tables yet, which `run` takes for a lost one (and the journal's
+    read-only open refuses)."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    finally:
+        connection.close()
 
 
 def consolidator(data_dir: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
