@@ -40,7 +40,7 @@ from conftest import (
     small_spec,
     tmp_files,
 )
-from oracle import canonical_row, check, expected_rows, viewer_containers
+from oracle import canonical_row, check, expected_rows, journal_records, viewer_containers
 from test_crash import (
     OUTPUT,
     OUTPUT_COMPANION,
@@ -342,14 +342,6 @@ def test_lineage_recovery_removes_what_the_output_provably_holds(
     assert rows_pyarrow(data_dir) == before
 
 
-def journaled_merges(data_dir: Path) -> list[MergeRecord]:
-    journal = Journal.open(default_journal_path(data_dir), read_only=True)
-    try:
-        return sorted(journal.history(), key=lambda r: r.id)
-    finally:
-        journal.close()
-
-
 @pytest.mark.parametrize("kill_at", ["journal:adopted", "durable:unlinked#3"])
 def test_a_removal_by_lineage_is_journaled_first_and_finished_after_a_kill(
     data_dir: Path, kill_at: str
@@ -363,7 +355,7 @@ def test_a_removal_by_lineage_is_journaled_first_and_finished_after_a_kill(
     left = sorted(p.name for p in (data_dir / POD_A).glob("metrics-*.parquet"))
 
     assert run_once(data_dir, kill_at).returncode == -9
-    [adopted] = journaled_merges(data_dir)
+    [adopted] = journal_records(data_dir)
     assert adopted.adopted and adopted.state is MergeState.RENAMED
     assert [s.name for s in adopted.sources] == left
     assert adopted.output_checksum == recovery.checksum(data_dir / POD_A / OUTPUT)
@@ -377,7 +369,7 @@ def test_a_removal_by_lineage_is_journaled_first_and_finished_after_a_kill(
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(data_dir / POD_A)) == [OUTPUT_COMPANION, OUTPUT]
     assert rows_pyarrow(data_dir) == before
-    [finished] = journaled_merges(data_dir)
+    [finished] = journal_records(data_dir)
     assert [(t.state, t.actor) for t in finished.transitions] == [
         (MergeState.RENAMED, "recovery"),
         (MergeState.SOURCES_DELETED, "recovery"),
@@ -454,7 +446,7 @@ def test_an_adopted_output_is_never_withdrawn_for_a_rival(data_dir: Path) -> Non
     lose(data_dir, "journal")
     assert run_once(data_dir, "journal:adopted").returncode == -9
     folder = data_dir / POD_A
-    [adopted] = journaled_merges(data_dir)
+    [adopted] = journal_records(data_dir)
     rival = folder / "consolidated-20251230T000000Z-20251230T000001Z.parquet"
     table = pq.read_table(folder / adopted.sources[0].name)
     doc = lineage.encode(7, [(adopted.sources[0].name, table.num_rows)])
