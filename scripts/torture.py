@@ -181,9 +181,10 @@ def journal_is_empty(path: Path) -> bool:
     read-only open refuses)."""
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+        tables: int = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     finally:
         connection.close()
+    return tables == 0
 
 
 def consolidator(data_dir: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
