@@ -22,10 +22,9 @@ The points (each reached just after the step it names has returned):
 - `durable:fsync-dir` after a folder is synced;
 - `recovery:<action>` after recovery dealt with one merge (`resumed`, `rolled-back`,
   `needs-a-person`, or `failed` when the disk refused a step and the merge was left as it
-  was), `recovery:published` after an orphan companion temp of a published output gets its
-  final name, `recovery:swept` after the orphans of one folder are gone,
-  `recovery:attempt-begun` after a start-up step outside any merge (a lineage proof) is
-  journaled as begun.
+  was), `recovery:swept` after the orphans of one folder are gone (or, for the companion of
+  a cut publish, published), `recovery:attempt-begun` after a start-up step outside any merge
+  (a lineage proof) is journaled as begun.
 
 Inside `unnamed()` no point is reached: the data directory's id, written once by the first
 start, uses the durable steps too, and would otherwise shift every number above by one for the

@@ -300,54 +300,19 @@ def _needs_person(journal: Journal, record: MergeRecord, reason: str) -> Recover
     return _action(record, MergeState.NEEDS_ATTENTION, Step.NEEDS_A_PERSON, reason)
 
 
-def publish_orphan_companions(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
-    """Give an orphan companion temp of ours its final name when its output already has its
-    own and no companion: a publish cut between its two renames, with the journal lost.
-
-    `publish` renames the output first, so only that cut leaves a published output beside
-    its companion's temp, which was complete and read back before `written`. Swept, it left
-    the output without a companion, and the viewer without the containers of its sources
-    (whose own companions then stayed behind, lone). Published only when it decodes; the
-    returned paths are the companions published. As in the sweep, a folder that fails is
-    logged and skipped."""
-    published = []
-    for partition in iter_partitions(data_dir):
-        folder = data_dir / partition
-        try:
-            for entry in os.scandir(folder):
-                final = folder / entry.name.removesuffix(TMP_SUFFIX)
-                output = final.with_suffix(PARQUET_SUFFIX)
-                if (
-                    not is_our_tmp(entry.name)
-                    or final.suffix != COMPANION_SUFFIX
-                    or (partition, entry.name) in keep
-                    or not entry.is_file(follow_symlinks=False)
-                    or not output.is_file()
-                    or final.exists()
-                ):
-                    continue
-                try:
-                    companions.read_companion(folder / entry.name)
-                except CompanionError as exc:
-                    log_event(
-                        log, "orphan-kept", logging.WARNING, path=entry.path, reason=exc.reason
-                    )
-                    continue
-                durable.rename_no_replace(folder / entry.name, final)
-                durable.fsync_dir(folder)
-                crashpoints.reach("recovery:published")
-                published.append(final)
-        except OSError as exc:
-            log_event(log, "publish-failed", logging.ERROR, partition=partition, error=exc)
-    return published
+@dataclass(frozen=True)
+class Swept:
+    removed: list[Path]
+    published: list[Path]  # companions of a cut publish, given their final names
 
 
-def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
-    """Remove temp files of ours that no unfinished merge accounts for (e.g. journal lost).
+def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> Swept:
+    """Remove temp files of ours that no unfinished merge accounts for (e.g. journal lost),
+    but publish the companion temp of a cut publish (`_cut_publish_companion`).
 
     A folder we cannot read or clean is logged and skipped: it must not stop start-up.
     """
-    removed = []
+    removed, published = [], []
     for partition in iter_partitions(data_dir):
         folder = data_dir / partition
         try:
@@ -370,14 +335,39 @@ def sweep_orphans(data_dir: Path, keep: set[tuple[str, str]]) -> list[Path]:
                     reason="named like our temp file but not a regular file; left alone",
                 )
             for path in mine:
-                if durable.remove(path):
+                final = _cut_publish_companion(path)
+                if final is not None:
+                    durable.rename_no_replace(path, final)
+                    published.append(final)
+                elif durable.remove(path):
                     removed.append(path)
             if mine:
                 durable.fsync_dir(folder)
                 crashpoints.reach("recovery:swept")
         except OSError as exc:
             log_event(log, "sweep-failed", logging.ERROR, partition=partition, error=exc)
-    return removed
+    return Swept(removed, published)
+
+
+def _cut_publish_companion(temp: Path) -> Path | None:
+    """The final name an orphan companion temp of ours is owed, or None to sweep it.
+
+    `publish` renames the output first, so only a publish cut between its two renames (with
+    the journal lost) leaves a published output, without companion, beside its companion's
+    temp, which was complete and read back before `written`. Swept, it left the output
+    without a companion and the viewer without its sources' containers (their own companions
+    then stayed behind, alone). Owed only when it decodes."""
+    final = temp.with_name(temp.name.removesuffix(TMP_SUFFIX))
+    if final.suffix != COMPANION_SUFFIX or final.exists():
+        return None
+    if not final.with_suffix(PARQUET_SUFFIX).is_file():
+        return None
+    try:
+        companions.read_companion(temp)
+    except CompanionError as exc:
+        log_event(log, "orphan-not-published", logging.WARNING, path=temp, reason=exc.reason)
+        return None
+    return final
 
 
 def _never() -> bool:
@@ -417,8 +407,8 @@ def recover(
             for record in unfinished
             for name in (record.output, companion_name(record.output))
         }
-        report.published = publish_orphan_companions(data_dir, keep)
-        report.swept = sweep_orphans(data_dir, keep)
+        swept = sweep_orphans(data_dir, keep)
+        report.swept, report.published = swept.removed, swept.published
         busy = {(record.partition, record.output) for record in unfinished}
         guard = ProofGuard(journal, interval_s)
         report.lineage = recover_from_lineage(journal, data_dir, busy, should_stop, guard)
