@@ -36,8 +36,9 @@ ENV PATH=/opt/fgm/bin:$PATH \
 USER 10001:10001
 VOLUME ["/data"]
 
-# No init process: the consolidator is PID 1 and installs its own SIGTERM/SIGINT handlers (a
-# PID 1 receives only signals it handles); it finishes or rolls back the merge in progress
-# within --grace-period and exits 0. It starts no child processes, so there is nothing to reap.
+# No init process: the consolidator is PID 1 and installs its own SIGTERM/SIGINT/SIGHUP
+# handlers (a PID 1 receives only signals it handles); it finishes or rolls back the merge in
+# progress within --grace-period and exits 0. It starts no child processes, so there is nothing
+# to reap.
 ENTRYPOINT ["fgm-consolidator"]
 CMD ["run"]

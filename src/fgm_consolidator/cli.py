@@ -209,7 +209,8 @@ def _fill_standard_streams() -> None:
     "--history-retention-days",
     type=click.FloatRange(min=0, min_open=True),
     default=30.0,
-    help="Days the journal keeps finished merges; unfinished and failed ones stay.",
+    help="Days the journal keeps finished merges and rolled-back ones whose sources a later"
+    " merge took; unfinished merges and any ever flagged for a person stay.",
 )
 @_option("--once", is_flag=True, help="Recover, run one pass, exit.")
 @_option(
