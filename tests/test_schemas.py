@@ -81,3 +81,14 @@ def test_conform_fills_missing_labels_with_nulls_without_casting() -> None:
                                        schema=flat("b", label_type=pa.int64()))  # fmt: skip
     with pytest.raises(SchemaConflictError, match="l_b"):
         conform(wrong, target)
+
+
+def test_conform_never_drops_a_column_the_target_lacks() -> None:
+    """The lineage proof conforms a file to its output's schema: a column dropped there would
+    let a file with more values than the output pass as held by it."""
+    batch = pa.RecordBatch.from_pylist(
+        [{"run_id": "r", "time": 5, "metric_name": "m", "value_float": 1.5, "l_a": "x"}],
+        schema=flat("a"),
+    )
+    with pytest.raises(SchemaConflictError, match="column l_a is not in the output"):
+        conform(batch, flat("b"))

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from . import containment, footers, reading
 from .errors import ConsolidatorError
 from .layout import parse_data_file
-from .schemas import LINEAGE_KEY
+from .schemas import LINEAGE_KEY, lacking
 
 
 @dataclass(frozen=True)
@@ -158,9 +158,17 @@ def unproven(
     problems: dict[str, str] = {}
     try:
         counted: list[Path] = []
+        target = pq.read_schema(output)
         for source in sources:
-            rows, listed = pq.read_metadata(source).num_rows, held.rows_of(source.name)
-            if rows == listed:
+            metadata = pq.read_metadata(source)
+            rows, listed = metadata.num_rows, held.rows_of(source.name)
+            extra = lacking(metadata.schema.to_arrow_schema(), target)
+            if extra:
+                # Compared as the output's columns, its rows would match without these.
+                problems[source.name] = (
+                    f"{source.name} has column {extra[0]}, which {output.name} lacks"
+                )
+            elif rows == listed:
                 counted.append(source)
             else:
                 problems[source.name] = (

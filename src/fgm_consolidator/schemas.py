@@ -119,11 +119,23 @@ def _describe(fields: Sequence[pa.Field]) -> str:
     return "[" + ", ".join(f"{f.name}: {f.type}" for f in fields) + "]"
 
 
+def lacking(schema: pa.Schema, target: pa.Schema) -> list[str]:
+    """The columns of `schema` that `target` has no place for."""
+    names = set(target.names)
+    return [name for name in schema.names if name not in names]
+
+
 def conform(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
     """A source batch laid out as the output: missing labels as nulls, columns in target order.
 
-    Raises SchemaConflictError when a column's type is not the target's; no cast ever happens.
+    Raises SchemaConflictError when a column's type is not the target's, or when the batch has
+    a column the target lacks: no cast ever happens and no value is ever dropped. (A merge's
+    target holds every source column; the lineage proof's is the output's, and a file with a
+    column its output lacks is not held by it.)
     """
+    extra = lacking(batch.schema, target)
+    if extra:
+        raise SchemaConflictError(f"column {extra[0]} is not in the output")
     columns = []
     for field in target:
         index = batch.schema.get_field_index(field.name)
