@@ -7,15 +7,19 @@ the oracle judges the end state, the viewer's containers included where they are
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from oracle import check, expected_rows, row_keys
-from test_crash import POD_A, make_data, recover, run_once
+from oracle import check, expected_rows, journal_records, row_keys, viewer_containers
+from test_crash import OUTPUT, OUTPUT_COMPANION, POD_A, make_data, recover, run_once
 from test_hostile import AFTER_FIVE_DELETES, lose
+
+from fgm_consolidator import lineage
+from fgm_consolidator.states import MergeState
 
 
 def _with_extra_label(path: Path, key: str) -> pa.Table:
@@ -50,3 +54,60 @@ def test_the_lineage_proof_keeps_a_file_with_a_column_its_output_lacks(data_dir:
     assert report.violations == [], report.violations
     assert victim.exists(), "a file whose rows the output does not hold was deleted"
     assert result.returncode == 3
+
+
+RIVAL = "consolidated-20251230T000000Z-20251230T000001Z.parquet"
+
+
+def test_a_withdrawal_cut_between_its_two_unlinks_is_rolled_back_whole(data_dir: Path) -> None:
+    """`merge._yield_to` withdraws our output for a rival (a second instance's output listing
+    one of our sources) by unlinking the output, then its companion. Killed between the two,
+    the next recovery found the output missing with every source intact and rolled back,
+    removing only temp names: `<output>.containers` stayed beside no parquet file, and its
+    name, taken, made every pass skip the same group of sources for good. The roll back now
+    removes our companion too (known by its journaled checksum)."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    assert run_once(data_dir, "journal:renamed").returncode == -9
+    folder = data_dir / POD_A
+    companion = folder / OUTPUT.replace(".parquet", ".containers")
+    assert (folder / OUTPUT).exists() and companion.exists()
+    shared = sorted(folder.glob("metrics-*.parquet"))[5]
+    table = pq.read_table(shared)
+    doc = lineage.encode(7, [(shared.name, table.num_rows)])
+    pq.write_table(table.replace_schema_metadata(doc), folder / RIVAL)  # a second instance's
+    shutil.copy2(shared.with_suffix(".containers"), (folder / RIVAL).with_suffix(".containers"))
+
+    assert recover(data_dir, "durable:unlinked#1").returncode == -9  # output gone, not companion
+    assert not (folder / OUTPUT).exists() and companion.exists()
+    recover(data_dir)
+    passed = run_once(data_dir)
+    assert passed.returncode == 0
+    assert "already exists" not in passed.stderr, passed.stderr[-600:]
+
+    report = check(data_dir, expected, journal_lost=True)
+    metrics_left = sorted(p.name for p in folder.glob("metrics-*.parquet"))
+    assert len(metrics_left) == 0, f"{len(metrics_left)} files never consolidated again"
+    assert report.violations == [], report.violations
+
+
+def test_an_output_a_person_removed_is_rolled_back_with_its_companion(data_dir: Path) -> None:
+    """Killed between the rename and the deletes, then the output removed by hand: the sources
+    are intact, so the merge is rolled back, and its companion goes with it (else its name
+    stops the same sources from ever being merged again, as in the withdrawal above)."""
+    make_data(data_dir, "small")
+    expected, containers = expected_rows(data_dir), viewer_containers(data_dir)
+    assert run_once(data_dir, "journal:renamed").returncode == -9
+    folder = data_dir / POD_A
+    (folder / OUTPUT).unlink()
+
+    passed = run_once(data_dir)
+
+    assert passed.returncode == 0, passed.stderr[-600:]
+    assert "already exists" not in passed.stderr
+    assert not list(folder.glob("metrics-*")), "the sources were not merged again"
+    first, second = journal_records(data_dir)
+    assert (first.state, second.state) == (MergeState.ROLLED_BACK, MergeState.SOURCES_DELETED)
+    assert f"its companion {OUTPUT_COMPANION} removed" in (first.error or "")
+    report = check(data_dir, expected, containers=containers)
+    assert report.violations == [], report.violations

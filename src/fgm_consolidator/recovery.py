@@ -236,6 +236,10 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
         reason = f"interrupted at {state}; output not verifiable, sources intact"
         if companion_doubt is not None:
             reason = f"interrupted at {state}; {companion_doubt}, sources intact"
+        lone = _lone_companion(folder, record)
+        if lone is not None:
+            durable.remove(lone)  # made durable by the roll back's sync
+            reason += f"; its companion {lone.name} removed"
         roll_back(journal, folder, record.id, record.output, error=reason, actor=ACTOR)
         return _action(record, MergeState.ROLLED_BACK, Step.ROLLED_BACK, reason)
     if output_ok:  # then only the companion is in doubt
@@ -245,6 +249,18 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
     listed = ", ".join(broken) or "none"
     reason = f"output {record.output} is {what}; sources not intact: {listed}"
     return _needs_person(journal, record, reason)
+
+
+def _lone_companion(folder: Path, record: MergeRecord) -> Path | None:
+    """Our published companion, when the output it describes is gone (a withdrawal cut between
+    its two unlinks, or a person who removed the output). A roll back leaves no file of ours:
+    kept, it lists containers of no file, and its name, taken, stops the same sources from
+    ever being merged again. Ours only by the journaled checksum; a merge from before
+    migration 6 has none, and its companion stays."""
+    if record.companion_checksum is None or (folder / record.output).exists():
+        return None
+    final = folder / companion_name(record.output)
+    return final if checksum(final) == record.companion_checksum else None
 
 
 def _companion_doubt(folder: Path, record: MergeRecord) -> str | None:
