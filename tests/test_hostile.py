@@ -40,7 +40,14 @@ from conftest import (
     small_spec,
     tmp_files,
 )
-from oracle import canonical_row, check, expected_rows, journal_records, viewer_containers
+from oracle import (
+    ContainerIds,
+    canonical_row,
+    check,
+    expected_rows,
+    journal_records,
+    viewer_containers,
+)
 from test_crash import (
     OUTPUT,
     OUTPUT_COMPANION,
@@ -393,13 +400,27 @@ def test_a_kill_anywhere_in_a_lineage_settlement_is_finished_by_the_next_recover
     expected, containers = expected_rows(data_dir), viewer_containers(data_dir)
     assert run_once(data_dir, AFTER_FIVE_DELETES).returncode == -9
     lose(data_dir, "journal")
+    must_reach = {"recovery:attempt-begun", "journal:adopted", "journal:sources-deleted"}
+    assert_every_kill_is_finished(data_dir, tmp_path, expected, containers, must_reach)
+
+
+def assert_every_kill_is_finished(
+    data_dir: Path,
+    tmp_path: Path,
+    expected: Counter[Any],
+    containers: ContainerIds,
+    must_reach: set[str],
+) -> None:
+    """Kill a `recover` of `data_dir` (copies of it) at the first and the last occurrence of
+    every point a dry `recover` reaches, among them `must_reach`; the next `recover` must
+    leave what the oracle accepts, every container still listed."""
     count = tmp_path / "dry.count"
     dry = clone_tree(data_dir, tmp_path / "dry")
     env = {crashpoints.ENV_VAR: "", crashpoints.COUNT_ENV_VAR: str(count)}
     assert run_cli("recover", "--data-dir", str(dry), env=env).returncode == 0
     reached = crashpoints.occurrences(crashpoints.read_reached(count))
     points = {spec.split("#")[0] for spec in reached}
-    assert {"recovery:attempt-begun", "journal:adopted", "journal:sources-deleted"} <= points
+    assert must_reach <= points, sorted(points)
     kills = sorted(
         {next(s for s in reached if s.startswith(f"{p}#")) for p in points}
         | {next(s for s in reversed(reached) if s.startswith(f"{p}#")) for p in points}

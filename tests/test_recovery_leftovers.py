@@ -14,11 +14,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from conftest import clone_tree
 from oracle import check, expected_rows, journal_records, row_keys, viewer_containers
 from test_crash import OUTPUT, OUTPUT_COMPANION, POD_A, make_data, recover, run_once
-from test_hostile import AFTER_FIVE_DELETES, lose
+from test_hostile import AFTER_FIVE_DELETES, assert_every_kill_is_finished, lose
 
 from fgm_consolidator import lineage
+from fgm_consolidator.layout import default_journal_path, tmp_name
 from fgm_consolidator.states import MergeState
 
 
@@ -110,4 +112,75 @@ def test_an_output_a_person_removed_is_rolled_back_with_its_companion(data_dir: 
     assert (first.state, second.state) == (MergeState.ROLLED_BACK, MergeState.SOURCES_DELETED)
     assert f"its companion {OUTPUT_COMPANION} removed" in (first.error or "")
     report = check(data_dir, expected, containers=containers)
+    assert report.violations == [], report.violations
+
+
+def test_a_cut_publish_whose_companion_temp_does_not_decode_gets_its_companion_rebuilt(
+    data_dir: Path,
+) -> None:
+    """A publish cut between its two renames, the journal lost, and the companion temp torn
+    (bit rot, or a disk that lied about the fsync). The sweep logs `orphan-not-published` and
+    removes it, so the output has no companion. Lineage recovery proved every source held and
+    deleted them all, keeping each source's companion beside no parquet file: every container
+    of the window vanished from the viewer. The output's companion is now rebuilt from the
+    sources' before they go."""
+    make_data(data_dir, "small")
+    expected, containers = expected_rows(data_dir), viewer_containers(data_dir)
+    assert run_once(data_dir, "durable:unlinked#1").returncode == -9
+    folder = data_dir / POD_A
+    temp = folder / tmp_name(OUTPUT_COMPANION)
+    assert (folder / OUTPUT).exists() and temp.exists()
+    lose(data_dir, "journal")
+    temp.write_bytes(temp.read_bytes()[:-3])
+
+    recover(data_dir)
+
+    report = check(data_dir, expected, containers=containers, journal_lost=True)
+    assert report.violations == [], report.violations
+
+
+def test_a_kill_anywhere_in_a_companion_rebuild_is_finished_by_the_next_recovery(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The rebuild above writes a temp, reads it back and links it to its final name before the
+    output is adopted: killed at any point of it (or of what follows), the next recovery
+    publishes the temp (the sweep) or rebuilds again, and no container is lost."""
+    make_data(data_dir, "small")
+    expected, containers = expected_rows(data_dir), viewer_containers(data_dir)
+    assert run_once(data_dir, "durable:unlinked#1").returncode == -9
+    temp = data_dir / POD_A / tmp_name(OUTPUT_COMPANION)
+    lose(data_dir, "journal")
+    temp.write_bytes(temp.read_bytes()[:-3])
+    must_reach = {"durable:created", "durable:linked", "journal:adopted"}
+    assert_every_kill_is_finished(data_dir, tmp_path, expected, containers, must_reach)
+
+
+def test_a_stale_journal_that_rolls_back_a_cut_publish_loses_no_container(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The journal loses its latest commits, not all of them (its WAL lost after a checkpoint,
+    or a copy restored): it still says the merge is `writing` while the disk had reached a
+    publish cut between its two renames (output named, companion still a temp). `resolve`
+    rolls back from `writing`, and `roll_back` removes both temp names, the companion's too,
+    before the sweep could publish it. The output stays without companion; lineage recovery
+    proved and deleted every source and kept their companions beside no file, so the viewer
+    lost every container of the window. The companion is now rebuilt, as above."""
+    make_data(data_dir, "small")
+    expected, containers = expected_rows(data_dir), viewer_containers(data_dir)
+    stale = clone_tree(data_dir, tmp_path / "stale")
+    assert run_once(stale, "journal:writing").returncode == -9
+    assert run_once(data_dir, "durable:unlinked#1").returncode == -9
+    folder = data_dir / POD_A
+    assert (folder / OUTPUT).exists() and (folder / tmp_name(OUTPUT_COMPANION)).exists()
+    journal = default_journal_path(data_dir)
+    for path in journal.parent.iterdir():
+        path.unlink()
+    for path in default_journal_path(stale).parent.iterdir():
+        shutil.copy2(path, journal.parent / path.name)
+    [record] = journal_records(data_dir)
+    assert (record.output, record.state) == (OUTPUT, MergeState.WRITING)
+
+    recover(data_dir)
+
+    report = check(data_dir, expected, containers=containers, journal_lost=True)
     assert report.violations == [], report.violations

@@ -11,7 +11,7 @@ import filecmp
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,10 +180,18 @@ def _write_companion_tmp(folder: Path, plan: MergePlan) -> str | None:
         for s in plan.sources
         if s.companion is not None
     ]
+    return write_companion_tmp(folder, plan.output, sidecars)
+
+
+def write_companion_tmp(
+    folder: Path, output: str, sidecars: Sequence[companions.ContainerSidecar]
+) -> str | None:
+    """The union of `sidecars` as `output`'s companion temp, synced and read back; its sha256
+    (None: no container to write)."""
     merged = companions.union(sidecars)
     if merged is None:
         return None
-    path = folder / tmp_name(companion_name(plan.output))
+    path = folder / tmp_name(companion_name(output))
     data = companions.encode(merged)
     durable.write_new_file(path, data)
     _check_companion(path, data)

@@ -39,7 +39,7 @@ from .layout import (
     tmp_name,
 )
 from .logs import context, log_event
-from .merge import finish, roll_back
+from .merge import finish, roll_back, write_companion_tmp
 from .observe import Observer
 from .schemas import era_of
 from .schemas import fingerprint as schema_fingerprint
@@ -588,7 +588,8 @@ def _settle_output(
             proven.append((verdict.file, verdict.before))
     if not proven:
         return actions
-    digest = _made_durable(folder / output)
+    _companion_rebuilt(folder, output, [name for name, _identity in proven])
+    digest = _made_durable(folder / output)  # syncs the folder: the companion's name too
     record, notes = _adopt(journal, folder, partition, output, digest, proven)
     _result, error = finish(journal, folder, record, actor=ACTOR)
     for source in record.sources:
@@ -645,6 +646,34 @@ def _adopt(
         actor=ACTOR,
     )
     return journal.merge(merge_id), notes
+
+
+def _companion_rebuilt(folder: Path, output: str, names: list[str]) -> None:
+    """Give an output found without a companion one before the files it holds go: the union
+    of their companions, written as a merge writes it, then named without replacing anything.
+
+    Only a publish whose companion temp did not survive leaves an output without companion
+    beside sources with companions: cut between its two renames, the temp torn (so the sweep
+    removed it) or rolled back by a journal that lost its latest commits. Deleting the files
+    then left their companions beside no parquet file, and every container of the window
+    gone from the viewer. No file of the output's merge is gone yet (publishing comes before
+    any delete), so the union is the one the merge wrote. A companion that does not decode is
+    left out, and kept with its reason by `_companion_covered`. A kill before the name is
+    taken leaves a temp the next sweep publishes (`_cut_publish_companion`)."""
+    final = folder / companion_name(output)
+    if final.exists():
+        return
+    sidecars = []
+    for name in names:
+        path = folder / companion_name(name)
+        try:
+            if path.exists():
+                sidecars.append(companions.read_companion(path))
+        except CompanionError:
+            continue
+    if write_companion_tmp(folder, output, sidecars) is not None:
+        durable.rename_no_replace(folder / tmp_name(final.name), final)
+        log_event(log, "companion-rebuilt", logging.WARNING, path=final, sources=len(sidecars))
 
 
 def _made_durable(path: Path) -> str:
