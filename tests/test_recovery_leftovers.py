@@ -15,7 +15,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import clone_tree
-from oracle import check, expected_rows, journal_records, row_keys, viewer_containers
+from oracle import (
+    check,
+    expected_rows,
+    journal_records,
+    row_keys,
+    viewer_containers,
+)
 from test_crash import OUTPUT, OUTPUT_COMPANION, POD_A, make_data, recover, run_once
 from test_hostile import AFTER_FIVE_DELETES, assert_every_kill_is_finished, lose
 
@@ -184,3 +190,35 @@ def test_a_stale_journal_that_rolls_back_a_cut_publish_loses_no_container(
 
     report = check(data_dir, expected, containers=containers, journal_lost=True)
     assert report.violations == [], report.violations
+
+
+def test_the_lineage_proof_keeps_a_file_with_a_label_column_named_twice(data_dir: Path) -> None:
+    """As above, with the extra values in a *second* column of a name the output has: pyarrow
+    looks a name present twice up as absent, so the label was compared as nulls; where the
+    output's rows hold nulls (the file had no such label when merged), the file passed as
+    held and was deleted with both columns' values (invariants 1 and 6)."""
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    files = sorted(folder.glob("metrics-*.parquet"))
+    # Rotation 0 carries a label the others lack, so the output has l_zz (null elsewhere).
+    first = pq.read_table(files[0])
+    first = first.add_column(
+        first.schema.get_field_index("value_histogram"),
+        pa.field("l_zz", pa.string()),
+        pa.array(["z"] * first.num_rows, pa.string()),
+    )
+    pq.write_table(first, files[0])
+    assert run_once(data_dir, AFTER_FIVE_DELETES).returncode == -9
+    lose(data_dir, "journal")
+    victim = files[10]
+    assert victim.exists()
+    table = pq.read_table(victim)
+    n = table.num_rows
+    table = table.append_column(pa.field("l_zz", pa.string()), pa.array(["a"] * n, pa.string()))
+    table = table.append_column(pa.field("l_zz", pa.string()), pa.array(["b"] * n, pa.string()))
+    pq.write_table(table, victim)
+
+    result = recover(data_dir)
+
+    lines = [line for line in result.stdout.splitlines() if victim.name in line]
+    assert victim.exists(), f"a file holding values its output lacks was deleted: {lines}"

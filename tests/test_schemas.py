@@ -92,3 +92,8 @@ def test_conform_never_drops_a_column_the_target_lacks() -> None:
     )
     with pytest.raises(SchemaConflictError, match="column l_a is not in the output"):
         conform(batch, flat("b"))
+    twice = pa.RecordBatch.from_arrays(
+        [*batch.columns, pa.array(["y"])], schema=batch.schema.append(pa.field("l_a", pa.utf8()))
+    )
+    with pytest.raises(SchemaConflictError, match="column l_a is named more than once"):
+        conform(twice, flat("a"))

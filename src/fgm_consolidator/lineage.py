@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from . import containment, footers, reading
 from .errors import ConsolidatorError
 from .layout import parse_data_file
-from .schemas import LINEAGE_KEY, lacking
+from .schemas import LINEAGE_KEY, misfit
 
 
 @dataclass(frozen=True)
@@ -162,12 +162,10 @@ def unproven(
         for source in sources:
             metadata = pq.read_metadata(source)
             rows, listed = metadata.num_rows, held.rows_of(source.name)
-            extra = lacking(metadata.schema.to_arrow_schema(), target)
-            if extra:
-                # Compared as the output's columns, its rows would match without these.
-                problems[source.name] = (
-                    f"{source.name} has column {extra[0]}, which {output.name} lacks"
-                )
+            why = misfit(metadata.schema.to_arrow_schema(), target)
+            if why is not None:
+                # Compared as the output's columns, its rows would match without that one.
+                problems[source.name] = f"{source.name} does not fit {output.name}: {why}"
             elif rows == listed:
                 counted.append(source)
             else:

@@ -62,9 +62,28 @@ def check_mergeable(schema: pa.Schema) -> None:
         raise SchemaConflictError(f"columns named more than once: {', '.join(repeated)}")
     if METRIC_NAME not in schema.names:
         raise SchemaConflictError(f"no {METRIC_NAME} column")
+    viewed = [field.name for field in schema if _holds_a_view(field.type)]
+    if viewed:
+        # pyarrow writes them and every reader reads them, but `take`, which the sort is made
+        # of, has no kernel for them: each merge failed and was retried, the file never named.
+        raise SchemaConflictError(f"column {viewed[0]} is a view type, which the sort cannot move")
     kind = schema.field(METRIC_NAME).type
     if kind != pa.utf8():
         raise SchemaConflictError(f"{METRIC_NAME} is {kind}; the monitor writes utf8")
+
+
+def _holds_a_view(kind: pa.DataType) -> bool:
+    """A string, binary or list view, at any depth."""
+    if (
+        pa.types.is_string_view(kind)
+        or pa.types.is_binary_view(kind)
+        or pa.types.is_list_view(kind)
+        or pa.types.is_large_list_view(kind)
+    ):
+        return True
+    if pa.types.is_dictionary(kind):
+        return _holds_a_view(kind.value_type)
+    return any(_holds_a_view(kind.field(i).type) for i in range(kind.num_fields))
 
 
 def _base_fields(schema: pa.Schema) -> list[pa.Field]:
@@ -119,23 +138,30 @@ def _describe(fields: Sequence[pa.Field]) -> str:
     return "[" + ", ".join(f"{f.name}: {f.type}" for f in fields) + "]"
 
 
-def lacking(schema: pa.Schema, target: pa.Schema) -> list[str]:
-    """The columns of `schema` that `target` has no place for."""
+def misfit(schema: pa.Schema, target: pa.Schema) -> str | None:
+    """Why rows of `schema` cannot be laid out as `target` without dropping a value: a column
+    `target` has no place for, or a name given to two columns (pyarrow looks such a name up
+    as absent). None when they fit."""
     names = set(target.names)
-    return [name for name in schema.names if name not in names]
+    for name, count in Counter(schema.names).items():
+        if count > 1:
+            return f"column {name} is named more than once"
+        if name not in names:
+            return f"column {name} is not in the output"
+    return None
 
 
 def conform(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
     """A source batch laid out as the output: missing labels as nulls, columns in target order.
 
     Raises SchemaConflictError when a column's type is not the target's, or when the batch has
-    a column the target lacks: no cast ever happens and no value is ever dropped. (A merge's
-    target holds every source column; the lineage proof's is the output's, and a file with a
-    column its output lacks is not held by it.)
+    a column the target lacks or two columns of one name (`misfit`): no cast ever happens and
+    no value is ever dropped. (A merge's target holds every source column; the lineage
+    proof's is the output's, and a file with a column its output lacks is not held by it.)
     """
-    extra = lacking(batch.schema, target)
-    if extra:
-        raise SchemaConflictError(f"column {extra[0]} is not in the output")
+    why = misfit(batch.schema, target)
+    if why is not None:
+        raise SchemaConflictError(why)
     columns = []
     for field in target:
         index = batch.schema.get_field_index(field.name)

@@ -1,0 +1,245 @@
+"""Valid parquet files the merge cannot carry exactly are refused and reported: never merged
+into other values, never a merge that fails the same way on every pass.
+
+Each source here is a file that pyarrow (`read_table`), DuckDB and polars read without
+complaint. After one pass, either an output holds exactly the sources' rows (every column, the
+order within each metric, read by pyarrow and by DuckDB), or the sources are kept *and*
+reported unreadable. Found by an adversarial review; each failed before its fix.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fgm_consolidator.journal import Journal
+from fgm_consolidator.layout import default_journal_path
+from fgm_consolidator.plan import Policy
+from fgm_consolidator.service import Settings, StopFlag, run_service
+
+PAST = datetime(2025, 12, 30, 8, 0, 0, tzinfo=UTC)
+PARTITION = "dt=2025-12-30/identifier=pod-h"
+
+BASE = [
+    pa.field("run_id", pa.utf8(), nullable=False),
+    pa.field("time", pa.timestamp("ms"), nullable=False),
+    pa.field("fetch_index", pa.uint64(), nullable=False),
+    pa.field("metric_name", pa.utf8(), nullable=False),
+    pa.field("metric_kind", pa.utf8(), nullable=False),
+    pa.field("value_int", pa.uint64()),
+    pa.field("value_float", pa.float64()),
+]
+HISTOGRAM = pa.field("value_histogram", pa.binary())
+
+
+def flat_schema(labels: list[str]) -> pa.Schema:
+    return pa.schema([*BASE, *[pa.field(f"l_{k}", pa.utf8()) for k in sorted(labels)], HISTOGRAM])
+
+
+def row(i: int, metric: str = "m", run: str = "r", **labels: str | None) -> dict[str, Any]:
+    return {
+        "run_id": run,
+        "time": datetime(2025, 12, 30, 8, 0, 0) + timedelta(seconds=i),
+        "fetch_index": i,
+        "metric_name": metric,
+        "metric_kind": "gauge",
+        "value_int": i,
+        "value_float": None,
+        "value_histogram": None,
+        **{f"l_{k}": v for k, v in labels.items()},
+    }
+
+
+def source_path(data_dir: Path, rotation: int) -> Path:
+    stamp = (PAST + timedelta(seconds=90 * rotation)).strftime("%Y%m%dT%H%M%SZ")
+    folder = data_dir / PARTITION
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"metrics-{stamp}.parquet"
+
+
+def aged(path: Path) -> None:
+    old = (PAST - timedelta(days=1)).timestamp()
+    os.utime(path, (old, old))
+
+
+def run_once(data_dir: Path) -> int:
+    settings = Settings(data_dir, default_journal_path(data_dir), Policy(min_age_s=0, min_files=2))
+    return run_service(settings, StopFlag(grace_s=0), once=True)
+
+
+def parquet_files(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / PARTITION).glob("*.parquet"))
+
+
+def unreadable(data_dir: Path) -> list[str]:
+    journal = Journal.open(default_journal_path(data_dir), read_only=True)
+    try:
+        return [record.name for record in journal.unreadable()]
+    finally:
+        journal.close()
+
+
+def rows_pyarrow(data_dir: Path, names: list[str]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    for path in parquet_files(data_dir):
+        table = pq.read_table(path)
+        rows += [tuple(r[n] for n in names) for r in table.select(names).to_pylist()]
+    return rows
+
+
+def rows_duckdb(data_dir: Path, names: list[str]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    con = duckdb.connect()
+    columns = ", ".join(f'"{n}"' for n in names)
+    for path in parquet_files(data_dir):
+        rows += con.execute(
+            f"SELECT {columns} FROM read_parquet(?, hive_partitioning = false)", [str(path)]
+        ).fetchall()
+    return rows
+
+
+def by_metric(rows: list[tuple[Any, ...]], names: list[str]) -> dict[str, list[tuple[Any, ...]]]:
+    at = names.index("metric_name")
+    grouped: dict[str, list[tuple[Any, ...]]] = {}
+    for r in rows:
+        grouped.setdefault(r[at], []).append(r)
+    return grouped
+
+
+def assert_merged_exactly_or_refused(data_dir: Path, names: list[str]) -> None:
+    """One pass: an output with every row as it was (by metric, in order, read by pyarrow and
+    by DuckDB), or every source kept and reported."""
+    sources = parquet_files(data_dir)
+    before = by_metric(rows_pyarrow(data_dir, names), names)
+    before_duck = by_metric(rows_duckdb(data_dir, names), names)
+    run_once(data_dir)
+    after = parquet_files(data_dir)
+    if any(p.name.startswith("consolidated-") for p in after):
+        assert by_metric(rows_pyarrow(data_dir, names), names) == before
+        assert by_metric(rows_duckdb(data_dir, names), names) == before_duck
+        return
+    assert after == sources, "no output, yet sources are gone"
+    assert unreadable(data_dir), (
+        "no output and no file reported: the merge fails the same way on every pass, "
+        "blocking these files for good without naming them"
+    )
+
+
+# -- a parquet dictionary page that lists one value twice -------------------------------------
+
+
+def write_with_repeated_dictionary_value(
+    path: Path, table: pa.Table, column: str, repeated: bytes, replaced: bytes
+) -> None:
+    """`table` written plainly, then the dictionary page of `column` edited so that the entry
+    `replaced` spells `repeated` too: a dictionary page listing one value twice. The parquet
+    format does not forbid it, and pyarrow's `read_table`, DuckDB and polars read every value
+    right (the page is a list of values; the data pages index it). pyarrow's
+    `read_dictionary` does not: it drops the repeated entry and keeps the page's indices, so
+    every later index points one entry off, and the last one past the end."""
+    assert len(repeated) == len(replaced)
+    pq.write_table(table, path, compression="none", store_schema=True, write_statistics=False)
+    chunk = next(
+        pq.read_metadata(path).row_group(0).column(i)
+        for i in range(table.num_columns)
+        if pq.read_metadata(path).row_group(0).column(i).path_in_schema == column
+    )
+    data = bytearray(path.read_bytes())
+    at = data.index(replaced, chunk.dictionary_page_offset)
+    assert at < chunk.data_page_offset
+    data[at : at + len(replaced)] = repeated
+    path.write_bytes(bytes(data))
+    aged(path)
+
+
+LABELED = flat_schema(["a", "b", "c"])
+NAMES = ["run_id", "metric_name", "fetch_index", "l_b", "l_c"]
+
+
+def test_a_label_dictionary_listing_a_value_twice_is_not_merged_into_other_values(
+    data_dir: Path,
+) -> None:
+    """pyarrow reads l_c's dictionary as [cA, cC] with indices [0, 1, 2, 2]: index 1 turns cA
+    into cC, and index 2 (past the end) was folded into the row's label-set number as a digit
+    one too large, which carried into the next columns. Every reader saw (r0,b0,cA)
+    (r1,b1,cA) (r0,b0,cC) (r0,b1,cC); the output held (r0,b0,cA) (r1,b1,cC) (r0,b1,cA)
+    (r1,b0,cA), and the sources were deleted. Now the index past the end makes the file
+    unreadable."""
+    rows = [
+        row(0, run="r0", b="b0", c="cB"),  # cB is rewritten to cA in the dictionary page
+        row(1, run="r1", b="b1", c="cA"),
+        row(2, run="r0", b="b0", c="cC"),
+        row(3, run="r0", b="b1", c="cC"),
+    ]
+    for rotation in range(2):
+        write_with_repeated_dictionary_value(
+            source_path(data_dir, rotation),
+            pa.Table.from_pylist(rows, LABELED),
+            "l_c",
+            b"cA",
+            b"cB",
+        )
+    assert pq.read_table(parquet_files(data_dir)[0]).column("l_c").to_pylist() == [
+        "cA",
+        "cA",
+        "cC",
+        "cC",
+    ]
+    assert_merged_exactly_or_refused(data_dir, NAMES)
+
+
+def test_a_metric_name_dictionary_listing_a_name_twice_is_reported_not_retried_forever(
+    data_dir: Path,
+) -> None:
+    """The same page in `metric_name` failed every merge with "unexpected IndexError: index
+    out of bounds": rolled back, backed off, tried again next pass, the file never named."""
+    metrics = ["mmB", "mmA", "mmB", "mmA", "zz", "mmB", "mmA"]
+    rows = [row(i, metric=m, a="x") for i, m in enumerate(metrics)]
+    for rotation in range(2):
+        write_with_repeated_dictionary_value(
+            source_path(data_dir, rotation),
+            pa.Table.from_pylist(rows, LABELED),
+            "metric_name",
+            b"mmA",
+            b"mmB",
+        )
+    assert_merged_exactly_or_refused(data_dir, NAMES)
+    assert_merged_exactly_or_refused(data_dir, NAMES)  # and the next pass does not retry it
+
+
+# -- view types -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("column", "kind", "value"),
+    [
+        ("l_c", pa.string_view(), "x"),
+        ("metric_kind", pa.string_view(), "gauge"),
+        ("value_histogram", pa.binary_view(), b"sketch"),
+    ],
+)
+def test_a_view_typed_column_is_merged_or_reported(
+    data_dir: Path, column: str, kind: pa.DataType, value: Any
+) -> None:
+    """A source whose stored Arrow schema says string_view / binary_view (pyarrow writes it;
+    every reader reads it) failed every merge in the sort with "Function 'array_take' has no
+    kernel matching input types (string_view, int64)": rolled back and retried every pass,
+    the file never reported. `check_mergeable` now refuses view types."""
+    fields = [f.with_type(kind) if f.name == column else f for f in LABELED]
+    rows = [row(i, metric=f"m{i % 3}", a="a", b="b", c="x") for i in range(20)]
+    for r in rows:
+        r[column] = value
+    table = pa.Table.from_pylist(rows, LABELED).cast(pa.schema(fields))
+    for rotation in range(2):
+        path = source_path(data_dir, rotation)
+        pq.write_table(table, path, compression="zstd")
+        aged(path)
+    assert pq.read_schema(path).field(column).type == kind
+    assert_merged_exactly_or_refused(data_dir, ["metric_name", "fetch_index", column])
