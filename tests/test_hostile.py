@@ -891,12 +891,14 @@ def test_two_outputs_listing_the_same_sources_are_kept_apart_for_a_person(
     assert {name: snapshot_file(folder / name) for name in os.listdir(folder)} == held
 
 
-def test_lineage_recovery_keeps_a_companion_naming_a_container_its_output_lacks(
+def test_lineage_recovery_keeps_a_file_whose_companion_names_a_container_its_output_lacks(
     data_dir: Path,
 ) -> None:
-    """A source the output provably holds goes, but its companion only when the output's
-    companion lists every container of it: otherwise the pod and labels of that container
-    would be lost with it. The companion stays, and the reason says why."""
+    """A file the output provably holds goes only with its companion, and that only when the
+    output's companion lists every container of it. Deleting the file and keeping its
+    companion (as before) left the companion beside no parquet file, which the viewer never
+    reads: the container was gone all the same. Now the file stays, with its companion, for a
+    person; the other files go."""
     crash_between_rename_and_deletes(data_dir)
     lose(data_dir, "journal")
     folder = data_dir / POD_A
@@ -904,16 +906,17 @@ def test_lineage_recovery_keeps_a_companion_naming_a_container_its_output_lacks(
     kept = victim.read_bytes()
 
     result = recover(data_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    [line] = [
-        line
-        for line in json_lines(result.stdout)
-        if line["kind"] == "lineage" and line["file"] == victim.with_suffix(".parquet").name
-    ]
-    assert line["action"] == "removed"
-    assert f"companion kept (1 containers not in {OUTPUT_COMPANION})" in line["reason"]
+    assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
+    lines = [line for line in json_lines(result.stdout) if line["kind"] == "lineage"]
+    [line] = [line for line in lines if line["file"] == victim.with_suffix(".parquet").name]
+    assert line["action"] == "kept, needs a person"
+    assert f"lists 1 containers {OUTPUT_COMPANION} lacks" in line["reason"]
     assert victim.read_bytes() == kept
-    assert not victim.with_suffix(".parquet").exists()
+    assert victim.with_suffix(".parquet").exists()
+    assert sorted(p.name for p in folder.glob("metrics-*")) == [
+        victim.name,
+        victim.with_suffix(".parquet").name,
+    ]
 
 
 def test_a_source_gone_that_no_rival_holds_stops_the_withdrawal(

@@ -7,25 +7,29 @@ the oracle judges the end state, the viewer's containers included where they are
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import clone_tree
 from oracle import (
     check,
     expected_rows,
     journal_records,
+    recover_in_process,
     row_keys,
     viewer_containers,
 )
 from test_crash import OUTPUT, OUTPUT_COMPANION, POD_A, make_data, recover, run_once
 from test_hostile import AFTER_FIVE_DELETES, assert_every_kill_is_finished, lose
 
-from fgm_consolidator import lineage
+from fgm_consolidator import companions, lineage, recovery
 from fgm_consolidator.layout import default_journal_path, tmp_name
 from fgm_consolidator.states import MergeState
 
@@ -192,6 +196,29 @@ def test_a_stale_journal_that_rolls_back_a_cut_publish_loses_no_container(
     assert report.violations == [], report.violations
 
 
+UNIQUE = companions.Container("uniq00000001", "pod-uniq", "c", "ns", "uid-u", "BestEffort")
+
+
+def _stranded(folder: Path) -> list[str]:
+    """Companions beside no parquet file: the viewer never reads them."""
+    return sorted(
+        p.name for p in folder.glob("*.containers") if not p.with_suffix(".parquet").exists()
+    )
+
+
+def _lost(data_dir: Path, before: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Containers the viewer listed before and lists no more, by partition."""
+    now = viewer_containers(data_dir)
+    return {p: ids - now.get(p, set()) for p, ids in before.items() if ids - now.get(p, set())}
+
+
+def _give_unique_container(companion: Path, container: companions.Container = UNIQUE) -> None:
+    """A container only this companion lists (legitimately, before any merge)."""
+    sidecar = companions.read_companion(companion)
+    data = companions.encode(replace(sidecar, containers=(*sidecar.containers, container)))
+    companion.write_bytes(data)
+
+
 def test_the_lineage_proof_keeps_a_file_with_a_label_column_named_twice(data_dir: Path) -> None:
     """As above, with the extra values in a *second* column of a name the output has: pyarrow
     looks a name present twice up as absent, so the label was compared as nulls; where the
@@ -222,3 +249,68 @@ def test_the_lineage_proof_keeps_a_file_with_a_label_column_named_twice(data_dir
 
     lines = [line for line in result.stdout.splitlines() if victim.name in line]
     assert victim.exists(), f"a file holding values its output lacks was deleted: {lines}"
+
+
+def test_lineage_recovery_beside_a_torn_output_companion_keeps_the_files(
+    data_dir: Path,
+) -> None:
+    """Killed between the rename and the deletes, the journal lost, and the output's published
+    companion torn. Its name exists, so nothing is rebuilt, and it cannot be read: every
+    proven file was deleted and its companion kept beside no parquet file, so every container
+    of the window vanished from the viewer. A file now goes only with its companion, covered
+    by the output's: here every file stays, for a person."""
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    assert run_once(data_dir, AFTER_FIVE_DELETES).returncode == -9
+    lose(data_dir, "journal")
+    companion = folder / OUTPUT_COMPANION
+    companion.write_bytes(companion.read_bytes()[:-3])
+    containers = viewer_containers(data_dir)
+    assert containers[POD_A], "the sources' companions list containers now"
+
+    recover(data_dir)
+
+    lost, stranded = _lost(data_dir, containers), _stranded(folder)
+    assert (lost, stranded) == ({}, []), (lost, stranded)
+
+
+def test_a_rebuilt_companion_covers_a_file_proven_at_a_later_start(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cut publish, the journal lost, the companion temp torn (so swept): the output has no
+    companion. At the first start one listed file is touched while it is compared (kept,
+    "changed while it was compared"). The rebuilt companion was the union of the *proven*
+    files' companions only; at the next start that file was proven, its container missing
+    from the output's companion, and it went without it. The rebuild now takes every listed
+    file still here."""
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    late = sorted(folder.glob("metrics-*.parquet"))[10]
+    _give_unique_container(late.with_suffix(".containers"))  # before the merge: in its union
+    expected, containers = expected_rows(data_dir), viewer_containers(data_dir)
+    assert run_once(data_dir, "durable:unlinked#1").returncode == -9
+    temp = folder / tmp_name(OUTPUT_COMPANION)
+    assert (folder / OUTPUT).exists() and temp.exists()
+    lose(data_dir, "journal")
+    temp.write_bytes(temp.read_bytes()[:-3])
+    assert UNIQUE.container_id in containers[POD_A]
+
+    real_judge = recovery.judge_partition
+
+    def judge_then_touch(*args: Any, **kwargs: Any) -> Any:
+        verdicts = real_judge(*args, **kwargs)
+        st = late.stat()
+        os.utime(late, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # e.g. a backup
+        return verdicts
+
+    monkeypatch.setattr(recovery, "judge_partition", judge_then_touch)
+    recover_in_process(data_dir)
+    monkeypatch.setattr(recovery, "judge_partition", real_judge)
+    assert late.exists() and (folder / OUTPUT_COMPANION).exists()
+
+    recover(data_dir)
+
+    lost, stranded = _lost(data_dir, containers), _stranded(folder)
+    assert (lost, stranded) == ({}, []), (lost, stranded)
+    report = check(data_dir, expected, containers=containers, journal_lost=True)
+    assert report.violations == [], report.violations

@@ -588,16 +588,23 @@ def _settle_output(
             proven.append((verdict.file, verdict.before))
     if not proven:
         return actions
-    _companion_rebuilt(folder, output, [name for name, _identity in proven])
+    listed = [verdict.file for verdict in verdicts if verdict.before is not None]
+    _companion_rebuilt(folder, output, listed)
+    covered: list[tuple[str, FileIdentity, FileIdentity | None]] = []
+    for name, identity in proven:
+        companion, doubt = _companion_covered(folder, output, name)
+        if doubt is None:
+            covered.append((name, identity, companion))
+        else:
+            actions.append(LineageAction(partition, output, name, False, doubt))
+    if not covered:
+        return actions
     digest = _made_durable(folder / output)  # syncs the folder: the companion's name too
-    record, notes = _adopt(journal, folder, partition, output, digest, proven)
+    record = _adopt(journal, folder, partition, output, digest, covered)
     _result, error = finish(journal, folder, record, actor=ACTOR)
     for source in record.sources:
         if error is None:
-            reason = (
-                f"every row is in {output} (lineage and content); adopted as merge"
-                f" {record.id}{notes[source.name]}"
-            )
+            reason = f"every row is in {output} (lineage and content); adopted as merge {record.id}"
         else:
             reason = f"merge {record.id}: {error}"
         actions.append(LineageAction(partition, output, source.name, error is None, reason))
@@ -610,20 +617,17 @@ def _adopt(
     partition: str,
     output: str,
     digest: str,
-    proven: list[tuple[str, FileIdentity]],
-) -> tuple[MergeRecord, dict[str, str]]:
+    proven: list[tuple[str, FileIdentity, FileIdentity | None]],
+) -> MergeRecord:
     """Journal `output` (whose sha256 is `digest`) as a merge of the `proven` files, at
-    `renamed`, with what is needed to finish it: their identities from before the proof, the
-    output's checksum and its companion's. A file's companion is recorded, and so deleted
-    with it, only when the output's companion lists every container of it; `notes` says why
-    one is kept."""
+    `renamed`, with what is needed to finish it: their identities from before the proof and
+    their companions' (each covered by the output's), the output's checksum and its
+    companion's."""
     footer = footers.read(folder / output)
     held = lineage.decode(footer.lineage)
     sources: list[SourceRecord] = []
-    notes: dict[str, str] = {}
-    for name, identity in proven:
+    for name, identity, companion in proven:
         source_footer = footers.read(folder / name)
-        companion, notes[name] = _companion_covered(folder, output, name)
         sources.append(
             SourceRecord(
                 name,
@@ -645,21 +649,23 @@ def _adopt(
         companion_checksum=checksum(folder / companion_name(output)),
         actor=ACTOR,
     )
-    return journal.merge(merge_id), notes
+    return journal.merge(merge_id)
 
 
 def _companion_rebuilt(folder: Path, output: str, names: list[str]) -> None:
     """Give an output found without a companion one before the files it holds go: the union
-    of their companions, written as a merge writes it, then named without replacing anything.
+    of the companions of every file its lineage lists that is still here (`names`), proven
+    or not, written as a merge writes it, then named without replacing anything.
 
     Only a publish whose companion temp did not survive leaves an output without companion
     beside sources with companions: cut between its two renames, the temp torn (so the sweep
     removed it) or rolled back by a journal that lost its latest commits. Deleting the files
     then left their companions beside no parquet file, and every container of the window
     gone from the viewer. No file of the output's merge is gone yet (publishing comes before
-    any delete), so the union is the one the merge wrote. A companion that does not decode is
-    left out, and kept with its reason by `_companion_covered`. A kill before the name is
-    taken leaves a temp the next sweep publishes (`_cut_publish_companion`)."""
+    any delete), so the union is the one the merge wrote; a file not proven this time is in
+    it too, so that it may go once proven. A companion that does not decode is left out, and
+    its file stays (`_companion_covered`). A kill before the name is taken leaves a temp the
+    next sweep publishes (`_cut_publish_companion`)."""
     final = folder / companion_name(output)
     if final.exists():
         return
@@ -687,21 +693,28 @@ def _made_durable(path: Path) -> str:
     return digest
 
 
-def _companion_covered(folder: Path, output: str, name: str) -> tuple[FileIdentity | None, str]:
-    """The identity of `name`'s companion when the output's covers every container of it (so
-    it may go with `name`); else None, and why it is kept."""
+def _companion_covered(
+    folder: Path, output: str, name: str
+) -> tuple[FileIdentity | None, str | None]:
+    """The identity of `name`'s companion (None: it has none), when the output's companion
+    lists every container of it, so that both may go; else why `name` stays. Deleting the
+    file and keeping its companion left the companion beside no parquet file, which the
+    viewer never reads: its containers were gone all the same."""
     theirs_path = folder / companion_name(name)
     identity = durable.optional_identity(theirs_path)
     if identity is None:
-        return None, ""
+        return None, None
     try:
         theirs = companions.read_companion(theirs_path)
         ours = companions.read_companion(folder / companion_name(output))
     except CompanionError as exc:
-        return None, f"; companion kept ({exc.reason})"
+        return None, f"{name}'s containers cannot be shown to be in {output}'s: {exc.reason}"
     missing = {c.container_id for c in theirs.containers} - {
         c.container_id for c in ours.containers
     }
     if missing:
-        return None, f"; companion kept ({len(missing)} containers not in {companion_name(output)})"
-    return identity, ""
+        return None, (
+            f"{name}'s companion lists {len(missing)} containers"
+            f" {companion_name(output)} lacks; a person decides"
+        )
+    return identity, None
