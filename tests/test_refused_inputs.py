@@ -18,6 +18,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_fidelity import BASE, HISTOGRAM
 
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
@@ -26,17 +27,6 @@ from fgm_consolidator.service import Settings, StopFlag, run_service
 
 PAST = datetime(2025, 12, 30, 8, 0, 0, tzinfo=UTC)
 PARTITION = "dt=2025-12-30/identifier=pod-h"
-
-BASE = [
-    pa.field("run_id", pa.utf8(), nullable=False),
-    pa.field("time", pa.timestamp("ms"), nullable=False),
-    pa.field("fetch_index", pa.uint64(), nullable=False),
-    pa.field("metric_name", pa.utf8(), nullable=False),
-    pa.field("metric_kind", pa.utf8(), nullable=False),
-    pa.field("value_int", pa.uint64()),
-    pa.field("value_float", pa.float64()),
-]
-HISTOGRAM = pa.field("value_histogram", pa.binary())
 
 
 def flat_schema(labels: list[str]) -> pa.Schema:
@@ -163,6 +153,16 @@ LABELED = flat_schema(["a", "b", "c"])
 NAMES = ["run_id", "metric_name", "fetch_index", "l_b", "l_c"]
 
 
+def two_sources_repeating(
+    data_dir: Path, rows: list[dict[str, Any]], column: str, repeated: bytes, replaced: bytes
+) -> None:
+    """Two rotations of `rows`, each with `column`'s dictionary page listing `repeated` twice."""
+    for rotation in range(2):
+        table = pa.Table.from_pylist(rows, LABELED)
+        path = source_path(data_dir, rotation)
+        write_with_repeated_dictionary_value(path, table, column, repeated, replaced)
+
+
 def test_a_label_dictionary_listing_a_value_twice_is_not_merged_into_other_values(
     data_dir: Path,
 ) -> None:
@@ -178,14 +178,7 @@ def test_a_label_dictionary_listing_a_value_twice_is_not_merged_into_other_value
         row(2, run="r0", b="b0", c="cC"),
         row(3, run="r0", b="b1", c="cC"),
     ]
-    for rotation in range(2):
-        write_with_repeated_dictionary_value(
-            source_path(data_dir, rotation),
-            pa.Table.from_pylist(rows, LABELED),
-            "l_c",
-            b"cA",
-            b"cB",
-        )
+    two_sources_repeating(data_dir, rows, "l_c", b"cA", b"cB")
     assert pq.read_table(parquet_files(data_dir)[0]).column("l_c").to_pylist() == [
         "cA",
         "cA",
@@ -202,14 +195,7 @@ def test_a_metric_name_dictionary_listing_a_name_twice_is_reported_not_retried_f
     out of bounds": rolled back, backed off, tried again next pass, the file never named."""
     metrics = ["mmB", "mmA", "mmB", "mmA", "zz", "mmB", "mmA"]
     rows = [row(i, metric=m, a="x") for i, m in enumerate(metrics)]
-    for rotation in range(2):
-        write_with_repeated_dictionary_value(
-            source_path(data_dir, rotation),
-            pa.Table.from_pylist(rows, LABELED),
-            "metric_name",
-            b"mmA",
-            b"mmB",
-        )
+    two_sources_repeating(data_dir, rows, "metric_name", b"mmA", b"mmB")
     assert_merged_exactly_or_refused(data_dir, NAMES)
     assert_merged_exactly_or_refused(data_dir, NAMES)  # and the next pass does not retry it
 
