@@ -191,15 +191,15 @@ def test_both_published_then_the_later_to_look_withdraws(
     arrive(staged, data_dir, range(10, 12))
     before = rows_pyarrow(data_dir)
     [plan_a] = plan_one(data_dir, POD, POLICY, journal_a, time.time())[1]
-    real_rivals = merge._rivals
+    real_rivals = merge.rivals
     outcomes_b = []
 
-    def rivals(folder: Path, record: MergeRecord) -> dict[str, lineage.Lineage]:
+    def b_first(folder: Path, record: MergeRecord) -> dict[str, lineage.Lineage]:
         if record.output == plan_a.output and not outcomes_b:
             outcomes_b.append(execute(journal_b, data_dir, plan_b, POLICY))
         return real_rivals(folder, record)
 
-    monkeypatch.setattr(merge, "_rivals", rivals)
+    monkeypatch.setattr(merge, "rivals", b_first)
     outcome_a = execute(journal_a, data_dir, plan_a, POLICY)
     journal_a.close()
     journal_b.close()

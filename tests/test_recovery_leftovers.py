@@ -314,3 +314,33 @@ def test_a_rebuilt_companion_covers_a_file_proven_at_a_later_start(
     assert (lost, stranded) == ({}, []), (lost, stranded)
     report = check(data_dir, expected, containers=containers, journal_lost=True)
     assert report.violations == [], report.violations
+
+
+def test_a_cut_withdrawal_whose_rival_finished_leaves_no_lone_companion(data_dir: Path) -> None:
+    """The withdrawal above cut between its two unlinks, and then the rival's instance finishes
+    its merge, deleting the shared source. Recovery took "output missing, a source missing"
+    for a loss and left the merge for a person: the companion stayed beside no file and the
+    23 intact sources were held for good. A source gone but listed by a live rival is not
+    lost (the rule the withdrawal itself goes by), so the merge is rolled back whole."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    assert run_once(data_dir, "journal:renamed").returncode == -9
+    folder = data_dir / POD_A
+    companion = folder / OUTPUT_COMPANION
+    shared = sorted(folder.glob("metrics-*.parquet"))[5]
+    table = pq.read_table(shared)
+    doc = lineage.encode(7, [(shared.name, table.num_rows)])
+    pq.write_table(table.replace_schema_metadata(doc), folder / RIVAL)  # a second instance's
+    shutil.copy2(shared.with_suffix(".containers"), (folder / RIVAL).with_suffix(".containers"))
+    assert recover(data_dir, "durable:unlinked#1").returncode == -9  # output gone, not companion
+    assert not (folder / OUTPUT).exists() and companion.exists()
+    shared.with_suffix(".containers").unlink()  # the rival instance finishes its merge
+    shared.unlink()
+
+    assert recover(data_dir).returncode == 0
+    assert run_once(data_dir).returncode == 0
+
+    metrics_left = sorted(p.name for p in folder.glob("metrics-*.parquet"))
+    assert (_stranded(folder), metrics_left) == ([], [])
+    report = check(data_dir, expected, journal_lost=True)
+    assert report.violations == [], report.violations

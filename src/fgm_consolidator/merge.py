@@ -288,9 +288,9 @@ def finish(
             roll_back(journal, folder, record.id, record.output, error=str(exc), actor=actor)
             return MergeState.ROLLED_BACK, str(exc)
         journal.transition(record.id, MergeState.RENAMED, actor=actor)
-    rivals = _rivals(folder, record)
-    if rivals:
-        return _yield_to(journal, folder, record, rivals, actor=actor)
+    found = rivals(folder, record)
+    if found:
+        return _yield_to(journal, folder, record, found, actor=actor)
     try:
         delete_sources(folder, record)
     except SourceChangedError as exc:
@@ -301,7 +301,7 @@ def finish(
     return MergeState.SOURCES_DELETED, None
 
 
-def _rivals(folder: Path, record: MergeRecord) -> dict[str, lineage.Lineage]:
+def rivals(folder: Path, record: MergeRecord) -> dict[str, lineage.Lineage]:
     """Other live outputs whose lineage lists one of our sources: checked after our output is
     durable and before any source goes, so of two merges of the same file (two instances that
     got past the lock) the later one to look always sees the earlier one's output."""

@@ -39,7 +39,7 @@ from .layout import (
     tmp_name,
 )
 from .logs import context, log_event
-from .merge import finish, roll_back, write_companion_tmp
+from .merge import finish, rivals, roll_back, write_companion_tmp
 from .observe import Observer
 from .schemas import era_of
 from .schemas import fingerprint as schema_fingerprint
@@ -186,14 +186,22 @@ def held_reason(held: Hold) -> str:
 
 
 def _broken_sources(folder: Path, record: MergeRecord) -> list[str]:
-    """Names of sources that are missing or changed; empty when rolling back loses nothing."""
-    broken = []
+    """Names of sources that are missing or changed; empty when rolling back loses nothing.
+
+    A source gone but listed by another live output is not broken: its rows are there (the
+    rule `_yield_to` withdraws by). A withdrawal cut between its two unlinks, after which the
+    rival's instance deleted that source, was left for a person, its companion beside no
+    file and its other sources held for good."""
+    broken, missing = [], []
     for source in record.sources:
         now = durable.optional_identity(folder / source.name)
         if now is None:
-            broken.append(f"{source.name} (missing)")
+            missing.append(source.name)
         elif now != source.identity:
             broken.append(f"{source.name} (changed)")
+    if missing:
+        listed = set().union(*(held.names for held in rivals(folder, record).values()))
+        broken += [f"{name} (missing)" for name in missing if name not in listed]
     return broken
 
 
