@@ -267,11 +267,20 @@ def roll_back(
     actor: str,
     keep: str | None = None,
 ) -> None:
-    """Remove our temp files (never a final name, nor `keep`) and mark the merge rolled back."""
+    """Remove our temp files (never a final name, nor `keep`) and mark the merge rolled back.
+
+    A partition folder that is gone (a pod's folder cleaned up during the merge, or before
+    the restart after a kill) holds nothing of ours any more: raising there left the merge
+    unfinished for good, and every recovery failing on it held back every pass."""
     for name in (tmp_name(output), tmp_name(companion_name(output))):
         if name != keep:
             durable.remove(folder / name)
-    durable.fsync_dir(folder)
+    try:
+        durable.fsync_dir(folder)
+    except FileNotFoundError:
+        if os.path.lexists(folder):
+            raise
+        error = f"{error}; the folder {folder} is gone"
     journal.transition(merge_id, MergeState.ROLLED_BACK, actor=actor, error=error)
 
 

@@ -20,6 +20,7 @@ A pass acts on it; `run --dry-run` and `status` only report it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
@@ -204,10 +205,22 @@ def plan_one(
         known = journal.unreadable(partition)
         held = journal.held_names(partition)
     folder = data_dir / partition
-    held |= lineage.claimed_names(folder, lineage.list_names(folder))
-    scan = scan_partition(
-        data_dir, partition, min_age_s=policy.min_age_s, now=now, known_unreadable=known, held=held
-    )
+    try:
+        held |= lineage.claimed_names(folder, lineage.list_names(folder))
+        scan = scan_partition(
+            data_dir,
+            partition,
+            min_age_s=policy.min_age_s,
+            now=now,
+            known_unreadable=known,
+            held=held,
+        )
+    except FileNotFoundError:
+        if os.path.lexists(folder):
+            raise
+        # Removed since the walk listed it (a pod's folder cleaned up): an empty partition,
+        # not a failure that fails the pass and backs off a name that no longer exists.
+        return PartitionScan(partition, folder, (), (), 0, frozenset()), [], []
     today = datetime.fromtimestamp(now, UTC).date()
     plans, skipped = plan_partition(scan, policy, today)
     return scan, plans, skipped
