@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import small_spec
+from conftest import run_cli, small_spec
 
 from fgm_consolidator import service
 from fgm_consolidator.journal import Journal
@@ -113,4 +113,24 @@ def test_a_partition_folder_removed_between_the_walk_and_its_scan_is_no_failure(
         return found
 
     monkeypatch.setattr(service, "walk_partitions", walk_then_remove)
+    assert run_once(data_dir) == 0
+
+
+def test_a_published_merge_whose_folder_is_then_removed_is_rolled_back(data_dir: Path) -> None:
+    """Killed between the rename and the deletes, and the folder removed before the restart:
+    output and sources went with it, so there is nothing to keep or to finish. The merge is
+    rolled back, naming the folder (it waited for a person, and looking for rival outputs
+    in the folder that is gone failed every recovery)."""
+    two_pods(data_dir)
+    crash = {"FGM_CRASH_AT": "journal:renamed"}
+    args = ("run", "--once", "--min-age", "0", "--data-dir", str(data_dir))
+    assert run_cli(*args, env=crash).returncode == -9
+    assert [state for _id, state in unfinished(data_dir)] == [MergeState.RENAMED]
+    shutil.rmtree(data_dir / GONE)
+
+    recovered = run_cli("recover", "--data-dir", str(data_dir))
+
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert "its folder is gone" in recovered.stdout
+    assert unfinished(data_dir) == []
     assert run_once(data_dir) == 0
