@@ -213,6 +213,44 @@ def test_both_published_then_the_later_to_look_withdraws(
     assert tmp_files(data_dir) == []
 
 
+@pytest.mark.parametrize("then", ["removed", "replaced"])
+def test_a_temp_another_instance_removed_or_replaced_is_never_published(
+    data_dir: Path, tmp_path: Path, staged: Path, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """Found by the two-instance test (1 run in ~25): instance A's start-up sweep removed B's
+    output temp, or A's roll back after a name clash did; at publish B took the missing temp
+    for one renamed before a crash, published its companion alone, deleted its sources, and
+    their rows were gone. The temp must still be the file B wrote, or nothing is published
+    and the merge rolls back, leaving another's temp where it is."""
+    arrive(staged, data_dir, range(12))
+    before = rows_pyarrow(data_dir)
+    journal = Journal.open(tmp_path / "b.db")
+    [plan] = plan_one(data_dir, POD, POLICY, journal, time.time())[1]
+    temp = data_dir / POD / tmp_name(plan.output)
+    real_check = merge._check_sources
+
+    def meanwhile(folder: Path, checked: Any) -> None:
+        real_check(folder, checked)
+        temp.unlink()  # the other instance's doing
+        if then == "replaced":
+            temp.write_bytes(b"theirs")
+
+    monkeypatch.setattr(merge, "_check_sources", meanwhile)
+    outcome = execute(journal, data_dir, plan, POLICY)
+    journal.close()
+
+    assert outcome.state is MergeState.ROLLED_BACK
+    assert "removed or replaced since it was written" in (outcome.error or "")
+    assert rows_pyarrow(data_dir) == before
+    folder_now = sorted(os.listdir(data_dir / POD))
+    assert not [
+        name
+        for name in folder_now
+        if name.startswith("consolidated-") and not name.endswith(".tmp")
+    ]
+    assert (temp.read_bytes() == b"theirs") if then == "replaced" else not temp.exists()
+
+
 def test_a_temp_name_taken_by_another_instance_is_not_removed(
     data_dir: Path, tmp_path: Path, staged: Path
 ) -> None:

@@ -77,6 +77,10 @@ class OutputCheckError(ConsolidatorError):
     """A freshly written output does not read back with the rows and schema we wrote."""
 
 
+class TempReplacedError(ConsolidatorError):
+    """Our output's temp file is no longer the one we wrote: another process is at work here."""
+
+
 class MergeAborted(ConsolidatorError):
     """A merge was stopped on request (SIGTERM past the grace period) and rolled back."""
 

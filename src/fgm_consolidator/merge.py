@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from . import companions, durable, lineage
+from .durable import FileIdentity
 from .errors import (
     ConsolidatorError,
     MergeAborted,
@@ -25,6 +26,7 @@ from .errors import (
     OutputCheckError,
     SourceChangedError,
     SourceReadError,
+    TempReplacedError,
     Unexpected,
 )
 from .journal import Journal, MergeRecord
@@ -146,7 +148,8 @@ def _write_and_finish(
         checksum=result.checksum,
         companion_checksum=companion_sum,
     )
-    state, error = finish(journal, folder, journal.merge(merge_id), actor="merge")
+    record = journal.merge(merge_id)
+    state, error = finish(journal, folder, record, actor="merge", written=result.identity)
     return state, result.size, error, False
 
 
@@ -285,16 +288,30 @@ def roll_back(
 
 
 def finish(
-    journal: Journal, folder: Path, record: MergeRecord, *, actor: str
+    journal: Journal,
+    folder: Path,
+    record: MergeRecord,
+    *,
+    actor: str,
+    written: FileIdentity | None = None,
 ) -> tuple[MergeState, str | None]:
-    """From `written` or `renamed` to `sources-deleted`; the caller vouches for the output."""
+    """From `written` or `renamed` to `sources-deleted`; the caller vouches for the output.
+
+    `written`: the temp file the merge just wrote, which must still be the one its name
+    points at when it is published (recovery vouches by checksum instead)."""
     if record.last_action_state is MergeState.WRITTEN:
         try:
-            publish(folder, record.output)
+            publish(folder, record.output, written=written)
         except NameTakenError as exc:
             if exc.path != str(folder / record.output) and (folder / record.output).exists():
                 raise  # our output already has its final name: a roll back would keep rows twice
             roll_back(journal, folder, record.id, record.output, error=str(exc), actor=actor)
+            return MergeState.ROLLED_BACK, str(exc)
+        except TempReplacedError as exc:  # nothing published: the name is another's now
+            keep = tmp_name(record.output)
+            roll_back(
+                journal, folder, record.id, record.output, error=str(exc), actor=actor, keep=keep
+            )
             return MergeState.ROLLED_BACK, str(exc)
         journal.transition(record.id, MergeState.RENAMED, actor=actor)
     found = rivals(folder, record)
@@ -359,11 +376,18 @@ def _yield_to(
     return MergeState.ROLLED_BACK, error
 
 
-def publish(folder: Path, output: str) -> None:
+def publish(folder: Path, output: str, *, written: FileIdentity | None = None) -> None:
     """Give the output and its companion their final names, then make the names durable.
 
-    Both names are checked before either is taken, so a collision publishes nothing.
+    Both names are checked before either is taken, so a collision publishes nothing. With
+    `written`, the output's temp name must still point at that file. A second instance past
+    the lock could remove it (its start-up sweep, its roll back after a name clash); a temp
+    found gone was then taken for one renamed before a crash: the companion was published
+    alone, the sources deleted, and their rows lost.
     """
+    temp = folder / tmp_name(output)
+    if written is not None and durable.optional_identity(temp) != written:
+        raise TempReplacedError("removed or replaced since it was written; nothing published", temp)
     moves: list[tuple[Path, Path, bool]] = []
     for final in (output, companion_name(output)):
         tmp = folder / tmp_name(final)

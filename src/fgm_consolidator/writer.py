@@ -70,6 +70,7 @@ class WriteResult:
     size: int
     checksum: str
     row_groups: int
+    identity: FileIdentity  # of the file written, whatever its name points at by now
 
 
 def _open_source(source: WriteSource, as_dictionary: Collection[str] = ()) -> pq.ParquetFile:
@@ -191,12 +192,13 @@ def write_merged(
             sink = durable.Sink(handle, digest)
             row_groups = _stream(sources, sink, schema, options, should_abort, target)
             durable.fsync_file(handle, target)
+            identity = FileIdentity.of(os.fstat(handle.fileno()))
         expected = sum(s.rows for s in sources)
         _check_output(target, schema, expected, sink.size)
     except BaseException:
         durable.remove(target)
         raise
-    return WriteResult(expected, sink.size, digest.hexdigest(), row_groups)
+    return WriteResult(expected, sink.size, digest.hexdigest(), row_groups, identity)
 
 
 def _stream(
