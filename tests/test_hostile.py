@@ -162,10 +162,10 @@ def test_a_rival_that_deletes_our_sources_before_we_publish_makes_us_withdraw(
     real_publish = merge.publish
     outcomes_a = []
 
-    def publish(folder: Path, output: str) -> None:
+    def publish(folder: Path, output: str, **kwargs: Any) -> None:
         if output == plan_b.output and not outcomes_a:
             outcomes_a.append(execute(journal_a, data_dir, plan_a, POLICY))
-        real_publish(folder, output)
+        real_publish(folder, output, **kwargs)
 
     monkeypatch.setattr(merge, "publish", publish)
     outcome_b = execute(journal_b, data_dir, plan_b, POLICY)
@@ -975,14 +975,14 @@ def test_a_source_gone_that_no_rival_holds_stops_the_withdrawal(
     only_in_b = Counter(canonical_row(row) for row in pq.read_table(first).to_pylist())
     real_publish = merge.publish
 
-    def publish(folder: Path, output: str) -> None:
+    def publish(folder: Path, output: str, **kwargs: Any) -> None:
         if output == plan_b.output:
             assert execute(journal_a, data_dir, plan_a, POLICY).state is (
                 MergeState.SOURCES_DELETED
             )
             first.unlink()
             first.with_suffix(".containers").unlink()
-        real_publish(folder, output)
+        real_publish(folder, output, **kwargs)
 
     monkeypatch.setattr(merge, "publish", publish)
     outcome_b = execute(journal_b, data_dir, plan_b, POLICY)

@@ -59,7 +59,9 @@ def long_pass_data(data_dir: Path) -> None:
 
 def journal_a_merge_that_needs_a_person(data_dir: Path) -> None:
     """A merge the journal says was renamed, whose output and sources are both gone: recovery
-    can prove nothing and flags it at start-up."""
+    can prove nothing and flags it at start-up. (Its folder is there: a merge whose folder is
+    gone is rolled back.)"""
+    (data_dir / POD.format("pod-e")).mkdir(parents=True, exist_ok=True)
     journal = Journal.open(default_journal_path(data_dir))
     try:
         source = SourceRecord(metrics_name(0), FileIdentity(1, 100, 1), 10, "fingerprint", None)

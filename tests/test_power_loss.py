@@ -427,10 +427,10 @@ def withdraw_under_the_shim(data_dir: Path, journals: Path, disk: Disk) -> bool:
     [plan_a] = plan_one(data_dir, partition, WHOLE_DAY, journal_a, now)[1]
     real_publish = merge.publish
 
-    def publish(folder: Path, output: str) -> None:
+    def publish(folder: Path, output: str, **kwargs: Any) -> None:
         if output == plan_b.output:
             assert execute(journal_a, data_dir, plan_a, WHOLE_DAY).error is None
-        real_publish(folder, output)
+        real_publish(folder, output, **kwargs)
 
     try:
         with pytest.MonkeyPatch.context() as patch:
