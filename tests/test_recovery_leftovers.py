@@ -71,6 +71,22 @@ def test_the_lineage_proof_keeps_a_file_with_a_column_its_output_lacks(data_dir:
 RIVAL = "consolidated-20251230T000000Z-20251230T000001Z.parquet"
 
 
+def withdrawal_cut(data_dir: Path) -> Path:
+    """Our merge at `renamed`, a rival (a second instance's output) listing its sixth source,
+    and recovery's withdrawal killed between its two unlinks: the output gone, its companion
+    not. The shared source, for what follows."""
+    assert run_once(data_dir, "journal:renamed").returncode == -9
+    folder = data_dir / POD_A
+    shared = sorted(folder.glob("metrics-*.parquet"))[5]
+    table = pq.read_table(shared)
+    doc = lineage.encode(7, [(shared.name, table.num_rows)])
+    pq.write_table(table.replace_schema_metadata(doc), folder / RIVAL)
+    shutil.copy2(shared.with_suffix(".containers"), (folder / RIVAL).with_suffix(".containers"))
+    assert recover(data_dir, "durable:unlinked#1").returncode == -9
+    assert not (folder / OUTPUT).exists() and (folder / OUTPUT_COMPANION).exists()
+    return shared
+
+
 def test_a_withdrawal_cut_between_its_two_unlinks_is_rolled_back_whole(data_dir: Path) -> None:
     """`merge._yield_to` withdraws our output for a rival (a second instance's output listing
     one of our sources) by unlinking the output, then its companion. Killed between the two,
@@ -80,18 +96,8 @@ def test_a_withdrawal_cut_between_its_two_unlinks_is_rolled_back_whole(data_dir:
     removes our companion too (known by its journaled checksum)."""
     make_data(data_dir, "small")
     expected = expected_rows(data_dir)
-    assert run_once(data_dir, "journal:renamed").returncode == -9
+    withdrawal_cut(data_dir)
     folder = data_dir / POD_A
-    companion = folder / OUTPUT.replace(".parquet", ".containers")
-    assert (folder / OUTPUT).exists() and companion.exists()
-    shared = sorted(folder.glob("metrics-*.parquet"))[5]
-    table = pq.read_table(shared)
-    doc = lineage.encode(7, [(shared.name, table.num_rows)])
-    pq.write_table(table.replace_schema_metadata(doc), folder / RIVAL)  # a second instance's
-    shutil.copy2(shared.with_suffix(".containers"), (folder / RIVAL).with_suffix(".containers"))
-
-    assert recover(data_dir, "durable:unlinked#1").returncode == -9  # output gone, not companion
-    assert not (folder / OUTPUT).exists() and companion.exists()
     recover(data_dir)
     passed = run_once(data_dir)
     assert passed.returncode == 0
@@ -165,18 +171,9 @@ def test_a_kill_anywhere_in_a_companion_rebuild_is_finished_by_the_next_recovery
     assert_every_kill_is_finished(data_dir, tmp_path, expected, containers, must_reach)
 
 
-def test_a_stale_journal_that_rolls_back_a_cut_publish_loses_no_container(
-    data_dir: Path, tmp_path: Path
-) -> None:
-    """The journal loses its latest commits, not all of them (its WAL lost after a checkpoint,
-    or a copy restored): it still says the merge is `writing` while the disk had reached a
-    publish cut between its two renames (output named, companion still a temp). `resolve`
-    rolls back from `writing`, and `roll_back` removes both temp names, the companion's too,
-    before the sweep could publish it. The output stays without companion; lineage recovery
-    proved and deleted every source and kept their companions beside no file, so the viewer
-    lost every container of the window. The companion is now rebuilt, as above."""
-    make_data(data_dir, "small")
-    expected, containers = expected_rows(data_dir), viewer_containers(data_dir)
+def stale_journal_at_a_cut_publish(data_dir: Path, tmp_path: Path) -> None:
+    """A journal that says `writing` (its latest commits lost) beside a publish cut between its
+    two renames (output named, companion still a temp)."""
     stale = clone_tree(data_dir, tmp_path / "stale")
     assert run_once(stale, "journal:writing").returncode == -9
     assert run_once(data_dir, "durable:unlinked#1").returncode == -9
@@ -190,10 +187,38 @@ def test_a_stale_journal_that_rolls_back_a_cut_publish_loses_no_container(
     [record] = journal_records(data_dir)
     assert (record.output, record.state) == (OUTPUT, MergeState.WRITING)
 
+
+def test_a_stale_journal_that_rolls_back_a_cut_publish_loses_no_container(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The journal loses its latest commits, not all of them (its WAL lost after a checkpoint,
+    or a copy restored) while the disk is at a cut publish. `resolve` rolls back from
+    `writing`, and `roll_back` removes both temp names, the companion's too, before the sweep
+    could publish it. The output stayed without companion; lineage recovery proved and
+    deleted every source and kept their companions beside no file, so the viewer lost every
+    container of the window. The companion is now rebuilt, as above."""
+    make_data(data_dir, "small")
+    expected, containers = expected_rows(data_dir), viewer_containers(data_dir)
+    stale_journal_at_a_cut_publish(data_dir, tmp_path)
+
     recover(data_dir)
 
     report = check(data_dir, expected, containers=containers, journal_lost=True)
     assert report.violations == [], report.violations
+
+
+def test_a_kill_anywhere_after_a_stale_journal_is_finished_by_the_next_recovery(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The roll back, the rebuild and the adoption of the state above, killed at the first and
+    the last occurrence of every point they reach."""
+    make_data(data_dir, "small")
+    expected, containers = expected_rows(data_dir), viewer_containers(data_dir)
+    stale_journal_at_a_cut_publish(data_dir, tmp_path / "setup")
+    must_reach = {"journal:rolled-back", "durable:linked", "journal:adopted"}
+    assert_every_kill_is_finished(
+        data_dir, tmp_path, expected, containers, must_reach, journal_lost=True
+    )
 
 
 UNIQUE = companions.Container("uniq00000001", "pod-uniq", "c", "ns", "uid-u", "BestEffort")
@@ -324,16 +349,8 @@ def test_a_cut_withdrawal_whose_rival_finished_leaves_no_lone_companion(data_dir
     lost (the rule the withdrawal itself goes by), so the merge is rolled back whole."""
     make_data(data_dir, "small")
     expected = expected_rows(data_dir)
-    assert run_once(data_dir, "journal:renamed").returncode == -9
+    shared = withdrawal_cut(data_dir)
     folder = data_dir / POD_A
-    companion = folder / OUTPUT_COMPANION
-    shared = sorted(folder.glob("metrics-*.parquet"))[5]
-    table = pq.read_table(shared)
-    doc = lineage.encode(7, [(shared.name, table.num_rows)])
-    pq.write_table(table.replace_schema_metadata(doc), folder / RIVAL)  # a second instance's
-    shutil.copy2(shared.with_suffix(".containers"), (folder / RIVAL).with_suffix(".containers"))
-    assert recover(data_dir, "durable:unlinked#1").returncode == -9  # output gone, not companion
-    assert not (folder / OUTPUT).exists() and companion.exists()
     shared.with_suffix(".containers").unlink()  # the rival instance finishes its merge
     shared.unlink()
 
@@ -344,3 +361,17 @@ def test_a_cut_withdrawal_whose_rival_finished_leaves_no_lone_companion(data_dir
     assert (_stranded(folder), metrics_left) == ([], [])
     report = check(data_dir, expected, journal_lost=True)
     assert report.violations == [], report.violations
+
+
+def test_a_kill_anywhere_in_the_recovery_of_a_cut_withdrawal_is_finished_by_the_next(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The roll back that removes the lone companion, and the lineage settlement of the rival
+    that follows, killed at the first and the last occurrence of every point they reach."""
+    make_data(data_dir, "small")
+    expected, containers = expected_rows(data_dir), viewer_containers(data_dir)
+    withdrawal_cut(data_dir)
+    must_reach = {"journal:rolled-back", "durable:unlinked", "journal:adopted"}
+    assert_every_kill_is_finished(
+        data_dir, tmp_path, expected, containers, must_reach, journal_lost=True
+    )
