@@ -167,7 +167,7 @@ def _text_checked(batch: pa.RecordBatch) -> pa.RecordBatch:
     last value points past the end. In the metric name that failed every merge the same way;
     in a label it carried into the row's label set and merged other values. Here either is
     the source's read error. The dictionaries are a few values per batch; the bounds are
-    about 1% of a merge's CPU."""
+    2.5% of a merge's CPU (0.21 s of a flat partition)."""
     for column in batch.columns:
         if pa.types.is_dictionary(column.type):
             column.validate(full=True)
