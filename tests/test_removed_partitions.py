@@ -131,6 +131,7 @@ def test_a_published_merge_whose_folder_is_then_removed_is_rolled_back(data_dir:
     recovered = run_cli("recover", "--data-dir", str(data_dir))
 
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
-    assert "its folder is gone" in recovered.stdout
+    assert recovered.stdout.count(" is gone") == 1, recovered.stdout
+    assert f"the folder {data_dir / GONE} is gone" in recovered.stdout
     assert unfinished(data_dir) == []
     assert run_once(data_dir) == 0

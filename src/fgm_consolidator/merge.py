@@ -269,8 +269,9 @@ def roll_back(
     error: str,
     actor: str,
     keep: str | None = None,
-) -> None:
-    """Remove our temp files (never a final name, nor `keep`) and mark the merge rolled back.
+) -> str:
+    """Remove our temp files (never a final name, nor `keep`) and mark the merge rolled back;
+    the error recorded, which names the folder if it is gone, is returned for the report.
 
     A partition folder that is gone (a pod's folder cleaned up during the merge, or before
     the restart after a kill) holds nothing of ours any more: raising there left the merge
@@ -285,6 +286,7 @@ def roll_back(
             raise
         error = f"{error}; the folder {folder} is gone"
     journal.transition(merge_id, MergeState.ROLLED_BACK, actor=actor, error=error)
+    return error
 
 
 def finish(

@@ -221,9 +221,10 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
     state = record.last_action_state
     if not os.path.lexists(folder):
         # Removed by a person or a job (a pod's folder cleaned up): the output and the sources
-        # went with it, so there is nothing left to keep or to finish.
-        reason = f"interrupted at {state}; its folder is gone, and everything in it"
-        roll_back(journal, folder, record.id, record.output, error=reason, actor=ACTOR)
+        # went with it, so there is nothing left to keep or to finish. `roll_back` names it.
+        reason = roll_back(
+            journal, folder, record.id, record.output, error=f"interrupted at {state}", actor=ACTOR
+        )
         return _action(record, MergeState.ROLLED_BACK, Step.ROLLED_BACK, reason)
     if state in (MergeState.PLANNED, MergeState.WRITING):
         reason = f"interrupted while {state}; sources intact, temp files removed"
