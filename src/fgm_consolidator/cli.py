@@ -114,9 +114,14 @@ def _print(text: str) -> None:
         ) from exc
 
 
+def _error(message: str) -> click.ClickException:
+    """Exit 1 with `Error: <message>` on one line, whatever the path it names holds."""
+    return click.ClickException(logs.one_line(message))
+
+
 def _fail(exc: ConsolidatorError | OSError) -> click.ClickException:
     """One line naming the path and the reason, exit 1; an OSError's text carries its path."""
-    return click.ClickException(str(exc))
+    return _error(str(exc))
 
 
 def _check_config(check: Callable[[], None]) -> None:
@@ -444,7 +449,7 @@ def history(
     """Print the audit trail, newest first: one merge per line, then unreadable files."""
     path = journal or default_journal_path(data_dir)
     if not path.exists():
-        raise click.ClickException(f"{path}: no journal here; has `run` ever run on {data_dir}?")
+        raise _error(f"{path}: no journal here; has `run` ever run on {data_dir}?")
     _check_config(lambda: identity.check(path, data_dir))
     since_text = None if since is None else since.isoformat()
     try:
@@ -563,9 +568,12 @@ def demo(data_dir: Path | None, hours: float) -> None:
     logs.configure("warning")
     if data_dir is None:
         data_dir = Path(tempfile.mkdtemp(prefix="fgm-demo-"))
-    elif data_dir.exists() and any(data_dir.iterdir()):
-        raise click.ClickException(f"{data_dir}: not empty; the demo writes a fresh data directory")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if data_dir.exists() and any(data_dir.iterdir()):
+            raise _error(f"{data_dir}: not empty; the demo writes a fresh data directory")
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _fail(exc) from exc
     click.echo(f"simulating {hours:g} h of monitor output for 2 pods in {data_dir} ...")
     try:
         report = run_demo(data_dir, hours=hours)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ConfigError
-from .layout import MONITOR_ROTATION_S, STATE_DIR, partition_day
+from .layout import MONITOR_ROTATION_S, STATE_DIR, is_utf8, partition_day
 from .logs import log_event
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,11 @@ def _check_utf8(data_dir: Path) -> None:
     """pyarrow takes paths as UTF-8 text: under a data directory whose name is not UTF-8 every
     merge would be rolled back with a UnicodeEncodeError, pass after pass."""
     text = str(data_dir.absolute())
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+    if not is_utf8(text):
         shown = os.fsencode(text).decode("utf-8", "backslashreplace")
         raise ConfigError(
             "--data-dir", f"{shown} is not valid UTF-8, and pyarrow cannot open files under it"
-        ) from None
+        )
 
 
 def _check_not_a_partition(data_dir: Path) -> None:

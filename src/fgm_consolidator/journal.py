@@ -7,6 +7,7 @@ module applies the numbered files the database has not seen yet.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -52,7 +53,10 @@ def explained(exc: sqlite3.DatabaseError, path: Path, *, opening: bool) -> Journ
     sound audit trail and force a lineage recovery."""
     code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary result code
     changed = _UNCHANGED if opening else _RESUMES
-    if code in _BUSY_CODES:
+    refused = _refused_access(path) if code == sqlite3.SQLITE_CANTOPEN else None
+    if refused is not None:
+        hint = f"{refused}: let the consolidator's user read and write it; {changed}"
+    elif code in _BUSY_CODES:
         hint = f"{_BUSY_HINT}; {changed}"
     elif code == sqlite3.SQLITE_FULL:
         hint = f"{_FULL_HINT}; {changed}"
@@ -62,6 +66,17 @@ def explained(exc: sqlite3.DatabaseError, path: Path, *, opening: bool) -> Journ
         hint = REPAIR_HINT
     what = "cannot open journal" if opening else "journal failed"
     return JournalError(f"{what} ({exc}); {hint}", path)
+
+
+def _refused_access(path: Path) -> str | None:
+    """The system's reason when `path` cannot be opened at all (its mode, its owner), which
+    SQLite reports only as "unable to open database file", the words of a broken journal."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return exc.strerror or str(exc)
+    return None
 
 
 @contextmanager

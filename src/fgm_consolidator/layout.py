@@ -107,15 +107,23 @@ def companion_name(parquet_name: str) -> str:
     return parquet_name.removesuffix(PARQUET_SUFFIX) + COMPANION_SUFFIX
 
 
+def is_utf8(name: str) -> bool:
+    """False for a name decoded from bytes that are not UTF-8 (it holds surrogates)."""
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def partition_day(key: str) -> date | None:
     """The day of a `dt=YYYY-MM-DD/identifier=<name>` partition key; None when `key` is not
     one, including a folder shaped like one whose date is no day (`dt=2026-13-45`) or whose
     name is not UTF-8 (the journal could not record it)."""
-    if not key.isascii():
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:
-            return None
+    if not is_utf8(key):
+        return None
     match = _PARTITION_RE.match(key)
     if match is None:
         return None
@@ -144,6 +152,7 @@ class SkippedFolder:
 
 
 NOT_FOLLOWED = "a symbolic link; not followed, so no file outside the data directory is merged"
+NOT_UTF8 = "its name is not valid UTF-8, which the journal cannot record; rename the folder"
 
 
 def walk_partitions(data_dir: Path) -> tuple[list[str], list[SkippedFolder]]:
@@ -166,6 +175,9 @@ def walk_partitions(data_dir: Path) -> tuple[list[str], list[SkippedFolder]]:
             continue
         for ident in _named(Path(day.path), "identifier=", skipped):
             key = f"{day.name}/{ident.name}"
+            if not is_utf8(ident.name):
+                skipped.append(SkippedFolder(Path(ident.path), NOT_UTF8))
+                continue
             if partition_day(key) is None:
                 continue
             if ident.is_symlink():

@@ -75,6 +75,12 @@ def _escape(char: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
+def one_line(text: str) -> str:
+    """`text` with its unprintable characters spelled out, as a message of one line: a path
+    may hold a newline, and SQLite's own reports do."""
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
 def _quote(value: Any) -> str:
     text = str(value)
     if text == "" or any(c in ' "=\\' or not c.isprintable() for c in text):
