@@ -11,14 +11,19 @@ Cardinality is fixed: no metric has a partition or file label.
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from . import __version__
 from .errors import ConsolidatorError
@@ -142,11 +147,13 @@ class MetricsObserver(Observer):
 def serving(observer: MetricsObserver, port: int, addr: str) -> Iterator[None]:
     """`/metrics` on addr:port in a background thread for as long as the block runs."""
     try:
-        server, thread = start_http_server(port, addr, registry=observer.registry)
+        server = _listen(port, addr, observer.registry)
     except OSError as exc:
         raise ConsolidatorError(
             f"--metrics-port {port}: cannot listen on {addr}: {exc.strerror or exc}"
         ) from exc
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
     log_event(log, "metrics-serving", addr=addr, port=server.server_port)
     try:
         yield
@@ -154,3 +161,32 @@ def serving(observer: MetricsObserver, port: int, addr: str) -> Iterator[None]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def _listen(port: int, addr: str, registry: CollectorRegistry) -> WSGIServer:
+    """prometheus_client's server, bound as its `start_http_server` binds it (IPv6 where
+    `addr` is one), but quiet: see `_QuietServer`."""
+    family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
+        addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server_class = type("MetricsServer", (_QuietServer,), {"address_family": family})
+    app = make_wsgi_app(registry)
+    return make_server(str(sockaddr[0]), port, app, server_class, handler_class=_QuietHandler)
+
+
+class _QuietServer(ThreadingWSGIServer):
+    """A request that fails (a client resetting its connection, as port scanners and TCP
+    health checks do) is one log event: socketserver printed a 15-line traceback to stderr,
+    unstructured, in the middle of the service's log."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        level = logging.DEBUG if isinstance(error, ConnectionError) else logging.WARNING
+        log_event(log, "metrics-request-failed", level, client=client_address[0], error=error)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape on stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
