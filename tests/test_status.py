@@ -386,6 +386,7 @@ def test_status_through_healthy_and_unhealthy_states(
     hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat(timespec="milliseconds")
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE passes SET started = ?, ended = ?", [hour_ago, hour_ago])
+        conn.execute("UPDATE transitions SET at = ?", [hour_ago])  # the pass's merge, too
     conn.close()
     old = time.time() - 3600
     os.utime(lock_path(data_dir), (old, old))

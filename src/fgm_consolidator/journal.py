@@ -34,6 +34,7 @@ REPAIR_HINT = (
 
 
 SQLITE_MAX_INT = 2**63 - 1
+MERGE_ACTOR = "merge"  # who plans, writes and ends a merge in the normal course
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 _BUSY_HINT = (
     "another process kept it locked past the 5 s we wait (a consolidator given the same"
@@ -200,10 +201,20 @@ class Deaths:
     last_at: str | None  # when the latest of them was rolled back, or began
 
 
-# The last few merges of a partition, newest first: each one's latest state, who set it and
-# when, and the state before it. Bounded, so the cost does not grow with the history.
+@dataclass(frozen=True)
+class Failures:
+    """A partition's latest merges that failed in a row: rolled back by the merge itself on an
+    error, counted from the newest merge back to the first that did not."""
+
+    count: int
+    last_error: str | None
+
+
+# The last few merges of a partition, newest first: each one's latest state, who set it,
+# when and with what error, and the state before it. Bounded, so the cost does not grow with
+# the history.
 _LATEST_ENDINGS = """
-SELECT last.state, last.actor, last.at,
+SELECT last.state, last.actor, last.at, last.error,
   (SELECT p.state FROM transitions p WHERE p.merge_id = m.id AND p.id < last.id
    ORDER BY p.id DESC LIMIT 1)
 FROM merges m
@@ -413,7 +424,7 @@ class Journal:
     ) -> int:
         with self.transaction():
             merge_id = self._insert_merge(partition, output, era, policy, sources, has_companion)
-            self._insert_transition(merge_id, MergeState.PLANNED, "merge", None)
+            self._insert_transition(merge_id, MergeState.PLANNED, MERGE_ACTOR, None)
         crashpoints.reach(f"journal:{MergeState.PLANNED}")
         return merge_id
 
@@ -514,7 +525,7 @@ class Journal:
                 " companion_checksum = ? WHERE id = ? AND output_checksum IS NULL",
                 (rows, size, checksum, companion_checksum, merge_id),
             )
-            self._insert_transition(merge_id, MergeState.WRITTEN, "merge", None)
+            self._insert_transition(merge_id, MergeState.WRITTEN, MERGE_ACTOR, None)
         crashpoints.reach(f"journal:{MergeState.WRITTEN}")
 
     def _insert_transition(
@@ -687,7 +698,7 @@ class Journal:
         process in a row; `recovered_by` is the actor recovery writes."""
         count, last_at = 0, None
         rows = self.db.execute(_LATEST_ENDINGS, (partition, lookback))
-        for state, actor, at, before in rows:
+        for state, actor, at, _error, before in rows:
             if state != MergeState.ROLLED_BACK or actor != recovered_by:
                 break
             if before not in _DIED_WHILE:
@@ -695,6 +706,18 @@ class Journal:
             count += 1
             last_at = last_at or str(at)
         return Deaths(count, last_at)
+
+    def failures(self, partition: str, failed_by: str, *, lookback: int = 16) -> Failures:
+        """How many of the partition's latest merges (at most `lookback`) were rolled back in a
+        row by `failed_by`, the actor a merge writes when it fails, and the latest error."""
+        count, last_error = 0, None
+        rows = self.db.execute(_LATEST_ENDINGS, (partition, lookback))
+        for state, actor, _at, error, _before in rows:
+            if state != MergeState.ROLLED_BACK or actor != failed_by:
+                break
+            count += 1
+            last_error = last_error or error
+        return Failures(count, last_error)
 
     def attempt_deaths(self, subject: str) -> Deaths:
         """How many attempts at `subject` in a row died with their process (begun, never

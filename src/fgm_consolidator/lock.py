@@ -35,6 +35,24 @@ class HeldLock:
 
     path: Path
     file: durable.FileKey
+    fd: int
+
+    def announce(self, suffix: str = "") -> None:
+        """Say in the file who holds it, and since when. `status` takes this write (the file's
+        mtime) for a service's start, and gives it a grace before its first pass: so `run`
+        announces itself only once its start-up has succeeded. A start refused after the lock
+        was taken (a metrics port in use, a journal that cannot be opened) is then no start,
+        and a crash loop of such refusals does not look like a service starting."""
+        holder = (
+            f"pid={os.getpid()} host={socket.gethostname()} "
+            f"since={datetime.now(UTC).isoformat(timespec='seconds')}{suffix}"
+        )
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, holder.encode(), 0)
+        except OSError as exc:  # a full volume: its error alone would not name the file
+            reason = f"cannot write the lock file: {exc.strerror or exc}"
+            raise LockError(reason, self.path) from exc
 
     def check(self) -> None:
         """LockError when the path no longer names the file this process locked: removed (with
@@ -53,11 +71,12 @@ ONE_SHOT = "command=recover"  # in the holder's line: a process that is no servi
 
 @contextmanager
 def exclusive(data_dir: Path, *, one_shot: bool = False) -> Iterator[HeldLock]:
-    """`one_shot` (recover) says so in the holder's line: `status` takes the lock file's mtime
-    for a service's start, and must not give a `recover` that ended long ago the start-up grace
-    of a service that never ran."""
-    suffix = f" {ONE_SHOT}" if one_shot else ""
-    with _exclusive(lock_path(data_dir), "data directory", suffix) as held:
+    """A service announces itself once started (`HeldLock.announce`); `one_shot` (recover) at
+    once, and says so in the holder's line: `status` must not give a `recover` that ended long
+    ago the start-up grace of a service that never ran."""
+    with _exclusive(lock_path(data_dir), "data directory") as held:
+        if one_shot:
+            held.announce(f" {ONE_SHOT}")
         yield held
 
 
@@ -70,11 +89,12 @@ def exclusive_journal(journal: Path, data_dir: Path) -> Iterator[HeldLock | None
         yield None
         return
     with _exclusive(journal.with_name(journal.name + ".lock"), "journal") as held:
+        held.announce()
         yield held
 
 
 @contextmanager
-def _exclusive(path: Path, what: str, suffix: str = "") -> Iterator[HeldLock]:
+def _exclusive(path: Path, what: str) -> Iterator[HeldLock]:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
@@ -91,15 +111,6 @@ def _exclusive(path: Path, what: str, suffix: str = "") -> Iterator[HeldLock]:
             raise LockHeldError(
                 f"another fgm-consolidator holds this {what} ({holder})", path
             ) from None
-        holder = (
-            f"pid={os.getpid()} host={socket.gethostname()} "
-            f"since={datetime.now(UTC).isoformat(timespec='seconds')}{suffix}"
-        )
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, holder.encode(), 0)
-        except OSError as exc:  # a full volume: its error alone would not name the file
-            raise LockError(f"cannot write the lock file: {exc.strerror or exc}", path) from exc
-        yield HeldLock(path, durable.file_key(os.fstat(fd)))
+        yield HeldLock(path, durable.file_key(os.fstat(fd)), fd)
     finally:
         os.close(fd)

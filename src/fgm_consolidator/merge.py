@@ -29,7 +29,7 @@ from .errors import (
     TempReplacedError,
     Unexpected,
 )
-from .journal import Journal, MergeRecord
+from .journal import MERGE_ACTOR, Journal, MergeRecord
 from .layout import companion_name, tmp_name
 from .logs import context, log_event
 from .plan import MergePlan, Policy
@@ -110,7 +110,7 @@ def _write_and_finish(
     """From `planned` to a terminal state: the state reached, the output's size, the error,
     and whether the failure is on our side of the disk (see MergeOutcome.retry_later)."""
     folder = data_dir / plan.partition
-    journal.transition(merge_id, MergeState.WRITING, actor="merge")
+    journal.transition(merge_id, MergeState.WRITING, actor=MERGE_ACTOR)
     try:
         result = write_merged(
             [WriteSource(folder / s.name, s.identity, s.rows) for s in plan.sources],
@@ -127,7 +127,7 @@ def _write_and_finish(
         # A temp name someone else created is theirs (an instance that got past the lock).
         foreign = Path(exc.filename).name if isinstance(exc, FileExistsError) else None
         roll_back(
-            journal, folder, merge_id, plan.output, error=str(exc), actor="merge", keep=foreign
+            journal, folder, merge_id, plan.output, error=str(exc), actor=MERGE_ACTOR, keep=foreign
         )
         if isinstance(exc, SourceReadError):
             _remember_unreadable(journal, folder, plan, exc)
@@ -139,7 +139,7 @@ def _write_and_finish(
         # as above; the partition then backs off, and the service goes on with the others.
         unexpected = Unexpected.of(exc)
         log_event(log, "merge-crashed", logging.ERROR, **unexpected.fields)
-        roll_back(journal, folder, merge_id, plan.output, error=unexpected.text, actor="merge")
+        roll_back(journal, folder, merge_id, plan.output, error=unexpected.text, actor=MERGE_ACTOR)
         return MergeState.ROLLED_BACK, None, unexpected.text, True
     journal.record_written(
         merge_id,
@@ -149,7 +149,7 @@ def _write_and_finish(
         companion_checksum=companion_sum,
     )
     record = journal.merge(merge_id)
-    state, error = finish(journal, folder, record, actor="merge", written=result.identity)
+    state, error = finish(journal, folder, record, actor=MERGE_ACTOR, written=result.identity)
     return state, result.size, error, False
 
 

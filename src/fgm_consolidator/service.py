@@ -326,6 +326,7 @@ def run_service(
         journal = Journal.open(settings.journal_path)
         try:
             identity.bind(journal, settings.data_dir)
+            held.announce()
             log_event(
                 log,
                 "started",

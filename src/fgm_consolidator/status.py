@@ -7,10 +7,15 @@ with its last pass. Health has three parts:
 
 - the service makes progress: a successful pass ended, or the running pass started or moved a
   merge, within `stale_after` x the check interval;
-- a service that just started gets that same window before its first successful pass (its
-  start is when it took the data directory's lock; the lock file's mtime says when, if the lock
-  path is a regular file: `run` refuses any other, so it is reported and says nothing);
-- no merge waits for a person (state needs-attention), no partition is held because its
+- a service that just started gets that same window before its first successful pass, and
+  the merges its start-up recovery moves count as progress (its start is when, holding the
+  data directory's lock with its journal open, it wrote its line in the lock file: the file's
+  mtime, if the lock path is a regular file: `run` refuses any other, so it is reported and
+  says nothing);
+- no merge waits for a person (state needs-attention), none is left unfinished by the
+  recovery of a pass that failed (`recover` says why), no partition's latest merges failed
+  `FAILING_MERGES` times in a row (a pass retries them, and the same error comes back), no
+  partition is held because its
   latest merges died with the process (`backoff.Hold`), no output's lineage lists files
   still beside it that `recover` would have to settle (see `_lineage_check`), and no
   partition escaped the look with an exception no check foresaw (`isolation`). A foreseen
@@ -30,7 +35,15 @@ from . import lock
 from .backoff import DEFAULT_INTERVAL_S, Hold
 from .errors import LockError
 from .isolation import PartitionFailure, isolated
-from .journal import Journal, MergeRecord, PassRecord, UnreadableRecord
+from .journal import (
+    MERGE_ACTOR,
+    Failures,
+    Journal,
+    MergeRecord,
+    PassRecord,
+    PassResult,
+    UnreadableRecord,
+)
 from .layout import SkippedFolder, lock_path, walk_partitions
 from .plan import Policy, plan_one, waiting_metrics
 from .recovery import LineageAction, ProofGuard, hold, judge_partition
@@ -42,6 +55,9 @@ EXIT_HEALTHY = 0
 EXIT_NEEDS_PERSON = 3  # as `recover`
 EXIT_STALE = 4
 EXIT_NEVER_RAN = 5
+# Merges of one partition rolled back in a row on an error before a person is told: one or two
+# may be a race the next pass does not meet (a source rewritten under the merge).
+FAILING_MERGES = 3
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,7 @@ class Status:
     unreadable: tuple[UnreadableRecord, ...]
     lineage: tuple[LineageAction, ...]  # files an output's lineage lists, still beside it
     held: tuple[tuple[str, Hold], ...]  # partitions whose latest merges died with the process
+    failing: tuple[tuple[str, Failures], ...]  # partitions whose latest merges failed
     skipped: tuple[SkippedFolder, ...]  # folders named like partitions that are not walked
     journal_bytes: int
     problems: tuple[Problem, ...]
@@ -112,8 +129,9 @@ def _service_started(data_dir: Path) -> tuple[datetime | None, str | None]:
     except LockError as exc:
         return None, str(exc)
     with contextlib.suppress(OSError):  # unreadable: take it for a service's, as before
-        if lock.ONE_SHOT in path.read_text(errors="replace"):
-            return None, None  # a `recover`: no service started
+        holder = path.read_text(errors="replace")
+        if not holder or lock.ONE_SHOT in holder:
+            return None, None  # no service announced its start: refused at start-up, a `recover`
     return datetime.fromtimestamp(st.st_mtime, UTC), None
 
 
@@ -136,6 +154,7 @@ class _Look:
     unreadable: list[UnreadableRecord] = field(default_factory=list)
     lineage: list[LineageAction] = field(default_factory=list)
     held: list[tuple[str, Hold]] = field(default_factory=list)
+    failing: list[tuple[str, Failures]] = field(default_factory=list)
     # named like partitions and left alone (symbolic links)
     skipped: list[SkippedFolder] = field(default_factory=list)
 
@@ -179,6 +198,8 @@ def _look_at_partitions(
         look.lineage.extend(found.lineage)
         if found.held is not None:
             look.held.append((partition, found.held))
+        if found.failing is not None:
+            look.failing.append((partition, found.failing))
         if found.backlog is not None:
             look.backlog.append(found.backlog)
     return look
@@ -190,6 +211,7 @@ class _PartitionLook:
     unreadable: list[UnreadableRecord]
     lineage: list[LineageAction]
     held: Hold | None
+    failing: Failures | None
 
 
 def _look_at_one(
@@ -204,6 +226,8 @@ def _look_at_one(
     scan, plans, _ = plan_one(data_dir, partition, policy, journal, now.timestamp())
     known = journal.unreadable(partition) if journal else []
     held = hold(journal, partition, interval_s) if journal else None
+    failures = journal.failures(partition, MERGE_ACTOR) if journal else None
+    failing = failures if failures is not None and failures.count >= FAILING_MERGES else None
     guard = ProofGuard(journal, interval_s) if journal else None
     doubts = _lineage_check(data_dir / partition, partition, scan.names, busy, guard)
     bad = [r for r in known if r.name in scan.names and still_on_disk(data_dir, r)]
@@ -213,7 +237,7 @@ def _look_at_one(
     backlog = None
     if waiting or bad:  # young files alone: the monitor's current file, or our new output
         backlog = Backlog(partition, waiting, mergeable, scan.young, len(bad))
-    return _PartitionLook(backlog, bad, doubts, held)
+    return _PartitionLook(backlog, bad, doubts, held, failing)
 
 
 def _progress(
@@ -222,12 +246,14 @@ def _progress(
     success: PassRecord | None,
     latest_transition: datetime | None,
 ) -> datetime | None:
-    marks = [service_started, _at(success.ended) if success else None]
-    if last is not None and last.result is None:  # running, or died and not restarted yet
-        started = _at(last.started)
-        marks.append(started)
-        if started and latest_transition and latest_transition >= started:
-            marks.append(latest_transition)
+    # the running pass, or one that died with its process (until the next pass starts)
+    running = _at(last.started) if last is not None and last.result is None else None
+    marks = [service_started, _at(success.ended) if success else None, running]
+    # A merge moved by the running pass, or since the service started: its start-up recovery
+    # journals each output it proves, about half a minute each after a lost journal.
+    since = max((m for m in (service_started, running) if m is not None), default=None)
+    if since and latest_transition and latest_transition >= since:
+        marks.append(latest_transition)
     present = [m for m in marks if m is not None]
     return max(present) if present else None
 
@@ -285,10 +311,41 @@ def _problems(status: Status, journal_path: Path, data_dir: Path) -> list[Proble
                 "see `fgm-consolidator history --state needs-attention`",
             )
         )
+    left = _left_by_recovery(status)
+    if left:
+        ids = ", ".join(str(r.id) for r in left)
+        found.append(
+            Problem(
+                EXIT_NEEDS_PERSON,
+                f"merge(s) {ids} still unfinished after the last pass, whose recovery failed; "
+                "`fgm-consolidator recover` (with the service stopped) says why",
+            )
+        )
+    found += [_failing_problem(data_dir, partition, f) for partition, f in status.failing]
     found += [_held_problem(data_dir, partition, held) for partition, held in status.held]
     found += [_unexpected_problem(data_dir, b) for b in status.backlog if b.where is not None]
     found += _lineage_problems(data_dir, status.lineage)
     return found
+
+
+def _left_by_recovery(status: Status) -> list[MergeRecord]:
+    """Unfinished merges the last pass's recovery met and could not finish: that pass ended in
+    failure and they have not moved since it began. The service retries them at every pass,
+    and the same step fails again (a source it may not delete, say)."""
+    last = status.last_pass
+    if last is None or last.result is not PassResult.FAILED:
+        return []
+    began = datetime.fromisoformat(last.started)
+    return [r for r in status.unfinished if datetime.fromisoformat(r.transitions[-1].at) < began]
+
+
+def _failing_problem(data_dir: Path, partition: str, failures: Failures) -> Problem:
+    return Problem(
+        EXIT_NEEDS_PERSON,
+        f"{data_dir / partition}: its last {failures.count} merges failed, the latest with: "
+        f"{failures.last_error}; each pass tries again; see "
+        f"`fgm-consolidator history --partition {partition}`",
+    )
 
 
 def _held_problem(data_dir: Path, partition: str, held: Hold) -> Problem:
@@ -370,6 +427,7 @@ def compute_status(
         unreadable=tuple(look.unreadable),
         lineage=tuple(doubts),
         held=tuple(look.held),
+        failing=tuple(look.failing),
         skipped=tuple(look.skipped),
         journal_bytes=journal_bytes(journal_path),
         problems=(),
