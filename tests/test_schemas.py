@@ -42,6 +42,25 @@ def test_label_type_conflict_is_refused() -> None:
         unify([flat("pid"), flat("pid", label_type=pa.int64())])
 
 
+def test_labels_that_differ_only_in_case_never_meet_in_one_output() -> None:
+    """DuckDB ignores case: in a file holding `l_pod` and `l_Pod` it renames one of them and
+    reads the other's values for `l_pod`."""
+    with pytest.raises(SchemaConflictError, match="l_Pod and l_pod differ only in case"):
+        unify([flat("pod"), flat("Pod")])
+    both = flat("pod", "Pod")  # a source that already holds both reads no differently merged
+    assert sorted(unify([both, flat("pod")]).names) == sorted(both.names)
+
+
+def test_a_label_keeps_the_first_sources_field_metadata() -> None:
+    tagged = pa.schema([*BASE, pa.field("l_pod", UTF8).with_metadata({b"k": b"v"}), HIST])
+    assert unify([tagged, flat("pod")]).field("l_pod").metadata == {b"k": b"v"}
+    strict = pa.schema(
+        [*BASE, pa.field("l_pod", UTF8, nullable=False).with_metadata({b"k": b"v"}), HIST]
+    )
+    widened = unify([strict, flat("pod")]).field("l_pod")
+    assert widened.nullable and widened.metadata == {b"k": b"v"}
+
+
 def test_eras_never_share_an_output() -> None:
     map_era = pa.schema([*BASE, MAP, HIST])
     assert era_of(map_era) == "map"

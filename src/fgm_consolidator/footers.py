@@ -30,6 +30,7 @@ class Footer:
     rows: int
     schema: pa.Schema  # without our lineage, and one object for every file that shares it
     lineage: bytes | None  # the raw lineage of an output of ours
+    int96: tuple[str, ...] = ()  # columns stored as legacy INT96 timestamps
 
 
 _seen: OrderedDict[Path, Footer] = OrderedDict()
@@ -57,12 +58,15 @@ def read(path: Path) -> Footer:
         st = os.fstat(handle.fileno())
         metadata = pq.ParquetFile(handle).metadata
         schema = metadata.schema.to_arrow_schema()
+        columns = (metadata.schema.column(i) for i in range(len(metadata.schema)))
+        int96 = tuple(column.path for column in columns if column.physical_type == "INT96")
         kept = {k: v for k, v in (schema.metadata or {}).items() if k != LINEAGE_KEY}
         footer = Footer(
             FileIdentity.of(st),
             metadata.num_rows,
             _shared(schema.with_metadata(kept)),
             (metadata.metadata or {}).get(LINEAGE_KEY),
+            int96,
         )
     _seen[path] = footer
     _seen.move_to_end(path)

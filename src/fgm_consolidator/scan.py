@@ -68,6 +68,13 @@ def read_footer(path: Path) -> tuple[FileIdentity, int, pa.Schema]:
         footer = footers.read(path)
     except (OSError, pa.ArrowException) as exc:
         raise SourceReadError(f"unreadable parquet footer: {exc}", path) from exc
+    if footer.int96:
+        # pyarrow reads INT96 as nanoseconds whatever the stored Arrow schema says, and wraps
+        # an instant outside 1677-2262 without a word: 2500-01-01 was merged as 1915-06-14.
+        raise SchemaConflictError(
+            f"column {footer.int96[0]} is stored as INT96, a legacy timestamp pyarrow cannot"
+            " read exactly (the monitor writes INT64)"
+        )
     return footer.identity, footer.rows, footer.schema
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal
 
 import pyarrow as pa
@@ -118,15 +118,35 @@ def unify(schemas: Sequence[pa.Schema]) -> pa.Schema:
                     f"label column {field.name} is {known.type} in one source and "
                     f"{field.type} in another"
                 )
-            if known is None or (field.nullable and not known.nullable):
-                labels[field.name] = field.remove_metadata()
+            if known is None:
+                labels[field.name] = field  # its metadata, as for a non-label column: the first's
+            elif field.nullable and not known.nullable:
+                labels[field.name] = known.with_nullable(True)
     for name, field in labels.items():
         if any(name not in schema.names for schema in schemas):
             labels[name] = field.with_nullable(True)
+    clash = _case_clash(schemas, labels)
+    if clash:
+        raise SchemaConflictError(
+            f"label columns {' and '.join(clash)} differ only in case: readers that ignore case"
+            " (DuckDB) would take one for the other in a file holding both"
+        )
     names = [f.name for f in base]
     cut = names.index(HISTOGRAM) if HISTOGRAM in names else len(base)
     fields = base[:cut] + [labels[name] for name in sorted(labels)] + base[cut:]
     return pa.schema(fields, metadata=_plain_metadata(first))
+
+
+def _case_clash(schemas: Sequence[pa.Schema], labels: Collection[str]) -> list[str]:
+    """Label names the union would put in one file that differ only in case, where no source
+    already holds them all (such a source reads no differently once merged)."""
+    spellings: dict[str, list[str]] = {}
+    for name in labels:
+        spellings.setdefault(name.casefold(), []).append(name)
+    for names in spellings.values():
+        if len(names) > 1 and not any(set(names) <= set(s.names) for s in schemas):
+            return sorted(names)
+    return []
 
 
 def _plain_metadata(schema: pa.Schema) -> dict[bytes, bytes]:

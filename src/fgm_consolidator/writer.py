@@ -183,14 +183,14 @@ def write_merged(
     metadata: Mapping[bytes, bytes],
     should_abort: Callable[[], bool] = lambda: False,
 ) -> WriteResult:
-    """Create `target` (must not exist), fill it from `sources` in order, sync it, check it."""
-    schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
+    """Create `target` (must not exist), fill it from `sources` in order, sync it, check it.
+    `metadata` (our lineage) goes into the footer beside the sources' own."""
     handle = durable.create_exclusive(target)
     try:
         with handle:
             digest = hashlib.sha256()
             sink = durable.Sink(handle, digest)
-            row_groups = _stream(sources, sink, schema, options, should_abort, target)
+            row_groups = _stream(sources, sink, schema, metadata, options, should_abort, target)
             durable.fsync_file(handle, target)
             identity = FileIdentity.of(os.fstat(handle.fileno()))
         expected = sum(s.rows for s in sources)
@@ -205,6 +205,7 @@ def _stream(
     sources: Sequence[WriteSource],
     sink: durable.Sink,
     schema: pa.Schema,
+    ours: Mapping[bytes, bytes],
     options: WriteOptions,
     should_abort: Callable[[], bool],
     target: Path,
@@ -248,7 +249,9 @@ def _stream(
             rows.finish()
         finally:
             rows.close()
-        writer.add_key_value_metadata({**(schema.metadata or {}), ARROW_SCHEMA: _stored(schema)})
+        writer.add_key_value_metadata(
+            {**(schema.metadata or {}), **ours, ARROW_SCHEMA: _stored(schema)}
+        )
     except BaseException:
         with contextlib.suppress(Exception):
             writer.close()
@@ -285,8 +288,9 @@ def _parquet_writer(
 def _stored(schema: pa.Schema) -> bytes:
     """The Arrow schema as pyarrow stores it (base64 of its IPC form). Readers take every
     type from it, so text written from dictionary buffers reads back as the plain strings
-    the sources had: parquet itself has no dictionary type, only the encoding."""
-    return base64.b64encode(schema.remove_metadata().serialize().to_pybytes())
+    the sources had: parquet itself has no dictionary type, only the encoding. pyarrow also
+    takes the schema's key-value metadata from it, so the sources' is kept there too."""
+    return base64.b64encode(schema.serialize().to_pybytes())
 
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
