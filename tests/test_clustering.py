@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fgm_consolidator import durable
+from fgm_consolidator import clustering, durable
 from fgm_consolidator.clustering import FirstRows, MetricSorter, metric_keys, without_rows
 
 
@@ -95,6 +95,49 @@ def test_a_metric_larger_than_a_row_group_is_cut_in_order(tmp_path: Path) -> Non
     assert len(a_groups) > 1
     assert [seq for group in a_groups for _, seq in group] == [0, 1, 3, 4, 6, 7, 9, 10]
     assert all(len({name for name, _ in group}) == 1 for group in recorder.groups)
+
+
+@pytest.mark.parametrize("buffer_bytes", [10**9, 1], ids=["in memory", "parked"])
+def test_small_metrics_share_row_groups_and_a_large_one_keeps_its_own(
+    tmp_path: Path, buffer_bytes: int
+) -> None:
+    """Small metrics (a, b, d, e) gather until a row group holds the share; the large one (c)
+    never shares, so a reader of c decodes none of the others, nor they c."""
+    recorder = Recorder()
+    share = batch(["x"] * 3).nbytes  # three rows' worth
+    into = MetricSorter(
+        recorder,
+        row_group_bytes=10**9,
+        buffer_bytes=buffer_bytes,
+        spill_folder=tmp_path,
+        shared_row_group_bytes=share,
+    )
+    names = ["a", "b", "c", "c", "c", "c", "c", "d", "e"]
+    for seq, name in enumerate(names):
+        into.add(batch([name], start=seq))
+    into.finish()
+    assert [[name for name, _ in group] for group in recorder.groups] == [
+        ["a", "b"],  # below the share: one more small metric could still join
+        ["c", "c", "c", "c", "c"],
+        ["d", "e"],
+    ]
+
+
+def test_many_small_batches_are_combined_and_keep_their_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held batches are combined once there are MAX_BATCHES of them (each costs memory of its
+    own): the rows come out as if they had been held apart."""
+    monkeypatch.setattr(clustering, "MAX_BATCHES", 4)
+    recorder = Recorder()
+    into = sorter(recorder, tmp_path, row_group_bytes=10**9, buffer_bytes=10**9)
+    names = ["b", "a", "c", "a", "b", "a", "c", "b", "a", "c", "a"]
+    for seq, name in enumerate(names):
+        into.add(batch([name], start=seq))
+    into.finish()
+    assert recorder.groups == [
+        [(name, seq) for seq, name in enumerate(names) if name == metric] for metric in "abc"
+    ]
 
 
 def test_a_failure_while_writing_closes_the_spill(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ def test_row_group_0_names_every_metric_and_the_others_hold_one_each(
     sources: list[Path], tmp_path: Path
 ) -> None:
     target = tmp_path / "out.parquet.tmp"
-    result = write(sources, target)
+    result = write(sources, target, options=WriteOptions(share_below=0))
     metrics = sorted({r["metric_name"] for p in sources for r in pq.read_table(p).to_pylist()})
     head = pq.ParquetFile(target).read_row_group(0).column("metric_name").to_pylist()
     assert head == metrics  # one row each, in metric order
@@ -84,6 +84,23 @@ def test_row_group_0_names_every_metric_and_the_others_hold_one_each(
     assert ranges[0] == (metrics[0], metrics[-1])
     assert [low for low, high in ranges[1:] if low == high] == metrics  # all fit: one group each
     assert result.row_groups == len(ranges) == 1 + len(metrics)
+
+
+def test_small_metrics_share_row_groups_whole_and_in_order(
+    sources: list[Path], tmp_path: Path
+) -> None:
+    """Each metric of these sources is far below the default share (250 KB): an output of
+    thousands of such metrics had a row group, and a footer entry held until close, for each."""
+    target = tmp_path / "out.parquet.tmp"
+    write(sources, target)
+    metrics = sorted({r["metric_name"] for p in sources for r in pq.read_table(p).to_pylist()})
+    ranges = metric_ranges(target)[1:]
+    assert len(ranges) < len(metrics)
+    assert all(high < low for (_, high), (low, _) in zip(ranges, ranges[1:], strict=False))
+    assert (ranges[0][0], ranges[-1][1]) == (metrics[0], metrics[-1])  # disjoint: each whole
+    assert rows_by_metric(pq.read_table(target).to_pylist()) == rows_by_metric(
+        [r for p in sources for r in pq.read_table(p).to_pylist()]
+    )
 
 
 def test_a_metric_larger_than_a_row_group_is_split_in_order(
