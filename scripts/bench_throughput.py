@@ -444,7 +444,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.scale, args.metrics, args.rotations = 0.05, 10, 16
+        args.scale, args.metrics, args.rotations = 0.07, 10, 16
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     if args.rounds < 1:

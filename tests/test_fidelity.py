@@ -9,6 +9,7 @@ in name order, the companion as the union by container id computed here.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -188,15 +189,19 @@ def by_metric(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def check_metric_layout(path: Path, metrics: set[str]) -> None:
     """Row group 0 names every metric (the viewer's metric list); every later row group holds
-    one metric, so min/max statistics prune all the others."""
+    one metric, or small metrics whole, in order, so min/max statistics prune all the others."""
     parquet = pq.ParquetFile(path)
     head = parquet.read_row_group(0, columns=["metric_name"]).column(0).to_pylist()
     assert sorted(head) == sorted(metrics)
+    position = parquet.schema_arrow.get_field_index("metric_name")
+    ranges = []
     for group in range(1, parquet.metadata.num_row_groups):
-        column = parquet.metadata.row_group(group).column(
-            parquet.schema_arrow.get_field_index("metric_name")
-        )
-        assert column.statistics.min == column.statistics.max
+        stats = parquet.metadata.row_group(group).column(position).statistics
+        ranges.append((stats.min, stats.max))
+    for (low, high), (next_low, next_high) in itertools.pairwise(ranges):
+        assert high <= next_low  # sorted: a metric cut in two runs on in the next group
+        if low != high or next_low != next_high:
+            assert high < next_low  # a shared row group holds its metrics whole
 
 
 def check_output(path: Path, before: Before, journal: Journal) -> list[str]:

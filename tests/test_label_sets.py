@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fgm_consolidator import label_sets
+from fgm_consolidator import clustering, label_sets
 from fgm_consolidator.clustering import MetricSorter
 from fgm_consolidator.label_sets import LABEL_SET, TEXT, LabelSets
 
@@ -142,6 +142,47 @@ def test_rows_parked_folded_come_back_by_metric_with_their_labels(tmp_path: Path
         ["b"],
         ["c"],
     ]
+
+
+@pytest.mark.parametrize("buffer_bytes", [1, 10**9], ids=["parked", "in memory"])
+@pytest.mark.parametrize("apart_above", [0, 10**9], ids=["one run a part", "shared parts"])
+def test_folding_stops_at_the_cap_and_every_row_comes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, buffer_bytes: int, apart_above: int
+) -> None:
+    """Past MAX_SETS label sets an output folds no more (they are held until it is written):
+    runs folded before and runs parked as they are meet in one row group, each unfolded and
+    cut to its own dictionary values on its own."""
+    monkeypatch.setattr(label_sets, "MAX_SETS", 40)
+    monkeypatch.setattr(clustering, "APART_ABOVE", apart_above)
+    batches = [random_batch(seed, rows=300, labels=LABELS, values_per_label=4) for seed in range(4)]
+    sets = label_sets.for_schema(batches[0].schema)
+    assert sets is not None
+    written: list[pa.Table] = []
+    sorter = MetricSorter(
+        written.append,
+        labels=sets,
+        row_group_bytes=10**9,
+        buffer_bytes=buffer_bytes,
+        spill_folder=tmp_path,
+    )
+    for batch in batches:
+        sorter.add(batch)
+    sorter.finish()
+    assert sets.full
+    assert all(table.schema.equals(batches[0].schema) for table in written)
+    rows_in = pa.Table.from_batches(batches).to_pylist()
+    expected = sorted(rows_in, key=lambda row: str(row["metric_name"]))  # stable: arrival order
+    assert [row for table in written for row in table.to_pylist()] == expected
+
+
+def test_a_batch_that_would_pass_the_cap_is_not_folded_and_nothing_of_it_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(label_sets, "MAX_SETS", 10)
+    batch = random_batch(1, rows=300, labels=LABELS, values_per_label=4)
+    sets = LabelSets(batch.schema)
+    assert sets.pack(batch) is None
+    assert sets.full and sets.pack(batch.slice(0, 1)) is None  # stays full
 
 
 def test_folded_rows_are_cut_into_row_groups_as_unfolded_ones_are(tmp_path: Path) -> None:

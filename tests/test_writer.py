@@ -1,4 +1,5 @@
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -96,7 +97,7 @@ def test_small_metrics_share_row_groups_whole_and_in_order(
     metrics = sorted({r["metric_name"] for p in sources for r in pq.read_table(p).to_pylist()})
     ranges = metric_ranges(target)[1:]
     assert len(ranges) < len(metrics)
-    assert all(high < low for (_, high), (low, _) in zip(ranges, ranges[1:], strict=False))
+    assert all(high < low for (_, high), (low, _) in itertools.pairwise(ranges))
     assert (ranges[0][0], ranges[-1][1]) == (metrics[0], metrics[-1])  # disjoint: each whole
     assert rows_by_metric(pq.read_table(target).to_pylist()) == rows_by_metric(
         [r for p in sources for r in pq.read_table(p).to_pylist()]

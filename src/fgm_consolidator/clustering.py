@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import durable
+from . import durable, label_sets
 from .label_sets import LabelSets
 from .schemas import METRIC_NAME
 
@@ -98,6 +98,9 @@ def without_rows(batch: pa.RecordBatch, rows: list[int]) -> list[pa.RecordBatch]
     return [piece for piece in pieces if piece.num_rows]
 
 
+Run = tuple[str, pa.RecordBatch, int]  # a metric's rows from one buffer, and their size
+
+
 class Spill:
     """Sorted runs parked on disk until every row of the output has been seen.
 
@@ -115,24 +118,36 @@ class Spill:
     # a fifth of the buffer, compressed) was held twice while its memory stream grew.
     WRITE_BUFFER = 256 * 1024
 
-    def __init__(self, folder: Path, schema: pa.Schema) -> None:
+    def __init__(self, folder: Path) -> None:
         self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - closed by close()
-        self._schema = schema
         self._parts: list[tuple[int, int]] = []  # (offset, length) of each parked buffer
         self._size = 0
         self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
-        self.runs: dict[str, list[tuple[int, int]]] = {}  # metric -> (part, batch) in order
+        self._single: set[int] = set()  # parts of one run each (`park_apart`)
+        # metric -> (part, batch, size as written) of each of its runs, in order
+        self.runs: dict[str, list[tuple[int, int, int]]] = {}
 
-    def park(self, runs: Iterable[tuple[str, pa.RecordBatch]]) -> None:
-        """One buffer's runs, sorted by metric and sharing their dictionaries."""
+    def park(self, schema: pa.Schema, runs: Iterable[Run]) -> None:
+        """One buffer's runs, of `schema`, sorted by metric and sharing their dictionaries."""
+        self._write_part(schema, runs)
+
+    def park_apart(self, schema: pa.Schema, runs: Iterable[Run]) -> None:
+        """One buffer's runs, each in a part of its own with its own dictionaries, read once
+        and not kept open. For a buffer whose dictionaries are large (a label that differs in
+        every row): in a shared part, each run read back held them all, and every part's
+        stayed in memory until the output was written."""
+        for run in runs:
+            self._single.add(self._write_part(schema, [run]))
+
+    def _write_part(self, schema: pa.Schema, runs: Iterable[Run]) -> int:
         part = len(self._parts)
         appender = durable.Sink(self._file)  # counts what this part adds
         sink = pa.BufferedOutputStream(pa.PythonFile(appender, mode="w"), self.WRITE_BUFFER)
         try:
-            with pa.ipc.new_file(sink, self._schema, options=self.OPTIONS) as writer:
-                for index, (name, run) in enumerate(runs):
+            with pa.ipc.new_file(sink, schema, options=self.OPTIONS) as writer:
+                for index, (name, run, size) in enumerate(runs):
                     writer.write_batch(run)
-                    self.runs.setdefault(name, []).append((part, index))
+                    self.runs.setdefault(name, []).append((part, index, size))
         except BaseException:
             with contextlib.suppress(Exception):  # the error that matters is already raised
                 sink.close()
@@ -140,22 +155,36 @@ class Spill:
         sink.close()  # writes what is buffered; a full disk raises here
         self._parts.append((self._size, appender.size))
         self._size += appender.size
+        return part
 
-    def read(self, name: str) -> Iterator[pa.RecordBatch]:
-        """The parked rows of one metric, run after run, in the order they were parked."""
+    def size(self, name: str) -> int:
+        """The parked rows of one metric, as written."""
+        return sum(size for _part, _index, size in self.runs.get(name, []))
+
+    def read(self, name: str) -> Iterator[tuple[pa.RecordBatch, int]]:
+        """The parked rows of one metric, run after run, in the order they were parked, each
+        with its size as written."""
         self._file.flush()
-        for part, index in self.runs.get(name, []):
-            if part not in self._readers:
-                offset, length = self._parts[part]
-                window = _Window(self._file.fileno(), offset, length)
-                self._readers[part] = pa.ipc.open_file(
-                    pa.PythonFile(window, mode="r"), options=self.READ_OPTIONS
-                )
-            yield self._readers[part].get_batch(index)
+        for part, index, size in self.runs.get(name, []):
+            reader = self._readers.get(part) or self._open(part)
+            if part not in self._single:
+                self._readers[part] = reader
+            yield reader.get_batch(index), size
+
+    def _open(self, part: int) -> pa.ipc.RecordBatchFileReader:
+        offset, length = self._parts[part]
+        window = _Window(self._file.fileno(), offset, length)
+        return pa.ipc.open_file(pa.PythonFile(window, mode="r"), options=self.READ_OPTIONS)
 
     def close(self) -> None:
         self._readers.clear()
         self._file.close()
+
+
+def _dictionary_bytes(batch: pa.RecordBatch) -> int:
+    return sum(
+        column.dictionary.nbytes for column in batch.columns if pa.types.is_dictionary(column.type)
+    )
 
 
 class _Window(io.RawIOBase):
@@ -230,10 +259,12 @@ class MetricSorter:
         shared_row_group_bytes: int = 0,
     ) -> None:
         self._labels = labels
+        # Buffers are folded until the output's label sets are too many (`LabelSets.full`);
+        # after that they are parked as they are, and folded runs are unfolded one by one.
+        self._folding = labels is not None
         self._write = write_row_group
         self._row_group_bytes = row_group_bytes
         self._shared_bytes = shared_row_group_bytes
-        self._metric_bytes: dict[str, int] = {}  # each metric's parked rows, as written
         self._buffer_bytes = buffer_bytes
         self._spill_folder = spill_folder
         self._batches: list[pa.RecordBatch] = []
@@ -253,14 +284,15 @@ class MetricSorter:
     def finish(self) -> None:
         """Write every row out; the spill, if any, is gone afterwards (even on an error)."""
         if self._spill is None:  # the whole output fitted in the buffer
-            runs = self._sorted_buffer()
-            self._write_metrics((self._written_size(run), [run]) for _name, run in runs)
+            buffer = self._take_buffer()
+            runs = self._runs(buffer) if buffer is not None else iter(())
+            self._write_metrics((size, [(run, size)]) for _name, run, size in runs)
             return
         try:
             self._park_buffer()
             spill = self._spill
             names = sorted(spill.runs)
-            self._write_metrics((self._metric_bytes[name], spill.read(name)) for name in names)
+            self._write_metrics((spill.size(name), spill.read(name)) for name in names)
         finally:
             self.close()
 
@@ -270,27 +302,39 @@ class MetricSorter:
             self._spill = None
 
     def _park_buffer(self) -> None:
-        if self._spill is None:
-            schema = self._batches[0].schema if self._labels is None else self._labels.packed
-            self._spill = Spill(self._spill_folder, schema)
-        self._spill.park(self._measured(self._sorted_buffer()))
-
-    def _measured(
-        self, runs: Iterator[tuple[str, pa.RecordBatch]]
-    ) -> Iterator[tuple[str, pa.RecordBatch]]:
-        for name, run in runs:
-            self._metric_bytes[name] = self._metric_bytes.get(name, 0) + self._written_size(run)
-            yield name, run
-
-    def _sorted_buffer(self) -> Iterator[tuple[str, pa.RecordBatch]]:
-        if not self._batches:
+        buffer = self._take_buffer()
+        if buffer is None:
             return
+        if self._spill is None:
+            self._spill = Spill(self._spill_folder)
+        runs = self._runs(buffer)
+        if _dictionary_bytes(buffer) <= APART_ABOVE:
+            self._spill.park(buffer.schema, runs)
+        else:
+            compact = (
+                (name, _compacted_batch(run, run.num_rows), size) for name, run, size in runs
+            )
+            self._spill.park_apart(buffer.schema, compact)
+
+    def _take_buffer(self) -> pa.RecordBatch | None:
+        """The buffer as one batch, folded while the output may fold; None if empty."""
+        if not self._batches:
+            return None
         buffer = _one_chunk(self._batches)
         self._batches, self._buffered = [], 0
         if buffer.num_rows == 0:
-            return
-        if self._labels is not None:
-            buffer = self._labels.pack(buffer)
+            return None
+        if self._folding and self._labels is not None:
+            packed = self._labels.pack(buffer)
+            if packed is None:  # too many label sets: this buffer and the rest as they are
+                self._folding = False
+            else:
+                buffer = packed
+        return buffer
+
+    def _runs(self, buffer: pa.RecordBatch) -> Iterator[Run]:
+        """The buffer's rows sorted by metric, as one run per metric, with its size."""
+        row_bytes = self._written_size(buffer) / buffer.num_rows
         keys, metrics = metric_keys(buffer.column(METRIC_NAME))
         order = pc.sort_indices(keys)  # stable: rows of a metric keep their arrival order
         # Runs are copied out a few metrics at a time, about a quarter of the buffer per `take`:
@@ -304,11 +348,13 @@ class MetricSorter:
             ordered = pc.take(buffer, order.slice(offset, rows), boundscheck=False)
             start = 0
             for key, count in group:
-                yield metrics[key], ordered.slice(start, count)
+                yield metrics[key], ordered.slice(start, count), round(count * row_bytes)
                 start += count
             offset += rows
 
-    def _write_metrics(self, metrics: Iterable[tuple[int, Iterable[pa.RecordBatch]]]) -> None:
+    def _write_metrics(
+        self, metrics: Iterable[tuple[int, Iterable[tuple[pa.RecordBatch, int]]]]
+    ) -> None:
         """Each metric's rows (with their size), in order, as row groups of about
         `row_group_bytes` at most. A metric starts a row group of its own unless it is small
         and fits in the pending one, which holds only small metrics then."""
@@ -319,8 +365,8 @@ class MetricSorter:
             if pending and (not shared or size + metric_size > self._row_group_bytes):
                 self._write_table(_one_dictionary(pending))
                 pending, size = [], 0
-            for batch in batches:
-                batch_size = self._written_size(batch)
+            for run, batch_size in batches:
+                batch = self._as_written(run)
                 if pending and size + batch_size > self._row_group_bytes:
                     self._write_table(_one_dictionary(pending))
                     pending, size = [], 0
@@ -332,30 +378,55 @@ class MetricSorter:
         if pending:
             self._write_table(_one_dictionary(pending))
 
+    def _as_written(self, run: pa.RecordBatch) -> pa.RecordBatch:
+        """A run as it can share a row group: once folding stopped, runs come both folded
+        and not, so each is unfolded on its own, and each large dictionary (a part's, whose
+        runs share it) is cut to the run's values before the row group unifies them."""
+        if self._folding or self._labels is None:
+            return run  # one kind of run; a row group is unfolded whole (`_write_table`)
+        if label_sets.is_packed(run.schema):
+            run = self._labels.unpack(pa.Table.from_batches([run])).to_batches()[0]
+        return _compacted_batch(run, run.num_rows)
+
     def _written_size(self, batch: pa.RecordBatch) -> int:
-        """What the batch's rows add to a row group. With its labels unfolded: a row group of
-        folded rows would hold twice the rows, and take twice the memory to write. By `nbytes`,
-        which counts what a slice of a sorted buffer holds (its buffers' size counted the
-        whole buffer), and without dictionaries, which are the row group's (they counted
-        50 KB for each of 3,000 metrics of 4 rows)."""
+        """What a sorted buffer's rows add to the row groups they go to, its runs' share
+        counted by their rows (one call per buffer: per run, it was 12% of a merge's CPU).
+        With the labels unfolded: a row group of folded rows would hold twice the rows, and
+        take twice the memory to write. Without a dictionary longer than the rows, which
+        is not theirs to count (see `_rows_bytes`): 50 KB for each of 3,000 metrics of 4 rows
+        once made every metric look large."""
         size = sum(_rows_bytes(column) for column in batch.columns)
-        if self._labels is not None:
+        if self._labels is not None and label_sets.is_packed(batch.schema):
             size += self._labels.unfolded_bytes(batch.num_rows)
         return size
 
     def _write_table(self, table: pa.Table) -> None:
-        self._write(_compacted(table if self._labels is None else self._labels.unpack(table)))
+        if self._labels is not None and label_sets.is_packed(table.schema):
+            table = self._labels.unpack(table)
+        self._write(_compacted(table))
 
 
 def _rows_bytes(column: pa.Array) -> int:
-    return int(column.indices.nbytes if pa.types.is_dictionary(column.type) else column.nbytes)
+    """A column's bytes in a row group; a dictionary longer than the column is its buffer's,
+    shared by every run of it, and counts once per row group, not here."""
+    if not pa.types.is_dictionary(column.type):
+        return int(column.nbytes)
+    own = len(column.dictionary) <= len(column)
+    return int(column.indices.nbytes + (column.dictionary.nbytes if own else 0))
 
 
 # A row group's dictionary longer than this is cut down to the values its rows use.
 COMPACT_ABOVE = 1024
+# A buffer whose dictionaries hold more than this is parked one run a part (`park_apart`).
+APART_ABOVE = 256 * 1024
 
 
-def _compacted(table: pa.Table) -> pa.Table:
+def _compacted_batch(batch: pa.RecordBatch, longer_than: int) -> pa.RecordBatch:
+    table = _compacted(pa.Table.from_batches([batch]), longer_than)
+    return table.combine_chunks().to_batches()[0]
+
+
+def _compacted(table: pa.Table, longer_than: int = COMPACT_ABOVE) -> pa.Table:
     """`table` with each dictionary longer than `COMPACT_ABOVE` holding only the values its
     rows use. A row group shares its buffer's dictionaries, and the label columns the whole
     output's (`LabelSets.unpack`): with a container id per row, each row group of one metric
@@ -365,7 +436,7 @@ def _compacted(table: pa.Table) -> pa.Table:
         if not pa.types.is_dictionary(column.type) or column.num_chunks != 1:
             continue
         chunk = column.chunk(0)
-        if len(chunk.dictionary) <= COMPACT_ABOVE:
+        if len(chunk.dictionary) <= longer_than:
             continue
         used = pc.unique(chunk.indices).drop_null()
         indices = pc.index_in(chunk.indices, value_set=used).cast(chunk.type.index_type)

@@ -28,6 +28,16 @@ MIN_COLUMNS = 3
 # Each row's indices are combined as the digits of one int64; before the number could
 # overflow, the combinations seen so far are renumbered from 0.
 _COMBINED_LIMIT = 1 << 62
+# The label sets and distinct text one output may fold; past either, `full` says stop. They
+# are held until the output is written (about 0.75 KB a set), so a label that differs in
+# every row made memory grow with the output: 200,000 containers of one row took 201 MiB.
+# The monitor's labels name containers and processes: hundreds of sets an hour.
+MAX_SETS = 8192
+MAX_TEXT_BYTES = 4 * 1024 * 1024
+
+
+def is_packed(schema: pa.Schema) -> bool:
+    return LABEL_SET in schema.names
 
 
 def for_schema(schema: pa.Schema) -> LabelSets | None:
@@ -56,12 +66,24 @@ class LabelSets:
             self.columns
         )
         self._arrays: list[tuple[pa.Array, pa.Array]] | None = None
+        self._text_bytes = 0  # of the distinct values held in `_codes`, about
+        self.full = False  # set once a batch would take the output past MAX_SETS or its text
 
-    def pack(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+    def pack(self, batch: pa.RecordBatch) -> pa.RecordBatch | None:
         """`batch` (of `schema`, one dictionary per column) as `packed`: its label columns
-        replaced by the number of each row's label set."""
+        replaced by the number of each row's label set. None, and `full` from then on, when
+        that would hold more than `MAX_SETS` sets or `MAX_TEXT_BYTES` of text: the rest of
+        the output's rows go through the sort as they are. Checked before any set or value
+        of the batch is kept, so one batch cannot take the output past either."""
+        if self.full:
+            return None
         columns = [batch.column(name) for name in self.columns]
-        rows, distinct = _distinct_rows(columns)
+        rows, keys, steps = _distinct_rows(columns)
+        text = sum(column.dictionary.nbytes for column in columns)
+        if len(self._numbers) + len(keys) > MAX_SETS or self._text_bytes + text > MAX_TEXT_BYTES:
+            self.full = True
+            return None
+        distinct = [_digits(key, steps) for key in keys.to_pylist()]
         codes = [self._codes_of(position, column) for position, column in enumerate(columns)]
         numbers = pa.array(
             [self._number(_members(digits, codes)) for digits in distinct], pa.int32()
@@ -101,7 +123,13 @@ class LabelSets:
         if last is not None and last[0] == local:
             return last[1]
         codes = self._codes[position]
-        found = [codes.setdefault(value, len(codes)) for value in local]
+        found = []
+        for value in local:
+            code = codes.get(value)
+            if code is None:
+                code = codes[value] = len(codes)
+                self._text_bytes += len(value or "")
+            found.append(code)
         self._last[position] = (local, found)
         return found
 
@@ -124,9 +152,13 @@ def _members(digits: list[int], codes: list[list[int]]) -> tuple[int | None, ...
     )
 
 
-def _distinct_rows(columns: list[pa.DictionaryArray]) -> tuple[pa.Array, list[list[int]]]:
-    """Each row's place among the distinct rows of `columns`, and each distinct row as its
-    dictionary indices (the dictionary's length standing for null).
+Steps = list[tuple[int, list[int] | None]]  # per later column: radix, renumbering
+
+
+def _distinct_rows(columns: list[pa.DictionaryArray]) -> tuple[pa.Array, pa.Array, Steps]:
+    """Each row's place among the distinct rows of `columns`, each distinct row as one number,
+    and how `_digits` takes that number apart into its dictionary indices (the dictionary's
+    length standing for null).
 
     The indices are combined as the digits of one mixed-radix number per row, so a single
     dictionary encoding finds the distinct rows; the few distinct numbers are then taken apart
@@ -135,7 +167,7 @@ def _distinct_rows(columns: list[pa.DictionaryArray]) -> tuple[pa.Array, list[li
     """
     combined: pa.Array | None = None
     radix = 1
-    steps: list[tuple[int, list[int] | None]] = []  # per later column: radix, renumbering
+    steps: Steps = []
     for column in columns:
         digit = column.indices
         size = len(column.dictionary)
@@ -159,10 +191,10 @@ def _distinct_rows(columns: list[pa.DictionaryArray]) -> tuple[pa.Array, list[li
     if combined is None:
         raise ValueError("no columns to combine")
     encoded = pc.dictionary_encode(combined)
-    return encoded.indices, [_digits(key, steps) for key in encoded.dictionary.to_pylist()]
+    return encoded.indices, encoded.dictionary, steps
 
 
-def _digits(key: int, steps: list[tuple[int, list[int] | None]]) -> list[int]:
+def _digits(key: int, steps: Steps) -> list[int]:
     """The digits `_distinct_rows` combined into `key`, first column first."""
     digits = []
     for size, renumbering in reversed(steps):

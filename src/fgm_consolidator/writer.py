@@ -299,7 +299,8 @@ def _stored(schema: pa.Schema) -> bytes:
     type from it, so text written from dictionary buffers reads back as the plain strings
     the sources had: parquet itself has no dictionary type, only the encoding. pyarrow also
     takes the schema's key-value metadata from it, so the sources' is kept there too."""
-    return base64.b64encode(schema.serialize().to_pybytes())
+    stored = schema if schema.metadata else schema.remove_metadata()  # none, not an empty map
+    return base64.b64encode(stored.serialize().to_pybytes())
 
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
