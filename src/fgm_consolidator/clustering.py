@@ -392,9 +392,9 @@ class MetricSorter:
         """What a sorted buffer's rows add to the row groups they go to, its runs' share
         counted by their rows (one call per buffer: per run, it was 12% of a merge's CPU).
         With the labels unfolded: a row group of folded rows would hold twice the rows, and
-        take twice the memory to write. Without a dictionary longer than the rows, which
-        is not theirs to count (see `_rows_bytes`): 50 KB for each of 3,000 metrics of 4 rows
-        once made every metric look large."""
+        take twice the memory to write. Of a dictionary, the values the rows use (see
+        `_rows_bytes`): counting each run's whole dictionary, 50 KB for each of 3,000 metrics
+        of 4 rows once made every metric look large."""
         size = sum(_rows_bytes(column) for column in batch.columns)
         if self._labels is not None and label_sets.is_packed(batch.schema):
             size += self._labels.unfolded_bytes(batch.num_rows)
@@ -407,12 +407,16 @@ class MetricSorter:
 
 
 def _rows_bytes(column: pa.Array) -> int:
-    """A column's bytes in a row group; a dictionary longer than the column is its buffer's,
-    shared by every run of it, and counts once per row group, not here."""
+    """A column's bytes in a row group: of a dictionary, the values its rows use. One longer
+    than the column holds others too (pyarrow reads a column chunk's dictionary as it grows,
+    so each batch of 4 KB labels carried every value read before it), and only then are the
+    used ones found."""
     if not pa.types.is_dictionary(column.type):
         return int(column.nbytes)
-    own = len(column.dictionary) <= len(column)
-    return int(column.indices.nbytes + (column.dictionary.nbytes if own else 0))
+    dictionary = column.dictionary
+    if len(dictionary) > len(column):
+        dictionary = dictionary.take(pc.unique(column.indices).drop_null())
+    return int(column.indices.nbytes + dictionary.nbytes)
 
 
 # A row group's dictionary longer than this is cut down to the values its rows use.
