@@ -270,7 +270,8 @@ def test_a_temp_name_taken_by_another_instance_is_not_removed(
 BYPASS = (
     "import contextlib, sys, types\n"
     "from fgm_consolidator import lock\n"
-    "held = types.SimpleNamespace(check=lambda: None)  # no lock, so none to lose\n"
+    "# no lock, so none to lose or to announce a start in\n"
+    "held = types.SimpleNamespace(check=lambda: None, announce=lambda suffix='': None)\n"
     "lock.exclusive = lambda data_dir: contextlib.nullcontext(held)\n"
     "from fgm_consolidator.cli import main\n"
     "main()\n"
