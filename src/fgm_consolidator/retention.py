@@ -110,12 +110,14 @@ def prune(journal: Journal, retention_days: float, now: datetime, *, data_dir: P
 def prune_if_due(
     journal: Journal, retention_days: float, now: datetime | None = None, *, data_dir: Path
 ) -> PruneReport | None:
-    """Prune when the last prune is a day old; a failure (a full volume during VACUUM) is
-    logged and never stops the service: the journal is only bigger than it needs to be."""
+    """Prune when the last prune is a day old, or dated after now (recorded while the clock
+    was ahead: waiting for the clock to reach it kept every record for as long); a failure (a
+    full volume during VACUUM) is logged and never stops the service: the journal is only
+    bigger than it needs to be."""
     now = now or journal.now()
     try:
         last = journal.last_prune_at()
-        if last is not None and now - datetime.fromisoformat(last) < PRUNE_EVERY:
+        if last is not None and timedelta(0) <= now - datetime.fromisoformat(last) < PRUNE_EVERY:
             return None
         return prune(journal, retention_days, now, data_dir=data_dir)
     except sqlite3.Error as exc:
