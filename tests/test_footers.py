@@ -55,17 +55,39 @@ def test_a_file_with_a_new_identity_is_read_again(tmp_path: Path, parses: list[o
     assert footers.read(path) is not fresh and len(parses) == 3
 
 
-def test_the_cache_forgets_the_oldest_beyond_its_capacity(
+def test_a_full_memory_keeps_what_it_has_and_reads_only_the_rest_again(
     tmp_path: Path, parses: list[object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """It dropped its oldest entry for each new one: walked in the same order every pass,
+    three files through a memory of two were all read again every time."""
     monkeypatch.setattr(footers, "CAPACITY", 2)
     paths = [tmp_path / f"{n}.parquet" for n in range(3)]
     for path in paths:
         write(path, 1)
-        footers.read(path)
-    assert list(footers._seen) == paths[1:]
-    footers.read(paths[0])  # forgotten: parsed again
-    assert len(parses) == 4
+    for _pass in range(3):
+        for path in paths:
+            footers.read(path)
+    assert list(footers._seen) == paths[:2]
+    assert len(parses) == 5  # each file once, and the one beyond the memory every time
+
+
+def test_what_no_pass_looked_at_is_forgotten_when_the_next_starts(
+    tmp_path: Path, parses: list[object]
+) -> None:
+    """A file merged away, or a folder removed, leaves an entry no pass reads again."""
+    kept, gone = tmp_path / "kept.parquet", tmp_path / "gone.parquet"
+    write(kept, 1)
+    write(gone, 1)
+    footers.next_pass()
+    footers.read(kept)
+    footers.read(gone)
+    footers.next_pass()
+    footers.read(kept)
+    footers.next_pass()  # `gone` was not looked at in the pass that ended
+    assert list(footers._seen) == [kept]
+    footers.next_pass()
+    assert list(footers._seen) == []
+    assert len(parses) == 2
 
 
 def test_a_file_that_does_not_read_raises_and_is_not_remembered(

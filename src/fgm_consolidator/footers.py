@@ -4,13 +4,22 @@ A sidecar looks at the same outputs on every pass (to plan, and for their lineag
 is over holds only outputs, and months of them stay on disk. Remembering each footer by the
 file's identity (inode, size, mtime) makes a pass cost a `stat` per file it has seen before,
 so its work follows the new files, not the history. A file rewritten in place gets a new
-identity and is read again. Bounded: the oldest entries are forgotten first.
+identity and is read again.
+
+Bounded, and never thrashed: an entry no pass has looked at since the one before (a file
+merged away, a folder removed) is forgotten when the next pass starts (`next_pass`), and a
+full memory takes no new entry. It once dropped its oldest entry for each new one, and a pass
+walks the files in the same order every time: past its capacity, each pass forgot exactly
+the footers the next needed first and read every footer again (4,500 files: 4.4 s a pass
+instead of 0.5). Now the files beyond it are read each pass, and only those. A lineage is
+kept compressed, a tenth of its size (2.3 KB for 40 sources), so 8,192 entries take about
+6 MB.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +30,7 @@ from . import durable
 from .durable import FileIdentity
 from .schemas import LINEAGE_KEY
 
-CAPACITY = 4096  # about a month of hourly outputs for five identifiers
+CAPACITY = 8192  # about a month of hourly outputs for ten identifiers
 
 
 @dataclass(frozen=True)
@@ -29,11 +38,17 @@ class Footer:
     identity: FileIdentity
     rows: int
     schema: pa.Schema  # without our lineage, and one object for every file that shares it
-    lineage: bytes | None  # the raw lineage of an output of ours
+    packed_lineage: bytes | None  # the lineage of an output of ours, compressed
     int96: tuple[str, ...] = ()  # columns stored as legacy INT96 timestamps
 
+    @property
+    def lineage(self) -> bytes | None:
+        """The raw lineage of an output of ours."""
+        return None if self.packed_lineage is None else zlib.decompress(self.packed_lineage)
 
-_seen: OrderedDict[Path, Footer] = OrderedDict()
+
+_seen: dict[Path, tuple[int, Footer]] = {}  # path -> (the pass that last looked, its footer)
+_pass = 0
 _schemas: dict[tuple[pa.Schema, tuple[tuple[bytes, bytes], ...]], pa.Schema] = {}
 
 
@@ -47,13 +62,21 @@ def _shared(schema: pa.Schema) -> pa.Schema:
     return _schemas.setdefault(key, schema)
 
 
+def next_pass() -> None:
+    """Forget what no pass has looked at since the one before (see the module's docstring)."""
+    global _pass
+    for path in [path for path, (looked, _footer) in _seen.items() if looked < _pass]:
+        del _seen[path]
+    _pass += 1
+
+
 def read(path: Path) -> Footer:
     """The footer of `path`; raises OSError or pyarrow's error when it does not read."""
     st = os.lstat(path)
-    known = _seen.get(path)
-    if known is not None and known.identity == FileIdentity.of(st):
-        _seen.move_to_end(path)
-        return known
+    entry = _seen.get(path)
+    if entry is not None and entry[1].identity == FileIdentity.of(st):
+        _seen[path] = (_pass, entry[1])
+        return entry[1]
     with durable.open_regular(path) as handle:  # identity and footer from one open file
         st = os.fstat(handle.fileno())
         metadata = pq.ParquetFile(handle).metadata
@@ -61,15 +84,14 @@ def read(path: Path) -> Footer:
         columns = (metadata.schema.column(i) for i in range(len(metadata.schema)))
         int96 = tuple(column.path for column in columns if column.physical_type == "INT96")
         kept = {k: v for k, v in (schema.metadata or {}).items() if k != LINEAGE_KEY}
+        lineage = (metadata.metadata or {}).get(LINEAGE_KEY)
         footer = Footer(
             FileIdentity.of(st),
             metadata.num_rows,
             _shared(schema.with_metadata(kept)),
-            (metadata.metadata or {}).get(LINEAGE_KEY),
+            None if lineage is None else zlib.compress(lineage, 1),
             int96,
         )
-    _seen[path] = footer
-    _seen.move_to_end(path)
-    while len(_seen) > CAPACITY:
-        _seen.popitem(last=False)
+    if entry is not None or len(_seen) < CAPACITY:
+        _seen[path] = (_pass, footer)
     return footer

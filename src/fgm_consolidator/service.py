@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from . import identity, lock, memory, retention
+from . import footers, identity, lock, memory, retention
 from .backoff import DEFAULT_INTERVAL_S, Backoff
 from .isolation import PARTITION_ERRORS, isolated
 from .journal import Journal, PassResult, explained
@@ -144,6 +144,7 @@ def consolidation_pass(
     reported and the others go on (`isolation`); a journal error ends the pass. With
     `backoff`, a partition that failed is skipped until its backoff is over, so a full disk is
     not hit with a whole merge every interval."""
+    footers.next_pass()
     report = PassReport(
         recovery=recover(
             journal, settings.data_dir, sweep=False, should_stop=lambda: stop.requested
