@@ -7,7 +7,9 @@ Only names that parse as the monitor's or ours count. A file is eligible when it
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +22,10 @@ from .durable import FileIdentity
 from .errors import SchemaConflictError, SourceReadError
 from .journal import SourceRecord, UnreadableRecord
 from .layout import DataFileName, companion_name, parse_data_file
+from .logs import log_event
 from .schemas import check_mergeable, fingerprint
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,32 @@ def _companion_held(companion: Path, known: dict[str, list[UnreadableRecord]]) -
     return any(is_recorded_version(record, st) for record in records)
 
 
+# An mtime this far ahead of the clock is a clock that moved (stepped back by NTP, an RTC off at
+# boot), not a write: a file being written takes the clock's time at every write.
+AHEAD_SLACK_S = 90.0
+_ahead: dict[Path, tuple[FileIdentity, float]] = {}  # version, and when first seen (monotonic)
+_AHEAD_LIMIT = 65_536
+
+
+def _age(path: Path, st: os.stat_result, now: float) -> float:
+    """How long the file has stayed as it is. By its mtime; but an mtime ahead of the clock
+    would keep it young until the clock caught up (a day of files a year ahead merged
+    nothing, and `status` called it healthy), so such a file counts from when this process
+    first saw this version of it. A `run --once` or `status` process sees it for the first
+    time, so for them it stays young: the service ages it."""
+    age = now - st.st_mtime_ns / 1e9
+    if age >= -AHEAD_SLACK_S:
+        return age
+    version = FileIdentity.of(st)
+    seen = _ahead.get(path)
+    if seen is None or seen[0] != version:
+        if len(_ahead) >= _AHEAD_LIMIT:
+            _ahead.clear()
+        seen = _ahead[path] = (version, time.monotonic())
+        log_event(log, "mtime-ahead", logging.WARNING, path=path, ahead_s=round(-age, 1))
+    return time.monotonic() - seen[1]
+
+
 def scan_partition(
     data_dir: Path,
     partition: str,
@@ -150,7 +181,7 @@ def scan_partition(
             st = os.lstat(path)
         except FileNotFoundError:
             continue  # deleted between listing and now
-        if now - st.st_mtime_ns / 1e9 < min_age_s:
+        if _age(path, st, now) < min_age_s:
             young += 1
             continue
         if any(is_recorded_version(record, st) for record in known.get(name, ())):
