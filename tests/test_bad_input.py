@@ -39,10 +39,10 @@ from conftest import (
     tmp_files,
 )
 
-from fgm_consolidator import companions, merge
+from fgm_consolidator import companions, merge, scan
 from fgm_consolidator.cli import main
 from fgm_consolidator.journal import Journal, UnreadableRecord
-from fgm_consolidator.layout import default_journal_path
+from fgm_consolidator.layout import MONITOR_ROTATION_S, default_journal_path
 from fgm_consolidator.logs import FIELDS
 from fgm_consolidator.plan import Policy
 from fgm_consolidator.service import PassReport, Settings, StopFlag, consolidation_pass
@@ -360,6 +360,32 @@ def test_a_file_with_a_future_mtime_is_left_alone_until_its_time_comes(
     assert data_files(node.data_dir) == [node.folder / consolidated_name(0, 20)]
     assert rows_of(data_files(node.data_dir)) == expected
     assert named(events, "merge-skipped") == []
+
+
+def test_a_file_with_a_future_mtime_left_unchanged_for_a_rotation_is_merged(
+    node: Node, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our clock stepped back, and stays back: the file is done, for the service has seen it
+    unchanged for longer than a monitor writes one. It used to wait for the clock to catch up
+    (a year, for an RTC a year off at boot), a barrier in its window all along."""
+    monotonic = [1000.0]
+    monkeypatch.setattr(scan.time, "monotonic", lambda: monotonic[0])
+    monkeypatch.setattr(scan, "_ahead", {})
+    node.arrive(range(21))
+    path = node.path(10)
+    tomorrow = time.time() + 86_400
+    os.utime(path, (tomorrow, tomorrow))
+    expected = rows_of([node.path(i) for i in range(21)])
+
+    one_pass(node.data_dir)
+    assert path.exists()  # first seen: it may still be written
+    assert len(named(events, "mtime-ahead")) == 1
+    monotonic[0] += MONITOR_ROTATION_S + 1  # a rotation later, as it was
+    one_pass(node.data_dir)
+
+    assert data_files(node.data_dir) == [node.folder / consolidated_name(0, 20)]
+    assert rows_of(data_files(node.data_dir)) == expected
+    assert len(named(events, "mtime-ahead")) == 1  # once per version
 
 
 def test_a_file_that_appears_during_a_pass_is_neither_deleted_nor_lost(

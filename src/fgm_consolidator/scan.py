@@ -21,7 +21,7 @@ from . import durable, footers
 from .durable import FileIdentity
 from .errors import SchemaConflictError, SourceReadError
 from .journal import SourceRecord, UnreadableRecord
-from .layout import DataFileName, companion_name, parse_data_file
+from .layout import MONITOR_ROTATION_S, DataFileName, companion_name, parse_data_file
 from .logs import log_event
 from .schemas import check_mergeable, fingerprint
 
@@ -139,8 +139,10 @@ def _age(path: Path, st: os.stat_result, now: float) -> float:
     """How long the file has stayed as it is. By its mtime; but an mtime ahead of the clock
     would keep it young until the clock caught up (a day of files a year ahead merged
     nothing, and `status` called it healthy), so such a file counts from when this process
-    first saw this version of it. A `run --once` or `status` process sees it for the first
-    time, so for them it stays young: the service ages it."""
+    first saw this version of it, less a rotation: the writer's clock may be the one that is
+    ahead, and a file is written for a rotation at most, so one unchanged that long is done
+    (even at `--min-age 0`). A `run --once` or `status` process sees it for the first time,
+    so for them it stays young: the service ages it."""
     age = now - st.st_mtime_ns / 1e9
     if age >= -AHEAD_SLACK_S:
         return age
@@ -151,7 +153,7 @@ def _age(path: Path, st: os.stat_result, now: float) -> float:
             _ahead.clear()
         seen = _ahead[path] = (version, time.monotonic())
         log_event(log, "mtime-ahead", logging.WARNING, path=path, ahead_s=round(-age, 1))
-    return time.monotonic() - seen[1]
+    return time.monotonic() - seen[1] - MONITOR_ROTATION_S
 
 
 def scan_partition(
