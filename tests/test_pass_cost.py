@@ -23,20 +23,9 @@ from fgm_consolidator import footers
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.plan import Policy
 from fgm_consolidator.service import Settings, StopFlag, consolidation_pass
+from fgm_consolidator.simulate import BASE_FIELDS, HISTOGRAM_FIELD
 
-SCHEMA = pa.schema(
-    [
-        pa.field("run_id", pa.utf8(), nullable=False),
-        pa.field("time", pa.timestamp("ms"), nullable=False),
-        pa.field("fetch_index", pa.uint64(), nullable=False),
-        pa.field("metric_name", pa.utf8(), nullable=False),
-        pa.field("metric_kind", pa.utf8(), nullable=False),
-        pa.field("value_int", pa.uint64()),
-        pa.field("value_float", pa.float64()),
-        pa.field("l_container_id", pa.utf8()),
-        pa.field("value_histogram", pa.binary()),
-    ]
-)
+SCHEMA = pa.schema([*BASE_FIELDS, pa.field("l_container_id", pa.utf8()), HISTOGRAM_FIELD])
 
 
 def _closed_history(data_dir: Path, files: int) -> None:
