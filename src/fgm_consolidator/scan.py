@@ -128,9 +128,9 @@ def _companion_held(companion: Path, known: dict[str, list[UnreadableRecord]]) -
     return any(is_recorded_version(record, st) for record in records)
 
 
-# An mtime this far ahead of the clock is a clock that moved (stepped back by NTP, an RTC off at
-# boot), not a write: a file being written takes the clock's time at every write.
-AHEAD_SLACK_S = 90.0
+# An mtime more than a rotation ahead of the clock is a clock that moved (stepped back by NTP,
+# an RTC off at boot), not a write: a file being written takes the clock's time at every write.
+AHEAD_SLACK_S = MONITOR_ROTATION_S
 _ahead: dict[Path, tuple[FileIdentity, float]] = {}  # version, and when first seen (monotonic)
 _AHEAD_LIMIT = 65_536
 
@@ -152,7 +152,9 @@ def _age(path: Path, st: os.stat_result, now: float) -> float:
         if len(_ahead) >= _AHEAD_LIMIT:
             _ahead.clear()
         seen = _ahead[path] = (version, time.monotonic())
-        log_event(log, "mtime-ahead", logging.WARNING, path=path, ahead_s=round(-age, 1))
+        # info: the service handles it, and `status`, which sees every such file anew at each
+        # probe, must not print a line for each
+        log_event(log, "mtime-ahead", logging.INFO, path=path, ahead_s=round(-age, 1))
     return time.monotonic() - seen[1] - MONITOR_ROTATION_S
 
 
