@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -194,10 +194,12 @@ def test_both_published_then_the_later_to_look_withdraws(
     real_rivals = merge.rivals
     outcomes_b = []
 
-    def b_first(folder: Path, record: MergeRecord) -> dict[str, lineage.Lineage]:
+    def b_first(
+        folder: Path, record: MergeRecord, ours: Sequence[lineage.LineageSource]
+    ) -> dict[str, lineage.Lineage]:
         if record.output == plan_a.output and not outcomes_b:
             outcomes_b.append(execute(journal_b, data_dir, plan_b, POLICY))
-        return real_rivals(folder, record)
+        return real_rivals(folder, record, ours)
 
     monkeypatch.setattr(merge, "rivals", b_first)
     outcome_a = execute(journal_a, data_dir, plan_a, POLICY)
@@ -513,7 +515,7 @@ def test_an_adopted_output_is_never_withdrawn_for_a_rival(data_dir: Path) -> Non
     [adopted] = journal_records(data_dir)
     rival = folder / "consolidated-20251230T000000Z-20251230T000001Z.parquet"
     table = pq.read_table(folder / adopted.sources[0].name)
-    doc = lineage.encode(7, [(adopted.sources[0].name, table.num_rows)])
+    doc = lineage.encode(7, [lineage.LineageSource(adopted.sources[0].name, table.num_rows)])
     pq.write_table(table.replace_schema_metadata(doc), rival)
     journal = Journal.open(default_journal_path(data_dir))
     try:

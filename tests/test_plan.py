@@ -21,7 +21,7 @@ def metrics(offset_s: int, size: int = 1000, schema: pa.Schema = FLAT) -> Source
     name = f"metrics-{format_stamp(T0 + timedelta(seconds=offset_s))}.parquet"
     parsed = parse_data_file(name)
     assert parsed is not None
-    return SourceFile(parsed, FileIdentity(offset_s, size, 0), 10, schema, None, 0)
+    return SourceFile(parsed, FileIdentity(offset_s, size, 0), 10, schema, None, 0, name)
 
 
 def consolidated(start_s: int, end_s: int, size: int = 1000) -> SourceFile:
@@ -29,7 +29,7 @@ def consolidated(start_s: int, end_s: int, size: int = 1000) -> SourceFile:
     end = format_stamp(T0 + timedelta(seconds=end_s))
     parsed = parse_data_file(f"consolidated-{start}-{end}.parquet")
     assert parsed is not None
-    return SourceFile(parsed, FileIdentity(start_s + 7, size, 0), 10, FLAT, None, 0)
+    return SourceFile(parsed, FileIdentity(start_s + 7, size, 0), 10, FLAT, None, 0, parsed.name)
 
 
 def scan(*files: SourceFile, young: int = 0, extra: tuple[str, ...] = ()) -> PartitionScan:

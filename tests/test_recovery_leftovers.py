@@ -79,7 +79,7 @@ def withdrawal_cut(data_dir: Path) -> Path:
     folder = data_dir / POD_A
     shared = sorted(folder.glob("metrics-*.parquet"))[5]
     table = pq.read_table(shared)
-    doc = lineage.encode(7, [(shared.name, table.num_rows)])
+    doc = lineage.encode(7, [lineage.LineageSource(shared.name, table.num_rows)])
     pq.write_table(table.replace_schema_metadata(doc), folder / RIVAL)
     shutil.copy2(shared.with_suffix(".containers"), (folder / RIVAL).with_suffix(".containers"))
     assert recover(data_dir, "durable:unlinked#1").returncode == -9

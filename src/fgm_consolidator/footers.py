@@ -18,10 +18,12 @@ kept compressed, a tenth of its size (2.3 KB for 40 sources), so 8,192 entries t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,6 +33,8 @@ from .durable import FileIdentity
 from .schemas import LINEAGE_KEY
 
 CAPACITY = 8192  # about a month of hourly outputs for ten identifiers
+# Enough to tell apart the files one name stood for; nobody forges them for us.
+DIGEST_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Footer:
     rows: int
     schema: pa.Schema  # without our lineage, and one object for every file that shares it
     packed_lineage: bytes | None  # the lineage of an output of ours, compressed
+    digest: str  # of the file's size and footer bytes: which file a name stood for
     int96: tuple[str, ...] = ()  # columns stored as legacy INT96 timestamps
 
     @property
@@ -70,6 +75,17 @@ def next_pass() -> None:
     _pass += 1
 
 
+def footer_digest(handle: BinaryIO, size: int) -> str:
+    """Tells two files under one name apart, and a copy of a file from another: the footer
+    holds every column chunk's offsets and statistics. Read after pyarrow has checked it."""
+    handle.seek(-8, os.SEEK_END)
+    length = int.from_bytes(handle.read(4), "little")
+    handle.seek(-(8 + length), os.SEEK_END)
+    digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=DIGEST_BYTES)
+    digest.update(handle.read(length))
+    return digest.hexdigest()
+
+
 def read(path: Path) -> Footer:
     """The footer of `path`; raises OSError or pyarrow's error when it does not read."""
     st = os.lstat(path)
@@ -90,6 +106,7 @@ def read(path: Path) -> Footer:
             metadata.num_rows,
             _shared(schema.with_metadata(kept)),
             None if lineage is None else zlib.compress(lineage, 1),
+            footer_digest(handle, st.st_size),
             int96,
         )
     if entry is not None or len(_seen) < CAPACITY:

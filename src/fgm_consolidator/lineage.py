@@ -1,19 +1,29 @@
 """What each output says it holds, readable without the journal.
 
 Every output carries its lineage in its parquet key-value metadata: the merge id, its rows, and
-each source's name and rows. That is enough, with the journal lost, to tell which live files
-an output already holds, and to prove it row by row: every row of the files still present is
-among the output's rows (`unproven` answers which are not). Only names that parse as ours are
-read, and a file whose lineage does not decode simply has none.
+each source's name, rows and footer digest. That is enough, with the journal lost, to tell
+which live files an output already holds, and to prove it row by row: every row of the files
+still present is among the output's rows (`unproven` answers which are not). Only names that
+parse as ours are read, and a file whose lineage does not decode simply has none.
+
+A name alone does not say which file: the monitor names a file by the second its window
+starts, so after the clock steps back by whole rotations a new file takes the name of one
+merged long ago. Taken for a copy of rows its output held, it and the output were held out of
+every merge for good, a person asked to decide. Which present file a lineage means is now
+`PresentFiles`' answer, by footer digest; two lineages that record different footers under
+one name list different files (`LineageSource.may_be`), so they share no rows. Outputs written
+before digests were recorded match by name, as before.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,6 +38,14 @@ from .schemas import LINEAGE_KEY, misfit
 class LineageSource:
     name: str
     rows: int
+    footer: str | None = None  # `footers.footer_digest`; None in outputs from before it
+
+    def may_be(self, other: LineageSource) -> bool:
+        """Whether two lineages may list the same file here: by name, unless both recorded
+        which footer it had and they differ."""
+        return self.name == other.name and (
+            self.footer is None or other.footer is None or self.footer == other.footer
+        )
 
 
 @dataclass(frozen=True)
@@ -40,22 +58,24 @@ class Lineage:
     def names(self) -> frozenset[str]:
         return frozenset(s.name for s in self.sources)
 
-    def held_besides(self, output: str) -> frozenset[str]:
-        """The files this lineage of `output` says it holds, other than `output` itself: no
-        file is a copy of itself (one listing its own name was once removed as its own copy)."""
-        return self.names - {output}
-
     def rows_of(self, name: str) -> int:
         return next(s.rows for s in self.sources if s.name == name)
 
 
-def encode(merge_id: int, sources: Sequence[tuple[str, int]]) -> dict[bytes, bytes]:
+def encode(merge_id: int, sources: Sequence[LineageSource]) -> dict[bytes, bytes]:
     doc = {
         "merge_id": merge_id,
-        "rows": sum(rows for _, rows in sources),
-        "sources": [{"name": name, "rows": rows} for name, rows in sources],
+        "rows": sum(s.rows for s in sources),
+        "sources": [_source_doc(s) for s in sources],
     }
     return {LINEAGE_KEY: json.dumps(doc, separators=(",", ":")).encode()}
+
+
+def _source_doc(source: LineageSource) -> dict[str, str | int]:
+    doc: dict[str, str | int] = {"name": source.name, "rows": source.rows}
+    if source.footer is not None:
+        doc["footer"] = source.footer
+    return doc
 
 
 def decode(raw: bytes | None) -> Lineage | None:
@@ -64,10 +84,17 @@ def decode(raw: bytes | None) -> Lineage | None:
         return None
     try:
         doc = json.loads(raw)
-        sources = tuple(LineageSource(str(s["name"]), int(s["rows"])) for s in doc["sources"])
+        sources = tuple(_decode_source(s) for s in doc["sources"])
         return Lineage(int(doc["merge_id"]), int(doc["rows"]), sources)
     except (ValueError, TypeError, KeyError, OverflowError):  # Overflow: `"rows": Infinity`
         return None
+
+
+def _decode_source(doc: Any) -> LineageSource:
+    footer = doc.get("footer")
+    if footer is not None and not isinstance(footer, str):
+        raise TypeError(f"footer digest {footer!r} is not text")
+    return LineageSource(str(doc["name"]), int(doc["rows"]), footer)
 
 
 def read(path: Path) -> Lineage | None:
@@ -93,26 +120,96 @@ def lineages(folder: Path, names: Collection[str]) -> dict[str, Lineage]:
 def overlaps(held: Mapping[str, Lineage]) -> dict[str, set[str]]:
     """Outputs listing a source that another live output lists too: those rows are in the
     folder twice, whether the source is still there or not."""
-    first: dict[str, str] = {}
-    shared: dict[str, set[str]] = {}
+    listed: dict[str, list[tuple[str, LineageSource]]] = {}  # by name: (output, its entry)
     for output, lineage in held.items():
-        for name in lineage.held_besides(output):
-            other = first.setdefault(name, output)
-            if other != output:
+        for source in lineage.sources:
+            if source.name != output:
+                listed.setdefault(source.name, []).append((output, source))
+    shared: dict[str, set[str]] = {}
+    for entries in listed.values():
+        for (output, source), (other, entry) in itertools.combinations(entries, 2):
+            if output != other and source.may_be(entry):
                 shared.setdefault(output, set()).add(other)
                 shared.setdefault(other, set()).add(output)
     return shared
 
 
-def claimed_names(folder: Path, names: Collection[str]) -> set[str]:
+def held_elsewhere(sources: Sequence[LineageSource], others: Mapping[str, Lineage]) -> set[str]:
+    """The names of `sources` that one of the outputs `others` lists as the same file."""
+    return {
+        source.name
+        for source in sources
+        for output, held in others.items()
+        if any(entry.may_be(source) for entry in held.sources if entry.name != output)
+    }
+
+
+class PresentFiles:
+    """The files of a folder as the outputs beside them see them (see the module's docstring).
+
+    A present file is the one a lineage lists under its name when the footer digests agree, or
+    when the lineage recorded none (an output from before digests). Under another footer it
+    may still be that file rewritten in place, so it stays the lineage's (held; a person
+    decides), unless something shows it is new: the journal says a merge of ours deleted a
+    file of that name (`deleted`), or another output's lineage records this very footer (it
+    was merged as a file of its own). Each footer is read at most once.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        names: Collection[str],
+        held: Mapping[str, Lineage],
+        deleted: Callable[[str], bool] = lambda name: False,
+    ) -> None:
+        self.folder = folder
+        self.names = frozenset(names)
+        self._held = held
+        self._deleted = deleted
+        self._digests: dict[str, str | None] = {}
+
+    def held_by(self, output: str, lineage: Lineage) -> frozenset[str]:
+        """The present files that `lineage`, the lineage of `output`, lists. Never `output`
+        itself: no file is a copy of itself (one listing its own name was once removed as its
+        own copy)."""
+        return frozenset(
+            s.name
+            for s in lineage.sources
+            if s.name != output and s.name in self.names and not self._is_another(s)
+        )
+
+    def _is_another(self, source: LineageSource) -> bool:
+        digest = self._digest(source.name)
+        if source.footer is None or source.footer == digest:
+            return False
+        merged = digest is not None and any(
+            entry.name == source.name and entry.footer == digest
+            for held in self._held.values()
+            for entry in held.sources
+        )
+        return merged or self._deleted(source.name)
+
+    def _digest(self, name: str) -> str | None:
+        if name not in self._digests:
+            try:
+                self._digests[name] = footers.read(self.folder / name).digest
+            except (OSError, pa.ArrowException):
+                self._digests[name] = None  # no complete footer: not a file a merge read
+        return self._digests[name]
+
+
+def claimed_names(
+    folder: Path, names: Collection[str], deleted: Callable[[str], bool] = lambda name: False
+) -> set[str]:
     """Files whose rows are in the folder twice by the outputs' own account: every present
-    file named by a present output's lineage, those outputs, and outputs sharing a source.
-    None may be planned into a new merge: that would make the duplicate permanent."""
-    present = set(names)
-    held = lineages(folder, present)
+    file a present output's lineage lists, those outputs, and outputs sharing a source.
+    None may be planned into a new merge: that would make the duplicate permanent.
+    `deleted`: whether the journal says a merge of ours deleted a file of that name."""
+    held = lineages(folder, names)
+    files = PresentFiles(folder, names, held, deleted)
     found: set[str] = set()
     for output, lineage in held.items():
-        held_here = lineage.held_besides(output) & present
+        held_here = files.held_by(output, lineage)
         if held_here:
             found.add(output)
             found.update(held_here)

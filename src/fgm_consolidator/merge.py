@@ -57,8 +57,10 @@ class MergeOutcome:
 
 
 def lineage_of(merge_id: int, plan: MergePlan) -> dict[bytes, bytes]:
-    """What an output holds, readable without the journal: merge id, source names and rows."""
-    return lineage.encode(merge_id, [(s.name, s.rows) for s in plan.sources])
+    """What an output holds, readable without the journal: merge id, and each source's name,
+    rows and footer digest."""
+    sources = [lineage.LineageSource(s.name, s.rows, s.digest) for s in plan.sources]
+    return lineage.encode(merge_id, sources)
 
 
 def execute(
@@ -316,9 +318,10 @@ def finish(
             )
             return MergeState.ROLLED_BACK, str(exc)
         journal.transition(record.id, MergeState.RENAMED, actor=actor)
-    found = rivals(folder, record)
+    ours = sources_of(folder, record)
+    found = rivals(folder, record, ours)
     if found:
-        return _yield_to(journal, folder, record, found, actor=actor)
+        return _yield_to(journal, folder, record, ours, found, actor=actor)
     try:
         delete_sources(folder, record)
     except SourceChangedError as exc:
@@ -329,16 +332,33 @@ def finish(
     return MergeState.SOURCES_DELETED, None
 
 
-def rivals(folder: Path, record: MergeRecord) -> dict[str, lineage.Lineage]:
-    """Other live outputs whose lineage lists one of our sources: checked after our output is
-    durable and before any source goes, so of two merges of the same file (two instances that
-    got past the lock) the later one to look always sees the earlier one's output."""
-    ours = {s.name for s in record.sources}
+def named_sources(record: MergeRecord) -> tuple[lineage.LineageSource, ...]:
+    """Our sources by name alone: all a merge whose output is not ours to read can say."""
+    return tuple(lineage.LineageSource(s.name, s.rows) for s in record.sources)
+
+
+def sources_of(folder: Path, record: MergeRecord) -> tuple[lineage.LineageSource, ...]:
+    """Our sources as our output, which the caller vouches for, lists them: each with the
+    footer it had. By name alone if its lineage does not read."""
+    held = lineage.read(folder / record.output)
+    if held is None:
+        return named_sources(record)
+    names = {s.name for s in record.sources}
+    return tuple(s for s in held.sources if s.name in names)
+
+
+def rivals(
+    folder: Path, record: MergeRecord, ours: Sequence[lineage.LineageSource]
+) -> dict[str, lineage.Lineage]:
+    """Other live outputs whose lineage lists one of our sources (`ours`, from `sources_of`):
+    checked after our output is durable and before any source goes, so of two merges of the
+    same file (two instances that got past the lock) the later one to look always sees the
+    earlier one's output. A file under a name an older output lists is no rival's."""
     found = lineage.lineages(folder, lineage.list_names(folder))
     return {
         name: held
         for name, held in found.items()
-        if name != record.output and held.held_besides(name) & ours
+        if name != record.output and lineage.held_elsewhere(ours, {name: held})
     }
 
 
@@ -346,13 +366,14 @@ def _yield_to(
     journal: Journal,
     folder: Path,
     record: MergeRecord,
+    ours: Sequence[lineage.LineageSource],
     rivals: dict[str, lineage.Lineage],
     *,
     actor: str,
 ) -> tuple[MergeState, str | None]:
     """Withdraw our output when a rival holds our sources' rows too, if that provably loses
     nothing: each source is intact, or gone and listed by a rival. Otherwise a person decides."""
-    listed = set().union(*(held.names for held in rivals.values()))
+    listed = lineage.held_elsewhere(ours, rivals)
     names = ", ".join(sorted(rivals))
     why_not = None
     if record.adopted:

@@ -21,9 +21,10 @@ A pass acts on it; `run --dry-run` and `status` only report it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -194,6 +195,14 @@ def plan_partition(
     return plans, skipped
 
 
+def deleted_here(journal: Journal | None, partition: str) -> Callable[[str], bool]:
+    """Whether the journal says a merge of ours deleted a file of a name in `partition`; no
+    journal says nothing."""
+    if journal is None:
+        return lambda name: False
+    return partial(journal.deleted_by_merge, partition)
+
+
 def plan_one(
     data_dir: Path, partition: str, policy: Policy, journal: Journal | None, now: float
 ) -> tuple[PartitionScan, list[MergePlan], list[Skipped]]:
@@ -206,7 +215,8 @@ def plan_one(
         held = journal.held_names(partition)
     folder = data_dir / partition
     try:
-        held |= lineage.claimed_names(folder, lineage.list_names(folder))
+        deleted = deleted_here(journal, partition)
+        held |= lineage.claimed_names(folder, lineage.list_names(folder), deleted)
         scan = scan_partition(
             data_dir,
             partition,

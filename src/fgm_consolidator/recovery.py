@@ -39,8 +39,9 @@ from .layout import (
     tmp_name,
 )
 from .logs import context, log_event
-from .merge import finish, rivals, roll_back, write_companion_tmp
+from .merge import finish, named_sources, rivals, roll_back, write_companion_tmp
 from .observe import Observer
+from .plan import deleted_here
 from .schemas import era_of
 from .schemas import fingerprint as schema_fingerprint
 from .states import MergeState
@@ -200,7 +201,9 @@ def _broken_sources(folder: Path, record: MergeRecord) -> list[str]:
         elif now != source.identity:
             broken.append(f"{source.name} (changed)")
     if missing:
-        listed = set().union(*(held.names for held in rivals(folder, record).values()))
+        # Our output is missing or in doubt here: its lineage does not say which files we read.
+        ours = named_sources(record)
+        listed = lineage.held_elsewhere(ours, rivals(folder, record, ours))
         broken += [f"{name} (missing)" for name in missing if name not in listed]
     return broken
 
@@ -501,6 +504,7 @@ def judge_partition(
     *,
     compare_rows: bool = True,
     guard: ProofGuard | None = None,
+    deleted: Callable[[str], bool] = lambda name: False,
 ) -> list[LineageVerdict]:
     """What each output's lineage says of the files beside it, among `names`; changes nothing.
 
@@ -508,10 +512,11 @@ def judge_partition(
     and every row of the file is among the output's. Without `compare_rows` only footers are
     read, which `status` can afford on every call: nothing is proven then, and a file whose
     counts agree gets a doubt saying its rows were not compared. Outputs of an unfinished
-    merge of our journal (`busy`) are the journal's business.
+    merge of our journal (`busy`) are the journal's business. `deleted`: whether the journal
+    says a merge of ours deleted a file of that name (`lineage.PresentFiles`).
     """
-    present_names = set(names)
-    held = lineage.lineages(folder, present_names)
+    held = lineage.lineages(folder, names)
+    files = lineage.PresentFiles(folder, names, held, deleted)
     shared = lineage.overlaps(held)
     verdicts = []
     for output, claim in held.items():
@@ -521,7 +526,7 @@ def judge_partition(
             others = ", ".join(sorted(shared[output]))
             reason = f"{output} and {others} list the same sources: rows may be there twice"
             verdicts.append(LineageVerdict(output, others, reason, None))
-        present = sorted(claim.held_besides(output) & present_names)
+        present = sorted(files.held_by(output, claim))
         before = {name: durable.identity(folder / name) for name in present}
         doubts: dict[str, str] = {}
         if present and output not in shared:
@@ -533,7 +538,7 @@ def judge_partition(
                 subject = proof_subject(partition, output)
                 doubts = guard.run(subject, present, prove, journaled=compare_rows)
         for name in present:
-            claimants = sorted(o for o, c in held.items() if name in c.held_besides(o))
+            claimants = sorted(o for o, c in held.items() if name in files.held_by(o, c))
             if len(claimants) > 1 or output in shared:
                 doubts[name] = (
                     f"listed by several outputs ({', '.join(claimants)}); a person decides"
@@ -559,7 +564,9 @@ def _settle_partition(
     guard: ProofGuard | None,
     journal: Journal,
 ) -> list[LineageAction]:
-    verdicts = judge_partition(folder, partition, lineage.list_names(folder), busy, guard=guard)
+    names = lineage.list_names(folder)
+    deleted = deleted_here(journal, partition)
+    verdicts = judge_partition(folder, partition, names, busy, guard=guard, deleted=deleted)
     by_output: dict[str, list[LineageVerdict]] = {}
     for verdict in verdicts:
         by_output.setdefault(verdict.output, []).append(verdict)

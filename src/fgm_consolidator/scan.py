@@ -38,6 +38,7 @@ class SourceFile:
     schema: pa.Schema
     companion: FileIdentity | None
     ctime_ns: int  # as scanned: the version to record if a merge finds the file unreadable
+    digest: str  # its footer's (`footers.footer_digest`), for the lineage of its output
 
     @property
     def name(self) -> str:
@@ -67,8 +68,8 @@ class PartitionScan:
     names: frozenset[str]
 
 
-def read_footer(path: Path) -> tuple[FileIdentity, int, pa.Schema]:
-    """Identity, row count and Arrow schema, taken from one open file so they agree."""
+def read_footer(path: Path) -> footers.Footer:
+    """Identity, row count, Arrow schema and digest, taken from one open file so they agree."""
     try:
         footer = footers.read(path)
     except (OSError, pa.ArrowException) as exc:
@@ -80,7 +81,7 @@ def read_footer(path: Path) -> tuple[FileIdentity, int, pa.Schema]:
             f"column {footer.int96[0]} is stored as INT96, a legacy timestamp pyarrow cannot"
             " read exactly (the monitor writes INT64)"
         )
-    return footer.identity, footer.rows, footer.schema
+    return footer
 
 
 def is_recorded_version(record: UnreadableRecord, st: os.stat_result) -> bool:
@@ -197,8 +198,8 @@ def scan_partition(
             not_regular = durable.not_regular_reason(st.st_mode)
             if not_regular is not None:
                 raise SourceReadError(f"{not_regular}; left alone", path)
-            identity, rows, schema = read_footer(path)
-            check_mergeable(schema)
+            footer = read_footer(path)
+            check_mergeable(footer.schema)
         except SchemaConflictError as exc:
             reason = f"cannot be merged: {exc.reason}"
             unreadable.append(UnreadableFile(name, on_disk, reason, st.st_ctime_ns))
@@ -207,6 +208,16 @@ def scan_partition(
             unreadable.append(UnreadableFile(name, on_disk, exc.reason, st.st_ctime_ns))
             continue
         companion = durable.optional_identity(folder / companion_name(name))
-        eligible.append(SourceFile(parsed, identity, rows, schema, companion, st.st_ctime_ns))
+        eligible.append(
+            SourceFile(
+                parsed,
+                footer.identity,
+                footer.rows,
+                footer.schema,
+                companion,
+                st.st_ctime_ns,
+                footer.digest,
+            )
+        )
     eligible.sort(key=lambda s: s.file)
     return PartitionScan(partition, folder, tuple(eligible), tuple(unreadable), young, names)

@@ -26,7 +26,7 @@ with its last pass. Health has three parts:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +45,7 @@ from .journal import (
     UnreadableRecord,
 )
 from .layout import SkippedFolder, lock_path, walk_partitions
-from .plan import Policy, plan_one, waiting_metrics
+from .plan import Policy, deleted_here, plan_one, waiting_metrics
 from .recovery import LineageAction, ProofGuard, hold, judge_partition
 from .retention import journal_bytes
 from .scan import UnreadableFile, still_on_disk
@@ -165,6 +165,7 @@ def _lineage_check(
     names: frozenset[str],
     busy: set[tuple[str, str]],
     guard: ProofGuard | None,
+    deleted: Callable[[str], bool],
 ) -> list[LineageAction]:
     """`recover`'s lineage check (`judge_partition`) on footers only, the reading a pass has
     done already (`plan_one` reads every output's lineage): proving an output holds a file's
@@ -174,7 +175,9 @@ def _lineage_check(
     are settled at start-up), so a person looks either way. The footers do give recover's own
     reason where they suffice: counts that differ, outputs sharing a source, and a proof held
     because it died with its process (`guard`, read only)."""
-    verdicts = judge_partition(folder, partition, names, busy, compare_rows=False, guard=guard)
+    verdicts = judge_partition(
+        folder, partition, names, busy, compare_rows=False, guard=guard, deleted=deleted
+    )
     return [verdict.action(partition) for verdict in verdicts]
 
 
@@ -229,7 +232,8 @@ def _look_at_one(
     failures = journal.failures(partition, MERGE_ACTOR) if journal else None
     failing = failures if failures is not None and failures.count >= FAILING_MERGES else None
     guard = ProofGuard(journal, interval_s) if journal else None
-    doubts = _lineage_check(data_dir / partition, partition, scan.names, busy, guard)
+    deleted = deleted_here(journal, partition)
+    doubts = _lineage_check(data_dir / partition, partition, scan.names, busy, guard, deleted)
     bad = [r for r in known if r.name in scan.names and still_on_disk(data_dir, r)]
     bad += [_not_yet_recorded(partition, u) for u in scan.unreadable]
     waiting = len(waiting_metrics(scan))

@@ -1,0 +1,164 @@
+"""A file written under a name an output's lineage already lists.
+
+The monitor names a file by the second its window starts, from the wall clock. After the clock
+steps back by a multiple of a rotation (an hour is 40 of them: an RTC read as local time at
+boot, say), every new file takes the name of one written an hour before, which may be merged
+and deleted by then. Lineage matched files by name alone, so the new file passed for a copy of
+rows its output already held: it and the output were held out of every merge, `status` and
+`recover` said a person must decide, for good, and the window never merged again. An output
+now records each source's footer digest too, and a file whose footer differs from the one
+recorded under its name is another file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+from conftest import PAST, consolidated_name, metrics_name, run_cli, small_spec
+from oracle import RowKey, check, expected_rows
+
+from fgm_consolidator import footers, lineage
+from fgm_consolidator.layout import default_journal_path
+from fgm_consolidator.simulate import generate
+
+PARTITION = "dt=2025-12-30/identifier=pod-a"
+REWRITTEN = range(3, 7)  # rotations whose names the monitor uses again
+EXIT_NEEDS_PERSON = 3
+
+
+def run_once(data_dir: Path, crash_at: str = "") -> None:
+    result = run_cli(
+        "run", "--once", "--data-dir", str(data_dir), "--min-age", "0",
+        env={"FGM_CRASH_AT": crash_at},
+    )  # fmt: skip
+    assert (result.returncode != 0) == bool(crash_at), result.stderr
+
+
+def first_day(data_dir: Path) -> Counter[RowKey]:
+    """The day merged into one output, and its rows."""
+    generate(data_dir, small_spec())
+    rows = expected_rows(data_dir)
+    run_once(data_dir)
+    assert sorted(os.listdir(data_dir / PARTITION)) == [
+        consolidated_name(0, 23).replace(".parquet", ".containers"),
+        consolidated_name(0, 23),
+    ]
+    return rows
+
+
+def write_again(data_dir: Path) -> Counter[RowKey]:
+    """The monitor, an hour's worth of rotations behind, writes other rows under used names."""
+    spec = small_spec(start=PAST + timedelta(seconds=90 * REWRITTEN.start), seed=7)
+    generate(data_dir, spec, only=range(len(REWRITTEN)))
+    folder = data_dir / PARTITION
+    for rotation in REWRITTEN:
+        assert (folder / metrics_name(rotation)).exists()
+    return expected_rows(data_dir)  # every live row: the output's and the new files'
+
+
+def status_code(data_dir: Path) -> int:
+    return run_cli("status", "--data-dir", str(data_dir)).returncode
+
+
+def test_a_new_file_under_a_merged_name_is_merged_like_any_other(data_dir: Path) -> None:
+    first_day(data_dir)
+    expected = write_again(data_dir)
+    assert status_code(data_dir) == 0  # nothing a person must look at: only files to merge
+    run_once(data_dir)
+    left = sorted(n for n in os.listdir(data_dir / PARTITION) if n.endswith(".parquet"))
+    assert left == [consolidated_name(0, 23), consolidated_name(3, 6)]
+    report = check(data_dir, expected)
+    assert report.violations == []
+    assert status_code(data_dir) == 0
+
+
+def test_with_the_journal_lost_the_new_files_go_by_the_output_that_holds_them(
+    data_dir: Path,
+) -> None:
+    first_day(data_dir)
+    expected = write_again(data_dir)
+    run_once(data_dir, crash_at="journal:renamed")  # published; no source deleted yet
+    folder = data_dir / PARTITION
+    assert (folder / consolidated_name(3, 6)).exists()
+    assert (folder / metrics_name(REWRITTEN.start)).exists()
+    default_journal_path(data_dir).unlink()
+    result = run_cli("recover", "--data-dir", str(data_dir), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    removed = [
+        event["file"]
+        for event in map(json.loads, result.stdout.splitlines())
+        if event.get("action") == "removed"
+    ]
+    assert sorted(removed) == [metrics_name(r) for r in REWRITTEN]
+    report = check(data_dir, expected, journal_lost=True)
+    assert report.violations == []
+    run_once(data_dir)  # the service's start after the incident: nothing left to do
+    assert status_code(data_dir) == 0
+    assert check(data_dir, expected, journal_lost=True).violations == []
+
+
+def test_a_merge_cut_among_its_deletes_is_finished_not_withdrawn(data_dir: Path) -> None:
+    """Its first source gone, the older output listing that name looked like a rival holding
+    it, and withdrawing our output for it would have lost the new file's rows: a rival must
+    list the file our output's lineage records, footer and all."""
+    first_day(data_dir)
+    expected = write_again(data_dir)
+    # Unlinks: the two temp names at publish, then the first source's companion, then it.
+    run_once(data_dir, crash_at="durable:unlinked#4")
+    folder = data_dir / PARTITION
+    assert not (folder / metrics_name(REWRITTEN.start)).exists()
+    assert (folder / metrics_name(REWRITTEN.start + 1)).exists()
+    result = run_cli("recover", "--data-dir", str(data_dir), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    left = sorted(n for n in os.listdir(folder) if n.endswith(".parquet"))
+    assert left == [consolidated_name(0, 23), consolidated_name(3, 6)]
+    assert check(data_dir, expected).violations == []
+
+
+def test_with_the_journal_lost_first_a_person_decides(data_dir: Path) -> None:
+    """Nothing then shows the file is new rather than the merged one rewritten in place,
+    whose rows the output holds already: held out of merges and reported, as before."""
+    first_day(data_dir)
+    default_journal_path(data_dir).unlink()
+    expected = write_again(data_dir)
+    folder = data_dir / PARTITION
+    before = sorted(os.listdir(folder))
+    run_once(data_dir)
+    assert sorted(os.listdir(folder)) == before
+    assert status_code(data_dir) == EXIT_NEEDS_PERSON
+    assert check(data_dir, expected, journal_lost=True).violations == []
+
+
+def test_which_file_a_lineage_means(data_dir: Path) -> None:
+    first_day(data_dir)
+    write_again(data_dir)
+    folder = data_dir / PARTITION
+    output = consolidated_name(0, 23)
+    held = lineage.read(folder / output)
+    assert held is not None and all(s.footer is not None for s in held.sources)
+    legacy = replace(held, sources=tuple(replace(s, footer=None) for s in held.sources))
+    reused = {metrics_name(r) for r in REWRITTEN}
+
+    def claims(claim: lineage.Lineage, *, deleted: bool) -> frozenset[str]:
+        files = lineage.PresentFiles(folder, os.listdir(folder), {output: claim}, lambda n: deleted)
+        return files.held_by(output, claim)
+
+    assert claims(held, deleted=True) == frozenset()  # a merge of ours deleted those names
+    assert claims(held, deleted=False) == reused  # maybe the merged files, rewritten in place
+    assert claims(legacy, deleted=True) == reused  # no footer recorded: by name, as before
+    # A file whose very footer another output records was merged as a file of its own.
+    other = replace(
+        held, sources=tuple(lineage.LineageSource(n, 90, digest(folder / n)) for n in reused)
+    )
+    files = lineage.PresentFiles(folder, os.listdir(folder), {output: held, "o": other})
+    assert files.held_by(output, held) == frozenset()
+    assert files.held_by("o", other) == reused
+
+
+def digest(path: Path) -> str:
+    return footers.read(path).digest
