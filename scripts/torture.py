@@ -20,11 +20,20 @@ settle every output left beside its sources from the outputs' lineage alone (ado
 the new journal) and sweep the temp files no journal knows. The oracle still checks every row
 (none lost, none twice); only "every output is accounted for by a finished merge" is waived,
 since the merges of a lost journal are gone with it.
+
+    torture.py --kills 300 --step-back-every 90    # and step the monitor's clock back
+
+With `--step-back-every N`, every N rotations the monitor's clock steps back (a minute, or
+`--step-back-s`) and it restarts: its new files (other rows) take the names of files merged
+since, which outputs' lineages list. Each is merged as a new file; none may be taken for a
+copy of the one that had its name (with the journal lost, nothing shows which it is: held for
+a person). A name still on disk is skipped, since the real monitor would overwrite that file.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import shutil
@@ -36,8 +45,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -75,7 +84,14 @@ SETTLE_ARGS = ("--min-age", "0", "--min-files", "2", "--max-span", "120", "--row
 class Monitor(threading.Thread):
     """fine-grained-monitor in `live` mode, one rotation a second per pod, rows recorded first."""
 
-    def __init__(self, data_dir: Path, pods: int, seed: int, map_pods: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        pods: int,
+        seed: int,
+        map_pods: int = 0,
+        step_back: tuple[int, int] = (0, 0),
+    ) -> None:
         super().__init__(name="monitor", daemon=True)
         self.spec = simulate.SimulationSpec(
             pods=tuple(
@@ -100,6 +116,9 @@ class Monitor(threading.Thread):
         self.containers: ContainerIds = {}
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        self.step_back_every, self.step_back_s = step_back
+        self.behind_s = 0  # how far the monitor's clock was stepped back, in all
+        self.reused = 0  # files written under a name a finished file had before
 
     def run(self) -> None:
         try:
@@ -107,13 +126,31 @@ class Monitor(threading.Thread):
             while not self.stop.is_set():
                 self._rotate(rotation)
                 rotation += 1
+                if self.step_back_every and rotation % self.step_back_every == 0:
+                    self._step_back(rotation)
+                    rotation = 0
         except BaseException as exc:  # reported as a violation by the harness
             self.error = exc
 
+    def _step_back(self, rotation: int) -> None:
+        """The clock steps back by whole rotations and the monitor restarts (new run, other
+        rows): its next files take the names of files written `step_back_s` before."""
+        start = simulate.rotation_start(self.spec, rotation) - timedelta(seconds=self.step_back_s)
+        self.spec = replace(self.spec, start=start, seed=self.spec.seed + 1)
+        self.behind_s += self.step_back_s
+
     def _rotate(self, rotation: int) -> None:
         start = simulate.rotation_start(self.spec, rotation)
-        handles = simulate.open_rotations(self.data_dir, self.spec, rotation)
-        self.stop.wait(max(0.0, start.timestamp() + ROTATION_S - time.time()))
+        handles = []
+        for pod in self.spec.pods:
+            path = simulate.rotation_path(self.data_dir, pod.identifier, start)
+            if path.exists() or path.with_suffix(".containers").exists():
+                continue  # not merged yet: the real monitor would overwrite it, losing rows
+            with self.lock:  # written again: unfinished until its new `finish`
+                self.reused += path in self.finished
+                self.finished.discard(path)
+            handles.append(simulate.open_rotation(self.data_dir, self.spec, pod, rotation))
+        self.stop.wait(max(0.0, start.timestamp() + self.behind_s + ROTATION_S - time.time()))
         for handle in handles:
             partition = str(handle.path.parent.relative_to(self.data_dir))
             keys = row_keys(handle.table(ROTATION_S), partition)
@@ -266,7 +303,8 @@ def torture(args: argparse.Namespace, work: Path) -> Figures:
     data_dir.mkdir()
     log = work / "consolidator.log"
     figures = Figures(args.seed)
-    monitor = Monitor(data_dir, args.pods, args.seed, args.map_pods)
+    step_back = (args.step_back_every, args.step_back_s)
+    monitor = Monitor(data_dir, args.pods, args.seed, args.map_pods, step_back)
     monitor.start()
     try:
         kill_loop(args, data_dir, log, monitor, figures)
@@ -299,7 +337,9 @@ def torture(args: argparse.Namespace, work: Path) -> Figures:
         "live_files": report.files_checked,
         "mid_run_checks": figures.mid_run_checks,
         "journals_lost": figures.journals_lost,
+        "names_reused": monitor.reused,
         "removed_by_lineage": logged_lines(log, "event=lineage-recovery", "action=removed"),
+        "kept_by_lineage": logged_lines(log, "event=lineage-recovery", "action=kept"),
         "companions_published": logged_lines(log, "event=orphan-published"),
         "violations": len(figures.violations),
     }
@@ -326,6 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="delete the journal after every Nth kill that leaves a merge unfinished",
     )
+    parser.add_argument(
+        "--step-back-every",
+        type=int,
+        default=0,
+        help="every N rotations the monitor's clock steps back (--step-back-s) and it restarts,"
+        " writing new files under names used before",
+    )
+    parser.add_argument(
+        "--step-back-s", type=int, default=60, help="whole rotations, so names repeat"
+    )
     parser.add_argument("--work-dir", type=Path, help="default: a new temp folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     return parser
@@ -333,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The oracle's in-process recoveries report what they keep; the oracle judges the result.
+    logging.getLogger("fgm_consolidator").addHandler(logging.NullHandler())
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fgm-torture-"))

@@ -17,9 +17,12 @@ def figures(line: str) -> dict[str, str]:
 
 
 def test_thirty_kills_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    """The monitor's clock also steps back now and then (10 s every 12 rotations), so new
+    files take the names of files merged since (`tests/test_name_reuse.py`)."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "torture.py"), "--kills", str(KILLS),
-         "--seed", "20251230", "--max-delay", "1.0", "--work-dir", str(tmp_path / "work")],
+         "--seed", "20251230", "--max-delay", "1.0", "--work-dir", str(tmp_path / "work"),
+         "--step-back-every", "12", "--step-back-s", "10"],
         capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -33,6 +36,7 @@ def test_thirty_kills_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     assert int(shown["rows_checked"]) == int(shown["rows_written"]) > 0
     assert int(shown["live_files"]) < int(shown["files_written"])  # it did consolidate
     assert int(shown["mid_run_checks"]) == KILLS // 10
+    assert int(shown["names_reused"]) > 0
     assert not (tmp_path / "work").exists()  # removed when nothing was found
 
 
