@@ -38,7 +38,7 @@ def plan(journal: Journal, partition: str = "dt=2025-12-30/identifier=a", output
 def test_opens_in_wal_with_full_sync_and_latest_schema(journal: Journal) -> None:
     assert journal.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert journal.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert journal.db.execute("PRAGMA user_version").fetchone()[0] == 6
+    assert journal.db.execute("PRAGMA user_version").fetchone()[0] == 7
     assert set(journal.db.table_names()) >= {
         "merges", "sources", "transitions", "unreadable", "passes", "prunes", "data_dir",
     }  # fmt: skip
@@ -139,7 +139,7 @@ def test_a_schema_2_journal_migrates_and_keeps_its_unreadable_rows(tmp_path: Pat
         before.close()
     after = Journal.open(path)
     try:
-        assert after.db.execute("PRAGMA user_version").fetchone()[0] == 6
+        assert after.db.execute("PRAGMA user_version").fetchone()[0] == 7
         assert after.unreadable() == [legacy]
         ident = FileIdentity(1, 10, 20)
         assert after.record_unreadable(legacy.partition, legacy.name, ident, "again", ctime_ns=50)

@@ -120,18 +120,25 @@ def test_a_merge_cut_among_its_deletes_is_finished_not_withdrawn(data_dir: Path)
     assert check(data_dir, expected).violations == []
 
 
-def test_with_the_journal_lost_first_a_person_decides(data_dir: Path) -> None:
-    """Nothing then shows the file is new rather than the merged one rewritten in place,
-    whose rows the output holds already: held out of merges and reported, as before."""
+def test_with_the_journal_lost_first_the_rows_tell(data_dir: Path) -> None:
+    """No journal says the name was deleted, so the file may be the merged one rewritten in
+    place, whose rows the output holds: start-up compares them, finds none of the new file's
+    in the output, records it in the journal as new, and the pass merges it."""
     first_day(data_dir)
     default_journal_path(data_dir).unlink()
     expected = write_again(data_dir)
-    folder = data_dir / PARTITION
-    before = sorted(os.listdir(folder))
-    run_once(data_dir)
-    assert sorted(os.listdir(folder)) == before
-    assert status_code(data_dir) == EXIT_NEEDS_PERSON
+    assert status_code(data_dir) == EXIT_NEEDS_PERSON  # footers alone cannot tell
+    result = run_cli(
+        "run", "--once", "--data-dir", str(data_dir), "--min-age", "0", "--log-format", "json"
+    )
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    released = [e["file"] for e in events if e.get("action") == "released"]
+    assert sorted(released) == [metrics_name(r) for r in REWRITTEN]
+    left = sorted(n for n in os.listdir(data_dir / PARTITION) if n.endswith(".parquet"))
+    assert left == [consolidated_name(0, 23), consolidated_name(3, 6)]
     assert check(data_dir, expected, journal_lost=True).violations == []
+    assert status_code(data_dir) == 0
 
 
 def test_which_file_a_lineage_means(data_dir: Path) -> None:
@@ -144,13 +151,15 @@ def test_which_file_a_lineage_means(data_dir: Path) -> None:
     legacy = replace(held, sources=tuple(replace(s, footer=None) for s in held.sources))
     reused = {metrics_name(r) for r in REWRITTEN}
 
-    def claims(claim: lineage.Lineage, *, deleted: bool) -> frozenset[str]:
-        files = lineage.PresentFiles(folder, os.listdir(folder), {output: claim}, lambda n: deleted)
+    def claims(claim: lineage.Lineage, *, new: bool) -> frozenset[str]:
+        files = lineage.PresentFiles(
+            folder, os.listdir(folder), {output: claim}, lambda name, footer, by: new
+        )
         return files.held_by(output, claim)
 
-    assert claims(held, deleted=True) == frozenset()  # a merge of ours deleted those names
-    assert claims(held, deleted=False) == reused  # maybe the merged files, rewritten in place
-    assert claims(legacy, deleted=True) == reused  # no footer recorded: by name, as before
+    assert claims(held, new=True) == frozenset()  # the journal shows them new
+    assert claims(held, new=False) == reused  # maybe the merged files, rewritten in place
+    assert claims(legacy, new=True) == reused  # no footer recorded: by name, as before
     # A file whose very footer another output records was merged as a file of its own.
     other = replace(
         held, sources=tuple(lineage.LineageSource(n, 90, digest(folder / n)) for n in reused)

@@ -521,7 +521,7 @@ def test_status_works_on_a_journal_from_before_pass_records(
     with sqlite3.connect(path) as conn:  # what an older version left: schema 1 only
         conn.executescript(
             "DROP TABLE passes; DROP TABLE prunes; ALTER TABLE unreadable DROP COLUMN ctime_ns;"
-            " DROP TABLE data_dir; DROP TABLE attempts;"
+            " DROP TABLE data_dir; DROP TABLE attempts; DROP TABLE released;"
             " ALTER TABLE merges DROP COLUMN companion_checksum; PRAGMA user_version = 1;"
         )
     conn.close()

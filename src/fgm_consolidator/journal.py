@@ -272,6 +272,7 @@ class UnreadableRecord:
 
 DATA_DIR_VERSION = 4  # the migration that added the data_dir table
 ATTEMPTS_VERSION = 5  # the migration that added the attempts table
+RELEASED_VERSION = 7  # the migration that added the released table
 
 
 @dataclass(frozen=True)
@@ -634,6 +635,7 @@ class Journal:
                 [gone],
             ).rowcount
             self.db.execute("DELETE FROM prunes WHERE at < ?", [cutoff])
+            self.db.execute("DELETE FROM released WHERE at < ?", [cutoff])
             self.db.execute(
                 "INSERT INTO prunes (at, cutoff, merges, passes) VALUES (?, ?, ?, ?)",
                 (at, cutoff, len(ids), passes),
@@ -877,6 +879,25 @@ class Journal:
             " WHERE m.partition = ? AND s.name = ? AND (SELECT state FROM transitions t"
             " WHERE t.merge_id = m.id ORDER BY t.id DESC LIMIT 1) = ? LIMIT 1",
             [partition, name, str(MergeState.SOURCES_DELETED)],
+        ).fetchone()
+        return found is not None
+
+    def record_released(self, partition: str, name: str, footer: str, output: str) -> None:
+        """Lineage recovery found none of the rows of this version of `name` in `output`,
+        which lists the name under another footer: a new file, which later passes may merge."""
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR IGNORE INTO released (partition, name, footer, output, at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (partition, name, footer, output, utc_now()),
+            )
+
+    def released(self, partition: str, name: str, footer: str, output: str) -> bool:
+        if self._user_version() < RELEASED_VERSION:  # read-only, before `run` migrated it
+            return False
+        found = self.db.execute(
+            "SELECT 1 FROM released WHERE partition = ? AND name = ? AND footer = ? AND output = ?",
+            (partition, name, footer, output),
         ).fetchone()
         return found is not None
 

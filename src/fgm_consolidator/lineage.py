@@ -144,15 +144,25 @@ def held_elsewhere(sources: Sequence[LineageSource], others: Mapping[str, Lineag
     }
 
 
+# Whether the journal shows the file under a name, with this footer, to be new though the
+# output named last lists the name (`plan.shown_new`).
+ShownNew = Callable[[str, str | None, str], bool]
+
+
+def nothing_shown(name: str, footer: str | None, output: str) -> bool:
+    return False
+
+
 class PresentFiles:
     """The files of a folder as the outputs beside them see them (see the module's docstring).
 
     A present file is the one a lineage lists under its name when the footer digests agree, or
     when the lineage recorded none (an output from before digests). Under another footer it
-    may still be that file rewritten in place, so it stays the lineage's (held; a person
-    decides), unless something shows it is new: the journal says a merge of ours deleted a
-    file of that name (`deleted`), or another output's lineage records this very footer (it
-    was merged as a file of its own). Each footer is read at most once.
+    may still be that file rewritten in place, whose rows the output holds: it stays the
+    lineage's (held; start-up's lineage check compares the rows), unless something shows it
+    is new: the journal (`shown_new`: a merge of ours deleted that name, or that check found
+    none of its rows in the output), or another output's lineage recording this very footer
+    (it was merged as a file of its own). Each footer is read at most once.
     """
 
     def __init__(
@@ -160,12 +170,12 @@ class PresentFiles:
         folder: Path,
         names: Collection[str],
         held: Mapping[str, Lineage],
-        deleted: Callable[[str], bool] = lambda name: False,
+        shown_new: ShownNew = nothing_shown,
     ) -> None:
         self.folder = folder
         self.names = frozenset(names)
         self._held = held
-        self._deleted = deleted
+        self._shown_new = shown_new
         self._digests: dict[str, str | None] = {}
 
     def held_by(self, output: str, lineage: Lineage) -> frozenset[str]:
@@ -173,23 +183,22 @@ class PresentFiles:
         itself: no file is a copy of itself (one listing its own name was once removed as its
         own copy)."""
         return frozenset(
+            s.name for s in self._listed(output, lineage) if not self._is_new(output, s)
+        )
+
+    def under_another_footer(self, output: str, lineage: Lineage) -> frozenset[str]:
+        """Those of `held_by` whose footer is not the one `lineage` records: new, or the
+        merged file rewritten in place, and held until their rows tell."""
+        return frozenset(
             s.name
-            for s in lineage.sources
-            if s.name != output and s.name in self.names and not self._is_another(s)
+            for s in self._listed(output, lineage)
+            if s.footer is not None
+            and s.footer != self.digest(s.name)
+            and not self._is_new(output, s)
         )
 
-    def _is_another(self, source: LineageSource) -> bool:
-        digest = self._digest(source.name)
-        if source.footer is None or source.footer == digest:
-            return False
-        merged = digest is not None and any(
-            entry.name == source.name and entry.footer == digest
-            for held in self._held.values()
-            for entry in held.sources
-        )
-        return merged or self._deleted(source.name)
-
-    def _digest(self, name: str) -> str | None:
+    def digest(self, name: str) -> str | None:
+        """The footer digest of the present file `name`; None when it has no footer."""
         if name not in self._digests:
             try:
                 self._digests[name] = footers.read(self.folder / name).digest
@@ -197,16 +206,29 @@ class PresentFiles:
                 self._digests[name] = None  # no complete footer: not a file a merge read
         return self._digests[name]
 
+    def _listed(self, output: str, lineage: Lineage) -> Iterator[LineageSource]:
+        return (s for s in lineage.sources if s.name != output and s.name in self.names)
+
+    def _is_new(self, output: str, source: LineageSource) -> bool:
+        digest = self.digest(source.name)
+        if source.footer is None or source.footer == digest:
+            return False
+        merged = digest is not None and any(
+            entry.name == source.name and entry.footer == digest
+            for held in self._held.values()
+            for entry in held.sources
+        )
+        return merged or self._shown_new(source.name, digest, output)
+
 
 def claimed_names(
-    folder: Path, names: Collection[str], deleted: Callable[[str], bool] = lambda name: False
+    folder: Path, names: Collection[str], shown_new: ShownNew = nothing_shown
 ) -> set[str]:
     """Files whose rows are in the folder twice by the outputs' own account: every present
     file a present output's lineage lists, those outputs, and outputs sharing a source.
-    None may be planned into a new merge: that would make the duplicate permanent.
-    `deleted`: whether the journal says a merge of ours deleted a file of that name."""
+    None may be planned into a new merge: that would make the duplicate permanent."""
     held = lineages(folder, names)
-    files = PresentFiles(folder, names, held, deleted)
+    files = PresentFiles(folder, names, held, shown_new)
     found: set[str] = set()
     for output, lineage in held.items():
         held_here = files.held_by(output, lineage)
@@ -289,6 +311,37 @@ def unproven(
     for name, rows in missing.items():
         problems[name] = f"{name} differs from its rows in {output.name} ({rows} rows not found)"
     return problems
+
+
+def share_rows(output: Path, files: Sequence[Path]) -> dict[str, str]:
+    """Why each of `files`, which `output`'s lineage lists by name under other footers, is not
+    shown to be new; none in the answer: no row of any of them is among the output's.
+
+    All or none: `containment` hands each output row to the first file holding it, so a file
+    counted as sharing nothing may share a row with another file that took it. Only when no
+    file took any row does no file share one.
+    """
+    try:
+        missing = containment.rows_not_found(output, files)
+        rows = {path.name: pq.read_metadata(path).num_rows for path in files}
+    except (
+        OSError,
+        pa.ArrowException,
+        ValueError,
+        KeyError,
+        OverflowError,
+        ConsolidatorError,
+    ) as exc:
+        return {f.name: f"cannot compare {f.name} with {output.name}: {exc}" for f in files}
+    shared = {name: count - missing[name] for name, count in rows.items()}
+    if not any(shared.values()):
+        return {}
+    return {
+        name: f"{output.name} lists {name} under another footer and holds {count} of its"
+        f" {rows[name]} rows: the merged file, changed? ({sum(shared.values())} rows shared by"
+        f" {', '.join(sorted(n for n, c in shared.items() if c))})"
+        for name, count in shared.items()
+    }
 
 
 def _batches(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:

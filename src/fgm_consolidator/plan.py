@@ -21,10 +21,9 @@ A pass acts on it; `run --dry-run` and `status` only report it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
-from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -195,12 +194,19 @@ def plan_partition(
     return plans, skipped
 
 
-def deleted_here(journal: Journal | None, partition: str) -> Callable[[str], bool]:
-    """Whether the journal says a merge of ours deleted a file of a name in `partition`; no
-    journal says nothing."""
+def shown_new(journal: Journal | None, partition: str) -> lineage.ShownNew:
+    """Whether the journal shows a file of `partition` to be new though an output lists its
+    name (`lineage.PresentFiles`): a merge of ours deleted that name, or lineage recovery found
+    none of this version's rows in that output. No journal shows nothing."""
     if journal is None:
-        return lambda name: False
-    return partial(journal.deleted_by_merge, partition)
+        return lambda name, footer, output: False
+
+    def new(name: str, footer: str | None, output: str) -> bool:
+        if journal.deleted_by_merge(partition, name):
+            return True
+        return footer is not None and journal.released(partition, name, footer, output)
+
+    return new
 
 
 def plan_one(
@@ -215,8 +221,8 @@ def plan_one(
         held = journal.held_names(partition)
     folder = data_dir / partition
     try:
-        deleted = deleted_here(journal, partition)
-        held |= lineage.claimed_names(folder, lineage.list_names(folder), deleted)
+        new = shown_new(journal, partition)
+        held |= lineage.claimed_names(folder, lineage.list_names(folder), new)
         scan = scan_partition(
             data_dir,
             partition,

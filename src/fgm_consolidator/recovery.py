@@ -41,7 +41,7 @@ from .layout import (
 from .logs import context, log_event
 from .merge import finish, named_sources, rivals, roll_back, write_companion_tmp
 from .observe import Observer
-from .plan import deleted_here
+from .plan import shown_new
 from .schemas import era_of
 from .schemas import fingerprint as schema_fingerprint
 from .states import MergeState
@@ -87,6 +87,11 @@ class LineageAction:
     file: str
     removed: bool
     reason: str
+    released: bool = False  # shown new: merged like any other file from now on
+
+    @property
+    def verb(self) -> str:
+        return "removed" if self.removed else "released" if self.released else "kept"
 
 
 @dataclass
@@ -107,7 +112,7 @@ class RecoveryReport:
 
     @property
     def uncertain(self) -> list[LineageAction]:
-        return [a for a in self.lineage if not a.removed]
+        return [a for a in self.lineage if not (a.removed or a.released)]
 
 
 def checksum(path: Path) -> str | None:
@@ -490,6 +495,9 @@ class LineageVerdict:
     file: str  # a file the output's lineage lists, or (an overlap) the outputs sharing sources
     doubt: str | None  # why the output is not shown to hold the file's rows; None: proven
     before: durable.FileIdentity | None  # the file's identity from before the proof
+    # Set for a file under a name the output lists with another footer: without a doubt, this
+    # version of it shares no row with the output, and is new.
+    new_footer: str | None = None
 
     def action(self, partition: str) -> LineageAction:
         """This finding reported as it stands: the file kept."""
@@ -504,19 +512,21 @@ def judge_partition(
     *,
     compare_rows: bool = True,
     guard: ProofGuard | None = None,
-    deleted: Callable[[str], bool] = lambda name: False,
+    shown_new: lineage.ShownNew = lineage.nothing_shown,
 ) -> list[LineageVerdict]:
     """What each output's lineage says of the files beside it, among `names`; changes nothing.
 
     A file is proven held (no doubt) only when the output reads back whole, the counts add up
-    and every row of the file is among the output's. Without `compare_rows` only footers are
-    read, which `status` can afford on every call: nothing is proven then, and a file whose
-    counts agree gets a doubt saying its rows were not compared. Outputs of an unfinished
-    merge of our journal (`busy`) are the journal's business. `deleted`: whether the journal
-    says a merge of ours deleted a file of that name (`lineage.PresentFiles`).
+    and every row of the file is among the output's. A file under a listed name but another
+    footer is shown new (no doubt, `new_footer`) only when none of its rows is among the
+    output's (`lineage.share_rows`). Without `compare_rows` only footers are read, which
+    `status` can afford on every call: nothing is proven then, and a file whose counts agree
+    gets a doubt saying its rows were not compared. Outputs of an unfinished merge of our
+    journal (`busy`) are the journal's business. `shown_new`: what the journal shows new
+    (`lineage.PresentFiles`).
     """
     held = lineage.lineages(folder, names)
-    files = lineage.PresentFiles(folder, names, held, deleted)
+    files = lineage.PresentFiles(folder, names, held, shown_new)
     shared = lineage.overlaps(held)
     verdicts = []
     for output, claim in held.items():
@@ -527,11 +537,15 @@ def judge_partition(
             reason = f"{output} and {others} list the same sources: rows may be there twice"
             verdicts.append(LineageVerdict(output, others, reason, None))
         present = sorted(files.held_by(output, claim))
+        other = files.under_another_footer(output, claim)
         before = {name: durable.identity(folder / name) for name in present}
         doubts: dict[str, str] = {}
         if present and output not in shared:
-            sources = [folder / name for name in present]
-            prove = partial(_prove, folder / output, claim, sources, compare_rows=compare_rows)
+            held_here = [folder / name for name in present if name not in other]
+            new_here = [folder / name for name in present if name in other]
+            prove = partial(
+                _prove, folder / output, claim, held_here, new_here, compare_rows=compare_rows
+            )
             if guard is None:
                 doubts = prove()
             else:  # journaled only when rows are read: `status` reads footers, and no journal
@@ -543,18 +557,36 @@ def judge_partition(
                 doubts[name] = (
                     f"listed by several outputs ({', '.join(claimants)}); a person decides"
                 )
-            verdicts.append(LineageVerdict(output, name, doubts.get(name), before[name]))
+            new_footer = files.digest(name) if name in other else None
+            verdicts.append(
+                LineageVerdict(output, name, doubts.get(name), before[name], new_footer)
+            )
     return verdicts
 
 
 def _prove(
-    output: Path, claim: lineage.Lineage, sources: list[Path], *, compare_rows: bool = True
+    output: Path,
+    claim: lineage.Lineage,
+    sources: list[Path],
+    others: list[Path],
+    *,
+    compare_rows: bool = True,
 ) -> dict[str, str]:
-    """Why each of `sources` is not shown to be held by `output`: its doubts, by name."""
+    """Why each of `sources` is not shown to be held by `output`, and each of `others` (listed
+    under another footer) not shown to be new: its doubts, by name."""
     unreadable = lineage.output_reads_back(output, claim, decode=compare_rows)
     if unreadable:
-        return {source.name: unreadable for source in sources}
-    return lineage.unproven(output, claim, sources, compare_rows=compare_rows)
+        return {source.name: unreadable for source in [*sources, *others]}
+    doubts = lineage.unproven(output, claim, sources, compare_rows=compare_rows) if sources else {}
+    if not others:
+        return doubts
+    if not compare_rows:
+        return doubts | {
+            f.name: f"{output.name} lists {f.name} under another footer; its rows were not"
+            " compared (a new file, or the merged one changed?)"
+            for f in others
+        }
+    return doubts | lineage.share_rows(output, others)
 
 
 def _settle_partition(
@@ -565,8 +597,8 @@ def _settle_partition(
     journal: Journal,
 ) -> list[LineageAction]:
     names = lineage.list_names(folder)
-    deleted = deleted_here(journal, partition)
-    verdicts = judge_partition(folder, partition, names, busy, guard=guard, deleted=deleted)
+    new = shown_new(journal, partition)
+    verdicts = judge_partition(folder, partition, names, busy, guard=guard, shown_new=new)
     by_output: dict[str, list[LineageVerdict]] = {}
     for verdict in verdicts:
         by_output.setdefault(verdict.output, []).append(verdict)
@@ -574,7 +606,7 @@ def _settle_partition(
     for output, found in by_output.items():
         actions.extend(_settle_output(journal, folder, partition, output, found))
     for action in actions:
-        level = logging.INFO if action.removed else logging.WARNING
+        level = logging.WARNING if action.verb == "kept" else logging.INFO
         log_event(
             log,
             "lineage-recovery",
@@ -582,10 +614,21 @@ def _settle_partition(
             partition=partition,
             output=action.output,
             file=action.file,
-            action="removed" if action.removed else "kept",
+            action=action.verb,
             reason=action.reason,
         )
     return actions
+
+
+def _release(
+    journal: Journal, partition: str, output: str, name: str, footer: str
+) -> LineageAction:
+    journal.record_released(partition, name, footer, output)
+    reason = (
+        f"{output} lists {name} under another footer and holds none of its rows: a new file"
+        " under a used name (the monitor's clock stepped back?), merged like any other"
+    )
+    return LineageAction(partition, output, name, False, reason, released=True)
 
 
 def _settle_output(
@@ -606,11 +649,13 @@ def _settle_output(
         elif durable.identity(folder / verdict.file) != verdict.before:
             reason = f"{verdict.file} changed while it was compared"
             actions.append(LineageAction(partition, output, verdict.file, False, reason))
+        elif verdict.new_footer is not None:
+            actions.append(_release(journal, partition, output, verdict.file, verdict.new_footer))
         else:
             proven.append((verdict.file, verdict.before))
     if not proven:
         return actions
-    listed = [verdict.file for verdict in verdicts if verdict.before is not None]
+    listed = [v.file for v in verdicts if v.before is not None and v.new_footer is None]
     _companion_rebuilt(folder, output, listed)
     covered: list[tuple[str, FileIdentity, FileIdentity | None]] = []
     for name, identity in proven:

@@ -71,7 +71,7 @@ def lineage_fields(action: LineageAction) -> dict[str, Any]:
         "partition": action.partition,
         "output": action.output,
         "file": action.file,
-        "action": "removed" if action.removed else "kept, needs a person",
+        "action": "kept, needs a person" if action.verb == "kept" else action.verb,
         "reason": action.reason,
     }
 

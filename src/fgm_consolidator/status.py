@@ -26,7 +26,7 @@ with its last pass. Health has three parts:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +45,8 @@ from .journal import (
     UnreadableRecord,
 )
 from .layout import SkippedFolder, lock_path, walk_partitions
-from .plan import Policy, deleted_here, plan_one, waiting_metrics
+from .lineage import ShownNew
+from .plan import Policy, plan_one, shown_new, waiting_metrics
 from .recovery import LineageAction, ProofGuard, hold, judge_partition
 from .retention import journal_bytes
 from .scan import UnreadableFile, still_on_disk
@@ -165,7 +166,7 @@ def _lineage_check(
     names: frozenset[str],
     busy: set[tuple[str, str]],
     guard: ProofGuard | None,
-    deleted: Callable[[str], bool],
+    new: ShownNew,
 ) -> list[LineageAction]:
     """`recover`'s lineage check (`judge_partition`) on footers only, the reading a pass has
     done already (`plan_one` reads every output's lineage): proving an output holds a file's
@@ -176,7 +177,7 @@ def _lineage_check(
     reason where they suffice: counts that differ, outputs sharing a source, and a proof held
     because it died with its process (`guard`, read only)."""
     verdicts = judge_partition(
-        folder, partition, names, busy, compare_rows=False, guard=guard, deleted=deleted
+        folder, partition, names, busy, compare_rows=False, guard=guard, shown_new=new
     )
     return [verdict.action(partition) for verdict in verdicts]
 
@@ -232,8 +233,8 @@ def _look_at_one(
     failures = journal.failures(partition, MERGE_ACTOR) if journal else None
     failing = failures if failures is not None and failures.count >= FAILING_MERGES else None
     guard = ProofGuard(journal, interval_s) if journal else None
-    deleted = deleted_here(journal, partition)
-    doubts = _lineage_check(data_dir / partition, partition, scan.names, busy, guard, deleted)
+    new = shown_new(journal, partition)
+    doubts = _lineage_check(data_dir / partition, partition, scan.names, busy, guard, new)
     bad = [r for r in known if r.name in scan.names and still_on_disk(data_dir, r)]
     bad += [_not_yet_recorded(partition, u) for u in scan.unreadable]
     waiting = len(waiting_metrics(scan))
