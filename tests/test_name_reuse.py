@@ -19,11 +19,13 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from conftest import PAST, consolidated_name, metrics_name, run_cli, small_spec
 from oracle import RowKey, check, expected_rows
 
 from fgm_consolidator import footers, lineage
 from fgm_consolidator.layout import default_journal_path
+from fgm_consolidator.recovery import judge_partition
 from fgm_consolidator.simulate import generate
 
 PARTITION = "dt=2025-12-30/identifier=pod-a"
@@ -171,3 +173,19 @@ def test_which_file_a_lineage_means(data_dir: Path) -> None:
 
 def digest(path: Path) -> str:
     return footers.read(path).digest
+
+
+def test_a_file_without_a_footer_under_a_listed_name_is_never_taken_for_held(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new file the monitor is still writing has no footer yet, so no digest to record as
+    new. Were it finished as its rows were compared (here: the comparison finds none shared),
+    the verdict had no doubt and no footer, which reads as "proven held": deleted."""
+    first_day(data_dir)
+    folder = data_dir / PARTITION
+    name = metrics_name(REWRITTEN.start)
+    (folder / name).write_bytes(b"PAR1" + bytes(100))  # open, not finished
+    monkeypatch.setattr(lineage, "share_rows", lambda output, files: {})
+    [verdict] = judge_partition(folder, PARTITION, os.listdir(folder), set())
+    assert (verdict.file, verdict.new_footer) == (name, None)
+    assert verdict.doubt is not None and "no complete footer" in verdict.doubt

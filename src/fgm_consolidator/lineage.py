@@ -176,7 +176,8 @@ class PresentFiles:
         self.names = frozenset(names)
         self._held = held
         self._shown_new = shown_new
-        self._digests: dict[str, str | None] = {}
+        self._footers: dict[str, footers.Footer | None] = {}
+        self._new: dict[tuple[str, str], bool] = {}  # (output, name): the journal asked once
 
     def held_by(self, output: str, lineage: Lineage) -> frozenset[str]:
         """The present files that `lineage`, the lineage of `output`, lists. Never `output`
@@ -197,14 +198,19 @@ class PresentFiles:
             and not self._is_new(output, s)
         )
 
-    def digest(self, name: str) -> str | None:
-        """The footer digest of the present file `name`; None when it has no footer."""
-        if name not in self._digests:
+    def footer(self, name: str) -> footers.Footer | None:
+        """The footer of the present file `name` as this look read it (its identity is that
+        version's); None when it has no complete footer, which no merge ever read."""
+        if name not in self._footers:
             try:
-                self._digests[name] = footers.read(self.folder / name).digest
+                self._footers[name] = footers.read(self.folder / name)
             except (OSError, pa.ArrowException):
-                self._digests[name] = None  # no complete footer: not a file a merge read
-        return self._digests[name]
+                self._footers[name] = None
+        return self._footers[name]
+
+    def digest(self, name: str) -> str | None:
+        footer = self.footer(name)
+        return None if footer is None else footer.digest
 
     def _listed(self, output: str, lineage: Lineage) -> Iterator[LineageSource]:
         return (s for s in lineage.sources if s.name != output and s.name in self.names)
@@ -218,7 +224,10 @@ class PresentFiles:
             for held in self._held.values()
             for entry in held.sources
         )
-        return merged or self._shown_new(source.name, digest, output)
+        key = (output, source.name)
+        if key not in self._new:
+            self._new[key] = merged or self._shown_new(source.name, digest, output)
+        return self._new[key]
 
 
 def claimed_names(

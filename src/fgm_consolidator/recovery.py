@@ -539,10 +539,17 @@ def judge_partition(
         present = sorted(files.held_by(output, claim))
         other = files.under_another_footer(output, claim)
         before = {name: durable.identity(folder / name) for name in present}
+        footerless = set()
+        for name in other:  # shown new, if at all, as the version whose footer was read
+            footer = files.footer(name)
+            if footer is None:
+                footerless.add(name)
+            else:
+                before[name] = footer.identity
         doubts: dict[str, str] = {}
         if present and output not in shared:
             held_here = [folder / name for name in present if name not in other]
-            new_here = [folder / name for name in present if name in other]
+            new_here = [folder / name for name in present if name in other - footerless]
             prove = partial(
                 _prove, folder / output, claim, held_here, new_here, compare_rows=compare_rows
             )
@@ -557,10 +564,14 @@ def judge_partition(
                 doubts[name] = (
                     f"listed by several outputs ({', '.join(claimants)}); a person decides"
                 )
+            if name in footerless:  # never "proven held": its rows were not compared
+                doubts[name] = (
+                    f"{name} has no complete footer, and {output} lists the name under another:"
+                    " a new file still being written, or the merged one damaged?"
+                )
             new_footer = files.digest(name) if name in other else None
-            verdicts.append(
-                LineageVerdict(output, name, doubts.get(name), before[name], new_footer)
-            )
+            doubt = doubts.get(name)
+            verdicts.append(LineageVerdict(output, name, doubt, before[name], new_footer))
     return verdicts
 
 
