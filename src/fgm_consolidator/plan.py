@@ -196,13 +196,13 @@ def plan_partition(
 
 def shown_new(journal: Journal | None, partition: str) -> lineage.ShownNew:
     """Whether the journal shows a file of `partition` to be new though an output lists its
-    name (`lineage.PresentFiles`): a merge of ours deleted that name, or lineage recovery found
-    none of this version's rows in that output. No journal shows nothing."""
+    name (`lineage.PresentFiles`): the merge that wrote the output deleted that name, or
+    lineage recovery found none of this version's rows in the output. No journal, nothing."""
     if journal is None:
-        return lambda name, footer, output: False
+        return lineage.nothing_shown
 
     def new(name: str, footer: str | None, output: str) -> bool:
-        if journal.deleted_by_merge(partition, name):
+        if journal.deleted_by_merge(partition, output, name):
             return True
         return footer is not None and journal.released(partition, name, footer, output)
 
