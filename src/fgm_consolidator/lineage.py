@@ -258,6 +258,22 @@ def list_names(folder: Path) -> set[str]:
 # -- proof ---------------------------------------------------------------------------------
 
 
+# What comparing rows may raise. OverflowError: a value no Python object holds (a time nested
+# in a struct, say) is a doubt, not a traceback out of start-up recovery.
+COMPARE_ERRORS = (
+    OSError,
+    pa.ArrowException,
+    ValueError,
+    KeyError,
+    OverflowError,
+    ConsolidatorError,
+)
+
+
+def cannot_compare(output: Path, files: Sequence[Path], exc: Exception) -> dict[str, str]:
+    return {f.name: f"cannot compare {f.name} with {output.name}: {exc}" for f in files}
+
+
 def output_reads_back(path: Path, held: Lineage, *, decode: bool = True) -> str | None:
     """None when every row group of `path` decodes and the rows add up; else why not. Without
     `decode`, only the footer's count is held against the lineage."""
@@ -307,17 +323,8 @@ def unproven(
                 for s in counted
             }
         missing = containment.rows_not_found(output, counted)
-    # OverflowError: a value no Python object holds (a time nested in a struct, say) is a
-    # doubt, not a traceback out of start-up recovery.
-    except (
-        OSError,
-        pa.ArrowException,
-        ValueError,
-        KeyError,
-        OverflowError,
-        ConsolidatorError,
-    ) as exc:
-        return {s.name: f"cannot compare {s.name} with {output.name}: {exc}" for s in sources}
+    except COMPARE_ERRORS as exc:
+        return cannot_compare(output, sources, exc)
     for name, rows in missing.items():
         problems[name] = f"{name} differs from its rows in {output.name} ({rows} rows not found)"
     return problems
@@ -334,15 +341,8 @@ def share_rows(output: Path, files: Sequence[Path]) -> dict[str, str]:
     try:
         missing = containment.rows_not_found(output, files)
         rows = {path.name: pq.read_metadata(path).num_rows for path in files}
-    except (
-        OSError,
-        pa.ArrowException,
-        ValueError,
-        KeyError,
-        OverflowError,
-        ConsolidatorError,
-    ) as exc:
-        return {f.name: f"cannot compare {f.name} with {output.name}: {exc}" for f in files}
+    except COMPARE_ERRORS as exc:
+        return cannot_compare(output, files, exc)
     shared = {name: count - missing[name] for name, count in rows.items()}
     if not any(shared.values()):
         return {}
