@@ -593,8 +593,9 @@ def _prove(
         return doubts
     if not compare_rows:
         return doubts | {
-            f.name: f"{output.name} lists {f.name} under another footer; its rows were not"
-            " compared (a new file, or the merged one changed?)"
+            f.name: f"{output.name} lists {f.name} under another footer (a new file, or the"
+            " merged one changed?); its rows were not compared: `recover`, or the service's"
+            " next start, compares them"
             for f in others
         }
     return doubts | lineage.share_rows(output, others)
