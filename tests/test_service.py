@@ -389,6 +389,23 @@ def test_a_stop_requested_as_the_wait_begins_ends_it_at_once(
     assert stop.requested
 
 
+def test_a_stop_whose_log_line_cannot_be_written_still_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A handler that lands inside a write to stderr (blocked on a full pipe, then interrupted)
+    logs through a reentrant call on that stream, which raises RuntimeError: the stop was
+    recorded after the log line, so it was lost, and the service waited out its interval."""
+
+    def stderr_busy(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+    monkeypatch.setattr(service, "log_event", stderr_busy)
+    stop = StopFlag(0)
+    stop.request(signal.SIGHUP)
+    assert stop.requested
+    assert stop.wait(60) is True
+
+
 def test_sigterm_wakes_a_wait_in_this_process() -> None:
     """The real handler, a real signal: the main thread waits, a thread sends SIGTERM."""
     stop = StopFlag(0)

@@ -75,14 +75,19 @@ class StopFlag:
         lock is not reentrant: a SIGTERM landing while the main thread held that lock inside
         the event's own `wait` deadlocked the service for good (the likely cause of a CI run
         whose service did not stop within 30 s). A byte in a pipe wakes the wait instead.
-        (Logging takes only reentrant locks.)"""
-        if self._deadline is None:
+        The stop is recorded before anything is logged: a handler that lands inside a write to
+        stderr (one interrupted while the pipe is full) makes logging's own write a reentrant
+        call on that stream, which raises, and the stop was lost with it."""
+        first = self._deadline is None
+        if first:
             self._deadline = time.monotonic() + self.grace_s
-            log_event(log, "stop-requested", signal=signum, grace_s=self.grace_s)
         self._requested = True
         if self._wake is not None:
             with contextlib.suppress(BlockingIOError):  # full: a byte is there already
                 os.write(self._wake[1], b"\0")
+        if first:
+            with contextlib.suppress(RuntimeError):  # the line is lost, not the stop
+                log_event(log, "stop-requested", signal=signum, grace_s=self.grace_s)
 
     @property
     def requested(self) -> bool:
