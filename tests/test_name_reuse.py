@@ -23,9 +23,12 @@ import pytest
 from conftest import PAST, consolidated_name, metrics_name, run_cli, small_spec
 from oracle import RowKey, check, expected_rows
 
-from fgm_consolidator import footers, lineage
+from fgm_consolidator import footers, lineage, recovery
+from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
+from fgm_consolidator.plan import Policy
 from fgm_consolidator.recovery import judge_partition
+from fgm_consolidator.service import Settings, StopFlag, consolidation_pass
 from fgm_consolidator.simulate import generate
 
 PARTITION = "dt=2025-12-30/identifier=pod-a"
@@ -139,6 +142,65 @@ def test_with_the_journal_lost_first_the_rows_tell(data_dir: Path) -> None:
     assert left == [consolidated_name(0, 23), consolidated_name(3, 6)]
     assert check(data_dir, expected, journal_lost=True).violations == []
     assert status_code(data_dir) == 0
+
+
+def pass_now(data_dir: Path) -> None:
+    """One pass of a running service: no start-up recovery before it."""
+    settings = Settings(data_dir, default_journal_path(data_dir), Policy(min_age_s=0))
+    journal = Journal.open(settings.journal_path)
+    try:
+        consolidation_pass(journal, settings, StopFlag(20))
+    finally:
+        journal.close()
+
+
+def test_with_the_journal_lost_a_name_reused_while_the_service_runs_is_compared_in_a_pass(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up check came before the file: it waited for the next start, `status`
+    asking a person meanwhile. A pass compares it now, once per version."""
+    first_day(data_dir)
+    default_journal_path(data_dir).unlink()
+    run_once(data_dir)  # the service's start after the loss: nothing to settle yet
+    expected = write_again(data_dir)
+    compared = []
+    real = lineage.share_rows
+
+    def counted(output: Path, files: list[Path]) -> dict[str, str]:
+        compared.append(sorted(f.name for f in files))
+        return real(output, files)
+
+    monkeypatch.setattr(lineage, "share_rows", counted)
+    monkeypatch.setattr(recovery, "_compared_in_passes", set())
+    pass_now(data_dir)
+    assert compared == [[metrics_name(r) for r in REWRITTEN]]
+    left = sorted(n for n in os.listdir(data_dir / PARTITION) if n.endswith(".parquet"))
+    assert left == [consolidated_name(0, 23), consolidated_name(3, 6)]
+    assert check(data_dir, expected, journal_lost=True).violations == []
+    assert status_code(data_dir) == 0
+
+
+def test_a_pass_compares_a_version_that_shares_rows_once(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held, reported once, and not compared again by every pass (each reads the output)."""
+    first_day(data_dir)
+    default_journal_path(data_dir).unlink()
+    run_once(data_dir)
+    write_again(data_dir)
+    compared = []
+
+    def shares(output: Path, files: list[Path]) -> dict[str, str]:
+        compared.append(len(files))
+        return {f.name: "holds 1 of its rows" for f in files}
+
+    monkeypatch.setattr(lineage, "share_rows", shares)
+    monkeypatch.setattr(recovery, "_compared_in_passes", set())
+    before = sorted(os.listdir(data_dir / PARTITION))
+    pass_now(data_dir)
+    pass_now(data_dir)
+    assert compared == [len(REWRITTEN)]
+    assert sorted(os.listdir(data_dir / PARTITION)) == before
 
 
 def test_which_file_a_lineage_means(data_dir: Path) -> None:

@@ -159,7 +159,7 @@ class PresentFiles:
     A present file is the one a lineage lists under its name when the footer digests agree, or
     when the lineage recorded none (an output from before digests). Under another footer it
     may still be that file rewritten in place, whose rows the output holds: it stays the
-    lineage's (held; start-up's lineage check compares the rows), unless something shows it
+    lineage's (held; the lineage check compares the rows), unless something shows it
     is new: the journal (`shown_new`: the merge that wrote the output deleted the file it
     lists, or that check found none of its rows in the output), or another output's lineage
     recording this very footer (it was merged as a file of its own). Each footer is read at

@@ -594,8 +594,8 @@ def _prove(
     if not compare_rows:
         return doubts | {
             f.name: f"{output.name} lists {f.name} under another footer (a new file, or the"
-            " merged one changed?); its rows were not compared: `recover`, or the service's"
-            " next start, compares them"
+            " merged one changed?); its rows were not compared: the service's next pass, or"
+            " `recover`, compares them"
             for f in others
         }
     return doubts | lineage.share_rows(output, others)
@@ -617,18 +617,67 @@ def _settle_partition(
     actions: list[LineageAction] = []
     for output, found in by_output.items():
         actions.extend(_settle_output(journal, folder, partition, output, found))
+    _log_actions(actions)
+    return actions
+
+
+def _log_actions(actions: list[LineageAction]) -> None:
     for action in actions:
         level = logging.WARNING if action.verb == "kept" else logging.INFO
         log_event(
             log,
             "lineage-recovery",
             level,
-            partition=partition,
+            partition=action.partition,
             output=action.output,
             file=action.file,
             action=action.verb,
             reason=action.reason,
         )
+
+
+# Versions of files a pass compared with an output and did not show new: (partition, output,
+# name, footer digest). Compared again by the next start or `recover`, not by every pass,
+# which would read the output each time. A few per reused name at most.
+_compared_in_passes: set[tuple[str, str, str, str]] = set()
+
+
+def release_new_files(
+    journal: Journal, folder: Path, partition: str, guard: ProofGuard
+) -> list[LineageAction]:
+    """During a pass, the start-up check's row comparison for files under a name an output
+    lists with another footer, and for nothing else (nothing is deleted here): with the
+    journal lost, a name reused while the service runs would wait for the next start.
+
+    Each version is compared once per process; one that shares rows, or cannot be compared,
+    stays held and is reported once."""
+    names = lineage.list_names(folder)
+    held = lineage.lineages(folder, names)
+    files = lineage.PresentFiles(folder, names, held, shown_new(journal, partition))
+    shared = lineage.overlaps(held)
+    actions: list[LineageAction] = []
+    for output, claim in held.items():
+        if output in shared:
+            continue
+        todo: dict[str, footers.Footer] = {}
+        for name in sorted(files.under_another_footer(output, claim)):
+            footer = files.footer(name)
+            claimants = [o for o, c in held.items() if name in files.held_by(o, c)]
+            key = (partition, output, name, footer.digest if footer else "")
+            if footer is not None and len(claimants) == 1 and key not in _compared_in_passes:
+                todo[name] = footer
+        if not todo:
+            continue
+        others = [folder / name for name in todo]
+        prove = partial(_prove, folder / output, claim, [], others)
+        doubts = guard.run(proof_subject(partition, output), list(todo), prove)
+        for name, footer in todo.items():
+            if name not in doubts and durable.optional_identity(folder / name) == footer.identity:
+                actions.append(_release(journal, partition, output, name, footer.digest))
+            elif name in doubts:
+                _compared_in_passes.add((partition, output, name, footer.digest))
+                actions.append(LineageAction(partition, output, name, False, doubts[name]))
+    _log_actions(actions)
     return actions
 
 

@@ -66,6 +66,7 @@ class PartitionScan:
     unreadable: tuple[UnreadableFile, ...]
     young: int
     names: frozenset[str]
+    held: frozenset[str] = frozenset()  # data files here held out of merges (`plan_one`)
 
 
 def read_footer(path: Path) -> footers.Footer:
@@ -220,4 +221,7 @@ def scan_partition(
             )
         )
     eligible.sort(key=lambda s: s.file)
-    return PartitionScan(partition, folder, tuple(eligible), tuple(unreadable), young, names)
+    held_here = frozenset(name for name in names & set(held) if parse_data_file(name))
+    return PartitionScan(
+        partition, folder, tuple(eligible), tuple(unreadable), young, names, held_here
+    )

@@ -33,7 +33,7 @@ from .logs import log_event
 from .merge import MergeOutcome, execute, report_unreadable
 from .observe import Observer
 from .plan import Policy, Skipped, plan_one, waiting_metrics
-from .recovery import RecoveryReport, hold, recover
+from .recovery import ProofGuard, RecoveryReport, hold, recover, release_new_files
 from .reports import recovery_fields
 from .scan import PartitionScan, UnreadableFile
 from .states import MergeState
@@ -248,6 +248,8 @@ def _consolidate_partition(
     report: PassReport,
 ) -> None:
     scan, plans, skipped = plan_one(settings.data_dir, partition, settings.policy, journal, now)
+    if scan.held and _released(journal, settings, partition):  # merged in this pass
+        scan, plans, skipped = plan_one(settings.data_dir, partition, settings.policy, journal, now)
     for bad in scan.unreadable:
         report.unreadable.append((scan.partition, bad))
         report_unreadable(journal, scan.partition, bad)
@@ -275,6 +277,14 @@ def _consolidate_partition(
         if outcome.state is MergeState.SOURCES_DELETED:
             consolidated.update(source.name for source in plan.sources)
     report.backlog[partition] = backlog(scan, consolidated)
+
+
+def _released(journal: Journal, settings: Settings, partition: str) -> bool:
+    """Whether files held under a name an output lists were shown new (`release_new_files`);
+    asked only of a partition holding files, so a pass reads no lineage twice otherwise."""
+    guard = ProofGuard(journal, settings.check_interval_s)
+    actions = release_new_files(journal, settings.data_dir / partition, partition, guard)
+    return any(action.released for action in actions)
 
 
 def backlog(scan: PartitionScan, consolidated: set[str]) -> int:
