@@ -144,6 +144,23 @@ def test_with_the_journal_lost_first_the_rows_tell(data_dir: Path) -> None:
     assert status_code(data_dir) == 0
 
 
+def test_a_name_used_three_times_is_judged_by_each_output_that_lists_it(data_dir: Path) -> None:
+    """Two outputs list the name, each with a file of its own, and the journal that says so is
+    lost. "Listed by several outputs" held the third file for a person; it is new to each."""
+    first_day(data_dir)
+    write_again(data_dir)
+    run_once(data_dir)  # the second files merged: consolidated(3, 6) lists them
+    default_journal_path(data_dir).unlink()
+    third = small_spec(start=PAST + timedelta(seconds=90 * 4), seed=8)
+    generate(data_dir, third, only=range(2))  # rotations 4 and 5, a third time
+    expected = expected_rows(data_dir)
+    run_once(data_dir)
+    left = sorted(n for n in os.listdir(data_dir / PARTITION) if n.endswith(".parquet"))
+    assert left == [consolidated_name(0, 23), consolidated_name(3, 6), consolidated_name(4, 5)]
+    assert check(data_dir, expected, journal_lost=True).violations == []
+    assert status_code(data_dir) == 0
+
+
 def pass_now(data_dir: Path) -> None:
     """One pass of a running service: no start-up recovery before it."""
     settings = Settings(data_dir, default_journal_path(data_dir), Policy(min_age_s=0))

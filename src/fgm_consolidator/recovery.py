@@ -560,7 +560,10 @@ def judge_partition(
                 doubts = guard.run(subject, present, prove, journaled=compare_rows)
         for name in present:
             claimants = sorted(o for o, c in held.items() if name in files.held_by(o, c))
-            if len(claimants) > 1 or output in shared:
+            # Under another footer, the file is new or not to this output alone: a name used
+            # three times is listed by two outputs, each with a file of its own.
+            several = len(claimants) > 1 and name not in other
+            if several or output in shared:
                 doubts[name] = (
                     f"listed by several outputs ({', '.join(claimants)}); a person decides"
                 )
@@ -662,9 +665,8 @@ def release_new_files(
         todo: dict[str, footers.Footer] = {}
         for name in sorted(files.under_another_footer(output, claim)):
             footer = files.footer(name)
-            claimants = [o for o, c in held.items() if name in files.held_by(o, c)]
             key = (partition, output, name, footer.digest if footer else "")
-            if footer is not None and len(claimants) == 1 and key not in _compared_in_passes:
+            if footer is not None and key not in _compared_in_passes:
                 todo[name] = footer
         if not todo:
             continue
