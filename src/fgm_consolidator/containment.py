@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import reading
-from .schemas import conform, is_text_or_bytes
+from .schemas import conform, is_label, is_text_or_bytes
 
 # Rows of a bucket, counted in memory at once: Arrow's hashing of 16-byte digests peaks at
 # about 125 bytes a row. More rows take more buckets, not more memory, up to MAX_BUCKETS
@@ -48,16 +48,22 @@ BATCH_ROWS = 4_096
 DIGEST_BYTES = 16
 
 
-def rows_not_found(output: Path, sources: Sequence[Path]) -> Counter[str]:
+def rows_not_found(
+    output: Path, sources: Sequence[Path], *, drop_labels: bool = False
+) -> Counter[str]:
     """How many rows of each source are not among the output's (a source absent from the
-    answer is proven held); each output row counts for one source row only."""
+    answer is proven held); each output row counts for one source row only.
+
+    `drop_labels`: a source's label columns that the output lacks are left out of its rows.
+    A row then matches more easily, never less: right for asking whether none matches, and
+    never for a proof that a source is held (it would hold without those labels)."""
     schema = pq.read_schema(output)
     rows = max(pq.read_metadata(output).num_rows, sum(_rows(source) for source in sources))
     count = min(MAX_BUCKETS, max(1, -(-rows // BUCKET_ROWS)))
     with _Buckets(output.parent, count) as buckets:
         buckets.add(_fingerprints_of(output, schema))
         for position, source in enumerate(sources):
-            buckets.add(_fingerprints_of(source, schema), source=position)
+            buckets.add(_fingerprints_of(source, schema, drop_labels), source=position)
         missing: Counter[str] = Counter()
         for position, lost in buckets.unmatched():
             missing[sources[position].name] += lost
@@ -172,10 +178,15 @@ def _counts_of(wanted: pa.Array, have: pa.StructArray) -> pa.Array:
     return pc.coalesce(pc.take(have.field("counts"), places), 0)
 
 
-def _fingerprints_of(path: Path, schema: pa.Schema) -> Iterator[list[bytes]]:
+def _fingerprints_of(
+    path: Path, schema: pa.Schema, drop_labels: bool = False
+) -> Iterator[list[bytes]]:
     """Each row's digest, a batch at a time, its values taken as the output's `schema`."""
     with pq.ParquetFile(path) as parquet:
         for batch in reading.batches(parquet, BATCH_ROWS, use_threads=False):
+            if drop_labels:
+                kept = [n for n in batch.schema.names if n in schema.names or not is_label(n)]
+                batch = batch.select(kept)
             yield fingerprints(conform(batch, schema))
 
 
