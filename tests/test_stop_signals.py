@@ -97,10 +97,16 @@ def _ignore_sighup() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def _default_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def test_sighup_stops_gracefully_like_sigterm(data_dir: Path) -> None:
+    """Started as a terminal would start it: a suite run under `nohup` passes its ignored
+    SIGHUP on to every child, and the service rightly keeps it ignored then (below)."""
     generate(data_dir, small_spec(start=PAST))
     with running(data_dir) as start:
-        service = start("--check-interval", "300")
+        service = start("--check-interval", "300", preexec_fn=_default_sighup)
         service.wait_for("pass-finished")
         service.proc.send_signal(signal.SIGHUP)
         code = service.proc.wait(timeout=DEADLINE_S)
