@@ -115,7 +115,7 @@ def assert_no_source_in_two_outputs(data_dir: Path) -> None:
     seen: dict[tuple[str, str], str] = {}
     for output, held in live_lineages(data_dir).items():
         partition = str(Path(output).parent)
-        for name in held.names:
+        for name in {source.name for source in held.sources}:
             other = seen.setdefault((partition, name), output)
             assert other == output, f"{name} is held by {other} and {output}"
 

@@ -54,10 +54,6 @@ class Lineage:
     rows: int
     sources: tuple[LineageSource, ...]
 
-    @property
-    def names(self) -> frozenset[str]:
-        return frozenset(s.name for s in self.sources)
-
     def rows_of(self, name: str) -> int:
         return next(s.rows for s in self.sources if s.name == name)
 
