@@ -268,9 +268,12 @@ def check_journal(
     report.merges = len(records)
     by_path = {f.path: f for f in live}
     finished = [r for r in records if r.state is MergeState.SOURCES_DELETED]
-    consumed = {  # (partition, name) of every file a finished merge took as a source
-        (r.partition, s.name) for r in finished for s in r.sources
-    }
+    consumers: dict[tuple[str, str], list[int]] = {}  # file -> finished merges that took it
+    writers: dict[tuple[str, str], list[int]] = {}  # output -> finished merges that wrote it
+    for r in finished:
+        writers.setdefault((r.partition, r.output), []).append(r.id)
+        for s in r.sources:
+            consumers.setdefault((r.partition, s.name), []).append(r.id)
     outputs = set()
     for record in records:
         if record.state not in TERMINAL:
@@ -288,9 +291,19 @@ def check_journal(
     for record in finished:
         folder = data_dir / record.partition
         output = folder / record.output
+        key = (record.partition, record.output)
+        later = next((w for w in writers[key] if w > record.id), None)
+        if later is not None:
+            # legitimate only if a merge between the two took this output as a source: new
+            # files under its sources' reused names make the same range again (test_name_reuse)
+            if not any(record.id < c < later for c in consumers.get(key, ())):
+                report.add(
+                    f"{output}: output of finished merge {record.id} overwritten by merge {later}"
+                )
+            continue
         file = by_path.get(output)
         if file is None:  # unreadable (reported above), or merged again by a later merge
-            if not output.exists() and (record.partition, record.output) not in consumed:
+            if not output.exists() and key not in consumers:
                 report.add(f"{output}: output of finished merge {record.id} missing")
             continue
         outputs.add(output)
