@@ -111,6 +111,9 @@ class Monitor(threading.Thread):
         self.lock = threading.Lock()
         self.expected: Counter[RowKey] = Counter()
         self.finished: set[Path] = set()
+        # how many times each name was opened for writing: a name reused while a mid-run check
+        # read it is a new file in progress, not a finished one gone bad
+        self.writes: Counter[Path] = Counter()
         # partition -> every container id a companion of the monitor listed: the viewer must
         # still list each at the end (FORMATS: an output's companion is its sources' union)
         self.containers: ContainerIds = {}
@@ -149,6 +152,7 @@ class Monitor(threading.Thread):
             with self.lock:  # written again: unfinished until its new `finish`
                 self.reused += path in self.finished
                 self.finished.discard(path)
+                self.writes[path] += 1
             handles.append(simulate.open_rotation(self.data_dir, self.spec, pod, rotation))
         self.stop.wait(max(0.0, start.timestamp() + self.behind_s + ROTATION_S - time.time()))
         for handle in handles:
@@ -163,9 +167,18 @@ class Monitor(threading.Thread):
                     ids = self.containers.setdefault(partition, set())
                     ids.update(c.container_id for c in listed)
 
-    def snapshot(self) -> tuple[Counter[RowKey], set[Path]]:
+    def snapshot(self) -> tuple[Counter[RowKey], dict[Path, int]]:
+        """The rows of every finished file, and which write of each finished name is done."""
         with self.lock:
-            return Counter(self.expected), set(self.finished)
+            return Counter(self.expected), {path: self.writes[path] for path in self.finished}
+
+    def files_written(self) -> int:
+        with self.lock:
+            return sum(self.writes.values())
+
+    def rewritten_since(self, path: Path, write: int) -> bool:
+        with self.lock:
+            return self.writes[path] != write
 
 
 @dataclass
@@ -178,8 +191,10 @@ class Figures:
     violations: list[str] = field(default_factory=list)
 
 
-def rows_now(data_dir: Path, finished: set[Path], figures: Figures) -> Counter[RowKey]:
-    """Rows of the live files; a file the monitor is still writing is skipped."""
+def rows_now(data_dir: Path, monitor: Monitor, figures: Figures) -> Counter[RowKey]:
+    """Rows of the live files; a file the monitor is still writing is skipped, and so is one
+    it began to write again under a reused name after the snapshot was taken."""
+    _, finished = monitor.snapshot()
     found: Counter[RowKey] = Counter()
     for partition, path in data_file_paths(data_dir):
         try:
@@ -187,14 +202,15 @@ def rows_now(data_dir: Path, finished: set[Path], figures: Figures) -> Counter[R
         except FileNotFoundError:
             continue
         except (OSError, pa.ArrowException) as exc:
-            if path in finished or path.name.startswith("consolidated-"):
+            done = path in finished and not monitor.rewritten_since(path, finished[path])
+            if done or path.name.startswith("consolidated-"):
                 figures.violations.append(f"kill {figures.kills}: {path} unreadable: {exc}")
     return found
 
 
 def check_nothing_lost(data_dir: Path, monitor: Monitor, figures: Figures) -> None:
-    expected, finished = monitor.snapshot()
-    lost = expected - rows_now(data_dir, finished, figures)
+    expected, _ = monitor.snapshot()
+    lost = expected - rows_now(data_dir, monitor, figures)
     figures.mid_run_checks += 1
     if lost:
         figures.violations.append(
@@ -331,7 +347,7 @@ def torture(args: argparse.Namespace, work: Path) -> Figures:
         "kills": figures.kills,
         "kills_in_a_merge": figures.kills_in_a_merge,
         **merge_figures(records),
-        "files_written": len(monitor.finished),
+        "files_written": monitor.files_written(),
         "rows_written": sum(expected.values()),
         "rows_checked": report.rows_checked,
         "live_files": report.files_checked,
