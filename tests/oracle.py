@@ -269,9 +269,9 @@ def check_journal(
     by_path = {f.path: f for f in live}
     finished = [r for r in records if r.state is MergeState.SOURCES_DELETED]
     consumers: dict[tuple[str, str], list[int]] = {}  # file -> finished merges that took it
-    writers: dict[tuple[str, str], list[int]] = {}  # output -> finished merges that wrote it
+    writers: dict[tuple[str, str], list[MergeRecord]] = {}  # output -> finished merges of it
     for r in finished:
-        writers.setdefault((r.partition, r.output), []).append(r.id)
+        writers.setdefault((r.partition, r.output), []).append(r)
         for s in r.sources:
             consumers.setdefault((r.partition, s.name), []).append(r.id)
     outputs = set()
@@ -292,14 +292,15 @@ def check_journal(
         folder = data_dir / record.partition
         output = folder / record.output
         key = (record.partition, record.output)
-        later = next((w for w in writers[key] if w > record.id), None)
+        later = next((w for w in writers[key] if w.id > record.id), None)
         if later is not None:
-            # legitimate only if a merge between the two took this output as a source: new
-            # files under its sources' reused names make the same range again (test_name_reuse)
-            if not any(record.id < c < later for c in consumers.get(key, ())):
-                report.add(
-                    f"{output}: output of finished merge {record.id} overwritten by merge {later}"
-                )
+            # The later one checks the file. Legitimate if it is the same file (adopted again
+            # by a later start with the journal lost), or if a merge between the two took this
+            # output as a source: new files under its sources' reused names make the same
+            # range again (test_name_reuse).
+            same = later.output_checksum == record.output_checksum
+            if not same and not any(record.id < c < later.id for c in consumers.get(key, ())):
+                report.add(f"{output}: output of merge {record.id} overwritten by merge {later.id}")
             continue
         file = by_path.get(output)
         if file is None:  # unreadable (reported above), or merged again by a later merge

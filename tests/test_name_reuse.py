@@ -204,7 +204,7 @@ def test_an_output_name_made_again_after_its_output_was_merged_on(data_dir: Path
         journal.execute("DELETE FROM sources WHERE name = ?", (consolidated_name(3, 6),))
     violations = check(data_dir, expected).violations
     assert [v for v in violations if "overwritten by merge" in v] == [
-        f"{folder / consolidated_name(3, 6)}: output of finished merge 1 overwritten by merge 3"
+        f"{folder / consolidated_name(3, 6)}: output of merge 1 overwritten by merge 3"
     ], violations
 
 
