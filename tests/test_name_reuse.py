@@ -126,6 +126,47 @@ def test_a_merge_cut_among_its_deletes_is_finished_not_withdrawn(data_dir: Path)
     assert check(data_dir, expected).violations == []
 
 
+def reuse_first_source_during_a_cut_delete(
+    data_dir: Path, seed: int
+) -> tuple[Path, Counter[RowKey]]:
+    """The merge of the second files is killed right after it deleted its first source, and
+    the monitor writes that name a third time before recovery runs: that file and every row
+    expected."""
+    first_day(data_dir)
+    expected = write_again(data_dir)
+    run_once(data_dir, crash_at="durable:unlinked#4")  # as in the test above
+    reused = data_dir / PARTITION / metrics_name(REWRITTEN.start)
+    assert not reused.exists()
+    generate(data_dir, small_spec(start=PAST + timedelta(seconds=90 * 3), seed=seed), range(1))
+    return reused, expected + row_keys(pq.read_table(reused), PARTITION)
+
+
+def test_a_name_reused_between_a_cut_delete_and_recovery_is_a_new_file(data_dir: Path) -> None:
+    """The changed source went to needs-attention for a person. Deletes go in order, so a
+    source whose predecessors are all gone may have gone too; sharing no row with the output,
+    the file under its name is new: recovery leaves it and finishes the merge."""
+    reused, expected = reuse_first_source_during_a_cut_delete(data_dir, seed=8)
+    result = run_cli("recover", "--data-dir", str(data_dir), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert reused.exists()
+    assert check(data_dir, expected).violations == []
+    assert status_code(data_dir) == 0
+
+
+def test_a_first_source_changed_in_place_during_a_cut_delete_is_left_for_a_person(
+    data_dir: Path,
+) -> None:
+    """The same interleaving, but the file under the name holds rows the output holds (the
+    merged file, rewritten one row short): deleting it, or keeping it as new, would be a guess."""
+    reused, _ = reuse_first_source_during_a_cut_delete(data_dir, seed=7)  # the second files'
+    table = pq.read_table(reused)
+    pq.write_table(table.slice(1), reused)
+    result = run_cli("recover", "--data-dir", str(data_dir), "--json")
+    assert result.returncode == EXIT_NEEDS_PERSON, result.stdout + result.stderr
+    assert f"{reused}: changed after merge" in result.stdout
+    assert reused.exists()
+
+
 def test_with_the_journal_lost_first_the_rows_tell(data_dir: Path) -> None:
     """No journal says the name was deleted, so the file may be the merged one rewritten in
     place, whose rows the output holds: start-up compares them, finds none of the new file's

@@ -436,6 +436,15 @@ def _same_file_or_bytes(tmp: Path, target: Path) -> bool:
     return os.path.samefile(tmp, target) or filecmp.cmp(tmp, target, shallow=False)
 
 
+def _new_under_its_name(folder: Path, record: MergeRecord, path: Path) -> bool:
+    """A file under the name of a source a cut delete sequence may have removed: the monitor,
+    its clock stepped back, writes under names merged before, and the few seconds between a
+    kill among the deletes and recovery are enough. It is a new file if none of its rows is
+    in our output (`lineage.share_rows`); a source changed in place shares them (or cannot
+    be compared yet), and stays for a person."""
+    return not lineage.share_rows(folder / record.output, [path])
+
+
 def delete_sources(folder: Path, record: MergeRecord) -> None:
     """Re-stat every remaining source first: one changed file stops all deletes.
 
@@ -446,17 +455,22 @@ def delete_sources(folder: Path, record: MergeRecord) -> None:
     companion instead, which is still a source that either recovery finishes, and whose
     containers the output's companion lists already."""
     present = []
+    reached = True  # every source before this one is gone: deletes go in order, as a prefix
     for source in record.sources:
         path = folder / source.name
         now = durable.optional_identity(path)
         if now is None:
             continue  # deleted before a crash
         if now != source.identity:
-            raise SourceChangedError(
-                f"changed after merge {record.id} was planned; kept, output "
-                f"{record.output} may duplicate its rows",
-                path,
-            )
+            if not (reached and _new_under_its_name(folder, record, path)):
+                raise SourceChangedError(
+                    f"changed after merge {record.id} was planned; kept, output "
+                    f"{record.output} may duplicate its rows",
+                    path,
+                )
+            log_event(log, "source-name-reused", merge_id=record.id, file=str(path))
+            continue  # ours went before a crash; this one is not ours to delete
+        reached = False
         present.append(source)
     for source in record.sources:
         companion = folder / companion_name(source.name)
