@@ -354,6 +354,7 @@ def torture(args: argparse.Namespace, work: Path) -> Figures:
         "mid_run_checks": figures.mid_run_checks,
         "journals_lost": figures.journals_lost,
         "names_reused": monitor.reused,
+        "reused_among_deletes": logged_lines(log, "event=source-name-reused"),
         "removed_by_lineage": logged_lines(log, "event=lineage-recovery", "action=removed"),
         "kept_by_lineage": logged_lines(log, "event=lineage-recovery", "action=kept"),
         "companions_published": logged_lines(log, "event=orphan-published"),
