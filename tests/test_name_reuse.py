@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import PAST, consolidated_name, metrics_name, run_cli, small_spec
-from oracle import RowKey, check, expected_rows, row_keys
+from oracle import RowKey, check, expected_rows, journal_records, row_keys
 
 from fgm_consolidator import footers, lineage, recovery
 from fgm_consolidator.journal import Journal
@@ -33,6 +33,7 @@ from fgm_consolidator.plan import Policy
 from fgm_consolidator.recovery import judge_partition
 from fgm_consolidator.service import Settings, StopFlag, consolidation_pass
 from fgm_consolidator.simulate import generate
+from fgm_consolidator.states import MergeState
 
 PARTITION = "dt=2025-12-30/identifier=pod-a"
 REWRITTEN = range(3, 7)  # rotations whose names the monitor uses again
@@ -148,6 +149,26 @@ def test_a_name_reused_between_a_cut_delete_and_recovery_is_a_new_file(data_dir:
     reused, expected = reuse_first_source_during_a_cut_delete(data_dir, seed=8)
     result = run_cli("recover", "--data-dir", str(data_dir), "--json")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert reused.exists()
+    assert check(data_dir, expected).violations == []
+    assert status_code(data_dir) == 0
+
+
+def test_a_name_reused_between_a_cut_delete_and_recovery_still_being_written_is_left(
+    data_dir: Path,
+) -> None:
+    """The real monitor writes a file for its whole window (90 s), so recovery a few seconds
+    after the kill finds it without a footer: begun after ours was planned complete, it is
+    new, left alone while the merge finishes, and a new file to the next start once the monitor
+    finishes it (the journal shows the merge deleted that name)."""
+    reused, expected = reuse_first_source_during_a_cut_delete(data_dir, seed=8)
+    complete = reused.read_bytes()
+    reused.write_bytes(complete[: len(complete) // 2])  # the monitor, mid-window
+    result = run_cli("recover", "--data-dir", str(data_dir), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert journal_records(data_dir)[-1].state is MergeState.SOURCES_DELETED
+    reused.write_bytes(complete)  # finished
+    run_once(data_dir)
     assert reused.exists()
     assert check(data_dir, expected).violations == []
     assert status_code(data_dir) == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from . import companions, durable, lineage
+from . import companions, durable, footers, lineage
 from .durable import FileIdentity
 from .errors import (
     ConsolidatorError,
@@ -439,9 +439,16 @@ def _same_file_or_bytes(tmp: Path, target: Path) -> bool:
 def _new_under_its_name(folder: Path, record: MergeRecord, path: Path) -> bool:
     """A file under the name of a source a cut delete sequence may have removed: the monitor,
     its clock stepped back, writes under names merged before, and the few seconds between a
-    kill among the deletes and recovery are enough. It is a new file if none of its rows is
-    in our output (`lineage.share_rows`); a source changed in place shares them (or cannot
-    be compared yet), and stays for a person."""
+    kill among the deletes and recovery are enough.
+
+    It is a new file if none of its rows is in our output (`lineage.share_rows`); a source
+    changed in place shares them, and stays for a person. One without a complete footer is
+    new too: ours had one when it was planned, so this was begun since (the monitor writes a
+    file for its whole window), and the rows a torn copy of ours had are in our output."""
+    try:
+        footers.read(path)
+    except (OSError, pa.ArrowException):
+        return True
     return not lineage.share_rows(folder / record.output, [path])
 
 
