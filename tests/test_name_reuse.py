@@ -142,32 +142,25 @@ def reuse_first_source_during_a_cut_delete(
     return reused, expected + row_keys(pq.read_table(reused), PARTITION)
 
 
-def test_a_name_reused_between_a_cut_delete_and_recovery_is_a_new_file(data_dir: Path) -> None:
+@pytest.mark.parametrize("half_written", [False, True], ids=["finished", "being-written"])
+def test_a_name_reused_between_a_cut_delete_and_recovery_is_a_new_file(
+    data_dir: Path, half_written: bool
+) -> None:
     """The changed source went to needs-attention for a person. Deletes go in order, so a
     source whose predecessors are all gone may have gone too; sharing no row with the output,
-    the file under its name is new: recovery leaves it and finishes the merge."""
-    reused, expected = reuse_first_source_during_a_cut_delete(data_dir, seed=8)
-    result = run_cli("recover", "--data-dir", str(data_dir), "--json")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert reused.exists()
-    assert check(data_dir, expected).violations == []
-    assert status_code(data_dir) == 0
-
-
-def test_a_name_reused_between_a_cut_delete_and_recovery_still_being_written_is_left(
-    data_dir: Path,
-) -> None:
-    """The real monitor writes a file for its whole window (90 s), so recovery a few seconds
-    after the kill finds it without a footer: begun after ours was planned complete, it is
-    new, left alone while the merge finishes, and a new file to the next start once the monitor
-    finishes it (the journal shows the merge deleted that name)."""
+    the file under its name is new: recovery leaves it and finishes the merge. The real monitor
+    writes a file for its whole window (90 s), so recovery seconds after the kill finds it
+    without a footer: begun after ours was planned complete, it is new too, and once finished
+    a new file to the next start (the journal shows the merge deleted that name)."""
     reused, expected = reuse_first_source_during_a_cut_delete(data_dir, seed=8)
     complete = reused.read_bytes()
-    reused.write_bytes(complete[: len(complete) // 2])  # the monitor, mid-window
+    if half_written:
+        reused.write_bytes(complete[: len(complete) // 2])  # the monitor, mid-window
     result = run_cli("recover", "--data-dir", str(data_dir), "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert journal_records(data_dir)[-1].state is MergeState.SOURCES_DELETED
-    reused.write_bytes(complete)  # finished
+    if half_written:
+        reused.write_bytes(complete)  # finished
     run_once(data_dir)
     assert reused.exists()
     assert check(data_dir, expected).violations == []
