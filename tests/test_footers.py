@@ -110,3 +110,22 @@ def test_files_with_one_schema_share_it_and_lineage_stays_out_of_it(
     a, b = footers.read(tmp_path / "a.parquet"), footers.read(tmp_path / "b.parquet")
     assert a.schema is b.schema and a.schema.metadata == {b"k": b"v"}
     assert (a.lineage, b.lineage) == (b'{"merge_id":1}', b'{"merge_id":2}')
+
+
+def test_digest_now_reads_past_the_cache(tmp_path: Path, parses: list[object]) -> None:
+    """The cache knows a file by its identity, which a new file can take over: `digest_now`
+    hashes the bytes there now, and says None for a file without a complete footer."""
+    path = tmp_path / "a.parquet"
+    write(path, 3)
+    cached = footers.read(path)
+    assert footers.digest_now(path) == cached.digest
+    st = path.stat()
+    write(path, 3, key=b"w")  # same rows, other footer
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert footers.digest_now(path) not in (None, cached.digest)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # the monitor, mid-window
+    assert footers.digest_now(path) is None
+    path.write_bytes(whole[:-4] + b"PAR!")
+    assert footers.digest_now(path) is None
+    assert footers.digest_now(tmp_path / "gone.parquet") is None

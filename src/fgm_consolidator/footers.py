@@ -86,6 +86,23 @@ def footer_digest(handle: BinaryIO, size: int) -> str:
     return digest.hexdigest()
 
 
+def digest_now(path: Path) -> str | None:
+    """The footer digest of the bytes under `path` now, past the cache (which knows a file by
+    its identity, and a new file can take an old one's: inode reused, same size, an mtime
+    equal at a coarse clock's granularity). None without a complete footer."""
+    try:
+        with durable.open_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            handle.seek(-8, os.SEEK_END)
+            tail = handle.read(8)
+            length = int.from_bytes(tail[:4], "little")
+            if tail[4:] != b"PAR1" or not 0 < length <= size - 12:
+                return None
+            return footer_digest(handle, size)
+    except OSError:
+        return None
+
+
 def read(path: Path) -> Footer:
     """The footer of `path`; raises OSError or pyarrow's error when it does not read."""
     st = os.lstat(path)

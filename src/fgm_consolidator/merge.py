@@ -323,7 +323,7 @@ def finish(
     if found:
         return _yield_to(journal, folder, record, ours, found, actor=actor)
     try:
-        delete_sources(folder, record)
+        delete_sources(folder, record, ours)
     except SourceChangedError as exc:
         if record.state is not MergeState.NEEDS_ATTENTION:
             journal.transition(record.id, MergeState.NEEDS_ATTENTION, actor=actor, error=str(exc))
@@ -445,15 +445,23 @@ def _new_under_its_name(folder: Path, record: MergeRecord, path: Path) -> bool:
     changed in place shares them, and stays for a person. One without a complete footer is
     new too: ours had one when it was planned, so this was begun since (the monitor writes a
     file for its whole window), and the rows a torn copy of ours had are in our output."""
-    try:
-        footers.read(path)
-    except (OSError, pa.ArrowException):
+    if footers.digest_now(path) is None:
         return True
     return not lineage.share_rows(folder / record.output, [path])
 
 
-def delete_sources(folder: Path, record: MergeRecord) -> None:
-    """Re-stat every remaining source first: one changed file stops all deletes.
+def _footer_as_recorded(path: Path, footer: str | None) -> bool:
+    """The identity alone can match a new file under a reused name (inode reused, same size,
+    an mtime equal at a coarse clock's granularity); the footer digest our output's lineage
+    records for it (`sources_of`; none in outputs older than digests) cannot."""
+    return footer is None or footers.digest_now(path) == footer
+
+
+def delete_sources(
+    folder: Path, record: MergeRecord, ours: Sequence[lineage.LineageSource] = ()
+) -> None:
+    """Re-stat every remaining source first: one changed file stops all deletes. `ours` are
+    the sources as our output's lineage lists them, each with its footer digest.
 
     Each source's companion goes before the source itself. Cut between the two, the other
     order left a companion whose file was gone: with the journal intact, recovery deletes it
@@ -463,12 +471,13 @@ def delete_sources(folder: Path, record: MergeRecord) -> None:
     containers the output's companion lists already."""
     present = []
     reached = True  # every source before this one is gone: deletes go in order, as a prefix
+    recorded = {s.name: s.footer for s in ours}
     for source in record.sources:
         path = folder / source.name
         now = durable.optional_identity(path)
         if now is None:
             continue  # deleted before a crash
-        if now != source.identity:
+        if now != source.identity or not _footer_as_recorded(path, recorded.get(source.name)):
             if not (reached and _new_under_its_name(folder, record, path)):
                 raise SourceChangedError(
                     f"changed after merge {record.id} was planned; kept, output "
