@@ -128,4 +128,7 @@ def test_digest_now_reads_past_the_cache(tmp_path: Path, parses: list[object]) -
     assert footers.digest_now(path) is None
     path.write_bytes(whole[:-4] + b"PAR!")
     assert footers.digest_now(path) is None
-    assert footers.digest_now(tmp_path / "gone.parquet") is None
+    path.write_bytes(b"PAR1")
+    assert footers.digest_now(path) is None
+    with pytest.raises(FileNotFoundError):  # says nothing of what a file holds: raised
+        footers.digest_now(tmp_path / "gone.parquet")

@@ -89,18 +89,18 @@ def footer_digest(handle: BinaryIO, size: int) -> str:
 def digest_now(path: Path) -> str | None:
     """The footer digest of the bytes under `path` now, past the cache (which knows a file by
     its identity, and a new file can take an old one's: inode reused, same size, an mtime
-    equal at a coarse clock's granularity). None without a complete footer."""
-    try:
-        with durable.open_regular(path) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            handle.seek(-8, os.SEEK_END)
-            tail = handle.read(8)
-            length = int.from_bytes(tail[:4], "little")
-            if tail[4:] != b"PAR1" or not 0 < length <= size - 12:
-                return None
-            return footer_digest(handle, size)
-    except OSError:
-        return None
+    equal at a coarse clock's granularity). None without a complete footer; an OSError when
+    the file does not read, which says nothing of what it holds (EIO, gone since)."""
+    with durable.open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size < 12:  # "PAR1", a footer length and "PAR1"
+            return None
+        handle.seek(-8, os.SEEK_END)
+        tail = handle.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or not 0 < length <= size - 12:
+            return None
+        return footer_digest(handle, size)
 
 
 def read(path: Path) -> Footer:

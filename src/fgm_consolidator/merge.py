@@ -444,7 +444,8 @@ def _new_under_its_name(folder: Path, record: MergeRecord, path: Path) -> bool:
     It is a new file if none of its rows is in our output (`lineage.share_rows`); a source
     changed in place shares them, and stays for a person. One without a complete footer is
     new too: ours had one when it was planned, so this was begun since (the monitor writes a
-    file for its whole window), and the rows a torn copy of ours had are in our output."""
+    file for its whole window), and the rows a torn copy of ours had are in our output. A file
+    that does not read raises: the merge stays where it is, and the next recovery looks again."""
     if footers.digest_now(path) is None:
         return True
     return not lineage.share_rows(folder / record.output, [path])
