@@ -12,6 +12,7 @@ recorded under its name is another file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import PAST, consolidated_name, metrics_name, run_cli, small_spec
-from oracle import RowKey, check, expected_rows, journal_records, row_keys
+from oracle import RowKey, check, expected_rows, journal_records, recover_in_process, row_keys
 
 from fgm_consolidator import footers, lineage, recovery
 from fgm_consolidator.journal import Journal
@@ -189,6 +190,26 @@ def test_a_reused_name_whose_file_takes_the_deleted_ones_identity_is_not_deleted
     assert check(data_dir, expected).violations == [
         f"{reused}: source of finished merge {merge.id} still present"
     ]
+
+
+def test_a_source_whose_footer_does_not_read_at_its_delete_keeps_the_identitys_word(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO on the footer of a source whose identity matched says nothing of what it holds; a
+    new file under a reused name was just written, and reads. Deleted as before digests, not
+    left to fail every recovery."""
+    first_day(data_dir)
+    expected = write_again(data_dir)
+    run_once(data_dir, crash_at="journal:renamed")  # published; no source deleted yet
+
+    def unreadable(path: Path) -> str | None:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(footers, "digest_now", unreadable)
+    recover_in_process(data_dir)
+    assert journal_records(data_dir)[-1].state is MergeState.SOURCES_DELETED
+    assert not any((data_dir / PARTITION / metrics_name(r)).exists() for r in REWRITTEN)
+    assert check(data_dir, expected).violations == []
 
 
 def test_a_first_source_changed_in_place_during_a_cut_delete_is_left_for_a_person(

@@ -90,7 +90,7 @@ def digest_now(path: Path) -> str | None:
     """The footer digest of the bytes under `path` now, past the cache (which knows a file by
     its identity, and a new file can take an old one's: inode reused, same size, an mtime
     equal at a coarse clock's granularity). None without a complete footer; an OSError when
-    the file does not read, which says nothing of what it holds (EIO, gone since)."""
+    the file does not read, which says nothing of what it holds (EIO, a link, gone since)."""
     with durable.open_regular(path) as handle:
         size = os.fstat(handle.fileno()).st_size
         if size < 12:  # "PAR1", a footer length and "PAR1"

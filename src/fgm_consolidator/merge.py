@@ -436,26 +436,35 @@ def _same_file_or_bytes(tmp: Path, target: Path) -> bool:
     return os.path.samefile(tmp, target) or filecmp.cmp(tmp, target, shallow=False)
 
 
+def _still_ours(path: Path, footer: str | None) -> bool:
+    """For a source whose identity matched. The identity alone can match a new file under a
+    reused name (inode reused, same size, an mtime equal at a coarse clock's granularity); the
+    footer digest our output's lineage records cannot. Outputs older than digests record none,
+    and a file whose footer does not read (EIO) keeps the identity's word, as before digests:
+    a new file was just written, and reads."""
+    if footer is None:
+        return True
+    try:
+        return footers.digest_now(path) == footer
+    except OSError:
+        return True
+
+
 def _new_under_its_name(folder: Path, record: MergeRecord, path: Path) -> bool:
     """A file under the name of a source a cut delete sequence may have removed: the monitor,
     its clock stepped back, writes under names merged before, and the few seconds between a
     kill among the deletes and recovery are enough.
 
     It is a new file if none of its rows is in our output (`lineage.share_rows`); a source
-    changed in place shares them, and stays for a person. One without a complete footer is
-    new too: ours had one when it was planned, so this was begun since (the monitor writes a
-    file for its whole window), and the rows a torn copy of ours had are in our output. A file
-    that does not read raises: the merge stays where it is, and the next recovery looks again."""
-    if footers.digest_now(path) is None:
-        return True
-    return not lineage.share_rows(folder / record.output, [path])
-
-
-def _footer_as_recorded(path: Path, footer: str | None) -> bool:
-    """The identity alone can match a new file under a reused name (inode reused, same size,
-    an mtime equal at a coarse clock's granularity); the footer digest our output's lineage
-    records for it (`sources_of`; none in outputs older than digests) cannot."""
-    return footer is None or footers.digest_now(path) == footer
+    changed in place shares them, and stays for a person, as does one that does not read (a
+    link, EIO). One without a complete footer is new too: ours had one when it was planned, so
+    this was begun since (the monitor writes a file for its whole window), and the rows a torn
+    copy of ours had are in our output."""
+    try:
+        digest = footers.digest_now(path)
+    except OSError:
+        return False
+    return digest is None or not lineage.share_rows(folder / record.output, [path])
 
 
 def delete_sources(
@@ -478,7 +487,7 @@ def delete_sources(
         now = durable.optional_identity(path)
         if now is None:
             continue  # deleted before a crash
-        if now != source.identity or not _footer_as_recorded(path, recorded.get(source.name)):
+        if now != source.identity or not _still_ours(path, recorded.get(source.name)):
             if not (reached and _new_under_its_name(folder, record, path)):
                 raise SourceChangedError(
                     f"changed after merge {record.id} was planned; kept, output "
