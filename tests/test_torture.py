@@ -67,7 +67,7 @@ def test_the_mid_run_check_tells_a_reused_name_in_progress_from_a_torn_file(
 ) -> None:
     """Its snapshot of finished files is taken before it reads them, and a monitor whose clock
     stepped back may start a new file under a finished name meanwhile: a torn file is a
-    violation only if that name was not opened again since (CI once read 4 bytes there)."""
+    violation only if that name was not opened again since (a run here once read 4 bytes there)."""
     monitor = torture.Monitor(tmp_path, pods=1, seed=1)
     path = tmp_path / "dt=2025-12-30" / "identifier=pod-a" / "metrics-20251230T080000Z.parquet"
     path.parent.mkdir(parents=True)
