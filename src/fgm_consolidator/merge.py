@@ -468,7 +468,7 @@ def _new_under_its_name(folder: Path, record: MergeRecord, path: Path) -> bool:
 
 
 def delete_sources(
-    folder: Path, record: MergeRecord, ours: Sequence[lineage.LineageSource] = ()
+    folder: Path, record: MergeRecord, ours: Sequence[lineage.LineageSource]
 ) -> None:
     """Re-stat every remaining source first: one changed file stops all deletes. `ours` are
     the sources as our output's lineage lists them, each with its footer digest.
