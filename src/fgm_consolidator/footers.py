@@ -79,7 +79,10 @@ def footer_digest(handle: BinaryIO, size: int) -> str:
     """Tells two files under one name apart, and a copy of a file from another: the footer
     holds every column chunk's offsets and statistics. Read after pyarrow has checked it."""
     handle.seek(-8, os.SEEK_END)
-    length = int.from_bytes(handle.read(4), "little")
+    return _digest_of(handle, size, int.from_bytes(handle.read(4), "little"))
+
+
+def _digest_of(handle: BinaryIO, size: int, length: int) -> str:
     handle.seek(-(8 + length), os.SEEK_END)
     digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=DIGEST_BYTES)
     digest.update(handle.read(length))
@@ -100,7 +103,7 @@ def digest_now(path: Path) -> str | None:
         length = int.from_bytes(tail[:4], "little")
         if tail[4:] != b"PAR1" or not 0 < length <= size - 12:
             return None
-        return footer_digest(handle, size)
+        return _digest_of(handle, size, length)
 
 
 def read(path: Path) -> Footer:
