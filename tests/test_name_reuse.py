@@ -192,6 +192,31 @@ def test_a_reused_name_whose_file_takes_the_deleted_ones_identity_is_not_deleted
     ]
 
 
+def test_a_reused_names_companion_that_takes_the_deleted_ones_identity_is_not_deleted(
+    data_dir: Path,
+) -> None:
+    """The same collision on the companion. Ours went before its file did, so a companion
+    beside a new file under the name is the new file's, whatever its identity says: deleting
+    it took that file's containers from the viewer's list and its per-file pruning."""
+    reused, expected = reuse_first_source_during_a_cut_delete(data_dir, seed=8)
+    companion = reused.with_suffix(".containers")
+    assert companion.exists()
+    merge = journal_records(data_dir)[-1]
+    st = companion.stat()
+    with sqlite3.connect(default_journal_path(data_dir)) as journal:
+        journal.execute(
+            "UPDATE sources SET companion_inode = ?, companion_size = ?, companion_mtime_ns = ?"
+            " WHERE merge_id = ? AND name = ?",
+            (st.st_ino, st.st_size, st.st_mtime_ns, merge.id, reused.name),
+        )
+    result = run_cli("recover", "--data-dir", str(data_dir), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert journal_records(data_dir)[-1].state is MergeState.SOURCES_DELETED
+    assert reused.exists()
+    assert companion.exists()
+    assert check(data_dir, expected).violations == []
+
+
 def test_a_source_whose_footer_does_not_read_at_its_delete_keeps_the_identitys_word(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

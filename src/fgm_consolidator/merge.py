@@ -478,8 +478,10 @@ def delete_sources(
     too, but with the journal lost nothing names it any more (the output's lineage lists the
     file, not its companion), and it stayed for good. This order leaves a file without its
     companion instead, which is still a source that either recovery finishes, and whose
-    containers the output's companion lists already."""
+    containers the output's companion lists already. And since ours went first, a companion
+    beside a new file under a source's name is that file's, whatever its identity says."""
     present = []
+    reused: set[str] = set()
     reached = True  # every source before this one is gone: deletes go in order, as a prefix
     recorded = {s.name: s.footer for s in ours}
     for source in record.sources:
@@ -495,10 +497,13 @@ def delete_sources(
                     path,
                 )
             log_event(log, "source-name-reused", merge_id=record.id, file=str(path))
+            reused.add(source.name)
             continue  # ours went before a crash; this one is not ours to delete
         reached = False
         present.append(source)
     for source in record.sources:
+        if source.name in reused:
+            continue
         companion = folder / companion_name(source.name)
         planned = source.companion
         if planned is not None and durable.optional_identity(companion) == planned:
