@@ -4,10 +4,13 @@ would reach for instead, each in its own child process (wall, CPU and peak RSS f
 
 - fgm-consolidator: `run --once --min-age 0` on a hard-linked copy of the data directory;
 - duckdb: `COPY (SELECT * FROM read_parquet(files, union_by_name = true)) TO out (FORMAT
-  parquet, COMPRESSION zstd)`;
+  parquet, COMPRESSION zstd, COMPRESSION_LEVEL 3)`;
 - polars: `scan_parquet(files, schema=<every file's columns>, missing_columns="insert")
-  .sink_parquet(out, compression="zstd")`;
-- pyarrow: `dataset.write_dataset(dataset(files, schema=unify_schemas(...)), out, zstd)`.
+  .sink_parquet(out, compression="zstd", compression_level=3)`;
+- pyarrow: `dataset.write_dataset(dataset(files, schema=unify_schemas(...)), out, zstd level 3)`.
+Every tool is told to write ZSTD level 3: the monitor's level, our default, and DuckDB's and
+polars' own. pyarrow's own default is level 1, which compresses less for less CPU (a 40-file
+flat output 5% larger): a codec setting, not a faster copy, so it is not compared.
 Each alternative is given what it needs to keep the `l_*` columns that differ between files
 (union by name / a unified schema); without that, all three fail or drop columns.
 
@@ -51,20 +54,22 @@ TOOLS = (
 )
 # The alternatives made to lay rows out as fgm-consolidator does; not judged by the targets.
 BY_METRIC = ("duckdb-by-metric", "polars-by-metric")
+ZSTD_LEVEL = 3  # every tool's output level, given to each (see the docstring)
 INVOCATIONS = {
-    "fgm-consolidator": "fgm-consolidator run --once --min-age 0 --data-dir <copy>",
+    "fgm-consolidator": "fgm-consolidator run --once --min-age 0 --data-dir <copy>"
+    f" --compression-level {ZSTD_LEVEL}",
     "duckdb": "COPY (SELECT * FROM read_parquet(files, union_by_name = true)) TO out"
-    " (FORMAT parquet, COMPRESSION zstd)",
+    f" (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL {ZSTD_LEVEL})",
     "polars": "pl.scan_parquet(files, schema=<all files' columns>, missing_columns='insert')"
-    ".sink_parquet(out, compression='zstd')",
+    f".sink_parquet(out, compression='zstd', compression_level={ZSTD_LEVEL})",
     "pyarrow": "ds.write_dataset(ds.dataset(files, schema=pa.unify_schemas(<all>)), out,"
-    " file_options=<zstd>)",
+    f" file_options=<zstd, level {ZSTD_LEVEL}>)",
     "duckdb-by-metric": "COPY (SELECT * EXCLUDE (filename, file_row_number) FROM"
     " read_parquet(files, union_by_name = true, filename = true, file_row_number = true)"
     " ORDER BY metric_name, filename, file_row_number) TO out (FORMAT parquet,"
-    " COMPRESSION zstd)",
+    f" COMPRESSION zstd, COMPRESSION_LEVEL {ZSTD_LEVEL})",
     "polars-by-metric": "pl.scan_parquet(...).sort('metric_name', maintain_order=True)"
-    ".sink_parquet(out, compression='zstd')",
+    f".sink_parquet(out, compression='zstd', compression_level={ZSTD_LEVEL})",
 }
 SKIPPED = 3  # a worker's exit code when its tool is not installed
 ERAS: tuple[benchlib.Era, ...] = ("flat", "map")
@@ -89,7 +94,8 @@ def work_duckdb(source: Path, output: Path, by_metric: bool = False) -> None:
     )
     con = duckdb.connect()
     con.execute(
-        f"COPY ({query}) TO '{output / 'duckdb.parquet'}' (FORMAT parquet, COMPRESSION zstd)",
+        f"COPY ({query}) TO '{output / 'duckdb.parquet'}'"
+        f" (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL {ZSTD_LEVEL})",
         [_inputs(source)],
     )
 
@@ -104,7 +110,7 @@ def work_polars(source: Path, output: Path, by_metric: bool = False) -> None:
     frame = pl.scan_parquet(files, schema=schema, missing_columns="insert")
     if by_metric:
         frame = frame.sort("metric_name", maintain_order=True)  # stable: arrival order kept
-    frame.sink_parquet(output / "polars.parquet", compression="zstd")
+    frame.sink_parquet(output / "polars.parquet", compression="zstd", compression_level=ZSTD_LEVEL)
 
 
 def work_pyarrow(source: Path, output: Path) -> None:
@@ -113,7 +119,9 @@ def work_pyarrow(source: Path, output: Path) -> None:
     files = _inputs(source)
     schema = pa.unify_schemas([pq.read_schema(path) for path in files])
     dataset = ds.dataset(files, schema=schema, format="parquet")
-    options = ds.ParquetFileFormat().make_write_options(compression="zstd")
+    options = ds.ParquetFileFormat().make_write_options(
+        compression="zstd", compression_level=ZSTD_LEVEL
+    )
     ds.write_dataset(dataset, output, format="parquet", file_options=options)
 
 
@@ -173,7 +181,8 @@ def run_tool(tool: str, era: str, partition: Path, work: Path, check: bool = Tru
     if tool == "fgm-consolidator":
         data_dir = target / "data"
         benchlib.link_tree(partition.parents[1], data_dir)
-        run = benchlib.run_consolidator(data_dir, check=False)
+        level = ["--compression-level", str(ZSTD_LEVEL)]
+        run = benchlib.run_consolidator(data_dir, level, check=False)
         outputs = benchlib.parquet_files(data_dir)
     else:
         target.mkdir(parents=True)
@@ -344,7 +353,7 @@ def print_report(outcomes: Sequence[Outcome]) -> None:
     )
     for line in target_lines(outcomes):
         print(line)
-    print("\ninvocations (ZSTD at each tool's default level):")
+    print(f"\ninvocations (ZSTD level {ZSTD_LEVEL} for every tool):")
     for tool in dict.fromkeys(o.tool for o in outcomes):
         print(f"- {tool}: `{INVOCATIONS[tool]}`")
 
