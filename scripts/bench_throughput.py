@@ -307,7 +307,7 @@ def check_fidelity(partition: Path, outputs: Sequence[Path]) -> Fidelity:
 # -- reporting --------------------------------------------------------------------------------
 
 
-def print_report(outcomes: Sequence[Outcome]) -> None:
+def print_report(outcomes: Sequence[Outcome], every_round: Sequence[Sequence[Outcome]]) -> None:
     ours = {o.era: o for o in outcomes if o.tool == "fgm-consolidator" and o.ok}
     rows = []
     for o in outcomes:
@@ -346,6 +346,7 @@ def print_report(outcomes: Sequence[Outcome]) -> None:
         ],
         [_absolute_row(o) for o in outcomes],
     )
+    print_rounds(every_round)
     benchlib.print_table(
         "Type changes",
         ["era", "tool", "types"],
@@ -356,6 +357,26 @@ def print_report(outcomes: Sequence[Outcome]) -> None:
     print(f"\ninvocations (ZSTD level {ZSTD_LEVEL} for every tool):")
     for tool in dict.fromkeys(o.tool for o in outcomes):
         print(f"- {tool}: `{INVOCATIONS[tool]}`")
+
+
+def print_rounds(every_round: Sequence[Sequence[Outcome]]) -> None:
+    """Each round's CPU seconds, so the spread behind each median is in the report: on a
+    shared machine one tool's rounds have differed by a third."""
+    if max(len(rounds) for rounds in every_round) < 2:
+        return
+    width = max(len(rounds) for rounds in every_round)
+    benchlib.print_table(
+        "CPU s of each round (rounds run in turn, every tool once per round)",
+        ["era", "tool", *(f"round {n + 1}" for n in range(width))],
+        [
+            [
+                rounds[0].era,
+                rounds[0].tool,
+                *(benchlib.seconds(o.run.cpu_s) if o.ok and o.run else "-" for o in rounds),
+            ]
+            for rounds in every_round
+        ],
+    )
 
 
 def _absolute_row(o: Outcome) -> list[object]:
@@ -481,7 +502,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         },
     )
     day = benchlib.past_day(5)
-    outcomes = []
+    outcomes, every_round = [], []
     for era in ERAS:
         identifier = f"monitor-{era}"
         source = work / f"source-{era}"
@@ -495,7 +516,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
             for tool in tools:
                 rounds[tool].append(run_tool(tool, era, partition, work, check=index == 0))
         outcomes += [median_outcome(rounds[tool]) for tool in tools]
-    print_report(outcomes)
+        every_round += [rounds[tool] for tool in tools]
+    print_report(outcomes, every_round)
     failed = [o for o in outcomes if o.tool == "fgm-consolidator" and not o.ok]
     return 1 if failed else 0
 

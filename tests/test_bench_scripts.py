@@ -120,6 +120,28 @@ def test_throughput_takes_the_median_of_each_figure_over_rounds() -> None:
     assert bt.median_outcome([*rounds, failed]) is failed  # a failure is never averaged away
 
 
+def test_throughput_prints_the_cpu_of_every_round(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_throughput as bt
+
+    def outcome(tool: str, cpu: float, returncode: int = 0) -> bt.Outcome:
+        run = benchlib.ChildRun(("x",), returncode, cpu, cpu, 0.0, 1, "", "")
+        return bt.Outcome("map", tool, 10**9, run, [], None)
+
+    bt.print_rounds([[outcome("polars", 5.0)]])
+    assert capsys.readouterr().out == ""  # one round: its figures are the medians already
+    bt.print_rounds(
+        [
+            [outcome("fgm-consolidator", 12.5), outcome("fgm-consolidator", 18.3)],
+            [outcome("polars", 9.0), outcome("polars", 1.0, returncode=1)],
+        ]
+    )
+    rows = table_rows(capsys.readouterr().out, "CPU s of each round")
+    assert rows == [
+        ["map", "fgm-consolidator", "12.5", "18.3"],
+        ["map", "polars", "9.000", "-"],  # a failed round has no figure
+    ]
+
+
 def test_throughput_reports_a_missing_polars_as_skipped(tmp_path: Path) -> None:
     fake = tmp_path / "fake" / "polars"
     fake.mkdir(parents=True)
