@@ -10,7 +10,7 @@ would reach for instead, each in its own child process (wall, CPU and peak RSS f
 - pyarrow: `dataset.write_dataset(dataset(files, schema=unify_schemas(...)), out, zstd level 3)`.
 Every tool is told to write ZSTD level 3: the monitor's level, our default, and DuckDB's and
 polars' own. pyarrow's own default is level 1, which compresses less for less CPU (a 40-file
-flat output 5% larger): a codec setting, not a faster copy, so it is not compared.
+flat output 5% larger): a codec setting, not a faster copy, and not what the targets compare.
 Each alternative is given what it needs to keep the `l_*` columns that differ between files
 (union by name / a unified schema); without that, all three fail or drop columns.
 
@@ -362,9 +362,9 @@ def print_report(outcomes: Sequence[Outcome], every_round: Sequence[Sequence[Out
 def print_rounds(every_round: Sequence[Sequence[Outcome]]) -> None:
     """Each round's CPU seconds, so the spread behind each median is in the report: on a
     shared machine one tool's rounds have differed by a third."""
-    if max(len(rounds) for rounds in every_round) < 2:
-        return
     width = max(len(rounds) for rounds in every_round)
+    if width < 2:
+        return
     benchlib.print_table(
         "CPU s of each round (rounds run in turn, every tool once per round)",
         ["era", "tool", *(f"round {n + 1}" for n in range(width))],
