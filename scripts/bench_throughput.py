@@ -352,7 +352,7 @@ def print_report(outcomes: Sequence[Outcome], every_round: Sequence[Sequence[Out
         ["era", "tool", "types"],
         [[o.era, o.tool, o.fidelity.types if o.fidelity else o.note] for o in outcomes],
     )
-    for line in target_lines(outcomes):
+    for line in [*target_lines(outcomes), *paired_lines(every_round)]:
         print(line)
     print(f"\ninvocations (ZSTD level {ZSTD_LEVEL} for every tool):")
     for tool in dict.fromkeys(o.tool for o in outcomes):
@@ -377,6 +377,32 @@ def print_rounds(every_round: Sequence[Sequence[Outcome]]) -> None:
             for rounds in every_round
         ],
     )
+
+
+def paired_lines(every_round: Sequence[Sequence[Outcome]]) -> list[str]:
+    """Our CPU over each alternative's, round by round, and the median of those ratios. Each
+    alternative runs in the same round as ours, a minute or two apart, so a machine that is
+    slow for minutes slows both: the ratio within a round keeps less of that noise than the
+    ratio of two medians, which may come from different rounds."""
+    lines = []
+    for era in dict.fromkeys(rounds[0].era for rounds in every_round):
+        here = {rounds[0].tool: rounds for rounds in every_round if rounds[0].era == era}
+        ours = here.get("fgm-consolidator", [])
+        for tool, theirs in here.items():
+            if tool == "fgm-consolidator" or tool in BY_METRIC:
+                continue
+            ratios = [
+                mine.run.cpu_s / other.run.cpu_s
+                for mine, other in zip(ours, theirs, strict=False)
+                if mine.ok and other.ok and mine.run and other.run and other.run.cpu_s > 0
+            ]
+            if ratios:
+                each = ", ".join(f"{r:.2f}x" for r in ratios)
+                lines.append(
+                    f"paired ({era}): fgm-consolidator / {tool} CPU per round: {each}"
+                    f" (median {statistics.median(ratios):.2f}x)"
+                )
+    return lines
 
 
 def _absolute_row(o: Outcome) -> list[object]:

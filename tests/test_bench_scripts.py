@@ -142,6 +142,31 @@ def test_throughput_prints_the_cpu_of_every_round(capsys: pytest.CaptureFixture[
     ]
 
 
+def test_throughput_pairs_our_cpu_with_each_alternatives_round_by_round() -> None:
+    import bench_throughput as bt
+
+    def rounds(tool: str, *cpus: float, failed: int | None = None) -> list[bt.Outcome]:
+        runs = [
+            benchlib.ChildRun(("x",), int(n == failed), cpu, cpu, 0.0, 1, "", "")
+            for n, cpu in enumerate(cpus)
+        ]
+        return [bt.Outcome("flat", tool, 10**9, run, [], None) for run in runs]
+
+    lines = bt.paired_lines(
+        [
+            rounds("fgm-consolidator", 10.0, 20.0, 12.0),
+            rounds("polars", 8.0, 10.0, 10.0),
+            rounds("pyarrow", 5.0, 10.0, 12.0, failed=0),  # a failed round pairs with nothing
+            rounds("polars-by-metric", 1.0, 1.0, 1.0),  # shown beside the targets, not paired
+        ]
+    )
+    assert lines == [
+        "paired (flat): fgm-consolidator / polars CPU per round: 1.25x, 2.00x, 1.20x"
+        " (median 1.25x)",
+        "paired (flat): fgm-consolidator / pyarrow CPU per round: 2.00x, 1.00x (median 1.50x)",
+    ]
+
+
 def test_throughput_reports_a_missing_polars_as_skipped(tmp_path: Path) -> None:
     fake = tmp_path / "fake" / "polars"
     fake.mkdir(parents=True)
