@@ -389,7 +389,7 @@ def paired_lines(every_round: Sequence[Sequence[Outcome]]) -> list[str]:
         here = {rounds[0].tool: rounds for rounds in every_round if rounds[0].era == era}
         ours = here.get("fgm-consolidator", [])
         for tool, theirs in here.items():
-            if tool == "fgm-consolidator" or tool in BY_METRIC:
+            if not is_compared(tool):
                 continue
             ratios = [
                 mine.run.cpu_s / other.run.cpu_s
@@ -436,12 +436,18 @@ def one_metric_row_groups(paths: Sequence[Path]) -> str:
     return f"{single} / {total}"
 
 
+def is_compared(tool: str) -> bool:
+    """An alternative the targets (and the paired ratios) compare us with: the plain commands,
+    not the sorted variants."""
+    return tool != "fgm-consolidator" and tool not in BY_METRIC
+
+
 def target_lines(outcomes: Sequence[Outcome]) -> list[str]:
     lines = []
     for era in dict.fromkeys(o.era for o in outcomes):
         here = [o for o in outcomes if o.era == era and o.ok and o.run is not None]
         ours = next((o for o in here if o.tool == "fgm-consolidator"), None)
-        others = [o for o in here if o.tool != "fgm-consolidator" and o.tool not in BY_METRIC]
+        others = [o for o in here if is_compared(o.tool)]
         if ours is None or ours.run is None or not others:
             lines.append(
                 f"targets ({era}): not judged (fgm-consolidator or every alternative missing)"
