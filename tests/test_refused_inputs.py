@@ -229,3 +229,100 @@ def test_a_view_typed_column_is_merged_or_reported(
         aged(path)
     assert pq.read_schema(path).field(column).type == kind
     assert_merged_exactly_or_refused(data_dir, ["metric_name", "fetch_index", column])
+
+
+# -- types a merge would change ---------------------------------------------------------------
+
+
+def unreadable_reasons(data_dir: Path) -> dict[str, str]:
+    journal = Journal.open(default_journal_path(data_dir), read_only=True)
+    try:
+        return {record.name: record.reason for record in journal.unreadable()}
+    finally:
+        journal.close()
+
+
+def sources_with(data_dir: Path, column: str, kind: pa.DataType, values: list[Any]) -> list[str]:
+    """Three rotations of LABELED rows whose `column` is stored as `kind` (an extra column when
+    LABELED has none of that name), written by pyarrow with its Arrow schema, as the monitor
+    writes; their names."""
+    names = []
+    for rotation in range(3):
+        rows = [row(i, metric=f"m{i % 3}", a="a", b="b", c=f"c{i % 2}") for i in range(12)]
+        table = pa.Table.from_pylist(rows, LABELED)
+        if column in table.column_names:
+            table = table.set_column(
+                table.schema.get_field_index(column), column, table.column(column).cast(kind)
+            )
+        else:
+            integers = pa.int32() if kind.bit_width == 32 else pa.int64()
+            table = table.append_column(column, pa.array(values * 4, integers).cast(kind))
+        path = source_path(data_dir, rotation)
+        pq.write_table(table, path, compression="zstd")
+        aged(path)
+        names.append(path.name)
+    return names
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pa.dictionary(pa.int8(), pa.utf8()),  # what pyarrow stores for a pandas Categorical
+        pa.dictionary(pa.int16(), pa.utf8()),
+        pa.dictionary(pa.uint32(), pa.utf8()),
+        pa.dictionary(pa.int64(), pa.utf8()),
+        pa.dictionary(pa.int32(), pa.utf8(), ordered=True),
+    ],
+)
+@pytest.mark.parametrize("column", ["l_c", "metric_kind"])
+def test_a_dictionary_of_other_indices_is_reported_in_one_pass_by_its_type(
+    data_dir: Path, column: str, kind: pa.DataType
+) -> None:
+    """Such sources failed every merge: rows are read with int32, unordered indices, which the
+    output's type did not match. Each pass reported one more file, under "dictionary<int32> in
+    a source, dictionary<int8> in the output", the other way round from the file."""
+    names = sources_with(data_dir, column, kind, [])
+    assert pq.read_schema(source_path(data_dir, 0)).field(column).type == kind
+    run_once(data_dir)
+    assert [p.name for p in parquet_files(data_dir)] == names
+    reasons = unreadable_reasons(data_dir)
+    assert sorted(reasons) == names
+    for reason in reasons.values():
+        assert f"column {column} is {kind};" in reason
+
+
+def test_an_int32_dictionary_is_merged_with_its_type(data_dir: Path) -> None:
+    kind = pa.dictionary(pa.int32(), pa.utf8())
+    sources_with(data_dir, "l_c", kind, [])
+    before = sorted(rows_pyarrow(data_dir, NAMES))
+    run_once(data_dir)
+    [output] = parquet_files(data_dir)
+    assert output.name.startswith("consolidated-")
+    assert pq.read_schema(output).field("l_c").type == kind
+    assert sorted(rows_pyarrow(data_dir, NAMES)) == before
+    assert not unreadable_reasons(data_dir)
+
+
+@pytest.mark.parametrize(
+    ("column", "kind", "read_as"),
+    [
+        ("extra", pa.date64(), pa.date32()),
+        ("extra", pa.timestamp("s"), pa.timestamp("ms")),
+        ("extra", pa.time32("s"), pa.time32("ms")),
+        ("l_c", pa.dictionary(pa.int32(), pa.large_utf8()), pa.dictionary(pa.int32(), pa.utf8())),
+    ],
+)
+def test_a_column_pyarrow_reads_as_another_type_is_reported_not_retyped(
+    data_dir: Path, column: str, kind: pa.DataType, read_as: pa.DataType
+) -> None:
+    """pyarrow reads these as `read_as` whatever the stored Arrow schema says, and the output
+    stored what pyarrow read: polars, which takes types from the stored schema, read a
+    source's `date64` column as datetimes and the output's as dates."""
+    names = sources_with(data_dir, column, kind, [1, 2, 3])
+    assert pq.read_schema(source_path(data_dir, 0)).field(column).type == read_as
+    run_once(data_dir)
+    assert [p.name for p in parquet_files(data_dir)] == names
+    reasons = unreadable_reasons(data_dir)
+    assert sorted(reasons) == names
+    for reason in reasons.values():
+        assert f"column {column} (stored as {kind}, read as {read_as})" in reason

@@ -18,6 +18,8 @@ kept compressed, a tenth of its size (2.3 KB for 40 sources), so 8,192 entries t
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 import zlib
@@ -30,7 +32,7 @@ import pyarrow.parquet as pq
 
 from . import durable
 from .durable import FileIdentity
-from .schemas import LINEAGE_KEY
+from .schemas import ARROW_SCHEMA, LINEAGE_KEY
 
 CAPACITY = 8192  # about a month of hourly outputs for ten identifiers
 # Enough to tell apart the files one name stood for; nobody forges them for us.
@@ -45,6 +47,7 @@ class Footer:
     packed_lineage: bytes | None  # the lineage of an output of ours, compressed
     digest: str  # of the file's size and footer bytes: which file a name stood for
     int96: tuple[str, ...] = ()  # columns stored as legacy INT96 timestamps
+    retyped: tuple[str, ...] = ()  # columns pyarrow reads as another type than the file stores
 
     @property
     def lineage(self) -> bytes | None:
@@ -121,6 +124,7 @@ def read(path: Path) -> Footer:
         int96 = tuple(column.path for column in columns if column.physical_type == "INT96")
         kept = {k: v for k, v in (schema.metadata or {}).items() if k != LINEAGE_KEY}
         lineage = (metadata.metadata or {}).get(LINEAGE_KEY)
+        stored = _stored_schema((metadata.metadata or {}).get(ARROW_SCHEMA))
         footer = Footer(
             FileIdentity.of(st),
             metadata.num_rows,
@@ -128,7 +132,34 @@ def read(path: Path) -> Footer:
             None if lineage is None else zlib.compress(lineage, 1),
             footer_digest(handle, st.st_size),
             int96,
+            _retyped(stored, schema),
         )
     if entry is not None or len(_seen) < CAPACITY:
         _seen[path] = (_pass, footer)
     return footer
+
+
+def _stored_schema(raw: bytes | None) -> pa.Schema | None:
+    """The Arrow schema a writer stored in the footer, or None without a readable one (pyarrow
+    then goes by the parquet types alone)."""
+    if raw is None:
+        return None
+    try:
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(raw)))
+    except (binascii.Error, ValueError, pa.ArrowException):
+        return None
+
+
+def _retyped(stored: pa.Schema | None, read: pa.Schema) -> tuple[str, ...]:
+    """Columns whose stored Arrow type pyarrow does not give back: `date64` comes back as
+    `date32`, `timestamp[s]` as `timestamp[ms]`, a dictionary of `large_string` as one of
+    `string`. A merge writes what pyarrow read and stores that as the output's type, so
+    readers that take types from the stored schema (polars) would see another type than in
+    the source. A stored schema that names other columns is one pyarrow ignores too."""
+    if stored is None or stored.names != read.names:
+        return ()
+    return tuple(
+        f"{field.name} (stored as {field.type}, read as {read.field(i).type})"
+        for i, field in enumerate(stored)
+        if field.type != read.field(i).type
+    )

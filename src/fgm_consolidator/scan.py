@@ -82,6 +82,11 @@ def read_footer(path: Path) -> footers.Footer:
             f"column {footer.int96[0]} is stored as INT96, a legacy timestamp pyarrow cannot"
             " read exactly (the monitor writes INT64)"
         )
+    if footer.retyped:
+        raise SchemaConflictError(
+            f"column {footer.retyped[0]}: merged, it would change type for readers that take"
+            " types from the stored Arrow schema"
+        )
     return footer
 
 

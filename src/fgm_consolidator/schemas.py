@@ -24,6 +24,7 @@ LABEL_PREFIX = "l_"
 HISTOGRAM = "value_histogram"
 MAP_LABELS = "labels"
 LINEAGE_KEY = b"fgm_consolidator.lineage"
+ARROW_SCHEMA = b"ARROW:schema"  # where pyarrow and arrow-rs store a file's Arrow schema
 
 
 def is_label(name: str) -> bool:
@@ -67,9 +68,23 @@ def check_mergeable(schema: pa.Schema) -> None:
         # pyarrow writes them and every reader reads them, but `take`, which the sort is made
         # of, has no kernel for them: each merge failed and was retried, the file never named.
         raise SchemaConflictError(f"column {viewed[0]} is a view type, which the sort cannot move")
+    narrowed = [field for field in schema if _is_other_dictionary(field.type)]
+    if narrowed:
+        # A merge reads text columns with pyarrow's `read_dictionary`, which gives int32
+        # indices, unordered, whatever the file stored: each such source failed its merge on
+        # the type, one file reported per pass under a reason that named the types backwards.
+        # Kept narrower indices would not hold the union of many sources' dictionaries.
+        raise SchemaConflictError(
+            f"column {narrowed[0].name} is {narrowed[0].type}; only int32, unordered"
+            " dictionaries (the monitor's) keep their type through a merge"
+        )
     kind = schema.field(METRIC_NAME).type
     if kind != pa.utf8():
         raise SchemaConflictError(f"{METRIC_NAME} is {kind}; the monitor writes utf8")
+
+
+def _is_other_dictionary(kind: pa.DataType) -> bool:
+    return pa.types.is_dictionary(kind) and (kind.index_type != pa.int32() or bool(kind.ordered))
 
 
 def _holds_a_view(kind: pa.DataType) -> bool:

@@ -30,7 +30,7 @@ from .errors import (
     SourceChangedError,
     SourceReadError,
 )
-from .schemas import METRIC_NAME, conform, is_text_or_bytes
+from .schemas import ARROW_SCHEMA, METRIC_NAME, conform, is_text_or_bytes
 
 # Rows decoded from a source at a time. A busy node's file is one row group of ~200k rows:
 # 64k-row batches put 150 MB at peak on 40 such files, 16k-row batches 120 MB (+10% CPU).
@@ -40,7 +40,6 @@ READ_BATCH_ROWS = 8_192
 OUTPUT_BUFFER = 256 * 1024
 CONTAINER_ID = "l_container_id"
 STEADY_COLUMNS = ("time", "fetch_index")
-ARROW_SCHEMA = b"ARROW:schema"
 
 
 @dataclass(frozen=True)
