@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,20 @@ def test_a_disk_that_refuses_the_id_leaves_the_journal_unbound_until_the_next_st
         assert journal.data_dir_binding() == DataDirBinding(data_dir_id(a), str(a))
     finally:
         journal.close()
+
+
+def test_a_fifo_under_the_id_files_name_is_an_error_not_a_hang(
+    dirs: tuple[Path, Path, Path],
+) -> None:
+    """Every command read the id with a plain open, which waits on a FIFO for a writer: all
+    of them hung, `status --liveness` (the probe) included."""
+    a, _, journal = dirs
+    run_once(a, journal)
+    data_dir_id_path(a).unlink()
+    os.mkfifo(data_dir_id_path(a))
+    for command in COMMANDS:
+        result = run_cli(*command, "--data-dir", str(a), "--journal", str(journal), env=ENV,
+                         timeout=60)  # fmt: skip
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "cannot read the data directory's id" in result.stderr
+        assert "a FIFO, not a regular file" in result.stderr

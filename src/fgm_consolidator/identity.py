@@ -30,13 +30,17 @@ from .layout import STATE_DIR, TMP_SUFFIX, data_dir_id_path, is_default_journal
 from .logs import log_event
 
 log = logging.getLogger(__name__)
+ID_BYTES_READ = 4096  # an id is 33 bytes; a larger file is not one of ours
 
 
 def read_id(data_dir: Path) -> str | None:
-    """The data directory's id, or None before the first `run` or `recover` gave it one."""
+    """The data directory's id, or None before the first `run` or `recover` gave it one.
+    Opened as a regular file only: a FIFO under its name hung every command, `status
+    --liveness` included, waiting for a writer."""
     path = data_dir_id_path(data_dir)
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        with durable.open_regular(path) as handle:
+            text = handle.read(ID_BYTES_READ).decode("utf-8").strip()
     except (FileNotFoundError, NotADirectoryError):  # no state folder: the lock says why
         return None
     except (OSError, UnicodeDecodeError) as exc:
