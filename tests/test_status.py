@@ -554,3 +554,22 @@ def test_a_recover_is_no_service_start(
     assert ran.returncode == 0, ran.stderr
     proc = run_cli("status", "--data-dir", str(data_dir), "--json")
     assert status_json(proc)[-1]["service_started"] is not None
+
+
+def test_status_json_is_strict_json_when_passes_are_never_due(
+    data_dir: Path, populate: Callable[..., SimulationSummary]
+) -> None:
+    """`--check-interval 1e308` means never again; the threshold then is infinite, which
+    Python's json printed as `Infinity`: not JSON, and a strict parser (Node's JSON.parse, jq
+    on some versions) refused the whole answer. It is null now."""
+    populate(PodSpec("pod-a"))
+    ran = run_cli("run", "--data-dir", str(data_dir), "--once", "--check-interval", "1e308")
+    assert ran.returncode == 0, ran.stderr
+    proc = run_cli("status", "--data-dir", str(data_dir), "--json")
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON: {proc.stdout}")
+
+    lines = [json.loads(line, parse_constant=refuse) for line in proc.stdout.splitlines()]
+    assert lines[-1]["kind"] == "status"
+    assert lines[-1]["threshold_s"] is None

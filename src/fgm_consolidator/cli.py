@@ -7,7 +7,6 @@ for every command), which is how a container is configured.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
 import tempfile
@@ -96,7 +95,7 @@ _log_format = _option(
 
 
 def _echo(fields: dict[str, Any], as_json: bool) -> None:
-    _print(json.dumps(fields, default=str) if as_json else logs.format_fields(fields))
+    _print(logs.to_json(fields) if as_json else logs.format_fields(fields))
 
 
 def _print(text: str) -> None:

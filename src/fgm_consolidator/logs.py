@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -110,11 +111,28 @@ class KeyValueFormatter(logging.Formatter):
         return format_fields(_record_fields(record, self))
 
 
+def to_json(fields: Mapping[str, Any]) -> str:
+    """One JSON object on one line. Values JSON cannot hold (paths, errors) become their text,
+    and a number that is not finite (a threshold of `--check-interval 1e308`, which means
+    never) becomes null: Python's `Infinity` is not JSON, and strict parsers refused the line."""
+    return json.dumps(_finite(fields), default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line; values JSON cannot hold (paths, errors) become their text."""
+    """One JSON object per line (`to_json`)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(_record_fields(record, self), default=str)
+        return to_json(_record_fields(record, self))
 
 
 def configure(level: str = "INFO", fmt: str = "text", stream: Stream | None = None) -> None:
