@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 from conftest import run_as, run_cli
 
 from fgm_consolidator.layout import default_journal_path
+from fgm_consolidator.simulate import PodSpec, SimulationSummary
 
 
 def env_name(option: str) -> str:
@@ -274,3 +275,25 @@ def test_a_min_age_below_one_rotation_is_warned_about_at_start_up(
         assert (warning["level"], warning["min_age_s"], warning["rotation_s"]) == ("warning", 0, 90)
     else:
         assert found == []
+
+
+@pytest.mark.parametrize(
+    ("max_span", "warned"), [("60", True), ("179", True), ("180", False), ("3600", False)]
+)
+def test_a_max_span_below_two_rotations_is_warned_about_at_start_up(
+    data_dir: Path, populate: Callable[..., SimulationSummary], max_span: str, warned: bool
+) -> None:
+    """`--max-span 60` (minutes meant, seconds read) ran every pass `ok` and merged nothing,
+    without a word: no window of 60 s holds two of the monitor's 90 s files."""
+    populate(PodSpec("pod-a"))
+    proc = run_cli("run", "--once", "--data-dir", str(data_dir), "--log-format", "json",
+                   "--min-age", "0", "--max-span", max_span)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    found = warnings_of(proc, "max-span-below-two-rotations")
+    if warned:
+        [warning] = found
+        assert (warning["max_span_s"], warning["rotation_s"]) == (int(max_span), 90)
+    else:
+        assert found == []
+    if max_span == "60":
+        assert not list(data_dir.rglob("consolidated-*")), "a 60 s window merged files"

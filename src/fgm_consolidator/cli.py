@@ -192,7 +192,9 @@ def _fill_standard_streams() -> None:
     "--max-span",
     type=click.IntRange(min=1),
     default=3600,
-    help="Seconds of source timestamps one output may cover (aligned windows).",
+    help="Seconds of source timestamps one output may cover (aligned windows). Below two"
+    f" rotations of the monitor ({2 * MONITOR_ROTATION_S} s) few files or none share a window:"
+    " `run` logs a warning at start-up.",
 )
 @_option(
     "--compression-level", type=click.IntRange(1, 22), default=3, help="ZSTD level of outputs."
@@ -265,6 +267,7 @@ def run(
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=once and not dry_run)
         config.warn_min_age(min_age)
+        config.warn_max_span(max_span)
         policy = Policy(
             min_files=min_files,
             min_age_s=min_age,

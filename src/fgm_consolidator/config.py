@@ -46,6 +46,22 @@ def warn_min_age(min_age_s: float) -> None:
         )
 
 
+def warn_max_span(max_span_s: int) -> None:
+    """A window shorter than two rotations of the monitor seldom holds two of its files, and
+    one of 90 s or less never does: every pass then ends `ok` with nothing merged, and a unit
+    mistake (`--max-span 60` meant as minutes) went unnoticed. Not refused: such a window still
+    merges files a monitor writes more often (a restart cuts a rotation short)."""
+    if max_span_s < 2 * MONITOR_ROTATION_S:
+        log_event(
+            log,
+            "max-span-below-two-rotations",
+            logging.WARNING,
+            max_span_s=max_span_s,
+            rotation_s=MONITOR_ROTATION_S,
+            reason="an output window this short seldom or never holds two files to merge",
+        )
+
+
 def check_data_dir(data_dir: Path) -> None:
     """Refused before anything is touched: see `_check_utf8` and `_check_not_a_partition`."""
     _check_utf8(data_dir)
