@@ -27,7 +27,7 @@ import pytest
 from conftest import PAST, consolidated_name, metrics_name, run_cli, small_spec
 from oracle import RowKey, check, expected_rows, journal_records, recover_in_process, row_keys
 
-from fgm_consolidator import footers, lineage, recovery
+from fgm_consolidator import durable, footers, lineage, recovery
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.plan import Policy
@@ -438,3 +438,37 @@ def test_a_file_without_a_footer_under_a_listed_name_is_never_taken_for_held(
     [verdict] = judge_partition(folder, PARTITION, os.listdir(folder), set())
     assert (verdict.file, verdict.new_footer) == (name, None)
     assert verdict.doubt is not None and "no complete footer" in verdict.doubt
+
+
+def test_a_file_put_under_a_sources_name_while_the_sources_are_deleted_is_kept(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sources were checked once, all of them, and then deleted one by one by name: a file
+    the monitor (its clock stepped back) put under the last one's name while the first were
+    deleted was deleted too, and its rows were in no output. Found by a crash-safety review
+    that stopped the process among its deletes."""
+    first_day(data_dir)
+    expected = write_again(data_dir)
+    folder = data_dir / PARTITION
+    first, last = folder / metrics_name(REWRITTEN.start), folder / metrics_name(REWRITTEN[-1])
+    remove = durable.remove
+    replaced: list[Path] = []
+
+    def remove_then_replace_the_last(path: Path) -> bool:
+        gone = remove(path)
+        if path == first and not replaced:
+            start = PAST + timedelta(seconds=90 * REWRITTEN[-1])
+            generate(data_dir, small_spec(start=start, seed=11), only=range(1))
+            replaced.append(last)
+        return gone
+
+    monkeypatch.setattr(durable, "remove", remove_then_replace_the_last)
+    pass_now(data_dir)
+    assert replaced and last.exists()
+    new_rows = row_keys(pq.read_table(last), PARTITION)
+    assert journal_records(data_dir)[-1].state is MergeState.NEEDS_ATTENTION
+    monkeypatch.undo()
+    result = run_cli("recover", "--data-dir", str(data_dir), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert last.exists()
+    assert check(data_dir, expected + new_rows).violations == []

@@ -509,5 +509,20 @@ def delete_sources(
         if planned is not None and durable.optional_identity(companion) == planned:
             durable.remove(companion)
         if source in present:
-            durable.remove(folder / source.name)
+            _remove_if_unchanged(folder / source.name, source.identity, record)
     durable.fsync_dir(folder)
+
+
+def _remove_if_unchanged(path: Path, identity: FileIdentity, record: MergeRecord) -> None:
+    """Unlink `path` unless another file took its name since the check above: checked once for
+    all sources, a file put under the last one's name while the first were deleted (a monitor
+    whose clock stepped back; a pause) was deleted too, its rows in no output."""
+    now = durable.optional_identity(path)
+    if now is None:
+        return
+    if now != identity:
+        raise SourceChangedError(
+            f"replaced while merge {record.id} deleted its sources; kept, the deletes stopped",
+            path,
+        )
+    durable.remove(path)
