@@ -13,12 +13,14 @@ import errno
 import hashlib
 import logging
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
 from conftest import old_journal, run_cli, small_spec
 
 from fgm_consolidator import durable, identity
+from fgm_consolidator.errors import ConfigError, JournalError
 from fgm_consolidator.journal import DataDirBinding, Journal, recorded_data_dir
 from fgm_consolidator.layout import data_dir_id_path, default_journal_path, state_dir
 from fgm_consolidator.simulate import PodSpec, generate
@@ -197,3 +199,29 @@ def test_a_fifo_under_the_id_files_name_is_an_error_not_a_hang(
         assert result.returncode == 2, (command, result.stdout, result.stderr)
         assert "cannot read the data directory's id" in result.stderr
         assert "a FIFO, not a regular file" in result.stderr
+
+
+def test_a_journal_locked_by_another_process_is_not_taken_for_one_of_no_directory(
+    dirs: tuple[Path, Path, Path],
+) -> None:
+    """The check read a locked journal's binding as "none recorded" and let the command go
+    on: with the lock gone by the command's own open (5 s later), `history` listed A's merges
+    as B's and `status` called B healthy. Found by an operability review."""
+    a, b, journal = dirs
+    run_once(a, journal)
+    holder = sqlite3.connect(journal, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("SELECT count(*) FROM merges").fetchone()
+        with pytest.raises(JournalError, match="kept it locked"):
+            identity.check(journal, b)
+        result = run_cli("history", "--data-dir", str(b), "--journal", str(journal), env=ENV)
+        assert (result.returncode, result.stdout) == (1, ""), result.stderr
+        assert result.stderr.startswith(f"Error: {journal}: cannot open journal (database is")
+        assert "Traceback" not in result.stderr
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    with pytest.raises(ConfigError, match="is the journal of data directory"):
+        identity.check(journal, b)

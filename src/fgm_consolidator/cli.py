@@ -124,13 +124,17 @@ def _fail(exc: ConsolidatorError | OSError) -> click.ClickException:
 
 
 def _check_config(check: Callable[[], None]) -> None:
-    """A value `config` refuses is a usage error of its option, like click's own: exit 2."""
+    """A value `config` refuses is a usage error of its option, like click's own: exit 2. What
+    keeps the check from answering (a journal another process keeps locked) is the command's
+    error, one line and exit 1, as it would be a moment later."""
     try:
         check()
     except ConfigError as exc:
         ctx = click.get_current_context()
         param = next(p for p in ctx.command.params if exc.option in p.opts)
         raise click.BadParameter(exc.reason, ctx=ctx, param=param) from exc
+    except ConsolidatorError as exc:
+        raise _fail(exc) from exc
 
 
 @click.group()

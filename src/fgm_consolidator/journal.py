@@ -972,7 +972,12 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
 def recorded_data_dir(path: Path) -> DataDirBinding | None:
     """The data directory the journal at `path` belongs to, read before any command opens it
     (without the integrity check, which the command's own open makes). None when there is no
-    journal, none readable (the command's open says why), or none recorded yet."""
+    journal, none readable (the command's open says why), or none recorded yet.
+
+    A journal another process keeps locked is the command's error here. Taken for one that
+    records no directory, it let the command go on and, once the lock was gone, show another
+    data directory's merges (`history`) or call it healthy (`status`); and the command's own
+    open waited out the lock a second time, 10 s against the 5 s its message names."""
     try:
         _check_regular(path)
         if not path.is_file():
@@ -983,6 +988,10 @@ def recorded_data_dir(path: Path) -> DataDirBinding | None:
     try:
         conn.execute("PRAGMA busy_timeout=5000")
         return _binding(conn)
+    except sqlite3.DatabaseError as exc:
+        if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF in _BUSY_CODES:
+            raise explained(exc, path, opening=True) from exc
+        return None
     except sqlite3.Error:
         return None
     finally:
