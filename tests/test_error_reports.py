@@ -150,3 +150,27 @@ def test_demo_into_a_folder_it_cannot_create_is_one_error_line(tmp_path: Path) -
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("Error: ") and str(target) in lines[0], lines
+
+
+def test_the_error_that_ends_run_is_a_json_log_event_too(
+    data_dir: Path, populate: Callable[..., SimulationSummary]
+) -> None:
+    """With `--log-format json` the plain `Error:` line was the only word of why the sidecar
+    died (here a second instance, refused by the lock): a collector parsing JSON lines dropped
+    it. Found by an operability review."""
+    populate()
+    lock = lock_path(data_dir)
+    lock.parent.mkdir(exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another instance holds the lock
+        proc = run_cli("run", "--once", "--data-dir", str(data_dir), "--log-format", "json")
+    finally:
+        os.close(fd)
+    assert proc.returncode == 1, proc.stderr
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    [stopped] = [e for e in events if e["event"] == "stopped"]
+    assert (stopped["level"], stopped["reason"]) == ("error", "error")
+    assert "another fgm-consolidator holds this data directory" in stopped["error"]
+    [error] = [line for line in error_lines(proc.stderr) if not line.startswith("{")]
+    assert error.startswith("Error: ")

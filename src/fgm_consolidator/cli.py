@@ -7,6 +7,7 @@ for every command), which is how a container is configured.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from .errors import ConfigError, ConsolidatorError, JournalError
 from .isolation import PartitionFailure, isolated
 from .journal import Journal, errors_explained
 from .layout import MONITOR_ROTATION_S, default_journal_path, iter_partitions, parse_partition
+from .logs import log_event
 from .observe import Observer, Observers
 from .plan import MB, Policy, plan_one
 from .recovery import recover
@@ -47,6 +49,8 @@ from .states import MergeState
 from .status import EXIT_NEEDS_PERSON, compute_status
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger(__name__)
 
 
 def _option(name: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
@@ -301,6 +305,10 @@ def run(
             with errors_explained(journal_path):
                 code = run_service(settings, stop, once=once, serve=serve)
         except (ConsolidatorError, OSError) as exc:
+            if log_format == "json":
+                # The `Error:` line alone was the only word of why the sidecar died, and a
+                # collector parsing JSON lines dropped it. (In text it is that word already.)
+                log_event(log, "stopped", logging.ERROR, reason="error", error=exc)
             raise _fail(exc) from exc
     raise SystemExit(code)
 
