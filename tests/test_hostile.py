@@ -1033,3 +1033,40 @@ def test_lineage_recovery_keeps_a_file_rewritten_while_it_was_compared(
     assert (kept.file, kept.reason) == (victim.name, f"{victim.name} changed while it was compared")
     assert pq.read_table(victim).equals(grown)
     assert sorted(p.name for p in folder.glob("metrics-*.parquet")) == [victim.name]
+
+
+def test_a_stop_during_a_lineage_proof_ends_it_and_the_next_start_proves_again(
+    data_dir: Path,
+) -> None:
+    """A proof reads the output and every file beside it, about a minute of CPU for a busy
+    node's output of 480 files, and never asked the stop flag: a SIGTERM at start-up waited
+    for it, past the 30 s Kubernetes gives before its SIGKILL. Now the proof is given up, is
+    not counted as one that died, and nothing is deleted unproven. Found by an operability
+    review."""
+    crash_between_rename_and_deletes(data_dir)
+    lose(data_dir, "journal")
+    folder = data_dir / POD_A
+    before = sorted(p.name for p in folder.iterdir())
+    asked = 0
+
+    def stop_once_rows_are_read() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked > 1  # asked once before the partition, then before each batch read
+
+    journal = Journal.open(default_journal_path(data_dir))
+    try:
+        guard = recovery.ProofGuard(journal, 300)
+        stopped = recovery.recover_from_lineage(
+            journal, data_dir, set(), stop_once_rows_are_read, guard
+        )
+        assert asked == 2
+        assert stopped == []
+        assert sorted(p.name for p in folder.iterdir()) == before
+        subject = recovery.proof_subject(POD_A, OUTPUT)
+        assert journal.attempt_deaths(subject).count == 0
+        settled = recovery.recover_from_lineage(journal, data_dir, set(), guard=guard)
+    finally:
+        journal.close()
+    assert len(settled) == LEFT and all(action.removed for action in settled)
+    assert list(folder.glob("metrics-*.parquet")) == []

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -355,9 +356,9 @@ def test_with_the_journal_lost_a_name_reused_while_the_service_runs_is_compared_
     compared = []
     real = lineage.share_rows
 
-    def counted(output: Path, files: list[Path]) -> dict[str, str]:
+    def counted(output: Path, files: list[Path], should_stop: Any = None) -> dict[str, str]:
         compared.append(sorted(f.name for f in files))
-        return real(output, files)
+        return real(output, files, should_stop)
 
     monkeypatch.setattr(lineage, "share_rows", counted)
     monkeypatch.setattr(recovery, "_compared_in_passes", set())
@@ -379,7 +380,7 @@ def test_a_pass_compares_a_version_that_shares_rows_once(
     write_again(data_dir)
     compared = []
 
-    def shares(output: Path, files: list[Path]) -> dict[str, str]:
+    def shares(output: Path, files: list[Path], should_stop: Any = None) -> dict[str, str]:
         compared.append(len(files))
         return {f.name: "holds 1 of its rows" for f in files}
 
@@ -434,7 +435,7 @@ def test_a_file_without_a_footer_under_a_listed_name_is_never_taken_for_held(
     folder = data_dir / PARTITION
     name = metrics_name(REWRITTEN.start)
     (folder / name).write_bytes(b"PAR1" + bytes(100))  # open, not finished
-    monkeypatch.setattr(lineage, "share_rows", lambda output, files: {})
+    monkeypatch.setattr(lineage, "share_rows", lambda output, files, should_stop=None: {})
     [verdict] = judge_partition(folder, PARTITION, os.listdir(folder), set())
     assert (verdict.file, verdict.new_footer) == (name, None)
     assert verdict.doubt is not None and "no complete footer" in verdict.doubt

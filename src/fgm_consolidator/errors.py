@@ -81,6 +81,12 @@ class TempReplacedError(ConsolidatorError):
     """Our output's temp file is no longer the one we wrote: another process is at work here."""
 
 
+class ProofStopped(Exception):
+    """A lineage proof given up because the service is stopping. Nothing was decided or
+    deleted; the next start proves again. Not a ConsolidatorError: those a proof reports as a
+    doubt about its files, and this is no doubt."""
+
+
 class MergeAborted(ConsolidatorError):
     """A merge was stopped on request (SIGTERM past the grace period) and rolled back."""
 

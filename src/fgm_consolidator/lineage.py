@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import containment, footers, reading
+from .containment import StopCheck
 from .errors import ConsolidatorError
 from .layout import parse_data_file
 from .schemas import LINEAGE_KEY, misfit
@@ -270,14 +271,18 @@ def cannot_compare(output: Path, files: Sequence[Path], exc: Exception) -> dict[
     return {f.name: f"cannot compare {f.name} with {output.name}: {exc}" for f in files}
 
 
-def output_reads_back(path: Path, held: Lineage, *, decode: bool = True) -> str | None:
+def output_reads_back(
+    path: Path, held: Lineage, *, decode: bool = True, should_stop: StopCheck | None = None
+) -> str | None:
     """None when every row group of `path` decodes and the rows add up; else why not. Without
-    `decode`, only the footer's count is held against the lineage."""
+    `decode`, only the footer's count is held against the lineage. `should_stop`: as for
+    `containment.rows_not_found`."""
     try:
         parquet = pq.ParquetFile(path)
         with parquet:
             listed = parquet.metadata.num_rows
-            rows = sum(b.num_rows for b in _batches(parquet)) if decode else listed
+            batches = containment.stoppable(_batches(parquet), should_stop)
+            rows = sum(b.num_rows for b in batches) if decode else listed
     except (OSError, pa.ArrowException) as exc:
         return f"output does not read back: {exc}"
     total = sum(s.rows for s in held.sources)
@@ -287,7 +292,12 @@ def output_reads_back(path: Path, held: Lineage, *, decode: bool = True) -> str 
 
 
 def unproven(
-    output: Path, held: Lineage, sources: Sequence[Path], *, compare_rows: bool = True
+    output: Path,
+    held: Lineage,
+    sources: Sequence[Path],
+    *,
+    compare_rows: bool = True,
+    should_stop: StopCheck | None = None,
 ) -> dict[str, str]:
     """Why each present source is not shown to lie inside the output; a source not in the
     answer is proven, and may go.
@@ -318,7 +328,7 @@ def unproven(
                 s.name: f"{s.name} is still here; its rows were not compared with {output.name}'s"
                 for s in counted
             }
-        missing = containment.rows_not_found(output, counted)
+        missing = containment.rows_not_found(output, counted, should_stop=should_stop)
     except COMPARE_ERRORS as exc:
         return cannot_compare(output, sources, exc)
     for name, rows in missing.items():
@@ -326,7 +336,9 @@ def unproven(
     return problems
 
 
-def share_rows(output: Path, files: Sequence[Path]) -> dict[str, str]:
+def share_rows(
+    output: Path, files: Sequence[Path], should_stop: StopCheck | None = None
+) -> dict[str, str]:
     """Why each of `files`, which `output`'s lineage lists by name under other footers, is not
     shown to be new; none in the answer: no row of any of them is among the output's.
 
@@ -337,7 +349,9 @@ def share_rows(output: Path, files: Sequence[Path]) -> dict[str, str]:
     more label still shares every row, and one with other rows shares none.
     """
     try:
-        missing = containment.rows_not_found(output, files, drop_labels=True)
+        missing = containment.rows_not_found(
+            output, files, drop_labels=True, should_stop=should_stop
+        )
         rows = {path.name: pq.read_metadata(path).num_rows for path in files}
     except COMPARE_ERRORS as exc:
         return cannot_compare(output, files, exc)

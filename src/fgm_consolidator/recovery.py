@@ -24,8 +24,9 @@ from pathlib import Path
 
 from . import companions, crashpoints, durable, footers, lineage
 from .backoff import DEFAULT_INTERVAL_S, Hold, hold_for
+from .containment import StopCheck
 from .durable import FileIdentity
-from .errors import CompanionError, NameTakenError, Unexpected
+from .errors import CompanionError, NameTakenError, ProofStopped, Unexpected
 from .isolation import PartitionFailure, isolated
 from .journal import Journal, MergeRecord, SourceRecord
 from .layout import (
@@ -477,7 +478,12 @@ def recover_from_lineage(
             break
         # A partition that fails is logged and left: nothing is deleted unproven, and the
         # planner holds the files an output claims.
-        settled = isolated(_settle_partition, data_dir / partition, partition, busy, guard, journal)
+        settled = isolated(
+            _settle_partition, data_dir / partition, partition, busy, guard, journal, should_stop
+        )
+        if isinstance(settled, PartitionFailure) and isinstance(settled.error, ProofStopped):
+            log_event(log, "lineage-check-stopped", partition=partition, reason=str(settled.error))
+            break
         if isinstance(settled, PartitionFailure):
             log_event(
                 log, "lineage-check-failed", logging.ERROR, partition=partition, **settled.fields
@@ -513,6 +519,7 @@ def judge_partition(
     compare_rows: bool = True,
     guard: ProofGuard | None = None,
     shown_new: lineage.ShownNew = lineage.nothing_shown,
+    should_stop: StopCheck | None = None,
 ) -> list[LineageVerdict]:
     """What each output's lineage says of the files beside it, among `names`; changes nothing.
 
@@ -523,7 +530,8 @@ def judge_partition(
     `status` can afford on every call: nothing is proven then, and a file whose counts agree
     gets a doubt saying its rows were not compared. Outputs of an unfinished merge of our
     journal (`busy`) are the journal's business. `shown_new`: what the journal shows new
-    (`lineage.PresentFiles`).
+    (`lineage.PresentFiles`). `should_stop`: asked as rows are read; ProofStopped once it
+    says so, and nothing is judged.
     """
     held = lineage.lineages(folder, names)
     files = lineage.PresentFiles(folder, names, held, shown_new)
@@ -551,7 +559,13 @@ def judge_partition(
             held_here = [folder / name for name in present if name not in other]
             new_here = [folder / name for name in present if name in other - footerless]
             prove = partial(
-                _prove, folder / output, claim, held_here, new_here, compare_rows=compare_rows
+                _prove,
+                folder / output,
+                claim,
+                held_here,
+                new_here,
+                compare_rows=compare_rows,
+                should_stop=should_stop,
             )
             if guard is None:
                 doubts = prove()
@@ -585,13 +599,20 @@ def _prove(
     others: list[Path],
     *,
     compare_rows: bool = True,
+    should_stop: StopCheck | None = None,
 ) -> dict[str, str]:
     """Why each of `sources` is not shown to be held by `output`, and each of `others` (listed
     under another footer) not shown to be new: its doubts, by name."""
-    unreadable = lineage.output_reads_back(output, claim, decode=compare_rows)
+    unreadable = lineage.output_reads_back(
+        output, claim, decode=compare_rows, should_stop=should_stop
+    )
     if unreadable:
         return {source.name: unreadable for source in [*sources, *others]}
-    doubts = lineage.unproven(output, claim, sources, compare_rows=compare_rows) if sources else {}
+    doubts = {}
+    if sources:
+        doubts = lineage.unproven(
+            output, claim, sources, compare_rows=compare_rows, should_stop=should_stop
+        )
     if not others:
         return doubts
     if not compare_rows:
@@ -601,7 +622,7 @@ def _prove(
             " `recover`, compares them"
             for f in others
         }
-    return doubts | lineage.share_rows(output, others)
+    return doubts | lineage.share_rows(output, others, should_stop)
 
 
 def _settle_partition(
@@ -610,10 +631,13 @@ def _settle_partition(
     busy: set[tuple[str, str]],
     guard: ProofGuard | None,
     journal: Journal,
+    should_stop: StopCheck,
 ) -> list[LineageAction]:
     names = lineage.list_names(folder)
     new = shown_new(journal, partition)
-    verdicts = judge_partition(folder, partition, names, busy, guard=guard, shown_new=new)
+    verdicts = judge_partition(
+        folder, partition, names, busy, guard=guard, shown_new=new, should_stop=should_stop
+    )
     by_output: dict[str, list[LineageVerdict]] = {}
     for verdict in verdicts:
         by_output.setdefault(verdict.output, []).append(verdict)
