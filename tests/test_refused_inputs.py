@@ -264,6 +264,16 @@ def sources_with(data_dir: Path, column: str, kind: pa.DataType, values: list[An
     return names
 
 
+def assert_refused_in_one_pass(data_dir: Path, names: list[str], because: str) -> None:
+    """One pass keeps every one of `names` and reports each, `because` in its reason."""
+    run_once(data_dir)
+    assert [p.name for p in parquet_files(data_dir)] == names
+    reasons = unreadable_reasons(data_dir)
+    assert sorted(reasons) == names
+    for reason in reasons.values():
+        assert because in reason
+
+
 @pytest.mark.parametrize(
     "kind",
     [
@@ -283,12 +293,7 @@ def test_a_dictionary_of_other_indices_is_reported_in_one_pass_by_its_type(
     a source, dictionary<int8> in the output", the other way round from the file."""
     names = sources_with(data_dir, column, kind, [])
     assert pq.read_schema(source_path(data_dir, 0)).field(column).type == kind
-    run_once(data_dir)
-    assert [p.name for p in parquet_files(data_dir)] == names
-    reasons = unreadable_reasons(data_dir)
-    assert sorted(reasons) == names
-    for reason in reasons.values():
-        assert f"column {column} is {kind};" in reason
+    assert_refused_in_one_pass(data_dir, names, f"column {column} is {kind};")
 
 
 def test_an_int32_dictionary_is_merged_with_its_type(data_dir: Path) -> None:
@@ -320,9 +325,5 @@ def test_a_column_pyarrow_reads_as_another_type_is_reported_not_retyped(
     source's `date64` column as datetimes and the output's as dates."""
     names = sources_with(data_dir, column, kind, [1, 2, 3])
     assert pq.read_schema(source_path(data_dir, 0)).field(column).type == read_as
-    run_once(data_dir)
-    assert [p.name for p in parquet_files(data_dir)] == names
-    reasons = unreadable_reasons(data_dir)
-    assert sorted(reasons) == names
-    for reason in reasons.values():
-        assert f"column {column} (stored as {kind}, read as {read_as})" in reason
+    because = f"column {column} (stored as {kind}, read as {read_as})"
+    assert_refused_in_one_pass(data_dir, names, because)
