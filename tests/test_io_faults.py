@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PAST, data_files, rows_pyarrow, tmp_files
+from conftest import PAST, data_files, rows_pyarrow, run_cli, tmp_files
 from test_service import DEADLINE_S, Service, poll, running
 
 from fgm_consolidator import durable, merge
@@ -446,6 +446,30 @@ def test_a_full_tmpfs_rolls_back_backs_off_and_merges_once_space_is_freed(
         service_.wait_for("recovered")
         stop(service_)
     assert_settled(data_dir, before)
+
+
+def test_a_journal_refused_by_a_full_volume_leaves_the_probe_able_to_read_it(
+    tmpfs: Callable[[str], Path],
+) -> None:
+    """`run` on a full volume cannot size the journal's `-shm`: its open failed and left an
+    empty `-wal` and a 3-byte `-shm`, and from then on `status --liveness` and `history`, which
+    read it without writing, failed with a disk I/O error until space was freed (the probe
+    restarting a container that could do nothing else). Found by an operability review."""
+    volume = tmpfs("size=8m")
+    data_dir = volume / "data"
+    data_dir.mkdir()
+    make_data(data_dir)
+    assert run_cli("run", "--once", "--data-dir", str(data_dir)).returncode == 0
+    journal = default_journal_path(data_dir)
+    assert sorted(p.name for p in journal.parent.iterdir()) == ["journal.db", "lock"]
+    (volume / "filler").write_bytes(b"\0" * free_bytes(volume))
+    refused = run_cli("run", "--once", "--data-dir", str(data_dir))
+    assert refused.returncode == 1
+    assert "cannot open journal (disk I/O error)" in refused.stderr, refused.stderr
+    assert sorted(p.name for p in journal.parent.iterdir()) == ["journal.db", "lock"]
+    for command in (("status", "--liveness"), ("history",)):
+        result = run_cli(*command, "--data-dir", str(data_dir))
+        assert result.returncode == 0, (command, result.stderr)
 
 
 def test_link_fails_with_enospc_when_the_tmpfs_has_no_inode_left(

@@ -322,6 +322,8 @@ class Journal:
                 conn.close()  # a refused journal is left by the command, not held open
                 raise
         except sqlite3.DatabaseError as exc:
+            if not read_only:
+                _remove_unused_wal(path)
             raise explained(exc, path, opening=True) from exc
         return journal
 
@@ -1003,6 +1005,27 @@ def _binding(conn: sqlite3.Connection) -> DataDirBinding | None:
         return None
     row = conn.execute("SELECT id, path FROM data_dir").fetchone()
     return None if row is None else DataDirBinding(str(row[0]), str(row[1]))
+
+
+SHM_IN_USE_BYTES = 32 * 1024  # SQLite sizes a -shm to at least this before anyone uses it
+
+
+def _remove_unused_wal(path: Path) -> None:
+    """After an open that failed, remove the `-wal` and `-shm` it created if nobody uses them.
+
+    On a full volume the open creates an empty `-wal` and a `-shm` it cannot size (3 bytes).
+    Left there, they failed every read-only open after it, `status --liveness` and `history`
+    included, with a disk I/O error until space was freed: a reader must size the `-shm` it
+    finds. A `-wal` with a byte in it may hold commits, and a `-shm` of full size may be
+    another connection's: those stay."""
+    wal, shm = path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")
+    try:
+        if wal.stat().st_size or shm.stat().st_size >= SHM_IN_USE_BYTES:
+            return
+        wal.unlink()  # first: a -shm alone is never read
+        shm.unlink()
+    except OSError:
+        return
 
 
 def _check_regular(path: Path) -> None:
