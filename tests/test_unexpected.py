@@ -144,7 +144,7 @@ def test_an_unexpected_error_in_one_partitions_lineage_check_leaves_the_others_t
     assert consolidated(data_dir / POD_A) and consolidated(data_dir / POD_B)
     restored.write_bytes(copy.read_bytes())
     settle = failing_for(
-        lambda _folder, partition, _busy, _guard, _journal: partition,
+        lambda _folder, partition, _busy, _guard, _journal, _should_stop: partition,
         recovery._settle_partition,
         ValueError("v"),
     )
