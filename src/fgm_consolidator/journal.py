@@ -52,7 +52,7 @@ def explained(exc: sqlite3.DatabaseError, path: Path, *, opening: bool) -> Journ
     """SQLite's messages name no file and give no advice. What to do depends on why: moving
     aside a journal that is only locked, or that sits on a full volume, would throw away a
     sound audit trail and force a lineage recovery."""
-    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary result code
+    code = _primary_code(exc)
     changed = _UNCHANGED if opening else _RESUMES
     refused = _refused_access(path) if code == sqlite3.SQLITE_CANTOPEN else None
     if refused is not None:
@@ -67,6 +67,11 @@ def explained(exc: sqlite3.DatabaseError, path: Path, *, opening: bool) -> Journ
         hint = REPAIR_HINT
     what = "cannot open journal" if opening else "journal failed"
     return JournalError(f"{what} ({exc}); {hint}", path)
+
+
+def _primary_code(exc: sqlite3.Error) -> int:
+    """SQLite's primary result code (SQLITE_BUSY, say) without its extended bits."""
+    return int(getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
 
 
 def _refused_access(path: Path) -> str | None:
@@ -991,7 +996,7 @@ def recorded_data_dir(path: Path) -> DataDirBinding | None:
         conn.execute("PRAGMA busy_timeout=5000")
         return _binding(conn)
     except sqlite3.DatabaseError as exc:
-        if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF in _BUSY_CODES:
+        if _primary_code(exc) in _BUSY_CODES:
             raise explained(exc, path, opening=True) from exc
         return None
     except sqlite3.Error:
