@@ -472,6 +472,17 @@ def test_a_journal_refused_by_a_full_volume_leaves_the_probe_able_to_read_it(
         assert result.returncode == 0, (command, result.stderr)
 
 
+def test_the_demo_on_a_full_volume_is_one_error_line(tmpfs: Callable[[str], Path]) -> None:
+    """The demo writing its sample data onto a volume too small ended in pyarrow's traceback.
+    Found by an operability review."""
+    volume = tmpfs("size=200k")
+    result = run_cli("demo", "--data-dir", str(volume / "demo"), "--hours", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert "No space left on device" in error, result.stderr
+
+
 def test_link_fails_with_enospc_when_the_tmpfs_has_no_inode_left(
     tmpfs: Callable[[str], Path],
 ) -> None:

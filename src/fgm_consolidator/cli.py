@@ -591,7 +591,7 @@ def demo(data_dir: Path | None, hours: float) -> None:
     click.echo(f"simulating {hours:g} h of monitor output for 2 pods in {data_dir} ...")
     try:
         report = run_demo(data_dir, hours=hours)
-    except ConsolidatorError as exc:
+    except (ConsolidatorError, OSError) as exc:  # pyarrow's I/O errors (a full disk) are OSErrors
         raise _fail(exc) from exc
     click.echo("\nparquet files per partition (before -> after):")
     for partition in sorted(report.before.files):
