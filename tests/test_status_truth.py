@@ -155,3 +155,27 @@ def test_start_up_recovery_that_keeps_journaling_is_not_called_stale(
         )
         assert report.threshold_s == 900
         assert report.exit_code == EXIT_HEALTHY, [p.text for p in report.problems]
+
+
+def test_status_is_not_healthy_when_the_pass_that_made_a_merge_cannot_delete_its_sources(
+    data_dir: Path, populate: Callable[..., SimulationSummary], monkeypatch: MonkeyPatch
+) -> None:
+    """The same refused unlink, met by the pass that made the merge (sources of another owner
+    in a sticky folder): output and sources side by side, the viewer counting rows twice, and
+    `status` said healthy, exit 0, until the next pass found the merge in its recovery. Found
+    by an operability review."""
+    populate()
+    real_remove = durable.remove
+
+    def refused(path: Path) -> bool:
+        if path.name.startswith("metrics-"):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        return real_remove(path)
+
+    monkeypatch.setattr(durable, "remove", refused)
+    journal = default_journal_path(data_dir)
+    assert run_service(Settings(data_dir, journal), StopFlag(0), once=True) == 1
+    report = compute_status(data_dir, journal)
+    assert [r.state for r in report.unfinished] == [MergeState.RENAMED]
+    assert report.exit_code == EXIT_NEEDS_PERSON, report.problems
+    assert any("still unfinished after the last pass" in p.text for p in report.problems)

@@ -316,13 +316,13 @@ def _problems(status: Status, journal_path: Path, data_dir: Path) -> list[Proble
                 "see `fgm-consolidator history --state needs-attention`",
             )
         )
-    left = _left_by_recovery(status)
+    left = _left_by_a_failed_pass(status)
     if left:
         ids = ", ".join(str(r.id) for r in left)
         found.append(
             Problem(
                 EXIT_NEEDS_PERSON,
-                f"merge(s) {ids} still unfinished after the last pass, whose recovery failed; "
+                f"merge(s) {ids} still unfinished after the last pass, which failed on them; "
                 "`fgm-consolidator recover` (with the service stopped) says why",
             )
         )
@@ -333,15 +333,18 @@ def _problems(status: Status, journal_path: Path, data_dir: Path) -> list[Proble
     return found
 
 
-def _left_by_recovery(status: Status) -> list[MergeRecord]:
-    """Unfinished merges the last pass's recovery met and could not finish: that pass ended in
-    failure and they have not moved since it began. The service retries them at every pass,
-    and the same step fails again (a source it may not delete, say)."""
+def _left_by_a_failed_pass(status: Status) -> list[MergeRecord]:
+    """Unfinished merges the last pass left so: it ended in failure and they have not moved
+    since it ended. Its recovery met them and could not finish them, or the pass made them and
+    failed on a step (a source it may not delete, say): the service retries them at every pass,
+    and the same step fails again. Only those its recovery met counted once, so a merge whose
+    deletes failed in the pass that made it, its output and its sources beside each other (the
+    viewer counting rows twice), was healthy until the next pass, five minutes later."""
     last = status.last_pass
-    if last is None or last.result is not PassResult.FAILED:
+    if last is None or last.result is not PassResult.FAILED or last.ended is None:
         return []
-    began = datetime.fromisoformat(last.started)
-    return [r for r in status.unfinished if datetime.fromisoformat(r.transitions[-1].at) < began]
+    ended = datetime.fromisoformat(last.ended)
+    return [r for r in status.unfinished if datetime.fromisoformat(r.transitions[-1].at) <= ended]
 
 
 def _failing_problem(data_dir: Path, partition: str, failures: Failures) -> Problem:
