@@ -53,6 +53,19 @@ def test_status_is_not_healthy_while_the_same_merge_fails_in_every_pass(
     assert any(line["kind"] == "problem" for line in lines), proc.stdout
 
 
+def refuse_unlinking_sources(monkeypatch: MonkeyPatch, code: int) -> None:
+    """The disk refuses to unlink a `metrics-*` file, with `code`, as it would a file of
+    another owner in a sticky folder; every other unlink goes through."""
+    real_remove = durable.remove
+
+    def refused(path: Path) -> bool:
+        if path.name.startswith("metrics-"):
+            raise PermissionError(code, os.strerror(code), str(path))
+        return real_remove(path)
+
+    monkeypatch.setattr(durable, "remove", refused)
+
+
 def test_status_is_not_healthy_while_recovery_fails_the_same_merge_every_time(
     data_dir: Path, populate: Callable[..., SimulationSummary], monkeypatch: MonkeyPatch
 ) -> None:
@@ -68,14 +81,7 @@ def test_status_is_not_healthy_while_recovery_fails_the_same_merge_every_time(
         env={"FGM_CRASH_AT": "journal:renamed"},
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    real_remove = durable.remove
-
-    def refused(path: Path) -> bool:
-        if path.name.startswith("metrics-"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_remove(path)
-
-    monkeypatch.setattr(durable, "remove", refused)
+    refuse_unlinking_sources(monkeypatch, errno.EACCES)
     recovered = invoke("recover", "--data-dir", data_dir)
     assert recovered.exit_code == EXIT_NEEDS_PERSON, recovered.output
     journal = default_journal_path(data_dir)
@@ -165,14 +171,7 @@ def test_status_is_not_healthy_when_the_pass_that_made_a_merge_cannot_delete_its
     `status` said healthy, exit 0, until the next pass found the merge in its recovery. Found
     by an operability review."""
     populate()
-    real_remove = durable.remove
-
-    def refused(path: Path) -> bool:
-        if path.name.startswith("metrics-"):
-            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
-        return real_remove(path)
-
-    monkeypatch.setattr(durable, "remove", refused)
+    refuse_unlinking_sources(monkeypatch, errno.EPERM)
     journal = default_journal_path(data_dir)
     assert run_service(Settings(data_dir, journal), StopFlag(0), once=True) == 1
     report = compute_status(data_dir, journal)
