@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import PAST, add_late_container, rows_pyarrow, run_cli, small_spec, tmp_files
 from oracle import check, expected_rows, viewer_containers
+from test_name_reuse import pass_now
 
-from fgm_consolidator import companions
+from fgm_consolidator import companions, footers, merge
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
@@ -409,13 +411,34 @@ def touch(path: Path) -> None:
 
 
 def replace_with_copy(path: Path) -> None:
-    """Same bytes, new inode: what a monitor rewriting its file would leave."""
+    """Same bytes, new inode: a copy put in its place."""
     copy = path.with_name(path.name + ".copy")
     shutil.copy2(path, copy)
     os.replace(copy, path)
 
 
-@pytest.mark.parametrize("modify", [touch, replace_with_copy], ids=["mtime", "inode"])
+def one_row_fewer(path: Path) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pq.read_table(path).slice(1), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def rewritten(path: Path) -> None:
+    """Other rows, new inode: what a monitor rewriting its file would leave."""
+    copy = path.with_name(path.name + ".copy")
+    copy.write_bytes(one_row_fewer(path))
+    os.replace(copy, path)
+
+
+def edited_in_place(path: Path) -> None:
+    """Other rows, same inode."""
+    data = one_row_fewer(path)
+    with open(path, "r+b") as handle:
+        handle.write(data)
+        handle.truncate()
+
+
+@pytest.mark.parametrize("modify", [rewritten, edited_in_place], ids=["inode", "in-place"])
 def test_source_changed_after_planning_is_kept_and_flagged(data_dir: Path, modify: Any) -> None:
     make_data(data_dir, "small")
     folder = data_dir / POD_A
@@ -452,6 +475,119 @@ def test_source_changed_after_planning_is_kept_and_flagged(data_dir: Path, modif
     assert run_once(data_dir).returncode == 0
     assert snapshot(data_dir) == files
     assert len(journal_records(data_dir)) == 1
+
+
+@pytest.mark.parametrize("modify", [touch, replace_with_copy], ids=["mtime", "inode"])
+def test_a_source_whose_bytes_are_unchanged_goes_whatever_its_identity(
+    data_dir: Path, modify: Any
+) -> None:
+    """A source, and its companion, touched or copied in place after the output was published
+    hold the rows and containers the output holds: its footer digest, which the output's
+    lineage records, says so. Taken for changed files, they were left beside the output, every
+    row of theirs twice, until a person came."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "journal:renamed").returncode == -9
+    changed = sorted(folder.glob("metrics-*.parquet"))[5]
+    modify(changed)
+    modify(changed.with_suffix(".containers"))
+
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [a["action"] for a in json_lines(result.stdout) if a["kind"] == "recovery"] == [
+        "resumed"
+    ]
+    assert check(data_dir, expected).violations == []
+    assert_fully_consolidated(data_dir, [POD_A])
+
+
+def test_a_source_touched_before_its_delete_stops_the_merge_and_recovery_proves_it(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DESIGN step 7: the merge itself stops at a source whose mtime changed once its output
+    was published, and deletes nothing. Recovery then finds the footer merged, proves every
+    row of the file in the output, and finishes."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    folder = data_dir / POD_A
+    touched = sorted(folder.glob("metrics-*.parquet"))[5]
+    real_publish = merge.publish
+
+    def publish_then_touch(*args: Any, **kwargs: Any) -> None:
+        real_publish(*args, **kwargs)
+        touch(touched)
+
+    monkeypatch.setattr(merge, "publish", publish_then_touch)
+    pass_now(data_dir)
+    [record] = journal_records(data_dir)
+    assert record.state is MergeState.NEEDS_ATTENTION
+    assert touched.name in (record.error or "")
+    assert count(folder, "metrics-", ".parquet") == SOURCES
+
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert check(data_dir, expected).violations == []
+    assert_fully_consolidated(data_dir, [POD_A])
+    [proven] = [line for line in result.stderr.splitlines() if "event=sources-proven" in line]
+    assert "files=1" in proven.split()
+
+
+def flip_a_byte_that_changes_the_rows(path: Path) -> None:
+    """The first byte of the data pages whose flip makes the file read otherwise (or not at
+    all); the footer is left as it is."""
+    original = path.read_bytes()
+    before = pq.read_table(path)
+    for offset in range(4, len(original) // 2):
+        data = bytearray(original)
+        data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+        try:
+            if not pq.read_table(path).equals(before):
+                return
+        except (OSError, pa.ArrowException):
+            return
+    raise AssertionError(f"no byte of {path}'s first half changes its rows")
+
+
+def test_a_source_with_the_footer_merged_but_other_rows_stays_for_a_person(
+    data_dir: Path,
+) -> None:
+    """The footer is only the gate: a source whose data pages changed under the footer
+    merged (here a flipped byte) is not proven by its rows, and nothing is deleted."""
+    make_data(data_dir, "small")
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "journal:renamed").returncode == -9
+    changed = sorted(folder.glob("metrics-*.parquet"))[5]
+    digest = footers.digest_now(changed)
+    flip_a_byte_that_changes_the_rows(changed)
+    assert footers.digest_now(changed) == digest
+    files = snapshot(data_dir)
+
+    left_for_a_person(data_dir, files, changed.name, "its footer as merged but not its rows")
+
+
+@pytest.mark.parametrize("point", ["journal:written", "journal:renamed", "durable:unlinked#9"])
+def test_a_copy_of_the_data_directory_made_mid_merge_settles_in_the_copy(
+    data_dir: Path, tmp_path: Path, point: str
+) -> None:
+    """`cp -a` of a data directory whose merge was cut (a backup, a move to a new volume):
+    every file, journal included, is the same but for its inode. Recovery in the copy
+    finishes the merge as it would have in place, each row once and no companion left over."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    assert run_once(data_dir, point).returncode == -9
+    copy = Path(shutil.copytree(data_dir, tmp_path / "copy", symlinks=True))
+    source = next((copy / POD_A).glob("metrics-*.parquet"))
+    assert source.stat().st_ino != (data_dir / POD_A / source.name).stat().st_ino
+
+    result = recover(copy)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [a["action"] for a in json_lines(result.stdout) if a["kind"] == "recovery"] == [
+        "resumed"
+    ]
+    assert check(copy, expected).violations == []
+    assert_fully_consolidated(copy, [POD_A])
 
 
 def corrupt(path: Path) -> None:
@@ -711,3 +847,5 @@ def test_a_companion_rewritten_after_its_merge_was_published_is_kept(data_dir: P
     assert count(folder, "metrics-", ".parquet") == 0
     assert victim.read_bytes() == rewritten
     assert count(folder, "metrics-", ".containers") == 1
+    [kept] = [line for line in result.stderr.splitlines() if "event=companion-kept" in line]
+    assert str(victim) in kept

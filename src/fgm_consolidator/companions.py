@@ -254,3 +254,10 @@ def union(sidecars: Iterable[ContainerSidecar]) -> ContainerSidecar | None:
     if version is None:
         return None
     return ContainerSidecar(version=version, containers=tuple(seen.values()))
+
+
+def missing_from(outer: ContainerSidecar, inner: ContainerSidecar) -> set[str]:
+    """The container ids `inner` lists and `outer` lacks. The viewer knows a container by its
+    id, so an output's companion lacking none of a source's stands for it, and the source's
+    may go with the source."""
+    return {c.container_id for c in inner.containers} - {c.container_id for c in outer.containers}

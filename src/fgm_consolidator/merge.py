@@ -20,6 +20,7 @@ import pyarrow as pa
 from . import companions, durable, footers, lineage
 from .durable import FileIdentity
 from .errors import (
+    CompanionError,
     ConsolidatorError,
     MergeAborted,
     NameTakenError,
@@ -298,11 +299,14 @@ def finish(
     *,
     actor: str,
     written: FileIdentity | None = None,
+    prove_copies: bool = False,
 ) -> tuple[MergeState, str | None]:
     """From `written` or `renamed` to `sources-deleted`; the caller vouches for the output.
 
     `written`: the temp file the merge just wrote, which must still be the one its name
-    points at when it is published (recovery vouches by checksum instead)."""
+    points at when it is published (recovery vouches by checksum instead). `prove_copies`:
+    recovery's, see `delete_sources`; the merge itself stops at any changed source (DESIGN
+    step 7)."""
     if record.last_action_state is MergeState.WRITTEN:
         try:
             publish(folder, record.output, written=written)
@@ -323,7 +327,7 @@ def finish(
     if found:
         return _yield_to(journal, folder, record, ours, found, actor=actor)
     try:
-        delete_sources(folder, record, ours)
+        delete_sources(folder, record, ours, prove_copies=prove_copies)
     except SourceChangedError as exc:
         if record.state is not MergeState.NEEDS_ATTENTION:
             journal.transition(record.id, MergeState.NEEDS_ATTENTION, actor=actor, error=str(exc))
@@ -436,18 +440,24 @@ def _same_file_or_bytes(tmp: Path, target: Path) -> bool:
     return os.path.samefile(tmp, target) or filecmp.cmp(tmp, target, shallow=False)
 
 
-def _still_ours(path: Path, footer: str | None) -> bool:
-    """For a source whose identity matched. The identity alone can match a new file under a
-    reused name (inode reused, same size, an mtime equal at a coarse clock's granularity); the
-    footer digest our output's lineage records cannot. Outputs older than digests record none,
-    and a file whose footer does not read (EIO) keeps the identity's word, as before digests:
-    a new file was just written, and reads."""
+def _footer_matches(path: Path, footer: str | None) -> bool | None:
+    """Whether `path` has the footer digest our output's lineage records of it; None when
+    that is unknown: the output records none (older than digests), or the footer does not
+    read (EIO), which says nothing of what the file holds."""
     if footer is None:
-        return True
+        return None
     try:
         return footers.digest_now(path) == footer
     except OSError:
-        return True
+        return None
+
+
+def _still_ours(path: Path, footer: str | None) -> bool:
+    """For a source whose identity matched. The identity alone can match a new file under a
+    reused name (inode reused, same size, an mtime equal at a coarse clock's granularity); the
+    footer digest cannot. Where it is unknown the identity keeps its word, as before digests:
+    a new file was just written, and reads."""
+    return _footer_matches(path, footer) is not False
 
 
 def _new_under_its_name(folder: Path, record: MergeRecord, path: Path) -> bool:
@@ -468,10 +478,16 @@ def _new_under_its_name(folder: Path, record: MergeRecord, path: Path) -> bool:
 
 
 def delete_sources(
-    folder: Path, record: MergeRecord, ours: Sequence[lineage.LineageSource]
+    folder: Path,
+    record: MergeRecord,
+    ours: Sequence[lineage.LineageSource],
+    *,
+    prove_copies: bool = False,
 ) -> None:
     """Re-stat every remaining source first: one changed file stops all deletes. `ours` are
-    the sources as our output's lineage lists them, each with its footer digest.
+    the sources as our output's lineage lists them, each with its footer digest. With
+    `prove_copies` (recovery), a source found under another identity but with the footer
+    merged is proven by its rows instead (`_prove_copies`).
 
     Each source's companion goes before the source itself. Cut between the two, the other
     order left a companion whose file was gone: with the journal intact, recovery deletes it
@@ -480,7 +496,8 @@ def delete_sources(
     companion instead, which is still a source that either recovery finishes, and whose
     containers the output's companion lists already. And since ours went first, a companion
     beside a new file under a source's name is that file's, whatever its identity says."""
-    present = []
+    present: dict[str, FileIdentity] = {}  # each source still here, as it was checked
+    copies: list[str] = []
     reused: set[str] = set()
     reached = True  # every source before this one is gone: deletes go in order, as a prefix
     recorded = {s.name: s.footer for s in ours}
@@ -489,28 +506,83 @@ def delete_sources(
         now = durable.optional_identity(path)
         if now is None:
             continue  # deleted before a crash
-        if now != source.identity or not _still_ours(path, recorded.get(source.name)):
-            if not (reached and _new_under_its_name(folder, record, path)):
+        footer = recorded.get(source.name)
+        if now != source.identity or not _still_ours(path, footer):
+            if reached and _new_under_its_name(folder, record, path):
+                log_event(log, "source-name-reused", merge_id=record.id, file=str(path))
+                reused.add(source.name)
+                continue  # ours went before a crash; this one is not ours to delete
+            if not (prove_copies and now != source.identity and _footer_matches(path, footer)):
                 raise SourceChangedError(
                     f"changed after merge {record.id} was planned; kept, output "
                     f"{record.output} may duplicate its rows",
                     path,
                 )
-            log_event(log, "source-name-reused", merge_id=record.id, file=str(path))
-            reused.add(source.name)
-            continue  # ours went before a crash; this one is not ours to delete
+            copies.append(source.name)
         reached = False
-        present.append(source)
+        present[source.name] = now
+    if copies:
+        _prove_copies(folder, record, copies)
     for source in record.sources:
         if source.name in reused:
             continue
         companion = folder / companion_name(source.name)
-        planned = source.companion
-        if planned is not None and durable.optional_identity(companion) == planned:
+        now = durable.optional_identity(companion)
+        if now is not None and (now == source.companion or _covered(folder, record, companion)):
             durable.remove(companion)
-        if source in present:
-            _remove_if_unchanged(folder / source.name, source.identity, record)
+        elif now is not None:
+            log_event(
+                log,
+                "companion-kept",
+                logging.WARNING,
+                merge_id=record.id,
+                file=str(companion),
+                reason=f"not the one planned; {companion_name(record.output)} does not"
+                " show every container of it",
+            )
+        if source.name in present:
+            _remove_if_unchanged(folder / source.name, present[source.name], record)
     durable.fsync_dir(folder)
+
+
+def _prove_copies(folder: Path, record: MergeRecord, names: list[str]) -> None:
+    """Sources found under another inode or mtime, with the footer merged, are deleted only
+    once every row of theirs is found in our output (`lineage.unproven`, the proof lineage
+    recovery deletes by). A copy of a data directory (`cp -a`, a restored backup) gives every
+    file a new inode: each source taken for a changed one left the output's rows twice until
+    a person came. The footer is the cheap gate, so a source really changed is not read again
+    on every pass; the rows are the proof."""
+    output = folder / record.output
+    held = lineage.read(output)
+    paths = [folder / name for name in names]
+    doubts = (
+        {names[0]: f"the lineage of {record.output} does not read"}
+        if held is None
+        else lineage.unproven(output, held, paths)
+    )
+    if doubts:
+        name, why = min(doubts.items())
+        raise SourceChangedError(
+            f"changed after merge {record.id} was planned, its footer as merged but not its"
+            f" rows: {why}; kept, output {record.output} may duplicate its rows",
+            folder / name,
+        )
+    log_event(log, "sources-proven", merge_id=record.id, files=len(names))
+
+
+def _covered(folder: Path, record: MergeRecord, companion: Path) -> bool:
+    """Whether our output's companion lists every container `companion` does, so that it
+    goes with its file although it is not the one planned: copied (a new inode), or written
+    again or late by the monitor. Kept, it lies beside no file, where the viewer never reads
+    it; one that adds containers is kept all the same, and logged, for what it alone says."""
+    if not record.has_companion:
+        return False
+    try:
+        theirs = companions.read_companion(companion)
+        ours = companions.read_companion(folder / companion_name(record.output))
+    except CompanionError:
+        return False
+    return not companions.missing_from(ours, theirs)
 
 
 def _remove_if_unchanged(path: Path, identity: FileIdentity, record: MergeRecord) -> None:

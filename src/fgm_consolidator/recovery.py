@@ -248,7 +248,7 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
         output_ok or (state is MergeState.WRITTEN and tmp_ok and not final.exists())
     ):
         try:
-            result, error = finish(journal, folder, record, actor=ACTOR)
+            result, error = finish(journal, folder, record, actor=ACTOR, prove_copies=True)
         except NameTakenError as exc:  # the companion's name is taken by a foreign file
             return _needs_person(journal, record, str(exc))
         if error is None:
@@ -863,9 +863,7 @@ def _companion_covered(
         ours = companions.read_companion(folder / companion_name(output))
     except CompanionError as exc:
         return None, f"{name}'s containers cannot be shown to be in {output}'s: {exc.reason}"
-    missing = {c.container_id for c in theirs.containers} - {
-        c.container_id for c in ours.containers
-    }
+    missing = companions.missing_from(ours, theirs)
     if missing:
         return None, (
             f"{name}'s companion lists {len(missing)} containers"
