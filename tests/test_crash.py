@@ -135,6 +135,19 @@ def assert_fully_consolidated(data_dir: Path, partitions: list[str]) -> None:
         assert names_in(data_dir / partition) == {OUTPUT, OUTPUT_COMPANION}, partition
 
 
+def resumed_and_settled(data_dir: Path, expected: Counter[Any]) -> Any:
+    """`recover` resumes the one merge, every row is there once, and only the output and its
+    companion are left. Its result."""
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [a["action"] for a in json_lines(result.stdout) if a["kind"] == "recovery"] == [
+        "resumed"
+    ]
+    assert check(data_dir, expected).violations == []
+    assert_fully_consolidated(data_dir, [POD_A])
+    return result
+
+
 def assert_settled(data_dir: Path, before: Counter[Any]) -> None:
     assert tmp_files(data_dir) == []
     assert unfinished(data_dir) == []
@@ -493,13 +506,7 @@ def test_a_source_whose_bytes_are_unchanged_goes_whatever_its_identity(
     modify(changed)
     modify(changed.with_suffix(".containers"))
 
-    result = recover(data_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert [a["action"] for a in json_lines(result.stdout) if a["kind"] == "recovery"] == [
-        "resumed"
-    ]
-    assert check(data_dir, expected).violations == []
-    assert_fully_consolidated(data_dir, [POD_A])
+    resumed_and_settled(data_dir, expected)
 
 
 def test_a_source_touched_before_its_delete_stops_the_merge_and_recovery_proves_it(
@@ -525,10 +532,7 @@ def test_a_source_touched_before_its_delete_stops_the_merge_and_recovery_proves_
     assert touched.name in (record.error or "")
     assert count(folder, "metrics-", ".parquet") == SOURCES
 
-    result = recover(data_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert check(data_dir, expected).violations == []
-    assert_fully_consolidated(data_dir, [POD_A])
+    result = resumed_and_settled(data_dir, expected)
     [proven] = [line for line in result.stderr.splitlines() if "event=sources-proven" in line]
     assert "files=1" in proven.split()
 
@@ -581,13 +585,7 @@ def test_a_copy_of_the_data_directory_made_mid_merge_settles_in_the_copy(
     source = next((copy / POD_A).glob("metrics-*.parquet"))
     assert source.stat().st_ino != (data_dir / POD_A / source.name).stat().st_ino
 
-    result = recover(copy)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert [a["action"] for a in json_lines(result.stdout) if a["kind"] == "recovery"] == [
-        "resumed"
-    ]
-    assert check(copy, expected).violations == []
-    assert_fully_consolidated(copy, [POD_A])
+    resumed_and_settled(copy, expected)
 
 
 def corrupt(path: Path) -> None:
@@ -711,13 +709,7 @@ def test_a_copy_of_the_output_under_its_final_name_is_not_kept_twice(
     os.replace(copy, folder / final)
     assert not os.path.samefile(folder / final, folder / (final + ".tmp"))
 
-    result = recover(data_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert [a["action"] for a in json_lines(result.stdout) if a["kind"] == "recovery"] == [
-        "resumed"
-    ]
-    assert check(data_dir, expected).violations == []
-    assert_fully_consolidated(data_dir, [POD_A])
+    resumed_and_settled(data_dir, expected)
 
 
 def test_a_temp_output_damaged_after_written_is_rolled_back_not_published(
