@@ -418,6 +418,15 @@ def test_kill_during_recovery_is_recovered(data_dir: Path, crash: RecoveryCrash)
 # -- what recovery must not do on its own -----------------------------------------------------
 
 
+def published_then_killed(data_dir: Path) -> tuple[Counter[Any], Path]:
+    """One merge killed once its output was published (`journal:renamed`): the rows expected,
+    and the source a test changes (the sixth)."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    assert run_once(data_dir, "journal:renamed").returncode == -9
+    return expected, sorted((data_dir / POD_A).glob("metrics-*.parquet"))[5]
+
+
 def touch(path: Path) -> None:
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
@@ -453,10 +462,7 @@ def edited_in_place(path: Path) -> None:
 
 @pytest.mark.parametrize("modify", [rewritten, edited_in_place], ids=["inode", "in-place"])
 def test_source_changed_after_planning_is_kept_and_flagged(data_dir: Path, modify: Any) -> None:
-    make_data(data_dir, "small")
-    folder = data_dir / POD_A
-    assert run_once(data_dir, "journal:renamed").returncode == -9
-    changed = sorted(folder.glob("metrics-*.parquet"))[5]
+    _expected, changed = published_then_killed(data_dir)
     modify(changed)
     files = snapshot(data_dir)
 
@@ -490,6 +496,41 @@ def test_source_changed_after_planning_is_kept_and_flagged(data_dir: Path, modif
     assert len(journal_records(data_dir)) == 1
 
 
+def sources_now(data_dir: Path) -> dict[str, str]:
+    """What `history --sources` says is under each name of merge 1's sources now."""
+    shown = run_cli("history", "--data-dir", str(data_dir), "--sources", "--json")
+    merge_line, *source_lines = json_lines(shown.stdout)
+    assert (merge_line["kind"], merge_line["id"]) == ("merge", 1)
+    return {line["file"]: line["now"] for line in source_lines}
+
+
+@pytest.mark.parametrize("decision", ["deleted", "moved out"])
+def test_a_person_who_deletes_or_moves_out_a_changed_source_lets_the_merge_finish(
+    data_dir: Path, tmp_path: Path, decision: str
+) -> None:
+    """The README's advice for "changed after merge N was planned": delete the file, or move
+    it and its companion out of the folder to keep it; the next `recover` finishes the merge
+    with every other row kept once."""
+    expected, changed = published_then_killed(data_dir)
+    rewritten(changed)
+    assert recover(data_dir).returncode == EXIT_NEEDS_PERSON
+    now = sources_now(data_dir)
+    assert len(now) == SOURCES
+    assert now.pop(changed.name) == "changed"
+    assert set(now.values()) == {"as-merged"}
+
+    if decision == "deleted":
+        changed.unlink()
+    else:
+        for path in (changed, changed.with_suffix(".containers")):
+            path.rename(tmp_path / path.name)
+    resumed_and_settled(data_dir, expected)  # its rows as merged too: the output has them
+    assert set(sources_now(data_dir).values()) == {"gone"}
+    if decision == "moved out":
+        assert (tmp_path / changed.name).exists()
+        assert (tmp_path / changed.with_suffix(".containers").name).exists()
+
+
 @pytest.mark.parametrize("modify", [touch, replace_with_copy], ids=["mtime", "inode"])
 def test_a_source_whose_bytes_are_unchanged_goes_whatever_its_identity(
     data_dir: Path, modify: Any
@@ -498,11 +539,7 @@ def test_a_source_whose_bytes_are_unchanged_goes_whatever_its_identity(
     hold the rows and containers the output holds: its footer digest, which the output's
     lineage records, says so. Taken for changed files, they were left beside the output, every
     row of theirs twice, until a person came."""
-    make_data(data_dir, "small")
-    expected = expected_rows(data_dir)
-    folder = data_dir / POD_A
-    assert run_once(data_dir, "journal:renamed").returncode == -9
-    changed = sorted(folder.glob("metrics-*.parquet"))[5]
+    expected, changed = published_then_killed(data_dir)
     modify(changed)
     modify(changed.with_suffix(".containers"))
 
@@ -559,10 +596,7 @@ def test_a_source_with_the_footer_merged_but_other_rows_stays_for_a_person(
 ) -> None:
     """The footer is only the gate: a source whose data pages changed under the footer
     merged (here a flipped byte) is not proven by its rows, and nothing is deleted."""
-    make_data(data_dir, "small")
-    folder = data_dir / POD_A
-    assert run_once(data_dir, "journal:renamed").returncode == -9
-    changed = sorted(folder.glob("metrics-*.parquet"))[5]
+    _expected, changed = published_then_killed(data_dir)
     digest = footers.digest_now(changed)
     flip_a_byte_that_changes_the_rows(changed)
     assert footers.digest_now(changed) == digest
@@ -689,6 +723,43 @@ def test_companion_name_taken_after_the_output_is_published_needs_a_person(
     record = journal_records(data_dir)[0]
     assert record.state is MergeState.NEEDS_ATTENTION
     assert [t.actor for t in record.transitions].count("recovery") == 1
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_person_who_restores_the_output_from_a_backup_lets_the_merge_finish(
+    data_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    """The README's advice for an output "missing" or "corrupt" once sources are gone:
+    restore it from a backup; recovery takes the journaled sha256's bytes and finishes."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "durable:unlinked#9").returncode == -9
+    backup = Path(shutil.copy2(folder / OUTPUT, tmp_path / OUTPUT))
+    if damage == "missing":
+        (folder / OUTPUT).unlink()
+    else:
+        corrupt(folder / OUTPUT)
+    assert recover(data_dir).returncode == EXIT_NEEDS_PERSON
+
+    shutil.copy2(backup, folder / OUTPUT)
+    resumed_and_settled(data_dir, expected)
+
+
+def test_a_person_who_moves_the_file_taking_the_companions_name_lets_the_merge_finish(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The README's advice for "name already exists": move that file out of the folder; the
+    next `recover` publishes the companion and finishes."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "durable:linked#1").returncode == -9
+    (folder / OUTPUT_COMPANION).write_bytes(b"not ours")
+    assert recover(data_dir).returncode == EXIT_NEEDS_PERSON
+
+    (folder / OUTPUT_COMPANION).rename(tmp_path / "not-ours")
+    resumed_and_settled(data_dir, expected)
 
 
 @pytest.mark.parametrize("point", ["durable:linked#1", "durable:linked#2"])
@@ -819,6 +890,48 @@ def test_a_published_companion_that_is_not_the_one_written_stops_the_deletes(
     assert action["action"] == "needs a person"
     assert f"companion {OUTPUT_COMPANION} {said}" in action["reason"]
     assert snapshot(data_dir) == files
+
+
+def test_a_person_who_removes_an_output_whose_companion_is_in_doubt_gets_it_merged_again(
+    data_dir: Path,
+) -> None:
+    """The README's advice for a companion "not the one written" while every source is still
+    there: delete the output and its companion. `recover` rolls the merge back, and the next
+    pass merges the sources again."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "journal:renamed").returncode == -9
+    alter(folder / OUTPUT_COMPANION)
+    assert recover(data_dir).returncode == EXIT_NEEDS_PERSON
+
+    (folder / OUTPUT).unlink()
+    (folder / OUTPUT_COMPANION).unlink()
+    result = recover(data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [action] = [a for a in json_lines(result.stdout) if a["kind"] == "recovery"]
+    assert action["result"] == "rolled-back"
+    assert check(data_dir, expected).violations == []
+    assert run_once(data_dir).returncode == 0
+    assert check(data_dir, expected).violations == []
+    assert_fully_consolidated(data_dir, [POD_A])
+
+
+def test_a_person_who_restores_the_outputs_companion_from_a_backup_lets_the_merge_finish(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The README's other advice for a companion "not the one written": restore it from a
+    backup; recovery takes the journaled sha256's bytes and finishes."""
+    make_data(data_dir, "small")
+    expected = expected_rows(data_dir)
+    folder = data_dir / POD_A
+    assert run_once(data_dir, "durable:unlinked#9").returncode == -9
+    backup = Path(shutil.copy2(folder / OUTPUT_COMPANION, tmp_path / OUTPUT_COMPANION))
+    alter(folder / OUTPUT_COMPANION)
+    assert recover(data_dir).returncode == EXIT_NEEDS_PERSON
+
+    shutil.copy2(backup, folder / OUTPUT_COMPANION)
+    resumed_and_settled(data_dir, expected)
 
 
 def test_a_companion_rewritten_after_its_merge_was_published_is_kept(data_dir: Path) -> None:

@@ -41,6 +41,7 @@ from .reports import (
     recovery_fields,
     skipped_fields,
     skipped_merge_fields,
+    source_fields,
     status_fields,
     unreadable_fields,
 )
@@ -451,6 +452,14 @@ def _partition(_ctx: click.Context, _param: click.Parameter, value: str | None) 
     default=None,
     help="Only merges planned at or after this time (UTC).",
 )
+@_option(
+    "--sources",
+    "with_sources",
+    is_flag=True,
+    default=False,
+    help="After each merge, its sources: name, rows, and whether the file under that name "
+    "now is the one merged, changed, or gone.",
+)
 def history(
     data_dir: Path,
     journal: Path | None,
@@ -459,6 +468,7 @@ def history(
     partition: str | None,
     state: str | None,
     since: Any,
+    with_sources: bool,
 ) -> None:
     """Print the audit trail, newest first: one merge per line, then unreadable files."""
     path = journal or default_journal_path(data_dir)
@@ -478,7 +488,10 @@ def history(
                 state=MergeState(state) if state else None,
                 since=since_text,
             )
-            _emit(map(merge_fields, records), as_json)
+            for record in records:
+                _echo(merge_fields(record), as_json)
+                if with_sources:
+                    _emit(source_fields(record, data_dir), as_json)
             unreadable = [] if state else opened.unreadable(partition)
     except JournalError as exc:
         raise _fail(exc) from exc

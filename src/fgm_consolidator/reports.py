@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+from . import durable
+from .durable import FileIdentity
 from .isolation import PartitionFailure
 from .journal import MergeRecord, PassRecord, UnreadableRecord
 from .layout import SkippedFolder
@@ -39,6 +43,28 @@ def merge_fields(record: MergeRecord) -> dict[str, Any]:
     if record.adopted:  # recorded by recovery from the output's lineage, after a lost journal
         fields["adopted"] = True
     return fields
+
+
+def source_fields(record: MergeRecord, data_dir: Path) -> Iterator[dict[str, Any]]:
+    """Each source of a merge as journaled, and what is under its name now: `as-merged`
+    (the identity journaled), `changed` or `gone`. What a person deciding on a merge left
+    for them needs to see (README, "When a merge needs a person")."""
+    folder = data_dir / record.partition
+    for source in record.sources:
+        now = durable.optional_identity(folder / source.name)
+        yield {
+            "kind": "source",
+            "merge_id": record.id,
+            "file": source.name,
+            "rows": source.rows,
+            "now": _found(now, source.identity),
+        }
+
+
+def _found(now: FileIdentity | None, merged: FileIdentity) -> str:
+    if now is None:
+        return "gone"
+    return "as-merged" if now == merged else "changed"
 
 
 def unreadable_fields(record: UnreadableRecord) -> dict[str, Any]:
