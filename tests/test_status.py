@@ -254,6 +254,18 @@ def test_a_lock_path_that_is_not_a_regular_file_is_unhealthy_and_named(
         assert (lines[-1]["healthy"], lines[-1]["service_started"]) == (False, None)
 
 
+def test_a_state_folder_that_is_a_file_is_named_not_a_raw_os_error(data_dir: Path) -> None:
+    """`.fgm-consolidator` as a regular file: `run` says why it cannot start, and `status`
+    printed only `[Errno 20] Not a directory`, naming neither the folder nor what to do."""
+    state = lock_path(data_dir).parent
+    state.write_text("not a folder")
+    for probe in ((), ("--liveness",)):
+        proc = run_cli("status", "--data-dir", str(data_dir), "--json", *probe, timeout=60)
+        assert proc.returncode == EXIT_NEVER_RAN, proc.stdout + proc.stderr
+        problems = [line["problem"] for line in status_json(proc) if line["kind"] == "problem"]
+        assert f"{state} is not a directory" in "".join(problems), problems
+
+
 def test_a_lock_path_replaced_under_a_working_service_needs_a_person_not_a_restart(
     data_dir: Path, clock: Clock
 ) -> None:

@@ -53,7 +53,7 @@ def journal_bytes(path: Path) -> int:
     """The database and its WAL: what the journal really takes on the volume."""
     total = 0
     for part in (path, path.with_name(path.name + "-wal")):
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             total += part.stat().st_size
     return total
 

@@ -125,6 +125,8 @@ def _service_started(data_dir: Path) -> tuple[datetime | None, str | None]:
         st = path.stat()
     except FileNotFoundError:
         return None, None
+    except NotADirectoryError:
+        return None, f"{path.parent} is not a directory, so {path} cannot be"
     try:
         lock.refuse_irregular(path, st.st_mode)
     except LockError as exc:
