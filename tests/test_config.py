@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_as, run_cli
+from conftest import run_as, run_cli, small_spec
 
 from fgm_consolidator.layout import default_journal_path
-from fgm_consolidator.simulate import PodSpec, SimulationSummary
+from fgm_consolidator.simulate import PodSpec, SimulationSummary, generate
 
 
 def env_name(option: str) -> str:
@@ -143,6 +143,25 @@ def test_a_data_dir_that_is_not_writable_is_refused(
     proc = run_as(unprivileged, command, "--data-dir", str(read_only))
     assert_refused(proc, "--data-dir", f"Directory '{read_only}' is not writable.")
     assert os.listdir(read_only) == []
+
+
+def test_a_dry_run_plans_a_data_dir_it_may_not_write(
+    data_dir: Path, unprivileged: list[str]
+) -> None:
+    """`--dry-run` changes nothing, so it needs no write access: a snapshot or a volume
+    mounted read-only can be planned. It was refused like a real run."""
+    generate(data_dir, small_spec())
+    before = sorted(p.name for p in data_dir.rglob("*"))
+    data_dir.chmod(0o555)
+    try:
+        proc = run_as(
+            unprivileged, "run", "--dry-run", "--data-dir", str(data_dir), "--min-age", "0"
+        )
+    finally:
+        data_dir.chmod(0o755)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "dry run: 1 merges of 24 files planned; nothing was changed" in proc.stdout
+    assert sorted(p.name for p in data_dir.rglob("*")) == before
 
 
 def test_status_reads_a_data_dir_it_may_not_write(read_only: Path, unprivileged: list[str]) -> None:

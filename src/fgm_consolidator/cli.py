@@ -169,7 +169,7 @@ def _fill_standard_streams() -> None:
 
 
 @main.command()
-@_data_dir(writable=True)
+@_data_dir(writable=False)  # unless --dry-run: checked in `run`
 @_journal
 @_option(
     "--check-interval",
@@ -271,7 +271,9 @@ def run(
         "--history-retention-days": history_retention_days,
     }
     _check_config(lambda: config.check_finite(numbers))
-    _check_config(lambda: config.check_journal(journal_path, data_dir))
+    if not dry_run:
+        _check_config(lambda: config.check_writable(data_dir))
+        _check_config(lambda: config.check_journal(journal_path, data_dir))
     _check_config(lambda: identity.check(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=once and not dry_run)

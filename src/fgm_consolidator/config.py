@@ -68,6 +68,13 @@ def check_data_dir(data_dir: Path) -> None:
     _check_not_a_partition(data_dir)
 
 
+def check_writable(data_dir: Path) -> None:
+    """For a command that writes there; `run --dry-run` only reads, and is given a read-only
+    data directory (a snapshot, a volume mounted read-only for inspection)."""
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise ConfigError("--data-dir", f"Directory '{data_dir}' is not writable.")
+
+
 def _check_utf8(data_dir: Path) -> None:
     """pyarrow takes paths as UTF-8 text: under a data directory whose name is not UTF-8 every
     merge would be rolled back with a UnicodeEncodeError, pass after pass."""
