@@ -159,3 +159,45 @@ def test_a_lineage_proof_that_kills_its_process_twice_is_held_and_start_up_goes_
         assert retried.returncode == 0, retried.stderr
     assert sorted(p.name for p in folder.glob("*.parquet")) == [output]
     assert rows_pyarrow(data_dir) == expected
+
+
+def test_a_proof_of_copied_sources_that_kills_its_process_twice_is_held_and_the_rest_go_on(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A data directory copied (`cp -a`) while pod-a's merge was cut after its rename: every
+    source has a new inode, so recovery proves by their rows that the output holds them. That
+    proof kills its process (a crash point stands in for a decoder's crash or the OOM
+    killer); without the hold every start died there and pod-b was never merged. From the
+    second death the proof waits, the merge is left for a person meanwhile, pod-b is merged,
+    and once the wait is over the proof runs again and finishes pod-a."""
+    generate(data_dir, small_spec((PodSpec("pod-a"), PodSpec("pod-b"))))
+    expected = rows_pyarrow(data_dir)
+    cut = run_cli(
+        "run", "--once", "--data-dir", str(data_dir), "--min-age", "0",
+        env={"FGM_CRASH_AT": "journal:renamed"},
+    )  # fmt: skip
+    assert cut.returncode == KILLED, cut.stderr
+    copy = Path(shutil.copytree(data_dir, tmp_path / "copy", symlinks=True))
+    in_the_proof = {"FGM_CRASH_AT": "recovery:attempt-begun"}
+
+    for attempt in (1, 2):
+        died = run_cli("recover", "--data-dir", str(copy), env=in_the_proof)
+        assert died.returncode == KILLED, (attempt, died.stdout + died.stderr)
+
+    after = run_cli(
+        "run", "--once", "--data-dir", str(copy), "--min-age", "0", "--log-format", "json",
+        env=in_the_proof,
+    )  # fmt: skip
+    assert after.returncode == 0, after.stderr
+    assert consolidated(copy / POD_B)
+    assert any(copy.joinpath(POD_A).glob("metrics-*.parquet"))
+    status = run_cli("status", "--data-dir", str(copy))
+    assert status.returncode == EXIT_NEEDS_PERSON, status.stdout + status.stderr
+    assert "its proof died with the process 2 times in a row" in status.stdout
+
+    deadline = time.monotonic() + 60
+    while not consolidated(copy / POD_A):
+        assert time.monotonic() < deadline, "the proof was never tried again"
+        retried = run_once(copy, "--check-interval", "0.2")
+        assert retried.returncode == 0, retried.stderr
+    assert rows_pyarrow(copy) == expected

@@ -255,8 +255,9 @@ def test_a_lock_path_that_is_not_a_regular_file_is_unhealthy_and_named(
 
 
 def test_a_state_folder_that_is_a_file_is_named_not_a_raw_os_error(data_dir: Path) -> None:
-    """`.fgm-consolidator` as a regular file: `run` says why it cannot start, and `status`
-    printed only `[Errno 20] Not a directory`, naming neither the folder nor what to do."""
+    """`.fgm-consolidator` as a regular file: `run` says why it cannot start, but `status`
+    printed only `[Errno 20] Not a directory`, naming neither the folder nor what to do, and
+    `history` asked whether `run` had ever run."""
     state = lock_path(data_dir).parent
     state.write_text("not a folder")
     for probe in ((), ("--liveness",)):
@@ -264,6 +265,11 @@ def test_a_state_folder_that_is_a_file_is_named_not_a_raw_os_error(data_dir: Pat
         assert proc.returncode == EXIT_NEVER_RAN, proc.stdout + proc.stderr
         problems = [line["problem"] for line in status_json(proc) if line["kind"] == "problem"]
         assert f"{state} is not a directory" in "".join(problems), problems
+    history = run_cli("history", "--data-dir", str(data_dir))
+    assert history.returncode == 1
+    assert history.stderr.strip() == (
+        f"Error: {state} is not a directory, so {state / 'journal.db'} cannot be"
+    )
 
 
 def test_a_lock_path_replaced_under_a_working_service_needs_a_person_not_a_restart(

@@ -474,6 +474,8 @@ def history(
 ) -> None:
     """Print the audit trail, newest first: one merge per line, then unreadable files."""
     path = journal or default_journal_path(data_dir)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise _error(f"{path.parent} is not a directory, so {path} cannot be")
     if not path.exists():
         raise _error(f"{path}: no journal here; has `run` ever run on {data_dir}?")
     _check_config(lambda: identity.check(path, data_dir))

@@ -109,6 +109,18 @@ def digest_now(path: Path) -> str | None:
         return _digest_of(handle, size, length)
 
 
+def digest_matches(path: Path, footer: str | None) -> bool | None:
+    """Whether `path` has the footer digest `footer` (an output's lineage records one per
+    source); None when that is unknown: none recorded (outputs older than digests), or a
+    footer that does not read (EIO), which says nothing of what the file holds."""
+    if footer is None:
+        return None
+    try:
+        return digest_now(path) == footer
+    except OSError:
+        return None
+
+
 def read(path: Path) -> Footer:
     """The footer of `path`; raises OSError or pyarrow's error when it does not read."""
     st = os.lstat(path)

@@ -11,7 +11,7 @@ import filecmp
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from .errors import (
     TempReplacedError,
     Unexpected,
 )
-from .journal import MERGE_ACTOR, Journal, MergeRecord
+from .journal import MERGE_ACTOR, Journal, MergeRecord, SourceRecord
 from .layout import companion_name, tmp_name
 from .logs import context, log_event
 from .plan import MergePlan, Policy
@@ -299,14 +299,14 @@ def finish(
     *,
     actor: str,
     written: FileIdentity | None = None,
-    prove_copies: bool = False,
+    copies: Mapping[str, FileIdentity] | None = None,
 ) -> tuple[MergeState, str | None]:
     """From `written` or `renamed` to `sources-deleted`; the caller vouches for the output.
 
     `written`: the temp file the merge just wrote, which must still be the one its name
-    points at when it is published (recovery vouches by checksum instead). `prove_copies`:
-    recovery's, see `delete_sources`; the merge itself stops at any changed source (DESIGN
-    step 7)."""
+    points at when it is published (recovery vouches by checksum instead). `copies`: sources
+    recovery proved under another identity (see `delete_sources`); the merge itself stops at
+    any changed source (DESIGN step 7)."""
     if record.last_action_state is MergeState.WRITTEN:
         try:
             publish(folder, record.output, written=written)
@@ -327,7 +327,7 @@ def finish(
     if found:
         return _yield_to(journal, folder, record, ours, found, actor=actor)
     try:
-        delete_sources(folder, record, ours, prove_copies=prove_copies)
+        delete_sources(folder, record, ours, copies=copies or {})
     except SourceChangedError as exc:
         if record.state is not MergeState.NEEDS_ATTENTION:
             journal.transition(record.id, MergeState.NEEDS_ATTENTION, actor=actor, error=str(exc))
@@ -440,24 +440,12 @@ def _same_file_or_bytes(tmp: Path, target: Path) -> bool:
     return os.path.samefile(tmp, target) or filecmp.cmp(tmp, target, shallow=False)
 
 
-def _footer_matches(path: Path, footer: str | None) -> bool | None:
-    """Whether `path` has the footer digest our output's lineage records of it; None when
-    that is unknown: the output records none (older than digests), or the footer does not
-    read (EIO), which says nothing of what the file holds."""
-    if footer is None:
-        return None
-    try:
-        return footers.digest_now(path) == footer
-    except OSError:
-        return None
-
-
 def _still_ours(path: Path, footer: str | None) -> bool:
     """For a source whose identity matched. The identity alone can match a new file under a
     reused name (inode reused, same size, an mtime equal at a coarse clock's granularity); the
     footer digest cannot. Where it is unknown the identity keeps its word, as before digests:
     a new file was just written, and reads."""
-    return _footer_matches(path, footer) is not False
+    return footers.digest_matches(path, footer) is not False
 
 
 def _new_under_its_name(folder: Path, record: MergeRecord, path: Path) -> bool:
@@ -482,12 +470,13 @@ def delete_sources(
     record: MergeRecord,
     ours: Sequence[lineage.LineageSource],
     *,
-    prove_copies: bool = False,
+    copies: Mapping[str, FileIdentity],
 ) -> None:
-    """Re-stat every remaining source first: one changed file stops all deletes. `ours` are
-    the sources as our output's lineage lists them, each with its footer digest. With
-    `prove_copies` (recovery), a source found under another identity but with the footer
-    merged is proven by its rows instead (`_prove_copies`).
+    """Re-stat every remaining source and its companion first: one changed file stops all
+    deletes. `ours` are the sources as our output's lineage lists them, each with its footer
+    digest. `copies`: sources recovery proved to hold only our output's rows under another
+    identity, each with the identity it proved (`recovery.proven_copies`), which they must
+    still have.
 
     Each source's companion goes before the source itself. Cut between the two, the other
     order left a companion whose file was gone: with the journal intact, recovery deletes it
@@ -497,7 +486,6 @@ def delete_sources(
     containers the output's companion lists already. And since ours went first, a companion
     beside a new file under a source's name is that file's, whatever its identity says."""
     present: dict[str, FileIdentity] = {}  # each source still here, as it was checked
-    copies: list[str] = []
     reused: set[str] = set()
     reached = True  # every source before this one is gone: deletes go in order, as a prefix
     recorded = {s.name: s.footer for s in ours}
@@ -506,83 +494,71 @@ def delete_sources(
         now = durable.optional_identity(path)
         if now is None:
             continue  # deleted before a crash
-        footer = recorded.get(source.name)
-        if now != source.identity or not _still_ours(path, footer):
+        if now != source.identity or not _still_ours(path, recorded.get(source.name)):
             if reached and _new_under_its_name(folder, record, path):
                 log_event(log, "source-name-reused", merge_id=record.id, file=str(path))
                 reused.add(source.name)
                 continue  # ours went before a crash; this one is not ours to delete
-            if not (prove_copies and now != source.identity and _footer_matches(path, footer)):
+            if copies.get(source.name) != now:
                 raise SourceChangedError(
                     f"changed after merge {record.id} was planned; kept, output "
                     f"{record.output} may duplicate its rows",
                     path,
                 )
-            copies.append(source.name)
+        kept = _companion_kept(folder, record, source)
+        if kept is not None:
+            raise _kept_with_its_file(folder, record, source, kept)
         reached = False
         present[source.name] = now
-    if copies:
-        _prove_copies(folder, record, copies)
     for source in record.sources:
         if source.name in reused:
             continue
         companion = folder / companion_name(source.name)
-        now = durable.optional_identity(companion)
-        if now is not None and (now == source.companion or _covered(folder, record, companion)):
+        kept = _companion_kept(folder, record, source)  # again: the others' deletes took time
+        if kept is None:
             durable.remove(companion)
-        elif now is not None:
-            log_event(
-                log,
-                "companion-kept",
-                logging.WARNING,
-                merge_id=record.id,
-                file=str(companion),
-                reason=f"not the one planned; {companion_name(record.output)} does not"
-                " show every container of it",
-            )
+        elif source.name in present:
+            raise _kept_with_its_file(folder, record, source, kept)
+        else:  # its file went before a crash; what it alone says is kept, beside no file
+            log_event(log, "companion-kept", logging.WARNING, file=str(companion), reason=kept)
         if source.name in present:
             _remove_if_unchanged(folder / source.name, present[source.name], record)
     durable.fsync_dir(folder)
 
 
-def _prove_copies(folder: Path, record: MergeRecord, names: list[str]) -> None:
-    """Sources found under another inode or mtime, with the footer merged, are deleted only
-    once every row of theirs is found in our output (`lineage.unproven`, the proof lineage
-    recovery deletes by). A copy of a data directory (`cp -a`, a restored backup) gives every
-    file a new inode: each source taken for a changed one left the output's rows twice until
-    a person came. The footer is the cheap gate, so a source really changed is not read again
-    on every pass; the rows are the proof."""
-    output = folder / record.output
-    held = lineage.read(output)
-    paths = [folder / name for name in names]
-    doubts = (
-        {names[0]: f"the lineage of {record.output} does not read"}
-        if held is None
-        else lineage.unproven(output, held, paths)
+def _kept_with_its_file(
+    folder: Path, record: MergeRecord, source: SourceRecord, kept: str
+) -> SourceChangedError:
+    return SourceChangedError(
+        f"{kept}; kept with its file, output {record.output} may duplicate its rows",
+        folder / companion_name(source.name),
     )
-    if doubts:
-        name, why = min(doubts.items())
-        raise SourceChangedError(
-            f"changed after merge {record.id} was planned, its footer as merged but not its"
-            f" rows: {why}; kept, output {record.output} may duplicate its rows",
-            folder / name,
-        )
-    log_event(log, "sources-proven", merge_id=record.id, files=len(names))
 
 
-def _covered(folder: Path, record: MergeRecord, companion: Path) -> bool:
-    """Whether our output's companion lists every container `companion` does, so that it
-    goes with its file although it is not the one planned: copied (a new inode), or written
-    again or late by the monitor. Kept, it lies beside no file, where the viewer never reads
-    it; one that adds containers is kept all the same, and logged, for what it alone says."""
-    if not record.has_companion:
-        return False
+def _companion_kept(folder: Path, record: MergeRecord, source: SourceRecord) -> str | None:
+    """Why a source's companion must stay; None when it may go: absent, the one planned, or
+    one whose every container our output's companion lists (copied to a new inode, or written
+    again or late by the monitor). Deleted with its file, a companion listing a container the
+    output's lacks took that container out of the viewer (FORMATS: an output's companion is
+    the union of its sources'); lineage recovery keeps such a file for a person too."""
+    path = folder / companion_name(source.name)
+    now = durable.optional_identity(path)
+    if now is None or now == source.companion:
+        return None
+    ours = folder / companion_name(record.output)
     try:
-        theirs = companions.read_companion(companion)
-        ours = companions.read_companion(folder / companion_name(record.output))
-    except CompanionError:
-        return False
-    return not companions.missing_from(ours, theirs)
+        theirs = companions.read_companion(path)
+        missing = companions.missing_from(
+            companions.read_companion(ours) if record.has_companion else _NO_CONTAINERS, theirs
+        )
+    except CompanionError as exc:
+        return f"companion not the one planned, and it does not read: {exc.reason}"
+    if missing:
+        return f"companion not the one planned, listing {len(missing)} containers {ours.name} lacks"
+    return None
+
+
+_NO_CONTAINERS = companions.ContainerSidecar(version=1, containers=())
 
 
 def _remove_if_unchanged(path: Path, identity: FileIdentity, record: MergeRecord) -> None:

@@ -220,7 +220,13 @@ def _action(record: MergeRecord, result: MergeState, action: Step, reason: str) 
     )
 
 
-def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAction:
+def resolve(
+    journal: Journal,
+    data_dir: Path,
+    record: MergeRecord,
+    guard: ProofGuard,
+    should_stop: StopCheck | None = None,
+) -> RecoveryAction:
     link = linked_folder(data_dir, record.partition)
     if link is not None:  # finishing through it would delete files outside --data-dir
         return _needs_person(
@@ -247,8 +253,12 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
     if companion_doubt is None and (
         output_ok or (state is MergeState.WRITTEN and tmp_ok and not final.exists())
     ):
+        vouched = final if output_ok else folder / tmp_name(record.output)
+        copies, doubt = proven_copies(folder, record, vouched, guard, should_stop)
+        if doubt is not None:
+            return _needs_person(journal, record, doubt)
         try:
-            result, error = finish(journal, folder, record, actor=ACTOR, prove_copies=True)
+            result, error = finish(journal, folder, record, actor=ACTOR, copies=copies)
         except NameTakenError as exc:  # the companion's name is taken by a foreign file
             return _needs_person(journal, record, str(exc))
         if error is None:
@@ -273,6 +283,52 @@ def resolve(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAc
     listed = ", ".join(broken) or "none"
     reason = f"output {record.output} is {what}; sources not intact: {listed}"
     return _needs_person(journal, record, reason)
+
+
+def proven_copies(
+    folder: Path,
+    record: MergeRecord,
+    output: Path,
+    guard: ProofGuard,
+    should_stop: StopCheck | None,
+) -> tuple[dict[str, FileIdentity], str | None]:
+    """Sources found under another inode or mtime, with the footer digest `output`'s lineage
+    records of them, proven to hold only rows of `output` (`lineage.unproven`, the proof
+    lineage recovery deletes by): each with the identity it was proven under, for
+    `delete_sources`. Else why one is not. A copy of a data directory (`cp -a`, a restored
+    backup) gives every file a new inode, and each source taken for a changed one left the
+    output's rows twice until a person came. The footer is the cheap gate; the rows are the
+    proof, which `guard` holds once it kills the process, and which `should_stop` ends
+    (ProofStopped) so that a stop during start-up is not kept waiting."""
+    held = lineage.read(output)
+    if held is None:
+        return {}, None  # the identity's word alone: `delete_sources` stops at a changed one
+    digests = {s.name: s.footer for s in held.sources}
+    found = {}
+    for source in record.sources:
+        path = folder / source.name
+        now = durable.optional_identity(path)
+        if now not in (None, source.identity) and footers.digest_matches(
+            path, digests.get(source.name)
+        ):
+            found[source.name] = now
+    if not found:
+        return {}, None
+    paths = [folder / name for name in found]
+    doubts = guard.run(
+        proof_subject(record.partition, record.output),
+        list(found),
+        partial(lineage.unproven, output, held, paths, should_stop=should_stop),
+    )
+    if doubts:
+        name, why = min(doubts.items())
+        return {}, (
+            f"{folder / name}: changed after merge {record.id} was planned (its footer as"
+            f" merged, its rows not shown to be the output's: {why}); kept, output"
+            f" {record.output} may duplicate its rows"
+        )
+    log_event(log, "sources-proven", merge_id=record.id, files=len(found))
+    return found, None
 
 
 def _lone_companion(folder: Path, record: MergeRecord) -> Path | None:
@@ -311,7 +367,13 @@ def _companion_doubt(folder: Path, record: MergeRecord) -> str | None:
     return None
 
 
-def _resolve_or_leave(journal: Journal, data_dir: Path, record: MergeRecord) -> RecoveryAction:
+def _resolve_or_leave(
+    journal: Journal,
+    data_dir: Path,
+    record: MergeRecord,
+    guard: ProofGuard,
+    should_stop: StopCheck,
+) -> RecoveryAction:
     """`resolve`, or the merge left in its state when the disk refuses a step (a source nobody
     may delete, EIO). Each step is safe to redo from the journal's state, as after a kill, so
     the next recovery tries again; meanwhile its sources stay held and the other merges and
@@ -319,8 +381,8 @@ def _resolve_or_leave(journal: Journal, data_dir: Path, record: MergeRecord) -> 
     An exception no check foresaw is left the same way, naming where it was raised; a journal
     error is not: without the journal, no recovery is safe."""
     try:
-        return resolve(journal, data_dir, record)
-    except sqlite3.Error:
+        return resolve(journal, data_dir, record, guard, should_stop)
+    except (sqlite3.Error, ProofStopped):
         raise
     except OSError as exc:
         reason = f"{exc}; left {record.state}, the next recovery tries again"
@@ -430,13 +492,18 @@ def recover(
     far."""
     observer = observer or Observer()
     report = RecoveryReport()
+    guard = ProofGuard(journal, interval_s)
     unfinished = journal.unfinished()
     observer.recovery_started(len(unfinished))
     for record in unfinished:
         if should_stop():
             return report
         with context(merge_id=record.id, partition=record.partition, output=record.output):
-            action = _resolve_or_leave(journal, data_dir, record)
+            try:
+                action = _resolve_or_leave(journal, data_dir, record, guard, should_stop)
+            except ProofStopped as exc:  # the merge stays as it was, for the next start
+                log_event(log, "recovery-stopped", reason=str(exc))
+                return report
         report.actions.append(action)
         crashpoints.reach(action.action.crash_point)
         observer.observe_recovery(action)
@@ -450,7 +517,6 @@ def recover(
         swept = sweep_orphans(data_dir, keep)
         report.swept, report.published = swept.removed, swept.published
         busy = {(record.partition, record.output) for record in unfinished}
-        guard = ProofGuard(journal, interval_s)
         report.lineage = recover_from_lineage(journal, data_dir, busy, should_stop, guard)
     return report
 

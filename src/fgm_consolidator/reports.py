@@ -7,11 +7,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import durable
-from .durable import FileIdentity
+from . import durable, footers, lineage
 from .isolation import PartitionFailure
 from .journal import MergeRecord, PassRecord, UnreadableRecord
-from .layout import SkippedFolder
+from .layout import SkippedFolder, tmp_name
 from .plan import MergePlan, Skipped
 from .recovery import LineageAction, RecoveryAction
 from .scan import UnreadableFile
@@ -47,24 +46,34 @@ def merge_fields(record: MergeRecord) -> dict[str, Any]:
 
 def source_fields(record: MergeRecord, data_dir: Path) -> Iterator[dict[str, Any]]:
     """Each source of a merge as journaled, and what is under its name now: `as-merged`
-    (the identity journaled), `changed` or `gone`. What a person deciding on a merge left
-    for them needs to see (README, "When a merge needs a person")."""
+    (the identity journaled), `same-footer` (another inode or mtime, the footer digest the
+    output's lineage records: a copy, a `touch`), `changed` or `gone`. What a person deciding
+    on a merge left for them needs to see (README, "When a merge needs a person")."""
     folder = data_dir / record.partition
+    digests: dict[str, str | None] | None = None  # read once, only when needed
     for source in record.sources:
-        now = durable.optional_identity(folder / source.name)
+        path = folder / source.name
+        now = durable.optional_identity(path)
+        if now is None:
+            found = "gone"
+        elif now == source.identity:
+            found = "as-merged"
+        else:
+            if digests is None:
+                output = folder / record.output  # its temp name, until published
+                if not output.exists():
+                    output = folder / tmp_name(record.output)
+                held = lineage.read(output)
+                digests = {s.name: s.footer for s in held.sources} if held else {}
+            same = footers.digest_matches(path, digests.get(source.name))
+            found = "same-footer" if same else "changed"
         yield {
             "kind": "source",
             "merge_id": record.id,
             "file": source.name,
             "rows": source.rows,
-            "now": _found(now, source.identity),
+            "now": found,
         }
-
-
-def _found(now: FileIdentity | None, merged: FileIdentity) -> str:
-    if now is None:
-        return "gone"
-    return "as-merged" if now == merged else "changed"
 
 
 def unreadable_fields(record: UnreadableRecord) -> dict[str, Any]:
