@@ -274,3 +274,15 @@ def add_late_container(folder: Path) -> Path:
     extra = companions.Container("late-one", "pod-late", "c", "ns", "uid", "BestEffort")
     victim.write_bytes(companions.encode(replace(sidecar, containers=(*sidecar.containers, extra))))
     return victim
+
+
+class StopOnceRowsAreRead:
+    """A stop flag for a proof that says stop from its second question on: asked once before
+    the proof starts, then before each batch of rows it reads. `asked` counts the questions."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.asked > 1

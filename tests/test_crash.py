@@ -19,7 +19,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import PAST, add_late_container, rows_pyarrow, run_cli, small_spec, tmp_files
+from conftest import (
+    PAST,
+    StopOnceRowsAreRead,
+    add_late_container,
+    rows_pyarrow,
+    run_cli,
+    small_spec,
+    tmp_files,
+)
 from oracle import check, expected_rows, viewer_containers
 from test_name_reuse import pass_now
 
@@ -558,17 +566,12 @@ def test_a_stop_during_the_proof_of_copied_sources_ends_it_and_the_next_start_pr
     assert run_once(data_dir, "journal:renamed").returncode == -9
     copy = Path(shutil.copytree(data_dir, tmp_path / "copy", symlinks=True))
     before = snapshot(copy)
-    asked = 0
-
-    def stop_once_rows_are_read() -> bool:
-        nonlocal asked
-        asked += 1
-        return asked > 1  # asked once before the merge, then before each batch read
+    stop_once_rows_are_read = StopOnceRowsAreRead()
 
     journal = Journal.open(default_journal_path(copy))
     try:
         report = recovery.recover(journal, copy, should_stop=stop_once_rows_are_read)
-        assert asked == 2
+        assert stop_once_rows_are_read.asked == 2
         assert report.actions == []
         assert journal.attempt_deaths(recovery.proof_subject(POD_A, OUTPUT)).count == 0
         assert [r.state for r in journal.history()] == [MergeState.RENAMED]

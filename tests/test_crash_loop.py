@@ -112,6 +112,31 @@ def test_the_hold_doubles_with_each_death_up_to_the_cap_and_a_clock_set_back_end
     assert not second.active(died - timedelta(days=3))  # not a three-day wait
 
 
+def a_proof_that_kills_its_process_twice(data_dir: Path) -> Any:
+    """Two `recover`s killed as their proof begins, then a `run --once` whose proof would die
+    too, which must get past it: its result."""
+    in_the_proof = {"FGM_CRASH_AT": "recovery:attempt-begun"}
+    for attempt in (1, 2):
+        died = run_cli("recover", "--data-dir", str(data_dir), env=in_the_proof)
+        assert died.returncode == KILLED, (attempt, died.stdout + died.stderr)
+    after = run_cli(
+        "run", "--once", "--data-dir", str(data_dir), "--min-age", "0", "--log-format", "json",
+        env=in_the_proof,
+    )  # fmt: skip
+    assert after.returncode == 0, after.stderr
+    return after
+
+
+def proven_once_the_wait_is_over(data_dir: Path, folder: Path) -> None:
+    """Passes, a fifth of a second apart, until the held proof ran again and `folder` holds
+    no source any more."""
+    deadline = time.monotonic() + 60
+    while any(folder.glob("metrics-*.parquet")):
+        assert time.monotonic() < deadline, "the proof was never tried again"
+        retried = run_once(data_dir, "--check-interval", "0.2")
+        assert retried.returncode == 0, retried.stderr
+
+
 def test_a_lineage_proof_that_kills_its_process_twice_is_held_and_start_up_goes_on(
     data_dir: Path, tmp_path: Path
 ) -> None:
@@ -130,17 +155,7 @@ def test_a_lineage_proof_that_kills_its_process_twice_is_held_and_start_up_goes_
         shutil.copy2(path, folder / path.name)
     for path in default_journal_path(data_dir).parent.glob("journal.db*"):
         path.unlink()
-    in_the_proof = {"FGM_CRASH_AT": "recovery:attempt-begun"}
-
-    for attempt in (1, 2):
-        died = run_cli("recover", "--data-dir", str(data_dir), env=in_the_proof)
-        assert died.returncode == KILLED, (attempt, died.stdout + died.stderr)
-
-    after = run_cli(
-        "run", "--once", "--data-dir", str(data_dir), "--min-age", "0", "--log-format", "json",
-        env=in_the_proof,
-    )  # fmt: skip
-    assert after.returncode == 0, after.stderr
+    after = a_proof_that_kills_its_process_twice(data_dir)
     kept_files = events(after.stderr, "lineage-recovery")
     assert kept_files and {e["action"] for e in kept_files} == {"kept"}
     assert all("died with the process 2 times in a row" in e["reason"] for e in kept_files)
@@ -152,11 +167,7 @@ def test_a_lineage_proof_that_kills_its_process_twice_is_held_and_start_up_goes_
     assert status.returncode == EXIT_NEEDS_PERSON, status.stdout + status.stderr
     assert f"{folder / output}: lineage check: its proof died with the process" in status.stdout
 
-    deadline = time.monotonic() + 60
-    while any(folder.glob("metrics-*.parquet")):
-        assert time.monotonic() < deadline, "the proof was never tried again"
-        retried = run_once(data_dir, "--check-interval", "0.2")
-        assert retried.returncode == 0, retried.stderr
+    proven_once_the_wait_is_over(data_dir, folder)
     assert sorted(p.name for p in folder.glob("*.parquet")) == [output]
     assert rows_pyarrow(data_dir) == expected
 
@@ -178,26 +189,12 @@ def test_a_proof_of_copied_sources_that_kills_its_process_twice_is_held_and_the_
     )  # fmt: skip
     assert cut.returncode == KILLED, cut.stderr
     copy = Path(shutil.copytree(data_dir, tmp_path / "copy", symlinks=True))
-    in_the_proof = {"FGM_CRASH_AT": "recovery:attempt-begun"}
-
-    for attempt in (1, 2):
-        died = run_cli("recover", "--data-dir", str(copy), env=in_the_proof)
-        assert died.returncode == KILLED, (attempt, died.stdout + died.stderr)
-
-    after = run_cli(
-        "run", "--once", "--data-dir", str(copy), "--min-age", "0", "--log-format", "json",
-        env=in_the_proof,
-    )  # fmt: skip
-    assert after.returncode == 0, after.stderr
+    a_proof_that_kills_its_process_twice(copy)
     assert consolidated(copy / POD_B)
     assert any(copy.joinpath(POD_A).glob("metrics-*.parquet"))
     status = run_cli("status", "--data-dir", str(copy))
     assert status.returncode == EXIT_NEEDS_PERSON, status.stdout + status.stderr
     assert "its proof died with the process 2 times in a row" in status.stdout
 
-    deadline = time.monotonic() + 60
-    while not consolidated(copy / POD_A):
-        assert time.monotonic() < deadline, "the proof was never tried again"
-        retried = run_once(copy, "--check-interval", "0.2")
-        assert retried.returncode == 0, retried.stderr
+    proven_once_the_wait_is_over(copy, copy / POD_A)
     assert rows_pyarrow(copy) == expected

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
+    StopOnceRowsAreRead,
     add_late_container,
     clone_tree,
     data_files,
@@ -1047,12 +1048,7 @@ def test_a_stop_during_a_lineage_proof_ends_it_and_the_next_start_proves_again(
     lose(data_dir, "journal")
     folder = data_dir / POD_A
     before = sorted(p.name for p in folder.iterdir())
-    asked = 0
-
-    def stop_once_rows_are_read() -> bool:
-        nonlocal asked
-        asked += 1
-        return asked > 1  # asked once before the partition, then before each batch read
+    stop_once_rows_are_read = StopOnceRowsAreRead()
 
     journal = Journal.open(default_journal_path(data_dir))
     try:
@@ -1060,7 +1056,7 @@ def test_a_stop_during_a_lineage_proof_ends_it_and_the_next_start_proves_again(
         stopped = recovery.recover_from_lineage(
             journal, data_dir, set(), stop_once_rows_are_read, guard
         )
-        assert asked == 2
+        assert stop_once_rows_are_read.asked == 2
         assert stopped == []
         assert sorted(p.name for p in folder.iterdir()) == before
         subject = recovery.proof_subject(POD_A, OUTPUT)
