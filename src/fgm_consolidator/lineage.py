@@ -58,6 +58,10 @@ class Lineage:
     def rows_of(self, name: str) -> int:
         return next(s.rows for s in self.sources if s.name == name)
 
+    def footers(self) -> dict[str, str | None]:
+        """Each source's footer digest, by name."""
+        return {s.name: s.footer for s in self.sources}
+
 
 def encode(merge_id: int, sources: Sequence[LineageSource]) -> dict[bytes, bytes]:
     doc = {

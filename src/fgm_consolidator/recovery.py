@@ -303,7 +303,7 @@ def proven_copies(
     held = lineage.read(output)
     if held is None:
         return {}, None  # the identity's word alone: `delete_sources` stops at a changed one
-    digests = {s.name: s.footer for s in held.sources}
+    digests = held.footers()
     found = {}
     for source in record.sources:
         path = folder / source.name

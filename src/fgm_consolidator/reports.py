@@ -64,7 +64,7 @@ def source_fields(record: MergeRecord, data_dir: Path) -> Iterator[dict[str, Any
                 if not output.exists():
                     output = folder / tmp_name(record.output)
                 held = lineage.read(output)
-                digests = {s.name: s.footer for s in held.sources} if held else {}
+                digests = held.footers() if held else {}
             same = footers.digest_matches(path, digests.get(source.name))
             found = "same-footer" if same else "changed"
         yield {
