@@ -31,7 +31,7 @@ from conftest import (
 from oracle import check, expected_rows, viewer_containers
 from test_name_reuse import pass_now
 
-from fgm_consolidator import companions, durable, footers, merge, recovery
+from fgm_consolidator import companions, durable, footers, lineage, merge, recovery
 from fgm_consolidator.journal import Journal, MergeRecord
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
@@ -638,6 +638,36 @@ def test_a_source_with_the_footer_merged_but_other_rows_stays_for_a_person(
     files = snapshot(data_dir)
 
     left_for_a_person(data_dir, files, changed.name, "its footer as merged, its rows not shown")
+
+
+def test_a_copy_whose_rows_differ_is_not_proven_again_while_it_is_unchanged(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge waits for a person and every pass checks it again: proving again a file
+    that did not change read the output and the file each time, a minute of CPU per pass for
+    a 4 h output. Found by a crash-safety review. Once the file changes, it is proven anew."""
+    _expected, changed = published_then_killed(data_dir)
+    flip_a_byte_that_changes_the_rows(changed)
+    proofs = []
+    unproven = lineage.unproven
+
+    def counted(*args: Any, **kwargs: Any) -> dict[str, str]:
+        proofs.append(args)
+        return unproven(*args, **kwargs)
+
+    monkeypatch.setattr(lineage, "unproven", counted)
+    journal = Journal.open(default_journal_path(data_dir))
+    try:
+        for _ in range(3):
+            report = recovery.recover(journal, data_dir)
+            assert [a.result for a in report.actions] == [MergeState.NEEDS_ATTENTION]
+            assert "its rows not shown to be the output's" in report.actions[0].reason
+        assert len(proofs) == 1
+        touch(changed)
+        assert recovery.recover(journal, data_dir).actions[0].result is MergeState.NEEDS_ATTENTION
+        assert len(proofs) == 2
+    finally:
+        journal.close()
 
 
 @pytest.mark.parametrize("point", ["journal:written", "journal:renamed", "durable:unlinked#9"])

@@ -285,6 +285,13 @@ def resolve(
     return _needs_person(journal, record, reason)
 
 
+# Copies whose rows a proof found to differ, with the identity proven and the reason: the
+# merge waits for a person, and each pass checks it again. Proving again while nothing
+# changed read the output and the file at every pass, a minute of CPU for a 4 h output. A
+# restart proves once more.
+_failed_proofs: dict[Path, tuple[FileIdentity, str]] = {}
+
+
 def proven_copies(
     folder: Path,
     record: MergeRecord,
@@ -312,21 +319,28 @@ def proven_copies(
             path, digests.get(source.name)
         ):
             found[source.name] = now
-    if not found:
-        return {}, None
-    paths = [folder / name for name in found]
-    doubts = guard.run(
-        proof_subject(record.partition, record.output),
-        list(found),
-        partial(lineage.unproven, output, held, paths, should_stop=should_stop),
-    )
+    for name, now in found.items():
+        failed = _failed_proofs.get(folder / name)
+        if failed is not None and failed[0] == now:
+            return {}, failed[1]  # nothing changed since its rows were found to differ
+    proved: list[bool] = []
+
+    def prove() -> dict[str, str]:
+        proved.append(True)
+        paths = [folder / name for name in found]
+        return lineage.unproven(output, held, paths, should_stop=should_stop)
+
+    doubts = guard.run(proof_subject(record.partition, record.output), list(found), prove)
     if doubts:
         name, why = min(doubts.items())
-        return {}, (
+        reason = (
             f"{folder / name}: changed after merge {record.id} was planned (its footer as"
             f" merged, its rows not shown to be the output's: {why}); kept, output"
             f" {record.output} may duplicate its rows"
         )
+        if proved:  # not a proof held for killing its process: that one is tried again
+            _failed_proofs[folder / name] = (found[name], reason)
+        return {}, reason
     log_event(log, "sources-proven", merge_id=record.id, files=len(found))
     return found, None
 
