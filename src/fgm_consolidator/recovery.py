@@ -292,6 +292,23 @@ def resolve(
 _failed_proofs: dict[Path, tuple[FileIdentity, str]] = {}
 
 
+def copied_sources(
+    folder: Path, record: MergeRecord, held: lineage.Lineage
+) -> dict[str, FileIdentity]:
+    """Sources found under another inode or mtime with the footer digest `held` (the output's
+    lineage) records of them: a copy or a `touch`. Each with the identity it has now."""
+    digests = held.footers()
+    found = {}
+    for source in record.sources:
+        path = folder / source.name
+        now = durable.optional_identity(path)
+        if now not in (None, source.identity) and footers.digest_matches(
+            path, digests.get(source.name)
+        ):
+            found[source.name] = now
+    return found
+
+
 def proven_copies(
     folder: Path,
     record: MergeRecord,
@@ -310,15 +327,7 @@ def proven_copies(
     held = lineage.read(output)
     if held is None:
         return {}, None  # the identity's word alone: `delete_sources` stops at a changed one
-    digests = held.footers()
-    found = {}
-    for source in record.sources:
-        path = folder / source.name
-        now = durable.optional_identity(path)
-        if now not in (None, source.identity) and footers.digest_matches(
-            path, digests.get(source.name)
-        ):
-            found[source.name] = now
+    found = copied_sources(folder, record, held)
     for name, now in found.items():
         failed = _failed_proofs.get(folder / name)
         if failed is not None and failed[0] == now:

@@ -7,12 +7,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import durable, footers, lineage
+from . import durable, lineage
+from .durable import FileIdentity
 from .isolation import PartitionFailure
 from .journal import MergeRecord, PassRecord, UnreadableRecord
 from .layout import SkippedFolder, tmp_name
 from .plan import MergePlan, Skipped
-from .recovery import LineageAction, RecoveryAction
+from .recovery import LineageAction, RecoveryAction, copied_sources
 from .scan import UnreadableFile
 from .status import Backlog, Problem, Status
 
@@ -50,23 +51,21 @@ def source_fields(record: MergeRecord, data_dir: Path) -> Iterator[dict[str, Any
     output's lineage records: a copy, a `touch`), `changed` or `gone`. What a person deciding
     on a merge left for them needs to see (README, "When a merge needs a person")."""
     folder = data_dir / record.partition
-    digests: dict[str, str | None] | None = None  # read once, only when needed
+    copies: dict[str, FileIdentity] | None = None  # looked for once, only when needed
     for source in record.sources:
-        path = folder / source.name
-        now = durable.optional_identity(path)
+        now = durable.optional_identity(folder / source.name)
         if now is None:
             found = "gone"
         elif now == source.identity:
             found = "as-merged"
         else:
-            if digests is None:
+            if copies is None:
                 output = folder / record.output  # its temp name, until published
                 if not output.exists():
                     output = folder / tmp_name(record.output)
                 held = lineage.read(output)
-                digests = held.footers() if held else {}
-            same = footers.digest_matches(path, digests.get(source.name))
-            found = "same-footer" if same else "changed"
+                copies = copied_sources(folder, record, held) if held else {}
+            found = "same-footer" if source.name in copies else "changed"
         yield {
             "kind": "source",
             "merge_id": record.id,
