@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from fgm_consolidator import companions, lock
 from fgm_consolidator.durable import FileIdentity, identity
 from fgm_consolidator.errors import ConsolidatorError
+from fgm_consolidator.exit_codes import EXIT_NEEDS_PERSON
 from fgm_consolidator.journal import Journal, MergeRecord, UnreadableRecord
 from fgm_consolidator.layout import (
     COMPANION_SUFFIX,
@@ -350,6 +351,11 @@ def recover_in_process(data_dir: Path, journal_path: Path | None = None) -> None
             recover(journal, data_dir)
         finally:
             journal.close()
+
+
+# Exit codes of a quiescent pass that ran through: a merge left for a person is the oracle's
+# to judge by the rows, not the exit code's.
+RAN_THROUGH = (0, EXIT_NEEDS_PERSON)
 
 
 def quiescent_pass(data_dir: Path, policy: Policy, journal_path: Path | None = None) -> int:

@@ -499,7 +499,7 @@ def test_source_changed_after_planning_is_kept_and_flagged(data_dir: Path, modif
     assert changed.name in shown["error"]
 
     # the service leaves a flagged merge's files alone too
-    assert run_once(data_dir).returncode == 0
+    assert run_once(data_dir).returncode == EXIT_NEEDS_PERSON
     assert snapshot(data_dir) == files
     assert len(journal_records(data_dir)) == 1
 
@@ -736,7 +736,7 @@ def test_output_lost_while_sources_are_gone_needs_a_person(data_dir: Path, damag
     assert [t.actor for t in record.transitions].count("recovery") == 1
     # nor does a pass merge the sources left: with the output gone, no lineage claims them,
     # and only the journal holds them back for the person
-    assert run_once(data_dir).returncode == 0
+    assert run_once(data_dir).returncode == EXIT_NEEDS_PERSON
     assert snapshot(data_dir) == files
     assert len(journal_records(data_dir)) == 1
 
@@ -754,7 +754,7 @@ def test_a_published_output_whose_checksum_differs_is_left_for_a_person(data_dir
 
     left_for_a_person(data_dir, files, f"output {OUTPUT} is corrupt (checksum differs)")
     assert journal_records(data_dir)[0].state is MergeState.NEEDS_ATTENTION
-    assert run_once(data_dir).returncode == 0
+    assert run_once(data_dir).returncode == EXIT_NEEDS_PERSON
     assert snapshot(data_dir) == files
 
 
@@ -828,6 +828,27 @@ def test_a_person_who_moves_the_file_taking_the_companions_name_lets_the_merge_f
 
     (folder / OUTPUT_COMPANION).rename(tmp_path / "not-ours")
     resumed_and_settled(data_dir, expected)
+
+
+def test_run_once_exits_3_while_a_merge_waits_for_a_person_as_recover_does(
+    data_dir: Path,
+) -> None:
+    """A cron job running `run --once` is told by its exit code, as it would be by `recover`:
+    whether this run's recovery flagged the merge or an earlier one did. Once the person has
+    acted, the same command finishes the merge and exits 0."""
+    expected, changed = published_then_killed(data_dir)
+    rewritten(changed)
+    for _ in range(2):  # flagged by this run's recovery, then found flagged in the journal
+        result = run_once(data_dir)
+        assert result.returncode == EXIT_NEEDS_PERSON, result.stderr
+        assert "event=stopped reason=once needs_person=1" in result.stderr.splitlines()[-1]
+
+    changed.unlink()
+    result = run_once(data_dir)
+
+    assert result.returncode == 0, result.stderr
+    assert "event=stopped reason=once needs_person=0" in result.stderr.splitlines()[-1]
+    assert check(data_dir, expected).violations == []
 
 
 @pytest.mark.parametrize("point", ["durable:linked#1", "durable:linked#2"])

@@ -598,7 +598,7 @@ def test_lineage_that_does_not_prove_it_keeps_the_files_and_says_so(
 
     # the service leaves them out of every merge: no output ever takes a held file again
     result = run_once(data_dir)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == EXIT_NEEDS_PERSON, result.stderr
     assert {name: snapshot_file(folder / name) for name in held} == held
     assert sorted(p.name for p in data_files(data_dir)) == sorted(held)
     assert tmp_files(data_dir) == []
@@ -618,7 +618,7 @@ def test_status_names_an_output_that_recover_leaves_for_a_person(
     """`recover` exited 3 for these while `status` said healthy and did not mention them."""
     kept = lineage_damaged(data_dir, damage)
     assert recover(data_dir).returncode == EXIT_NEEDS_PERSON
-    assert run_once(data_dir).returncode == 0  # a journal and a successful pass: healthy else
+    assert run_once(data_dir).returncode == EXIT_NEEDS_PERSON  # a journal, a successful pass
     folder = data_dir / POD_A
     before = {name: snapshot_file(folder / name) for name in os.listdir(folder)}
 
@@ -935,7 +935,7 @@ def test_two_outputs_listing_the_same_sources_are_kept_apart_for_a_person(
     assert all("list the same sources" in line["reason"] for line in lines)
     assert all(line["action"] != "removed" for line in lines)
 
-    assert run_once(data_dir).returncode == 0
+    assert run_once(data_dir).returncode == EXIT_NEEDS_PERSON
     assert {name: snapshot_file(folder / name) for name in os.listdir(folder)} == held
 
 

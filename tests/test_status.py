@@ -427,7 +427,7 @@ def test_status_through_healthy_and_unhealthy_states(
     [output] = [p.name for p in data_files(data_dir) if p.name.startswith("consolidated-")][1:]
     (data_dir / P_B / output).unlink()
     (data_dir / P_B / names[0]).unlink()
-    assert run_cli("run", "--data-dir", str(data_dir), "--once").returncode == 0
+    assert run_cli("run", "--data-dir", str(data_dir), "--once").returncode == EXIT_NEEDS_PERSON
     proc = run_cli("status", "--data-dir", str(data_dir), "--json")
     assert proc.returncode == EXIT_NEEDS_PERSON, proc.stdout
     lines = status_json(proc)

@@ -20,8 +20,8 @@ from click.testing import Result
 from conftest import invoke
 
 from fgm_consolidator import plan, status
+from fgm_consolidator.exit_codes import EXIT_NEEDS_PERSON
 from fgm_consolidator.simulate import PodSpec, SimulationSummary
-from fgm_consolidator.status import EXIT_NEEDS_PERSON
 
 POD_A = "dt=2025-12-30/identifier=pod-a"
 POD_B = "dt=2025-12-30/identifier=pod-b"

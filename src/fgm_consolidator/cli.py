@@ -22,6 +22,7 @@ import click
 from . import config, identity, logs, progress
 from .backoff import DEFAULT_INTERVAL_S
 from .errors import ConfigError, ConsolidatorError, JournalError
+from .exit_codes import EXIT_NEEDS_PERSON
 from .isolation import PartitionFailure, isolated
 from .journal import Journal, errors_explained
 from .layout import MONITOR_ROTATION_S, default_journal_path, iter_partitions, parse_partition
@@ -47,7 +48,7 @@ from .reports import (
 )
 from .service import Settings, StopFlag, run_service
 from .states import MergeState
-from .status import EXIT_NEEDS_PERSON, compute_status
+from .status import compute_status
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -26,6 +26,7 @@ from types import FrameType
 
 from . import footers, identity, lock, memory, retention
 from .backoff import DEFAULT_INTERVAL_S, Backoff
+from .exit_codes import EXIT_NEEDS_PERSON
 from .isolation import PARTITION_ERRORS, isolated
 from .journal import Journal, PassResult, explained
 from .layout import walk_partitions
@@ -362,7 +363,7 @@ def run_service(
             if stop.requested:  # the rest of the recovery is the next start's
                 log_event(log, "stopped", reason="signal")
                 return 0
-            return _loop(journal, settings, stop, once, held)
+            return _loop(journal, settings, stop, once, held, startup)
         finally:
             journal.close()
 
@@ -373,12 +374,18 @@ PASS = "<pass>"
 
 
 def _loop(
-    journal: Journal, settings: Settings, stop: StopFlag, once: bool, held: lock.HeldLock
+    journal: Journal,
+    settings: Settings,
+    stop: StopFlag,
+    once: bool,
+    held: lock.HeldLock,
+    startup: RecoveryReport,
 ) -> int:
     """Exit code for `--once`: 1 when a partition or the pass failed (rolled-back merges are
-    not failures: their sources are intact and the next pass retries them). A pass that fails
-    as a whole, or whose recovery had to leave a merge as it was, is retried after a growing
-    wait, not every interval."""
+    not failures: their sources are intact and the next pass retries them), else 3 when a
+    merge waits for a person, as `recover` exits. A pass that fails as a whole, or whose
+    recovery had to leave a merge as it was, is retried after a growing wait, not every
+    interval."""
     backoff = Backoff(settings.check_interval_s)
     while True:
         held.check()  # the state folder is still ours: else stop, with the path (no retry)
@@ -418,5 +425,21 @@ def _loop(
             retention.prune_if_due(journal, settings.retention_days, data_dir=settings.data_dir)
         # a signal during the wait ends the loop there: no pass starts after SIGTERM
         if once or stop.requested or stop.wait(wait):
-            log_event(log, "stopped", reason="signal" if stop.requested else "once")
-            return 0 if ok or stop.requested else 1
+            if stop.requested:
+                log_event(log, "stopped", reason="signal")
+                return 0
+            waiting = _waiting_for_a_person(journal, startup, report) if ok else 0
+            log_event(log, "stopped", reason="once", needs_person=waiting)
+            return 1 if not ok else EXIT_NEEDS_PERSON if waiting else 0
+
+
+def _waiting_for_a_person(
+    journal: Journal, startup: RecoveryReport, report: PassReport | None
+) -> int:
+    """Merges in needs-attention, whoever flagged them (a recovery, this pass, a pass long
+    ago), and files a recovery kept beside an output for a person: what `recover` exits 3 for.
+    A `run --once` that exited 0 with such a merge left a cron job nothing to alert on."""
+    flagged = [r for r in journal.unfinished() if r.state is MergeState.NEEDS_ATTENTION]
+    found = startup.uncertain + (report.recovery.uncertain if report else [])
+    kept = {(a.partition, a.file) for a in found}  # both recoveries may keep the same file
+    return len(flagged) + len(kept)

@@ -34,6 +34,7 @@ from pathlib import Path
 from . import lock
 from .backoff import DEFAULT_INTERVAL_S, Hold
 from .errors import LockError
+from .exit_codes import EXIT_HEALTHY, EXIT_NEEDS_PERSON, EXIT_NEVER_RAN, EXIT_STALE
 from .isolation import PartitionFailure, isolated
 from .journal import (
     MERGE_ACTOR,
@@ -52,10 +53,6 @@ from .retention import journal_bytes
 from .scan import UnreadableFile, still_on_disk
 from .states import MergeState
 
-EXIT_HEALTHY = 0
-EXIT_NEEDS_PERSON = 3  # as `recover`
-EXIT_STALE = 4
-EXIT_NEVER_RAN = 5
 # Merges of one partition rolled back in a row on an error before a person is told: one or two
 # may be a race the next pass does not meet (a source rewritten under the merge).
 FAILING_MERGES = 3
