@@ -10,6 +10,7 @@ reported unreadable. Found by an adversarial review; each failed before its fix.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_fidelity import BASE, HISTOGRAM
+from test_fidelity import BASE, HISTOGRAM, MAP_LABELS
 
 from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
@@ -103,17 +104,20 @@ def by_metric(rows: list[tuple[Any, ...]], names: list[str]) -> dict[str, list[t
     return grouped
 
 
-def assert_merged_exactly_or_refused(data_dir: Path, names: list[str]) -> None:
-    """One pass: an output with every row as it was (by metric, in order, read by pyarrow and
-    by DuckDB), or every source kept and reported."""
+Reader = Callable[[Path, list[str]], list[tuple[Any, ...]]]
+
+
+def assert_merged_exactly_or_refused(
+    data_dir: Path, names: list[str], readers: tuple[Reader, ...] = (rows_pyarrow, rows_duckdb)
+) -> None:
+    """One pass: an output with every row as it was (by metric, in order, read by each of
+    `readers`), or every source kept and reported."""
     sources = parquet_files(data_dir)
-    before = by_metric(rows_pyarrow(data_dir, names), names)
-    before_duck = by_metric(rows_duckdb(data_dir, names), names)
+    before = [by_metric(read(data_dir, names), names) for read in readers]
     run_once(data_dir)
     after = parquet_files(data_dir)
     if any(p.name.startswith("consolidated-") for p in after):
-        assert by_metric(rows_pyarrow(data_dir, names), names) == before
-        assert by_metric(rows_duckdb(data_dir, names), names) == before_duck
+        assert [by_metric(read(data_dir, names), names) for read in readers] == before
         return
     assert after == sources, "no output, yet sources are gone"
     assert unreadable(data_dir), (
@@ -198,6 +202,33 @@ def test_a_metric_name_dictionary_listing_a_name_twice_is_reported_not_retried_f
     two_sources_repeating(data_dir, rows, "metric_name", b"mmA", b"mmB")
     assert_merged_exactly_or_refused(data_dir, NAMES)
     assert_merged_exactly_or_refused(data_dir, NAMES)  # and the next pass does not retry it
+
+
+def test_a_map_label_dictionary_listing_a_value_twice_is_not_merged_into_other_values(
+    data_dir: Path,
+) -> None:
+    """The same page in the map era, whose `labels` is a map of dictionaries: the map's value
+    leaf was read as [pA, pC] with indices [0, 0, 1, 2]. Only dictionary columns were
+    checked, not a dictionary inside a map, so every row after the first took another pod's
+    label and the sources were deleted. DuckDB and polars read pA, pA, pC, pC (pyarrow's own
+    `to_pylist` raises on the source, so DuckDB is the witness here)."""
+    pods = ["pB", "pA", "pC", "pC"]  # pB is rewritten to pA in the dictionary page
+    rows = [row(i, metric=f"m{i % 2}") for i in range(len(pods))]
+    plain = pa.Table.from_pylist(rows, pa.schema([*BASE, HISTOGRAM]))
+    keys = pa.array(["pod"] * len(pods)).dictionary_encode()
+    offsets = pa.array(range(len(pods) + 1), pa.int32())
+    labels = pa.MapArray.from_arrays(
+        offsets, keys, pa.array(pods).dictionary_encode(), type=MAP_LABELS.type
+    )
+    table = plain.add_column(len(BASE), MAP_LABELS, labels)
+    for rotation in range(2):
+        path = source_path(data_dir, rotation)
+        write_with_repeated_dictionary_value(path, table, "labels.key_value.value", b"pA", b"pB")
+    names = ["metric_name", "fetch_index", "labels"]
+    seen = [dict(labels)["pod"] for *_, labels in rows_duckdb(data_dir, names)]
+    assert seen == ["pA", "pA", "pC", "pC"] * 2
+
+    assert_merged_exactly_or_refused(data_dir, names, readers=(rows_duckdb,))
 
 
 # -- view types -------------------------------------------------------------------------------
