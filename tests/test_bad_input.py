@@ -187,13 +187,28 @@ def not_parquet(path: Path) -> None:
     path.write_bytes(b"run_id,time,metric_name\nthis is a CSV export, not parquet\n")
 
 
-CORRUPTIONS = {"truncated": truncate_half, "zero-byte": zero_bytes, "not-parquet": not_parquet}
+def a_column_name_not_utf8(path: Path) -> None:
+    """One byte of a column's name in the footer made 0xFF: pyarrow raises UnicodeDecodeError,
+    no error of its own, as it opens the file. That escaped as an unexpected error that named
+    no file and failed the whole partition at every pass."""
+    data = bytearray(path.read_bytes())
+    footer_at = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    data[data.index(b"fetch_index", footer_at)] = 0xFF
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated": truncate_half,
+    "zero-byte": zero_bytes,
+    "not-parquet": not_parquet,
+    "name-not-utf8": a_column_name_not_utf8,
+}
 
 
 @pytest.mark.parametrize(
     ("kind", "bad"),
-    [("truncated", 0), ("zero-byte", 10), ("not-parquet", 20)],
-    ids=["truncated-first", "zero-byte-middle", "not-parquet-last"],
+    [("truncated", 0), ("zero-byte", 10), ("not-parquet", 20), ("name-not-utf8", 5)],
+    ids=["truncated-first", "zero-byte-middle", "not-parquet-last", "name-not-utf8"],
 )
 def test_one_unreadable_file_among_twenty_good_ones(
     node: Node, events: list[Event], kind: str, bad: int

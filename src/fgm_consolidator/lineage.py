@@ -32,6 +32,7 @@ from . import containment, footers, reading
 from .containment import StopCheck
 from .errors import ConsolidatorError
 from .layout import parse_data_file
+from .reading import UNREADABLE
 from .schemas import LINEAGE_KEY, misfit
 
 
@@ -101,7 +102,7 @@ def _decode_source(doc: Any) -> LineageSource:
 def read(path: Path) -> Lineage | None:
     try:
         raw = footers.read(path).lineage
-    except (OSError, pa.ArrowException):
+    except UNREADABLE:
         return None
     return decode(raw)
 
@@ -206,7 +207,7 @@ class PresentFiles:
         if name not in self._footers:
             try:
                 self._footers[name] = footers.read(self.folder / name)
-            except (OSError, pa.ArrowException):
+            except UNREADABLE:
                 self._footers[name] = None
         return self._footers[name]
 
@@ -287,7 +288,7 @@ def output_reads_back(
             listed = parquet.metadata.num_rows
             batches = containment.stoppable(_batches(parquet), should_stop)
             rows = sum(b.num_rows for b in batches) if decode else listed
-    except (OSError, pa.ArrowException) as exc:
+    except UNREADABLE as exc:
         return f"output does not read back: {exc}"
     total = sum(s.rows for s in held.sources)
     if not rows == listed == held.rows == total:

@@ -14,6 +14,11 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+# What opening or reading a parquet file raises when the file is at fault, not the program:
+# the system's errors, pyarrow's, and UnicodeDecodeError for a name in the footer that is not
+# UTF-8 (one flipped byte in a column's name), which pyarrow raises as it opens the file.
+UNREADABLE = (OSError, pa.ArrowException, UnicodeDecodeError)
+
 DEFAULT_BATCH_ROWS = 65_536  # pyarrow's own default
 # Rows a batch may hold are fewer where rows are wide: 8,192 rows of 4 KB labels were 32 MB.
 BATCH_BYTES = 1024 * 1024

@@ -23,6 +23,7 @@ from .errors import SchemaConflictError, SourceReadError
 from .journal import SourceRecord, UnreadableRecord
 from .layout import MONITOR_ROTATION_S, DataFileName, companion_name, parse_data_file
 from .logs import log_event
+from .reading import UNREADABLE
 from .schemas import check_mergeable, fingerprint
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def read_footer(path: Path) -> footers.Footer:
     """Identity, row count, Arrow schema and digest, taken from one open file so they agree."""
     try:
         footer = footers.read(path)
-    except (OSError, pa.ArrowException) as exc:
+    except UNREADABLE as exc:
         raise SourceReadError(f"unreadable parquet footer: {exc}", path) from exc
     if footer.int96:
         # pyarrow reads INT96 as nanoseconds whatever the stored Arrow schema says, and wraps

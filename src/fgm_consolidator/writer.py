@@ -30,6 +30,7 @@ from .errors import (
     SourceChangedError,
     SourceReadError,
 )
+from .reading import UNREADABLE
 from .schemas import ARROW_SCHEMA, METRIC_NAME, conform, is_text_or_bytes
 
 # Rows decoded from a source at a time. A busy node's file is one row group of ~200k rows:
@@ -128,7 +129,7 @@ def _source_batches(
     guarded: what the caller does with a batch (writing, say) raises as itself."""
     try:
         parquet = _open_source(source, as_dictionary)
-    except (OSError, pa.ArrowException) as exc:
+    except UNREADABLE as exc:
         raise SourceReadError(f"cannot open: {exc}", source.path) from exc
     with parquet:
         rows = 0
@@ -138,7 +139,7 @@ def _source_batches(
                 yield batch
         except SchemaConflictError as exc:
             raise SourceReadError(exc.reason, source.path) from exc
-        except (OSError, pa.ArrowException) as exc:
+        except UNREADABLE as exc:
             raise SourceReadError(f"read failed after {rows} rows: {exc}", source.path) from exc
 
 
@@ -366,7 +367,7 @@ def _check_output(path: Path, schema: pa.Schema, rows: int, size: int) -> None:
     try:
         metadata = pq.read_metadata(path)
         written = metadata.schema.to_arrow_schema()
-    except (OSError, pa.ArrowException) as exc:
+    except UNREADABLE as exc:
         raise OutputCheckError(f"output footer does not read back: {exc}", path) from exc
     if metadata.num_rows != rows:
         raise OutputCheckError(f"output has {metadata.num_rows} rows, expected {rows}", path)
