@@ -330,6 +330,9 @@ def test_files_not_ours_anywhere_in_the_data_directory_are_never_touched(node: N
         node.folder / "consolidated-20251230T080000Z.parquet": node.path(5).read_bytes(),
         node.folder / (companion(node.path(11)).name + ".tmp"): b"half a companion",
         node.folder / "consolidated-20251230T080000Z-20251230T0900Z.parquet.tmp": b"not ours",
+        # a trailing newline: `$` matched before it, and such copies were merged and deleted
+        node.folder / (metrics_name(6) + "\n"): node.path(6).read_bytes(),
+        node.folder / "consolidated-20251230T080000Z-20251230T090000Z.parquet.tmp\n": b"x",
     }
     for path, data in foreign.items():
         path.write_bytes(data)

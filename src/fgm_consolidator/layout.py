@@ -28,11 +28,13 @@ COMPANION_SUFFIX = ".containers"
 # younger than one rotation may still be written.
 MONITOR_ROTATION_S = 90
 
-_METRICS_RE = re.compile(rf"^metrics-(?P<start>{STAMP})\.parquet$")
-_CONSOLIDATED_RE = re.compile(rf"^consolidated-(?P<start>{STAMP})-(?P<end>{STAMP})\.parquet$")
-_OUR_TMP_RE = re.compile(rf"^consolidated-{STAMP}-{STAMP}(\.parquet|\.containers)\.tmp$")
+# Matched whole (`fullmatch`): `$` matches before a trailing newline too, and a
+# `metrics-<ts>.parquet\n`, which the viewer never reads, was merged with the rest and deleted.
+_METRICS_RE = re.compile(rf"metrics-(?P<start>{STAMP})\.parquet")
+_CONSOLIDATED_RE = re.compile(rf"consolidated-(?P<start>{STAMP})-(?P<end>{STAMP})\.parquet")
+_OUR_TMP_RE = re.compile(rf"consolidated-{STAMP}-{STAMP}(\.parquet|\.containers)\.tmp")
 _STAMP_RE = re.compile(STAMP)
-_PARTITION_RE = re.compile(r"^dt=(?P<day>[0-9]{4}-[0-9]{2}-[0-9]{2})/identifier=[^/]+$")
+_PARTITION_RE = re.compile(r"dt=(?P<day>[0-9]{4}-[0-9]{2}-[0-9]{2})/identifier=[^/]+")
 
 Kind = Literal["metrics", "consolidated"]
 
@@ -76,10 +78,10 @@ def parse_data_file(name: str) -> DataFileName | None:
     planned, merged or deleted. That includes a name shaped like ours whose stamp names no
     moment (`metrics-20261399T000000Z.parquet`), which once stopped every pass."""
     try:
-        if match := _METRICS_RE.match(name):
+        if match := _METRICS_RE.fullmatch(name):
             stamp = parse_stamp(match["start"])
             return DataFileName(stamp, stamp, name, "metrics")
-        if match := _CONSOLIDATED_RE.match(name):
+        if match := _CONSOLIDATED_RE.fullmatch(name):
             return DataFileName(
                 parse_stamp(match["start"]), parse_stamp(match["end"]), name, "consolidated"
             )
@@ -99,7 +101,7 @@ def tmp_name(name: str) -> str:
 
 def is_our_tmp(name: str) -> bool:
     """Temp files of our own outputs only; the monitor's `metrics-*.containers.tmp` is not ours."""
-    return _OUR_TMP_RE.match(name) is not None
+    return _OUR_TMP_RE.fullmatch(name) is not None
 
 
 def companion_name(parquet_name: str) -> str:
@@ -124,7 +126,7 @@ def partition_day(key: str) -> date | None:
     name is not UTF-8 (the journal could not record it)."""
     if not is_utf8(key):
         return None
-    match = _PARTITION_RE.match(key)
+    match = _PARTITION_RE.fullmatch(key)
     if match is None:
         return None
     try:
