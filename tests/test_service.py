@@ -300,7 +300,7 @@ def test_sigterm_during_a_merge_past_the_grace_period_rolls_it_back(
     assert snapshot(data_dir) == files  # every source byte for byte, nothing else
     records = journal_records(data_dir)
     assert [(r.partition, r.state) for r in records] == [(POD_A, MergeState.ROLLED_BACK)]
-    assert [t.actor for t in records[0].transitions] == ["merge"] * 3
+    assert [t.actor for t in records[0].transitions] == ["merge", "merge", "stop"]
     assert "stopped on request" in (records[0].error or "")
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,8 +17,10 @@ from conftest import consolidated_name, install_journal_clock, invoke, run_cli
 from pytest import MonkeyPatch
 
 from fgm_consolidator import durable
-from fgm_consolidator.journal import Journal, PassResult
+from fgm_consolidator.journal import MERGE_ACTOR, Journal, PassResult
 from fgm_consolidator.layout import default_journal_path, lock_path
+from fgm_consolidator.merge import execute
+from fgm_consolidator.plan import Policy, plan_one
 from fgm_consolidator.service import Settings, StopFlag, run_service
 from fgm_consolidator.simulate import SimulationSummary
 from fgm_consolidator.states import MergeState
@@ -51,6 +54,32 @@ def test_status_is_not_healthy_while_the_same_merge_fails_in_every_pass(
     assert summary["waiting"] == 24  # nothing was ever consolidated
     assert proc.returncode != EXIT_HEALTHY and summary["healthy"] is False, proc.stdout
     assert any(line["kind"] == "problem" for line in lines), proc.stdout
+
+
+def test_merges_a_stop_cut_short_are_not_failures_of_the_partition(
+    data_dir: Path, populate: Callable[..., SimulationSummary]
+) -> None:
+    """Three deploys in a row, each SIGTERM landing past the grace period while a merge was
+    written: each merge is rolled back, as it should be, and `status` then called them the
+    partition's "last 3 merges failed" and exited 3, for a person with nothing to do."""
+    populate()
+    policy = Policy(min_age_s=0)
+    journal = Journal.open(default_journal_path(data_dir))
+    try:
+        for _ in range(3):
+            [plan, *_] = plan_one(data_dir, P_A, policy, journal, time.time())[1]
+            cut = execute(journal, data_dir, plan, policy, should_abort=lambda: True)
+            assert cut.state is MergeState.ROLLED_BACK
+            assert "stopped on request" in (cut.error or "")
+        ran = journal.begin_pass({"check_interval_s": 300})
+        journal.end_pass(ran, PassResult.OK)
+        assert journal.failures(P_A, MERGE_ACTOR).count == 0
+    finally:
+        journal.close()
+
+    proc = run_cli("status", "--data-dir", str(data_dir), "--json", timeout=60)
+
+    assert proc.returncode == EXIT_HEALTHY, proc.stdout
 
 
 def refuse_unlinking_sources(monkeypatch: MonkeyPatch, code: int) -> None:

@@ -35,6 +35,9 @@ REPAIR_HINT = (
 
 SQLITE_MAX_INT = 2**63 - 1
 MERGE_ACTOR = "merge"  # who plans, writes and ends a merge in the normal course
+# Who rolls back a merge that a stop (SIGTERM past the grace period) cut short: no failure of
+# the merge, so three deploys in a row are not "its last 3 merges failed" (`failures`).
+STOP_ACTOR = "stop"
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 _BUSY_HINT = (
     "another process kept it locked past the 5 s we wait (a consolidator given the same"
@@ -718,10 +721,13 @@ class Journal:
 
     def failures(self, partition: str, failed_by: str, *, lookback: int = 16) -> Failures:
         """How many of the partition's latest merges (at most `lookback`) were rolled back in a
-        row by `failed_by`, the actor a merge writes when it fails, and the latest error."""
+        row by `failed_by`, the actor a merge writes when it fails, and the latest error. A
+        merge a stop cut short says nothing either way, and is passed over."""
         count, last_error = 0, None
         rows = self.db.execute(_LATEST_ENDINGS, (partition, lookback))
         for state, actor, _at, error, _before in rows:
+            if state == MergeState.ROLLED_BACK and actor == STOP_ACTOR:
+                continue
             if state != MergeState.ROLLED_BACK or actor != failed_by:
                 break
             count += 1

@@ -30,7 +30,7 @@ from .errors import (
     TempReplacedError,
     Unexpected,
 )
-from .journal import MERGE_ACTOR, Journal, MergeRecord, SourceRecord
+from .journal import MERGE_ACTOR, STOP_ACTOR, Journal, MergeRecord, SourceRecord
 from .layout import companion_name, tmp_name
 from .logs import context, log_event
 from .plan import MergePlan, Policy
@@ -129,9 +129,8 @@ def _write_and_finish(
     except (ConsolidatorError, OSError, pa.ArrowException) as exc:
         # A temp name someone else created is theirs (an instance that got past the lock).
         foreign = Path(exc.filename).name if isinstance(exc, FileExistsError) else None
-        roll_back(
-            journal, folder, merge_id, plan.output, error=str(exc), actor=MERGE_ACTOR, keep=foreign
-        )
+        actor = STOP_ACTOR if isinstance(exc, MergeAborted) else MERGE_ACTOR
+        roll_back(journal, folder, merge_id, plan.output, error=str(exc), actor=actor, keep=foreign)
         if isinstance(exc, SourceReadError):
             _remember_unreadable(journal, folder, plan, exc)
         not_ours = (SourceReadError, SourceChangedError, MergeAborted)
