@@ -514,6 +514,7 @@ def test_recover_takes_its_options_from_the_environment(data_dir: Path, tmp_path
             "needs_person": 0,
             "orphans_removed": 0,
             "consistent": True,
+            "stopped": False,
         }
     ]
     assert journal.exists()
@@ -822,7 +823,7 @@ def test_recover_on_a_clean_dir_is_consistent(
     assert text.exit_code == 0
     assert text.stdout.splitlines() == [
         f'kind=orphan-removed path="{ours}"',  # quoted: the path holds `=`
-        "kind=summary merges=0 needs_person=0 orphans_removed=1 consistent=True",
+        "kind=summary merges=0 needs_person=0 orphans_removed=1 consistent=True stopped=False",
     ]
     assert not ours.exists() and foreign.exists()
     assert data_files(data_dir) == files
@@ -835,6 +836,7 @@ def test_recover_on_a_clean_dir_is_consistent(
             "needs_person": 0,
             "orphans_removed": 0,
             "consistent": True,
+            "stopped": False,
         }
     ]
 
@@ -867,6 +869,7 @@ def test_recover_after_a_kill_finishes_the_merge_and_says_so(
             "needs_person": 0,
             "orphans_removed": 0,
             "consistent": True,
+            "stopped": False,
         },
     ]
     assert [p.name for p in data_files(data_dir)] == [files.output]
@@ -906,6 +909,7 @@ def test_recover_exits_3_when_a_person_must_decide(
             "needs_person": "1",
             "orphans_removed": "0",
             "consistent": "False",
+            "stopped": "False",
         },
     ]
     assert snapshot(data_dir / P2) == remaining

@@ -325,6 +325,7 @@ def test_kill_at_every_point_then_recover(data_dir: Path, case: Case) -> None:
             "needs_person": 0,
             "orphans_removed": 0,
             "consistent": True,
+            "stopped": False,
         }
     ]
     assert snapshot(data_dir) == files

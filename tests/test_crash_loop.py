@@ -10,14 +10,21 @@ and once the hold is over pod-a is merged too. No row is lost or kept twice on t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import select
 import shutil
 import signal
+import subprocess
+import sys
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import rows_pyarrow, run_cli, small_spec
 
 from fgm_consolidator.backoff import MAX_WAIT_S, hold_for
@@ -135,6 +142,82 @@ def proven_once_the_wait_is_over(data_dir: Path, folder: Path) -> None:
         assert time.monotonic() < deadline, "the proof was never tried again"
         retried = run_once(data_dir, "--check-interval", "0.2")
         assert retried.returncode == 0, retried.stderr
+
+
+def journal_lost_beside_an_output(data_dir: Path, tmp_path: Path) -> tuple[Counter[Any], Path]:
+    """pod-a merged, its sources put back and the journal lost: start-up must prove the output
+    holds them before they go. The rows expected, and the folder."""
+    generate(data_dir, small_spec((PodSpec("pod-a"),)))
+    expected = rows_pyarrow(data_dir)
+    folder = data_dir / POD_A
+    shutil.copytree(folder, kept := tmp_path / "sources")
+    assert run_once(data_dir).returncode == 0
+    for path in kept.iterdir():
+        shutil.copy2(path, folder / path.name)
+    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
+        path.unlink()
+    return expected, folder
+
+
+def signalled_past(scratch: Path, point: str, signum: int, *command: str) -> subprocess.Popen[str]:
+    """`command` run until it reaches `point`, then sent `signum` before it reaches another.
+
+    The run writes each point it reaches to a FIFO (`FGM_CRASH_COUNT`) that this test reads.
+    Once `point` is read, the FIFO is filled up, so the run's next point waits in its write
+    until the signal has been sent; then the FIFO is drained until the run exits."""
+    fifo = scratch / "points"
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    read_end = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    ours = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # no EOF while the run opens and closes
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fgm_consolidator", *command],
+        env={**os.environ, "FGM_CRASH_COUNT": str(fifo), "FGM_CRASH_AT": ""},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen, deadline = b"", time.monotonic() + 60
+    while point.encode() + b"\n" not in seen:
+        assert proc.poll() is None and time.monotonic() < deadline, f"{point} never reached"
+        if select.select([read_end], [], [], 0.1)[0]:
+            seen += os.read(read_end, 4096)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(ours, b"\0" * 4096)
+    proc.send_signal(signum)
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "the run did not end after the signal"
+        if select.select([read_end], [], [], 0.1)[0]:
+            os.read(read_end, 65536)
+    os.close(ours)
+    os.close(read_end)
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signal_to_recover_during_a_proof_stops_it_and_is_no_death(
+    data_dir: Path, tmp_path: Path, signum: int
+) -> None:
+    """`recover` took no signal: the default action killed it inside the proof, so two Ctrl-Cs
+    counted as two proofs that died with their process, and held the output for a person (the
+    third `recover` exited 3). Now it stops between steps, exits 128 + the signal, as a shell
+    reports a process its signal ended, and the next `recover` settles everything."""
+    expected, folder = journal_lost_beside_an_output(data_dir, tmp_path)
+    for _ in range(2):
+        proc = signalled_past(
+            tmp_path, "recovery:attempt-begun", signum, "recover", "--data-dir", str(data_dir)
+        )
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signum, out + err
+        assert "stopped=True" in out, out
+        assert "event=stopped reason=signal" in err, err
+
+    settled = run_cli("recover", "--data-dir", str(data_dir))
+
+    assert settled.returncode == 0, settled.stdout + settled.stderr
+    assert not any(folder.glob("metrics-*.parquet"))
+    assert rows_pyarrow(data_dir) == expected
 
 
 def test_a_lineage_proof_that_kills_its_process_twice_is_held_and_start_up_goes_on(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -305,8 +306,7 @@ def run(
                 observer=observer,
             )
             stop = StopFlag(grace_period)
-            stop.install()
-            with errors_explained(journal_path):
+            with stop.installed(), errors_explained(journal_path):
                 code = run_service(settings, stop, once=once, serve=serve)
         except (ConsolidatorError, OSError) as exc:
             if log_format == "json":
@@ -386,7 +386,11 @@ def recover_command(
     journal_path = journal or default_journal_path(data_dir)
     _check_config(lambda: config.check_journal(journal_path, data_dir))
     _check_config(lambda: identity.check(journal_path, data_dir))
+    # A signal ends recovery between steps, as it ends `run`'s: killed mid-proof, two Ctrl-Cs
+    # counted as two proofs that died with their process, and held the output for a person.
+    stop = StopFlag(grace_s=0)
     with ExitStack() as stack:
+        stack.enter_context(stop.installed())
         shown = _configure_logs(stack, log_level, log_format, progress_bar=True)
         try:
             with (
@@ -397,7 +401,9 @@ def recover_command(
                 try:
                     with errors_explained(journal_path):
                         identity.bind(opened, data_dir)
-                        report = recover(opened, data_dir, observer=shown)
+                        report = recover(
+                            opened, data_dir, observer=shown, should_stop=lambda: stop.requested
+                        )
                 finally:
                     opened.close()
         except (ConsolidatorError, OSError) as exc:
@@ -416,9 +422,15 @@ def recover_command(
         "merges": len(report.actions),
         "needs_person": people,
         "orphans_removed": len(report.swept),
-        "consistent": people == 0,
+        "consistent": people == 0 and not stop.requested,
+        "stopped": stop.requested,
     }
     _echo(summary, as_json)
+    if stop.requested:
+        # What was settled is journaled; the rest is as it was, for the next `recover`. The
+        # code a shell gives a process its signal ended (130 for Ctrl-C, 143 for SIGTERM).
+        log_event(log, "stopped", reason="signal")
+        raise SystemExit(128 + (stop.signal or signal.SIGTERM))
     if people:
         raise SystemExit(EXIT_NEEDS_PERSON)
 

@@ -17,7 +17,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +66,7 @@ class StopFlag:
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
+        self.signal: int | None = None  # the first signal that asked to stop
         self._requested = False
         self._deadline: float | None = None
         self._wake: tuple[int, int] | None = None  # a pipe, made by the first `wait`
@@ -82,6 +83,7 @@ class StopFlag:
         first = self._deadline is None
         if first:
             self._deadline = time.monotonic() + self.grace_s
+            self.signal = signum
         self._requested = True
         if self._wake is not None:
             with contextlib.suppress(BlockingIOError):  # full: a byte is there already
@@ -109,14 +111,23 @@ class StopFlag:
             select.select([self._wake[0]], [], [], min(seconds, threading.TIMEOUT_MAX))
         return self._requested
 
-    def install(self) -> None:
-        """SIGHUP (the terminal that started `run` closed) stops as SIGTERM does: its default
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """This flag as the handler of the stop signals, the ones before it put back after
+        (a command run in-process, by a test, leaves its caller's handlers as they were).
+
+        SIGHUP (the terminal that started `run` closed) stops as SIGTERM does: its default
         action killed the process mid-step, without the `stopped` line. Under `nohup`, which
         starts it ignored, it stays ignored."""
-        signal.signal(signal.SIGTERM, self.request)
-        signal.signal(signal.SIGINT, self.request)
+        stops = [signal.SIGTERM, signal.SIGINT]
         if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-            signal.signal(signal.SIGHUP, self.request)
+            stops.append(signal.SIGHUP)
+        before = {signum: signal.signal(signum, self.request) for signum in stops}
+        try:
+            yield
+        finally:
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
 
 
 @dataclass
