@@ -946,6 +946,22 @@ class Journal:
     def last_successful_pass(self) -> PassRecord | None:
         return self._pass("result = ?", [str(PassResult.OK)])
 
+    def failed_passes_in_a_row(self, *, lookback: int = 8) -> int:
+        """How many of the latest ended passes failed in a row (at most `lookback`): after
+        each the service waits longer (`backoff.wait_after`), which `status --liveness`
+        allows for."""
+        if not self._has_passes():
+            return 0
+        count = 0
+        for (result,) in self.db.execute(
+            "SELECT result FROM passes WHERE ended IS NOT NULL ORDER BY id DESC LIMIT ?",
+            (lookback,),
+        ):
+            if result != str(PassResult.FAILED):
+                break
+            count += 1
+        return count
+
     def last_prune_at(self) -> str | None:
         if not self._has_passes():
             return None

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import lock
-from .backoff import DEFAULT_INTERVAL_S, Hold
+from .backoff import DEFAULT_INTERVAL_S, Hold, wait_after
 from .errors import LockError
 from .exit_codes import EXIT_HEALTHY, EXIT_NEEDS_PERSON, EXIT_NEVER_RAN, EXIT_STALE
 from .isolation import PartitionFailure, isolated
@@ -89,6 +89,9 @@ class Status:
     last_pass: PassRecord | None
     last_success: PassRecord | None
     progress_at: datetime | None  # the latest sign that the service gets somewhere
+    # --liveness: how much longer than an interval the service may wait after its failed
+    # passes (`backoff.wait_after`); 0 otherwise
+    backoff_s: float
     needs_person: tuple[MergeRecord, ...]
     unfinished: tuple[MergeRecord, ...]  # in progress, or interrupted until the next start
     scanned: bool  # False for --liveness: backlog and unreadable were not looked at
@@ -103,7 +106,7 @@ class Status:
 
     @property
     def threshold_s(self) -> float:
-        return self.stale_after * self.check_interval_s
+        return self.stale_after * self.check_interval_s + self.backoff_s
 
     @property
     def exit_code(self) -> int:
@@ -244,6 +247,10 @@ def _look_at_one(
     return _PartitionLook(backlog, bad, doubts, held, failing)
 
 
+def _backoff_s(failed_in_a_row: int, interval_s: float) -> float:
+    return wait_after(failed_in_a_row, interval_s) - interval_s if failed_in_a_row else 0.0
+
+
 def _progress(
     service_started: datetime | None,
     last: PassRecord | None,
@@ -288,6 +295,8 @@ def _problems(status: Status, journal_path: Path, data_dir: Path) -> list[Proble
         f"{status.threshold_s:g} s = {status.stale_after:g} x the check interval of "
         f"{status.check_interval_s:g} s"
     )
+    if status.backoff_s:
+        limit += f" + {status.backoff_s:g} s the service backs off after failed passes"
     if status.progress_at is None:
         where = "no journal" if not journal_path.exists() else "no pass recorded"
         found.append(
@@ -389,7 +398,11 @@ def compute_status(
     """`check_interval_s` None: the interval the service recorded with its last pass.
 
     `liveness` leaves out what needs a person, since a restart cannot help with that, and the
-    look at the data directory, so that a frequent probe reads the journal only.
+    look at the data directory, so that a frequent probe reads the journal only. It asks only
+    whether the service still runs its passes: one that ended failed counts too, and the wait
+    the service takes after failed passes is allowed for. A pass failing for good on a
+    source it may not delete made the probe restart the sidecar every half hour, into the
+    same failure.
     """
     journal = Journal.open(journal_path, read_only=True) if journal_path.exists() else None
     try:
@@ -399,6 +412,7 @@ def compute_status(
             recorded = last.settings.get("check_interval_s") if last else None
             check_interval_s = float(recorded or DEFAULT_INTERVAL_S)
         success = journal.last_successful_pass() if journal else None
+        failed_in_a_row = journal.failed_passes_in_a_row() if journal and liveness else 0
         transition = _at(journal.latest_transition_at()) if journal else None
         newest = journal.newest_merge_id() if journal else 0  # before `unfinished`: see below
         unfinished = journal.unfinished() if journal else []
@@ -426,7 +440,8 @@ def compute_status(
         lock_problem=lock_problem,
         last_pass=last,
         last_success=success,
-        progress_at=_progress(started, last, success, transition),
+        progress_at=_progress(started, last, success if not liveness else last, transition),
+        backoff_s=_backoff_s(failed_in_a_row, check_interval_s),
         needs_person=tuple(r for r in unfinished if r.state is MergeState.NEEDS_ATTENTION),
         unfinished=tuple(r for r in unfinished if r.state is not MergeState.NEEDS_ATTENTION),
         scanned=not liveness,
