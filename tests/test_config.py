@@ -199,12 +199,24 @@ def test_a_data_dir_whose_name_is_not_utf8_is_refused(tmp_path: Path, command: l
     assert os.listdir(data_dir) == ["dt=2025-12-30"]
 
 
-@pytest.mark.parametrize("command", [["run", "--once"], ["recover"]], ids=["run", "recover"])
+@pytest.mark.parametrize(
+    ("command", "own"),
+    [
+        (["run", "--once"], 0),
+        (["recover"], 0),
+        (["run", "--dry-run"], 0),
+        (["status"], 5),  # its own journal, not there yet: never ran
+        (["history"], 1),  # "no journal here"
+    ],
+    ids=["run", "recover", "dry-run", "status", "history"],
+)
 def test_a_journal_in_another_data_dirs_state_folder_is_refused(
-    tmp_path: Path, command: list[str]
+    tmp_path: Path, command: list[str], own: int
 ) -> None:
     """Its recovery would judge the other data directory's merges by this one's folders: one
-    killed after `renamed` was marked needs-attention by a run on a second data directory."""
+    killed after `renamed` was marked needs-attention by a run on a second data directory.
+    `status` read the other's passes and called a directory that never ran healthy, and
+    `history` listed the other's merges."""
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
@@ -218,9 +230,24 @@ def test_a_journal_in_another_data_dirs_state_folder_is_refused(
     )
     assert os.listdir(first) == [] and os.listdir(second) == []
     # its own journal, by any spelling, is fine
-    own = run_cli(*command, "--data-dir", str(second), "--journal",
-                  str(tmp_path / "." / "second" / ".fgm-consolidator" / "journal.db"))  # fmt: skip
-    assert own.returncode == 0, own.stderr
+    ours = run_cli(*command, "--data-dir", str(second), "--journal",
+                   str(tmp_path / "." / "second" / ".fgm-consolidator" / "journal.db"))  # fmt: skip
+    assert ours.returncode == own, ours.stderr
+
+
+@pytest.mark.parametrize("command", ["status", "history", "run --dry-run"])
+def test_a_journal_path_under_a_regular_file_is_refused_by_readers_too(
+    data_dir: Path, tmp_path: Path, command: str
+) -> None:
+    """A mistyped `FGM_JOURNAL`: `status` said "no journal: `run` has not started here"
+    (exit 5) and `run --dry-run` planned as if no journal existed, where `run` refuses it."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    journal = afile / "journal.db"
+
+    proc = run_cli(*command.split(), "--data-dir", str(data_dir), "--journal", str(journal))
+
+    assert_refused(proc, "--journal", f"{afile} is not a directory, so {journal} cannot be")
 
 
 def test_a_journal_linked_to_another_file_system_is_refused(

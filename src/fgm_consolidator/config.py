@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ConfigError
-from .layout import MONITOR_ROTATION_S, STATE_DIR, is_utf8, partition_day
+from .layout import MONITOR_ROTATION_S, is_utf8, partition_day
 from .logs import log_event
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,21 @@ def _existing_ancestor(path: Path) -> Path:
     return Path(path.anchor or ".")
 
 
+def check_journal_to_read(journal: Path) -> None:
+    """The journal for a command that only reads it (`status`, `history`, `run --dry-run`): a
+    path under a regular file is a mistyped `--journal`, not a directory where `run` never
+    ran, and a folder there no journal."""
+    journal = journal.absolute()
+    existing = _existing_ancestor(journal)
+    if existing == journal and not journal.is_file():
+        raise ConfigError("--journal", f"{journal} exists and is not a regular file")
+    if existing != journal and not existing.is_dir():
+        raise ConfigError("--journal", f"{existing} is not a directory, so {journal} cannot be")
+
+
 def check_journal(journal: Path, data_dir: Path) -> None:
     """The journal (or the folder it would be created in) for a command that writes it."""
     journal = journal.absolute()
-    _check_not_anothers(journal, data_dir)
     existing = _existing_ancestor(journal)
     if existing == journal:
         if not journal.is_file():
@@ -135,20 +146,6 @@ def check_journal(journal: Path, data_dir: Path) -> None:
             f"(device {_device(journal_dev)} vs {_device(data_dev)}); the journal must live on "
             "the data volume to see the same crashes",
         )
-
-
-def _check_not_anothers(journal: Path, data_dir: Path) -> None:
-    """A journal records partitions relative to its data directory: pointed at from a second
-    data directory, its recovery would judge the first one's merges by the wrong folders (a
-    merge half-way through marked needs-attention, its sources then left beside its output)."""
-    owner = journal.parent.parent
-    if journal.parent.name != STATE_DIR or owner.resolve() == data_dir.resolve():
-        return
-    raise ConfigError(
-        "--journal",
-        f"{journal} is the journal of another data directory ({owner}); each data directory"
-        " needs its own",
-    )
 
 
 def _device(dev: int) -> str:

@@ -91,9 +91,26 @@ def _refuse(
     )
 
 
+def _refuse_anothers_state_folder(journal: Path, data_dir: Path) -> None:
+    """A journal records partitions relative to its data directory: pointed at from a second
+    data directory, its recovery would judge the first one's merges by the wrong folders (a
+    merge half-way through marked needs-attention, its sources then left beside its output).
+    A default journal records no binding, so only its place tells: `status` called a data
+    directory that never ran healthy by another's journal, and `history` listed its merges."""
+    owner = journal.parent.parent
+    if journal.parent.name != STATE_DIR or owner.resolve() == data_dir.resolve():
+        return
+    raise ConfigError(
+        "--journal",
+        f"{journal} is the journal of another data directory ({owner}); each data directory"
+        " needs its own",
+    )
+
+
 def check(journal: Path, data_dir: Path) -> None:
     """Before any command touches anything: ConfigError (a usage error of --journal, exit 2)
     when the journal belongs to another data directory. Reads only."""
+    _refuse_anothers_state_folder(journal.absolute(), data_dir)
     try:
         found = read_id(data_dir)
     except ConsolidatorError as exc:
