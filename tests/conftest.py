@@ -286,3 +286,22 @@ class StopOnceRowsAreRead:
     def __call__(self) -> bool:
         self.asked += 1
         return self.asked > 1
+
+
+# What may stand at a lock path instead of a regular file, and how `run` and `status` name it.
+def dangling_link(path: Path) -> None:
+    path.symlink_to(path.parent / "nowhere")  # a lock followed through it was created there
+
+
+def link_to_a_file(path: Path) -> None:
+    target = path.parent / "elsewhere"
+    target.write_text("pid=1")
+    path.symlink_to(target)
+
+
+LOCK_PATHS = {
+    "fifo": (os.mkfifo, "a FIFO"),
+    "folder": (os.mkdir, "a folder"),
+    "dangling link": (dangling_link, "a symbolic link"),  # `status` said healthy
+    "link to a file": (link_to_a_file, "a symbolic link"),
+}

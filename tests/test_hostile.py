@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
+    LOCK_PATHS,
     StopOnceRowsAreRead,
     add_late_container,
     clone_tree,
@@ -893,21 +894,23 @@ def test_sigterm_at_random_moments_exits_0_at_a_step_boundary(
     assert unfinished_in(default_journal_path(data_dir)) == []
 
 
-@pytest.mark.parametrize("make", [os.mkfifo, os.mkdir])
+@pytest.mark.parametrize("case", LOCK_PATHS)
 def test_a_lock_path_that_is_not_a_regular_file_is_refused_with_its_path(
-    tmp_path: Path, make: Callable[[Path], None]
+    tmp_path: Path, case: str
 ) -> None:
     """flock on a FIFO failed with a bare `[Errno 22] Invalid argument`, naming nothing, and
-    a folder gave `Is a directory`, where `status` says what to do about it."""
+    a folder gave `Is a directory`, where `status` says what to do about it. A link was
+    followed, and the lock created wherever it pointed."""
     data_dir = tmp_path / "data"
     path = lock_path(data_dir)
     path.parent.mkdir(parents=True)
+    make, kind = LOCK_PATHS[case]
     make(path)
     with pytest.raises(LockError) as caught, lock.exclusive(data_dir):
         pass
     assert caught.value.path == str(path)
-    kind = "a FIFO" if make is os.mkfifo else "a folder"
     assert caught.value.reason == f"the lock file is {kind}, not a regular file; remove it"
+    assert not (path.parent / "nowhere").exists()
 
 
 # A name in OUTPUT's window whose range, joined with OUTPUT's, names neither file: a planner

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PAST, data_files, install_journal_clock, run_cli
+from conftest import LOCK_PATHS, PAST, data_files, install_journal_clock, run_cli
 from conftest import JournalClock as Clock
 
 from fgm_consolidator import plan as plan_module
@@ -268,16 +268,16 @@ def test_liveness_allows_for_the_wait_after_failed_passes(data_dir: Path, clock:
     ]
 
 
-@pytest.mark.parametrize("make", [os.mkfifo, os.mkdir], ids=["fifo", "folder"])
+@pytest.mark.parametrize("case", LOCK_PATHS)
 def test_a_lock_path_that_is_not_a_regular_file_is_unhealthy_and_named(
-    data_dir: Path, make: Callable[[Path], None]
+    data_dir: Path, case: str
 ) -> None:
     """`status` took the lock path's mtime for a service's start whatever it was: a FIFO or a
     folder there, which `run` refuses, looked like a service that had just started."""
     lock = lock_path(data_dir)
     lock.parent.mkdir()
+    make, kind = LOCK_PATHS[case]
     make(lock)
-    kind = "a FIFO" if lock.is_fifo() else "a folder"
     for probe in ((), ("--liveness",)):
         proc = run_cli("status", "--data-dir", str(data_dir), "--json", *probe, timeout=60)
         assert proc.returncode == EXIT_NEVER_RAN, proc.stdout + proc.stderr

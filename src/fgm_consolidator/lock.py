@@ -97,9 +97,12 @@ def exclusive_journal(journal: Path, data_dir: Path) -> Iterator[HeldLock | None
 def _exclusive(path: Path, what: str) -> Iterator[HeldLock]:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        # O_NOFOLLOW: through a symbolic link the lock would be some other file, created
+        # wherever the link points, and `status` could not tell it from no lock at all.
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
+        fd = os.open(path, flags, 0o644)
     except OSError as exc:
-        with contextlib.suppress(OSError):  # a folder there: say so as for a FIFO
+        with contextlib.suppress(OSError):  # a folder or a link there: say so as for a FIFO
             refuse_irregular(path, os.lstat(path).st_mode)
         raise LockError(f"cannot open the lock file: {exc.strerror or exc}", path) from exc
     try:

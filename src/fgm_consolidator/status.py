@@ -122,7 +122,7 @@ def _service_started(data_dir: Path) -> tuple[datetime | None, str | None]:
     A FIFO's or a folder's mtime is no service's start, and no service can start beside it."""
     path = lock_path(data_dir)
     try:
-        st = path.stat()
+        st = path.lstat()  # a link, dangling or not, is refused by `run`: no lock to go by
     except FileNotFoundError:
         return None, None
     except NotADirectoryError:
