@@ -1015,6 +1015,25 @@ def test_a_corrupt_journal_stops_the_service_process(
 # -- demo ---------------------------------------------------------------------------------
 
 
+def test_demo_on_a_full_volume_names_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyarrow's write error on a full disk carries no path (as raised here): the demo printed
+    only `Error: [Errno 28] No space left on device`."""
+    from fgm_consolidator import demo
+
+    def full(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(demo, "run_demo", full)
+    target = tmp_path / "demo"
+
+    result = invoke("demo", "--data-dir", target)
+
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {target}: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
+    )
+
+
 def test_demo_consolidates_and_shows_identical_rows(tmp_path: Path) -> None:
     target = tmp_path / "demo"
     result = invoke("demo", "--data-dir", target, "--hours", "0.5")

@@ -125,8 +125,11 @@ def _error(message: str) -> click.ClickException:
     return click.ClickException(logs.one_line(message))
 
 
-def _fail(exc: ConsolidatorError | OSError) -> click.ClickException:
-    """One line naming the path and the reason, exit 1; an OSError's text carries its path."""
+def _fail(exc: ConsolidatorError | OSError, where: Path | None = None) -> click.ClickException:
+    """One line naming the path and the reason, exit 1. An OSError's text carries its path,
+    except pyarrow's (a full disk under a parquet writer): `where` then says where it was."""
+    if where is not None and isinstance(exc, OSError) and exc.filename is None:
+        return _error(f"{where}: {exc}")
     return _error(str(exc))
 
 
@@ -628,7 +631,7 @@ def demo(data_dir: Path | None, hours: float) -> None:
     try:
         report = run_demo(data_dir, hours=hours)
     except (ConsolidatorError, OSError) as exc:  # pyarrow's I/O errors (a full disk) are OSErrors
-        raise _fail(exc) from exc
+        raise _fail(exc, where=data_dir) from exc
     click.echo("\nparquet files per partition (before -> after):")
     for partition in sorted(report.before.files):
         click.echo(
