@@ -251,7 +251,15 @@ def test_a_file_whose_text_is_not_utf8_is_reported_and_blocks_nothing(
 # -- a lineage that is not ours ----------------------------------------------------------------
 
 
-def test_a_lineage_counting_infinite_rows_is_no_lineage(data_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "lineage",
+    [
+        b'{"merge_id":1,"rows":1,"sources":[{"name":"metrics-x.parquet","rows":Infinity}]}',
+        b"[" * 100_000,  # RecursionError in json.loads, which failed the partition each pass
+    ],
+    ids=["infinite-rows", "nested-deep"],
+)
+def test_a_lineage_counting_infinite_rows_is_no_lineage(data_dir: Path, lineage: bytes) -> None:
     """JSON reads `Infinity` as a float, and `int()` of it raised OverflowError, which the
     decoder did not take for a lineage that is not ours: one file named like an output with
     such metadata stopped every start-up recovery and every pass, for the whole directory."""
@@ -259,7 +267,6 @@ def test_a_lineage_counting_infinite_rows_is_no_lineage(data_dir: Path) -> None:
     folder = data_dir / "dt=2025-12-30/identifier=pod-a"
     foreign = folder / "consolidated-20251230T070000Z-20251230T071000Z.parquet"
     table = pq.read_table(sorted(folder.glob("metrics-*.parquet"))[0])
-    lineage = b'{"merge_id":1,"rows":1,"sources":[{"name":"metrics-x.parquet","rows":Infinity}]}'
     pq.write_table(table.replace_schema_metadata({b"fgm_consolidator.lineage": lineage}), foreign)
     os.utime(foreign, (0, 0))
     expected = expected_rows(data_dir)

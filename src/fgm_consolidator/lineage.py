@@ -88,7 +88,9 @@ def decode(raw: bytes | None) -> Lineage | None:
         doc = json.loads(raw)
         sources = tuple(_decode_source(s) for s in doc["sources"])
         return Lineage(int(doc["merge_id"]), int(doc["rows"]), sources)
-    except (ValueError, TypeError, KeyError, OverflowError):  # Overflow: `"rows": Infinity`
+    # Overflow: `"rows": Infinity`; Recursion: a value nested a hundred thousand deep, which
+    # escaped as an unexpected error naming no file and failed its partition at every pass.
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError):
         return None
 
 
