@@ -238,34 +238,47 @@ def test_liveness_allows_for_the_wait_after_failed_passes(data_dir: Path, clock:
     not delete) waits longer after each failed pass, up to an hour. `--liveness` took its
     failed passes for no progress and exited 4 once that wait passed 3 intervals, so the
     probe restarted the sidecar every half hour into the same failure. It now counts a pass
-    that ended, whatever its result, and allows for that wait; the full `status` still says
-    stale (no successful pass)."""
+    that ended, whatever its result, and allows for that wait: only the passes the service
+    backs off after (failed with an error), and only those of the running service, whose
+    backoff lives in memory. The full `status` still says stale (no successful pass)."""
     path = default_journal_path(data_dir)
-    lock = lock_path(data_dir)
-    lock.parent.mkdir()
-    lock.write_text("pid=1")
-    os.utime(lock, (T0.timestamp(), T0.timestamp()))  # the service started at T0
     journal = Journal.open(path)
-    try:
-        for n in range(4):  # waits of 1, 2, 4 and then 8 intervals of 60 s
-            clock.at = T0 + seconds(60 * 2**n)
-            journal.end_pass(journal.begin_pass({"check_interval_s": 60}), PassResult.FAILED)
-    finally:
-        journal.close()
-    ended = clock.at
+
+    def failed(at: datetime, error: str | None) -> None:
+        clock.at = at
+        ran = journal.begin_pass({"check_interval_s": 60})
+        journal.end_pass(ran, PassResult.FAILED, error=error)
 
     def code(at: datetime, **kwargs: Any) -> int:
         return compute_status(data_dir, path, now=at, **kwargs).exit_code
 
-    limit = 3 * 60 + (8 - 1) * 60
-    assert code(ended + seconds(limit - 1), liveness=True) == EXIT_HEALTHY
-    assert code(ended + seconds(limit + 1), liveness=True) == EXIT_STALE
-    assert code(ended + seconds(limit - 1)) == EXIT_STALE
-    late = compute_status(data_dir, path, now=ended + seconds(limit + 1), liveness=True)
-    assert [p.text for p in late.problems] == [
-        f"no progress for {limit + 1} s (limit {limit} s = 3 x the check interval of 60 s"
-        f" + {7 * 60} s the service backs off after failed passes)"
-    ]
+    try:
+        failed(T0 - seconds(600), "before this start: its backoff died with its process")
+        failed(T0 - seconds(300), "before this start: its backoff died with its process")
+        lock = lock_path(data_dir)
+        lock.write_text("pid=1")
+        os.utime(lock, (T0.timestamp(), T0.timestamp()))  # the service started at T0
+        for n in range(4):  # then waits of 1, 2, 4 and 8 intervals of 60 s
+            failed(T0 + seconds(60 * 2**n), "disk I/O error")
+        ended = clock.at
+
+        limit = 3 * 60 + (8 - 1) * 60
+        assert code(ended + seconds(limit - 1), liveness=True) == EXIT_HEALTHY
+        assert code(ended + seconds(limit + 1), liveness=True) == EXIT_STALE
+        assert code(ended + seconds(limit - 1)) == EXIT_STALE
+        late = compute_status(data_dir, path, now=ended + seconds(limit + 1), liveness=True)
+        assert [p.text for p in late.problems] == [
+            f"no progress for {limit + 1} s (limit {limit} s = 3 x the check interval of 60 s"
+            f" + {7 * 60} s the service backs off after failed passes); last pass failed:"
+            " disk I/O error"
+        ]
+
+        # a pass that failed on a partition alone: the service waits one interval after it
+        failed(ended + seconds(60), None)
+        assert code(clock.at + seconds(179), liveness=True) == EXIT_HEALTHY
+        assert code(clock.at + seconds(181), liveness=True) == EXIT_STALE
+    finally:
+        journal.close()
 
 
 @pytest.mark.parametrize("case", LOCK_PATHS)

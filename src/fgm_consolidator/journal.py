@@ -946,18 +946,22 @@ class Journal:
     def last_successful_pass(self) -> PassRecord | None:
         return self._pass("result = ?", [str(PassResult.OK)])
 
-    def failed_passes_in_a_row(self, *, lookback: int = 8) -> int:
-        """How many of the latest ended passes failed in a row (at most `lookback`): after
-        each the service waits longer (`backoff.wait_after`), which `status --liveness`
-        allows for."""
+    def passes_backed_off(self, since: str | None, *, lookback: int = 8) -> int:
+        """How many of the latest ended passes, started at or after `since` (the service's
+        start: its backoff lives in memory), failed with an error in a row (at most
+        `lookback`). The service waits longer after each such pass (`backoff.wait_after`),
+        which `status --liveness` allows for; after a pass that failed on a partition alone
+        it waits one interval."""
         if not self._has_passes():
             return 0
         count = 0
-        for (result,) in self.db.execute(
-            "SELECT result FROM passes WHERE ended IS NOT NULL ORDER BY id DESC LIMIT ?",
+        for result, error, started in self.db.execute(
+            "SELECT result, error, started FROM passes WHERE ended IS NOT NULL"
+            " ORDER BY id DESC LIMIT ?",
             (lookback,),
         ):
-            if result != str(PassResult.FAILED):
+            backed_off = result == str(PassResult.FAILED) and error is not None
+            if not backed_off or (since is not None and started < since):
                 break
             count += 1
         return count

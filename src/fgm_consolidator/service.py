@@ -240,6 +240,7 @@ def recorded_pass(
         with contextlib.suppress(sqlite3.Error):  # the journal may be what failed
             journal.end_pass(pass_id, PassResult.FAILED, error=str(exc))
         raise
+    stuck = report.recovery.failed
     journal.end_pass(
         pass_id,
         report.result(stop.requested),
@@ -247,6 +248,9 @@ def recorded_pass(
         merges_failed=len(report.failed),
         partition_errors=len(report.errors),
         unreadable=len(report.unreadable),
+        # A pass failed with an error is one the service backs off after (`_loop`), as one
+        # that raised: `status --liveness` allows for that wait, and only for that one.
+        error=f"recovery left a merge as it was: {stuck[0].reason}" if stuck else None,
     )
     return report
 

@@ -404,15 +404,19 @@ def compute_status(
     source it may not delete made the probe restart the sidecar every half hour, into the
     same failure.
     """
+    started, lock_problem = _service_started(data_dir)
     journal = Journal.open(journal_path, read_only=True) if journal_path.exists() else None
     try:
         now = now or Journal.now()
+        backed_off = 0
+        if journal is not None and liveness:
+            since = started.isoformat(timespec="milliseconds") if started else None
+            backed_off = journal.passes_backed_off(since)
         last = journal.last_pass() if journal else None
         if check_interval_s is None:
             recorded = last.settings.get("check_interval_s") if last else None
             check_interval_s = float(recorded or DEFAULT_INTERVAL_S)
         success = journal.last_successful_pass() if journal else None
-        failed_in_a_row = journal.failed_passes_in_a_row() if journal and liveness else 0
         transition = _at(journal.latest_transition_at()) if journal else None
         newest = journal.newest_merge_id() if journal else 0  # before `unfinished`: see below
         unfinished = journal.unfinished() if journal else []
@@ -431,7 +435,6 @@ def compute_status(
     finally:
         if journal is not None:
             journal.close()
-    started, lock_problem = _service_started(data_dir)
     status = Status(
         now=now,
         check_interval_s=check_interval_s,
@@ -441,7 +444,7 @@ def compute_status(
         last_pass=last,
         last_success=success,
         progress_at=_progress(started, last, success if not liveness else last, transition),
-        backoff_s=_backoff_s(failed_in_a_row, check_interval_s),
+        backoff_s=_backoff_s(backed_off, check_interval_s),
         needs_person=tuple(r for r in unfinished if r.state is MergeState.NEEDS_ATTENTION),
         unfinished=tuple(r for r in unfinished if r.state is not MergeState.NEEDS_ATTENTION),
         scanned=not liveness,
