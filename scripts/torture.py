@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the one copy of the oracle
 
 from oracle import (  # noqa: E402
+    RAN_THROUGH,
     ContainerIds,
     RowKey,
     check,
@@ -330,7 +331,8 @@ def torture(args: argparse.Namespace, work: Path) -> Figures:
     if monitor.error is not None:
         figures.violations.append(f"the monitor failed: {monitor.error!r}")
     settle = consolidator(data_dir, log, "--once", *SETTLE_ARGS)
-    if settle.wait() != 0:
+    # Exit 3 (a merge or files left for a person) is the oracle's to judge by the rows.
+    if settle.wait() not in RAN_THROUGH:
         figures.violations.append(f"the quiescent pass exited {settle.returncode}; see {log}")
     expected, _ = monitor.snapshot()
     report = check(
@@ -358,6 +360,7 @@ def torture(args: argparse.Namespace, work: Path) -> Figures:
         "removed_by_lineage": logged_lines(log, "event=lineage-recovery", "action=removed"),
         "kept_by_lineage": logged_lines(log, "event=lineage-recovery", "action=kept"),
         "companions_published": logged_lines(log, "event=orphan-published"),
+        "settled_exit": settle.returncode,
         "violations": len(figures.violations),
     }
     print(" ".join(f"{key}={value}" for key, value in shown.items()), flush=True)
