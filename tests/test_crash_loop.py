@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import rows_pyarrow, run_cli, small_spec
+from conftest import invoke, rows_pyarrow, run_cli, small_spec
 
+from fgm_consolidator import cli, recovery
 from fgm_consolidator.backoff import MAX_WAIT_S, hold_for
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.simulate import PodSpec, generate
@@ -216,6 +217,29 @@ def test_a_signal_to_recover_during_a_proof_stops_it_and_is_no_death(
     settled = run_cli("recover", "--data-dir", str(data_dir))
 
     assert settled.returncode == 0, settled.stdout + settled.stderr
+    assert not any(folder.glob("metrics-*.parquet"))
+    assert rows_pyarrow(data_dir) == expected
+
+
+def test_a_signal_after_recover_finished_is_no_stop(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM that came after the last step asked whether to stop (the last unlinks are
+    not interruptible) made `recover` print `stopped=True consistent=False` and exit 143 for
+    work all done. Only a recovery that was cut short says so."""
+    expected, folder = journal_lost_beside_an_output(data_dir, tmp_path)
+    real = recovery.recover
+
+    def then_a_signal(*args: Any, **kwargs: Any) -> recovery.RecoveryReport:
+        report = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # taken by `recover`'s own handler
+        return report
+
+    monkeypatch.setattr(cli, "recover", then_a_signal)
+    result = invoke("recover", "--data-dir", data_dir)
+
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1].endswith("consistent=True stopped=False")
     assert not any(folder.glob("metrics-*.parquet"))
     assert rows_pyarrow(data_dir) == expected
 

@@ -427,11 +427,11 @@ def recover_command(
         "merges": len(report.actions),
         "needs_person": people,
         "orphans_removed": len(report.swept),
-        "consistent": people == 0 and not stop.requested,
-        "stopped": stop.requested,
+        "consistent": people == 0 and not report.stopped,
+        "stopped": report.stopped,
     }
     _echo(summary, as_json)
-    if stop.requested:
+    if report.stopped:
         # What was settled is journaled; the rest is as it was, for the next `recover`. The
         # code a shell gives a process its signal ended (130 for Ctrl-C, 143 for SIGTERM).
         log_event(log, "stopped", reason="signal")

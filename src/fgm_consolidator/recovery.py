@@ -101,6 +101,7 @@ class RecoveryReport:
     swept: list[Path] = field(default_factory=list)
     published: list[Path] = field(default_factory=list)  # companions of cut publishes
     lineage: list[LineageAction] = field(default_factory=list)
+    stopped: bool = False  # a stop request cut it short: the rest is the next recovery's
 
     @property
     def needs_person(self) -> list[RecoveryAction]:
@@ -114,6 +115,21 @@ class RecoveryReport:
     @property
     def uncertain(self) -> list[LineageAction]:
         return [a for a in self.lineage if not (a.removed or a.released)]
+
+
+class _Heeded:
+    """A stop check that remembers whether it ever said stop. Every step that asks stops
+    when told to, so that alone says whether the recovery was cut short: a signal that came
+    after the last question (`recover` printed `stopped=True` for work all done) is not."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self._should_stop = should_stop
+        self.said_stop = False
+
+    def __call__(self) -> bool:
+        if self._should_stop():
+            self.said_stop = True
+        return self.said_stop
 
 
 def checksum(path: Path) -> str | None:
@@ -515,18 +531,35 @@ def recover(
     far."""
     observer = observer or Observer()
     report = RecoveryReport()
+    heeded = _Heeded(should_stop)
+    try:
+        _recover(journal, data_dir, report, sweep, observer, heeded, interval_s)
+    finally:
+        report.stopped = heeded.said_stop
+    return report
+
+
+def _recover(
+    journal: Journal,
+    data_dir: Path,
+    report: RecoveryReport,
+    sweep: bool,
+    observer: Observer,
+    should_stop: Callable[[], bool],
+    interval_s: float,
+) -> None:
     guard = ProofGuard(journal, interval_s)
     unfinished = journal.unfinished()
     observer.recovery_started(len(unfinished))
     for record in unfinished:
         if should_stop():
-            return report
+            return
         with context(merge_id=record.id, partition=record.partition, output=record.output):
             try:
                 action = _resolve_or_leave(journal, data_dir, record, guard, should_stop)
             except ProofStopped as exc:  # the merge stays as it was, for the next start
                 log_event(log, "recovery-stopped", reason=str(exc))
-                return report
+                return
         report.actions.append(action)
         crashpoints.reach(action.action.crash_point)
         observer.observe_recovery(action)
@@ -541,7 +574,6 @@ def recover(
         report.swept, report.published = swept.removed, swept.published
         busy = {(record.partition, record.output) for record in unfinished}
         report.lineage = recover_from_lineage(journal, data_dir, busy, should_stop, guard)
-    return report
 
 
 def recover_from_lineage(
