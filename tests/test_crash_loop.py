@@ -160,6 +160,13 @@ def journal_lost_beside_an_output(data_dir: Path, tmp_path: Path) -> tuple[Count
     return expected, folder
 
 
+def _stop_signals_as_a_terminal_leaves_them() -> None:
+    """A suite started in the background (`cmd &` in a script, `nohup`) passes SIGINT and
+    SIGHUP on ignored, and the commands rightly keep them ignored then."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def signalled_past(scratch: Path, point: str, signum: int, *command: str) -> subprocess.Popen[str]:
     """`command` run until it reaches `point`, then sent `signum` before it reaches another.
 
@@ -177,6 +184,7 @@ def signalled_past(scratch: Path, point: str, signum: int, *command: str) -> sub
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_stop_signals_as_a_terminal_leaves_them,
     )
     seen, deadline = b"", time.monotonic() + 60
     while point.encode() + b"\n" not in seen:

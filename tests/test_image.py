@@ -119,6 +119,12 @@ def _status(pid: int) -> dict[str, str]:
     return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
+def _signals_as_a_container_runtime_leaves_them() -> None:
+    """A suite started in the background passes SIGINT on ignored, and the entrypoint rightly
+    keeps an ignored SIGINT ignored; a container's PID 1 starts with every signal default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not _unshare_works(), reason="needs unprivileged PID namespaces (unshare)")
 def test_as_pid_1_the_entrypoint_stops_cleanly_on_sigterm(data_dir: Path) -> None:
     """A PID 1 gets only the signals it has a handler for; the kubelet sends SIGTERM."""
@@ -129,7 +135,7 @@ def test_as_pid_1_the_entrypoint_stops_cleanly_on_sigterm(data_dir: Path) -> Non
         ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc",
          str(BIN / command[0]), *command[1:]],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, env=env,
+        text=True, env=env, preexec_fn=_signals_as_a_container_runtime_leaves_them,
     )  # fmt: skip
     try:
         lines: list[str] = []

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import PAST, small_spec
 from oracle import RowKey, check, expected_rows, quiescent_pass
 from test_service import DEADLINE_S, POD_A, running
@@ -117,14 +119,26 @@ def test_sighup_stops_gracefully_like_sigterm(data_dir: Path) -> None:
     assert (service.events[-1]["event"], service.events[-1]["reason"]) == ("stopped", "signal")
 
 
-def test_sighup_stays_ignored_under_nohup(data_dir: Path) -> None:
-    """`nohup fgm-consolidator run` asked for SIGHUP to be ignored: it is, and SIGTERM still
-    stops the service (the kernel drops an ignored signal when it is sent, so no wait)."""
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(
+    ("signum", "ignore"),
+    [(signal.SIGHUP, _ignore_sighup), (signal.SIGINT, _ignore_sigint)],
+    ids=["sighup-under-nohup", "sigint-in-a-background-job"],
+)
+def test_an_ignored_stop_signal_stays_ignored(
+    data_dir: Path, signum: int, ignore: Callable[[], None]
+) -> None:
+    """`nohup fgm-consolidator run` asked for SIGHUP to be ignored, and a shell script's
+    `run &` starts it with SIGINT ignored: each stays so, and SIGTERM still stops the service
+    (the kernel drops an ignored signal when it is sent, so no wait)."""
     generate(data_dir, small_spec(start=PAST))
     with running(data_dir) as start:
-        service = start("--check-interval", "300", preexec_fn=_ignore_sighup)
+        service = start("--check-interval", "300", preexec_fn=ignore)
         service.wait_for("pass-finished")
-        service.proc.send_signal(signal.SIGHUP)
+        service.proc.send_signal(signum)
         code, _took = service.terminate(timeout=DEADLINE_S)
     log = "\n".join(service.lines)
     assert code == 0, log

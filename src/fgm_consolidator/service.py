@@ -118,10 +118,13 @@ class StopFlag:
 
         SIGHUP (the terminal that started `run` closed) stops as SIGTERM does: its default
         action killed the process mid-step, without the `stopped` line. Under `nohup`, which
-        starts it ignored, it stays ignored."""
-        stops = [signal.SIGTERM, signal.SIGINT]
-        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-            stops.append(signal.SIGHUP)
+        starts it ignored, it stays ignored, as SIGINT does for a job a script started in the
+        background (the shell ignores it there, so a Ctrl-C meant for the script does not
+        stop it)."""
+        stops = [signal.SIGTERM]
+        stops += [
+            s for s in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN
+        ]
         before = {signum: signal.signal(signum, self.request) for signum in stops}
         try:
             yield
