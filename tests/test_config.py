@@ -233,6 +233,20 @@ def test_a_journal_in_another_data_dirs_state_folder_is_refused(
     ours = run_cli(*command, "--data-dir", str(second), "--journal",
                    str(tmp_path / "." / "second" / ".fgm-consolidator" / "journal.db"))  # fmt: skip
     assert ours.returncode == own, ours.stderr
+    # nor by a link to it, or a path through `..`: only the place it really is tells
+    theirs.parent.mkdir()
+    theirs.touch()
+    link = tmp_path / "link.db"
+    link.symlink_to(theirs)
+    roundabout = first / ".fgm-consolidator" / "x" / ".." / "journal.db"
+    for spelled in (link, roundabout):
+        proc = run_cli(*command, "--data-dir", str(second), "--journal", str(spelled))
+        assert_refused(
+            proc,
+            "--journal",
+            f"{spelled} is the journal of another data directory ({first}); each data"
+            " directory needs its own",
+        )
 
 
 @pytest.mark.parametrize("command", ["status", "history", "run --dry-run"])

@@ -97,8 +97,9 @@ def _refuse_anothers_state_folder(journal: Path, data_dir: Path) -> None:
     merge half-way through marked needs-attention, its sources then left beside its output).
     A default journal records no binding, so only its place tells: `status` called a data
     directory that never ran healthy by another's journal, and `history` listed its merges."""
-    owner = journal.parent.parent
-    if journal.parent.name != STATE_DIR or owner.resolve() == data_dir.resolve():
+    real = journal.resolve()  # through a link, or `..`, to another's journal all the same
+    owner = real.parent.parent
+    if real.parent.name != STATE_DIR or owner == data_dir.resolve():
         return
     raise ConfigError(
         "--journal",
