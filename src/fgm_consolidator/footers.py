@@ -48,6 +48,7 @@ class Footer:
     digest: str  # of the file's size and footer bytes: which file a name stood for
     int96: tuple[str, ...] = ()  # columns stored as legacy INT96 timestamps
     retyped: tuple[str, ...] = ()  # columns pyarrow reads as another type than the file stores
+    plain_text: frozenset[str] = frozenset()  # text columns stored mostly plain (`_mostly_plain`)
 
     @property
     def lineage(self) -> bytes | None:
@@ -145,10 +146,38 @@ def read(path: Path) -> Footer:
             footer_digest(handle, st.st_size),
             int96,
             _retyped(stored, schema),
+            _mostly_plain(metadata),
         )
     if entry is not None or len(_seen) < CAPACITY:
         _seen[path] = (_pass, footer)
     return footer
+
+
+# Stored bytes per value above which a text column is no dictionary on disk: a dictionary
+# page holds at most about 1 MB, so a dictionary-encoded column comes to a few bytes per
+# value; past it the writer falls back to plain pages.
+PLAIN_BYTES_PER_VALUE = 64
+
+
+def _mostly_plain(metadata: pq.FileMetaData) -> frozenset[str]:
+    """Top-level columns of the first row group that the writer stored mostly as plain values:
+    text that differs in (nearly) every row, once its dictionary page was full. Read
+    dictionary-encoded, pyarrow grows one dictionary over the whole row group for them: a
+    label of 1 KB distinct in each of 200,000 rows took 700 MiB. The first row group stands
+    for the file: one writer wrote them all, and a file of many is read one at a time."""
+    if metadata.num_row_groups == 0:
+        return frozenset()
+    group = metadata.row_group(0)
+    found = set()
+    for i in range(group.num_columns):
+        chunk = group.column(i)
+        if chunk.physical_type != "BYTE_ARRAY" or chunk.num_values == 0:
+            continue
+        if "." in chunk.path_in_schema:
+            continue  # a nested leaf (the map era's labels): its dictionaries are its own
+        if chunk.total_uncompressed_size > PLAIN_BYTES_PER_VALUE * chunk.num_values:
+            found.add(chunk.path_in_schema)
+    return frozenset(found)
 
 
 def _stored_schema(raw: bytes | None) -> pa.Schema | None:

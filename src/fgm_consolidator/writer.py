@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import crashpoints, durable, footers, label_sets, reading
@@ -99,7 +100,11 @@ def _open_source(source: WriteSource, as_dictionary: Collection[str] = ()) -> pq
             raise SourceChangedError(
                 f"changed while it was opened ({now} -> {footer.identity})", source.path
             )
-        wanted = [name for name in footer.schema.names if name in as_dictionary]
+        wanted = [
+            name
+            for name in footer.schema.names
+            if name in as_dictionary and name not in footer.plain_text
+        ]
         return pq.ParquetFile(handle, read_dictionary=wanted or None)
     except BaseException:
         handle.close()
@@ -152,7 +157,7 @@ def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBat
 
     def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
         for batch in reading.batches(parquet, READ_BATCH_ROWS, use_threads=False):
-            yield _text_checked(conform(batch, target))
+            yield _text_checked(conform(_encoded_as(batch, target), target))
 
     rows = 0
     for batch in _source_batches(source, read, _dictionary_names(target)):
@@ -160,6 +165,22 @@ def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBat
         yield batch
     if rows != source.rows:
         raise SourceReadError(f"footer promised {source.rows} rows, read {rows}", source.path)
+
+
+def _encoded_as(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
+    """`batch` with the text columns read plain (`Footer.plain_text`) dictionary-encoded as
+    `target` has them: one dictionary per batch, as large as the batch at most."""
+    columns = list(batch.columns)
+    for i, field in enumerate(batch.schema):
+        at = target.get_field_index(field.name)
+        wanted = target.field(at).type if at >= 0 else None
+        if wanted is None or not pa.types.is_dictionary(wanted):
+            continue
+        if field.type == wanted.value_type:
+            columns[i] = pc.dictionary_encode(columns[i]).cast(wanted)
+    if all(a is b for a, b in zip(columns, batch.columns, strict=True)):
+        return batch
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def _text_checked(batch: pa.RecordBatch) -> pa.RecordBatch:
