@@ -170,16 +170,22 @@ def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBat
 def _encoded_as(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
     """`batch` with the text columns read plain (`Footer.plain_text`) dictionary-encoded as
     `target` has them: one dictionary per batch, as large as the batch at most."""
-    columns = list(batch.columns)
+    plain = {}
     for i, field in enumerate(batch.schema):
         at = target.get_field_index(field.name)
         wanted = target.field(at).type if at >= 0 else None
-        if wanted is None or not pa.types.is_dictionary(wanted):
-            continue
-        if field.type == wanted.value_type:
-            columns[i] = pc.dictionary_encode(columns[i]).cast(wanted)
-    if all(a is b for a, b in zip(columns, batch.columns, strict=True)):
+        if (
+            wanted is not None
+            and pa.types.is_dictionary(wanted)
+            and field.type == wanted.value_type
+        ):
+            plain[i] = wanted
+    if not plain:  # the usual batch: every text column was read dictionary-encoded
         return batch
+    columns = [
+        pc.dictionary_encode(column).cast(plain[i]) if i in plain else column
+        for i, column in enumerate(batch.columns)
+    ]
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
