@@ -148,38 +148,36 @@ def _source_batches(
             raise SourceReadError(f"read failed after {rows} rows: {exc}", source.path) from exc
 
 
-def _dictionary_names(target: pa.Schema) -> set[str]:
-    return {field.name for field in target if pa.types.is_dictionary(field.type)}
-
-
 def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBatch]:
     """Every row of one source, in file order, laid out as `target`."""
 
+    encoded = _dictionary_types(target)
+
     def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
         for batch in reading.batches(parquet, READ_BATCH_ROWS, use_threads=False):
-            yield _text_checked(conform(_encoded_as(batch, target), target))
+            yield _text_checked(conform(_encoded_as(batch, encoded), target))
 
     rows = 0
-    for batch in _source_batches(source, read, _dictionary_names(target)):
+    for batch in _source_batches(source, read, encoded.keys()):
         rows += batch.num_rows
         yield batch
     if rows != source.rows:
         raise SourceReadError(f"footer promised {source.rows} rows, read {rows}", source.path)
 
 
-def _encoded_as(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
+def _dictionary_types(target: pa.Schema) -> dict[str, pa.DataType]:
+    return {field.name: field.type for field in target if pa.types.is_dictionary(field.type)}
+
+
+def _encoded_as(batch: pa.RecordBatch, encoded: dict[str, pa.DataType]) -> pa.RecordBatch:
     """`batch` with the text columns read plain (`Footer.plain_text`) dictionary-encoded as
-    `target` has them: one dictionary per batch, as large as the batch at most."""
-    plain = {}
-    for i, field in enumerate(batch.schema):
-        at = target.get_field_index(field.name)
-        wanted = target.field(at).type if at >= 0 else None
-        if (
-            wanted is not None
-            and pa.types.is_dictionary(wanted)
-            and field.type == wanted.value_type
-        ):
-            plain[i] = wanted
+    `encoded` (the target's dictionary columns) has them: one dictionary per batch, as large
+    as the batch at most."""
+    plain = {
+        i: encoded[field.name]
+        for i, field in enumerate(batch.schema)
+        if field.name in encoded and field.type == encoded[field.name].value_type
+    }
     if not plain:  # the usual batch: every text column was read dictionary-encoded
         return batch
     columns = [
