@@ -153,30 +153,35 @@ def read(path: Path) -> Footer:
     return footer
 
 
-# Stored bytes per value above which a text column is no dictionary on disk: a dictionary
-# page holds at most about 1 MB, so a dictionary-encoded column comes to a few bytes per
-# value; past it the writer falls back to plain pages.
+# Stored bytes per value above which a text column is taken for one stored plain: indices of
+# a dictionary-encoded column take a byte or two per value, and its dictionary page (at most
+# about 1 MB) adds at most tens of bytes per value over a row group of tens of thousands of
+# rows. A column taken for plain when it is not is read right all the same, only encoded by
+# us, batch by batch, which costs CPU: a metric name stored plain, 20 bytes a value in the
+# simulator's files and perhaps twice that in a monitor's, stays below the line.
 PLAIN_BYTES_PER_VALUE = 64
+# Row groups looked at: a monitor's file has one or a few; an output of ours, one per metric,
+# is a source only in rare merges, and reading every row group's metadata of each output
+# footer read would cost a pass with nothing to do seconds.
+PLAIN_ROW_GROUPS = 8
 
 
 def _mostly_plain(metadata: pq.FileMetaData) -> frozenset[str]:
-    """Top-level columns of the first row group that the writer stored mostly as plain values:
-    text that differs in (nearly) every row, once its dictionary page was full. Read
+    """Top-level columns that the writer stored mostly as plain values in one of the first row
+    groups: text that differs in (nearly) every row, once its dictionary page was full. Read
     dictionary-encoded, pyarrow grows one dictionary over the whole row group for them: a
-    label of 1 KB distinct in each of 200,000 rows took 700 MiB. The first row group stands
-    for the file: one writer wrote them all, and a file of many is read one at a time."""
-    if metadata.num_row_groups == 0:
-        return frozenset()
-    group = metadata.row_group(0)
+    label of 1 KB distinct in each of 200,000 rows took 700 MiB."""
     found = set()
-    for i in range(group.num_columns):
-        chunk = group.column(i)
-        if chunk.physical_type != "BYTE_ARRAY" or chunk.num_values == 0:
-            continue
-        if "." in chunk.path_in_schema:
-            continue  # a nested leaf (the map era's labels): its dictionaries are its own
-        if chunk.total_uncompressed_size > PLAIN_BYTES_PER_VALUE * chunk.num_values:
-            found.add(chunk.path_in_schema)
+    for index in range(min(metadata.num_row_groups, PLAIN_ROW_GROUPS)):
+        group = metadata.row_group(index)
+        for i in range(group.num_columns):
+            chunk = group.column(i)
+            if chunk.physical_type != "BYTE_ARRAY" or chunk.num_values == 0:
+                continue
+            if "." in chunk.path_in_schema:
+                continue  # a nested leaf (the map era's labels): its dictionaries are its own
+            if chunk.total_uncompressed_size > PLAIN_BYTES_PER_VALUE * chunk.num_values:
+                found.add(chunk.path_in_schema)
     return frozenset(found)
 
 
