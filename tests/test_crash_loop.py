@@ -145,13 +145,18 @@ def proven_once_the_wait_is_over(data_dir: Path, folder: Path) -> None:
         assert retried.returncode == 0, retried.stderr
 
 
+def sources_of(tmp_path: Path) -> Path:
+    """Where `journal_lost_beside_an_output` keeps a copy of the sources it puts back."""
+    return tmp_path / "sources"
+
+
 def journal_lost_beside_an_output(data_dir: Path, tmp_path: Path) -> tuple[Counter[Any], Path]:
     """pod-a merged, its sources put back and the journal lost: start-up must prove the output
     holds them before they go. The rows expected, and the folder."""
     generate(data_dir, small_spec((PodSpec("pod-a"),)))
     expected = rows_pyarrow(data_dir)
     folder = data_dir / POD_A
-    shutil.copytree(folder, kept := tmp_path / "sources")
+    shutil.copytree(folder, kept := sources_of(tmp_path))
     assert run_once(data_dir).returncode == 0
     for path in kept.iterdir():
         shutil.copy2(path, folder / path.name)
@@ -260,22 +265,15 @@ def test_a_lineage_proof_that_kills_its_process_twice_is_held_and_start_up_goes_
     point stands in for a decoder's crash or the OOM killer). Without the hold every start
     died there. The third start skips it, keeps the files and says why; `status` names the
     output; once the wait is over the proof runs again and removes the sources."""
-    generate(data_dir, small_spec((PodSpec("pod-a"),)))
-    expected = rows_pyarrow(data_dir)
-    folder = data_dir / POD_A
-    shutil.copytree(folder, kept := tmp_path / "sources")
-    assert run_once(data_dir).returncode == 0
+    expected, folder = journal_lost_beside_an_output(data_dir, tmp_path)
+    sources = sources_of(tmp_path)
     [output] = [p.name for p in folder.glob("consolidated-*.parquet")]
-    for path in kept.iterdir():
-        shutil.copy2(path, folder / path.name)
-    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
-        path.unlink()
     after = a_proof_that_kills_its_process_twice(data_dir)
     kept_files = events(after.stderr, "lineage-recovery")
     assert kept_files and {e["action"] for e in kept_files} == {"kept"}
     assert all("died with the process 2 times in a row" in e["reason"] for e in kept_files)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [output, output.replace(".parquet", ".containers"), *(p.name for p in kept.iterdir())]
+        [output, output.replace(".parquet", ".containers"), *(p.name for p in sources.iterdir())]
     )
 
     status = run_cli("status", "--data-dir", str(data_dir))
