@@ -121,19 +121,14 @@ def check_journal_to_read(journal: Path) -> None:
 
 
 def check_journal(journal: Path, data_dir: Path) -> None:
-    """The journal (or the folder it would be created in) for a command that writes it."""
+    """The journal (or the folder it would be created in) for a command that writes it: one
+    a reader may read (`check_journal_to_read`), then may write, on the data volume."""
+    check_journal_to_read(journal)
     journal = journal.absolute()
     existing = _existing_ancestor(journal)
-    if existing == journal:
-        if not journal.is_file():
-            raise ConfigError("--journal", f"{journal} exists and is not a regular file")
-        folder = journal.parent
-        if not os.access(journal, os.R_OK | os.W_OK):
-            raise ConfigError("--journal", f"{journal} must be readable and writable")
-    else:
-        folder = existing
-        if not folder.is_dir():
-            raise ConfigError("--journal", f"{folder} is not a directory, so {journal} cannot be")
+    folder = journal.parent if existing == journal else existing
+    if existing == journal and not os.access(journal, os.R_OK | os.W_OK):
+        raise ConfigError("--journal", f"{journal} must be readable and writable")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError("--journal", f"{folder} must be writable to hold the journal")
     # `existing` is the journal itself when there is one: stat follows a symbolic link to
