@@ -221,3 +221,79 @@ def test_metric_keys_order_rows_by_name_whatever_the_dictionary_order() -> None:
     keys, metrics = metric_keys(names)
     assert metrics == ["b", "m", "z"]
     assert [metrics[key] for key in keys.to_pylist()] == ["m", "z", "b", "m", "z"]
+
+
+SPILL_DICTIONARIES = {
+    "shared": (10**9, 10**9),
+    "cut per batch": (0, 10**9),
+    "a stream per batch": (0, 0),
+}
+
+
+@pytest.mark.parametrize("dictionaries", SPILL_DICTIONARIES)
+def test_small_metrics_parked_together_come_back_by_metric_in_arrival_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dictionaries: str
+) -> None:
+    """Each buffer parks its small metrics in one batch; a shared row group takes one piece of
+    several metrics from each buffer and must still hold each metric whole, in the order its
+    rows came, whatever way the buffers' dictionaries were parked."""
+    compact_above, apart_above = SPILL_DICTIONARIES[dictionaries]
+    monkeypatch.setattr(clustering, "COMPACT_ABOVE", compact_above)
+    monkeypatch.setattr(clustering, "APART_ABOVE", apart_above)
+    recorder = Recorder()
+    into = MetricSorter(
+        recorder,
+        row_group_bytes=10**9,
+        buffer_bytes=batch(["x"] * 6).nbytes,  # two batches a buffer
+        spill_folder=tmp_path,
+        shared_row_group_bytes=10**8,
+    )
+    names = ["b", "a", "c", "a", "c", "b", "c", "a", "b", "d", "a", "c"]
+    for start in range(0, len(names), 3):
+        into.add(batch(names[start : start + 3], start=start))
+    into.finish()
+    assert recorder.groups == [
+        [(name, seq) for name in "abcd" for seq, named in enumerate(names) if named == name]
+    ]
+
+
+def test_small_metrics_fill_fewer_row_groups_when_they_are_many(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parquet writer holds each row group's metadata until the file closes: shared row
+    groups grow to a MAX_SHARED-th of all small metrics together, never past a row group."""
+    recorder = Recorder()
+    names = [f"m{index:02d}" for index in range(12)]
+    row = batch(names[:1]).nbytes
+
+    def sort(max_shared: int) -> list[list[str]]:
+        monkeypatch.setattr(clustering, "MAX_SHARED", max_shared)
+        recorder.groups.clear()
+        into = MetricSorter(
+            recorder,
+            row_group_bytes=8 * row,
+            buffer_bytes=1,
+            spill_folder=tmp_path,
+            shared_row_group_bytes=2 * row,
+        )
+        for seq, name in enumerate(names):
+            into.add(batch([name], start=seq))
+        into.finish()
+        return [[name for name, _ in group] for group in recorder.groups]
+
+    assert sort(max_shared=10**6) == [names[index : index + 2] for index in range(0, 12, 2)]
+    assert sort(max_shared=2) == [names[:6], names[6:]]
+    assert sort(max_shared=1) == [names[:8], names[8:]]  # a row group at most
+
+
+def test_a_spill_not_read_to_the_end_is_a_defect_not_a_short_output(tmp_path: Path) -> None:
+    spill = clustering.Spill(tmp_path)
+    try:
+        rows = batch(["a", "b"])
+        spill.park(rows.schema, [(rows, [("a", 1), ("b", 1)])], 8.0, cut=False, apart=False)
+        assert [name for name, _size in spill.metrics()] == ["a", "b"]
+        assert [piece.num_rows for piece, _size in spill.rows(["a"])] == [1]
+        with pytest.raises(RuntimeError, match="not read back to the end"):
+            spill.check_read_through()
+    finally:
+        spill.close()

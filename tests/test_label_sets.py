@@ -145,15 +145,15 @@ def test_rows_parked_folded_come_back_by_metric_with_their_labels(tmp_path: Path
 
 
 @pytest.mark.parametrize("buffer_bytes", [1, 10**9], ids=["parked", "in memory"])
-@pytest.mark.parametrize("apart_above", [0, 10**9], ids=["one run a part", "shared parts"])
+@pytest.mark.parametrize("compact_above", [0, 10**9], ids=["cut per batch", "shared"])
 def test_folding_stops_at_the_cap_and_every_row_comes_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, buffer_bytes: int, apart_above: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, buffer_bytes: int, compact_above: int
 ) -> None:
     """Past MAX_SETS label sets an output folds no more (they are held until it is written):
     runs folded before and runs parked as they are meet in one row group, each unfolded and
     cut to its own dictionary values on its own."""
     monkeypatch.setattr(label_sets, "MAX_SETS", 40)
-    monkeypatch.setattr(clustering, "APART_ABOVE", apart_above)
+    monkeypatch.setattr(clustering, "COMPACT_ABOVE", compact_above)  # parked dictionaries
     batches = [random_batch(seed, rows=300, labels=LABELS, values_per_label=4) for seed in range(4)]
     sets = label_sets.for_schema(batches[0].schema)
     assert sets is not None

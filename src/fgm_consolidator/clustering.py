@@ -19,9 +19,12 @@ import contextlib
 import io
 import os
 import tempfile
+from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,6 +32,8 @@ import pyarrow.compute as pc
 from . import durable, label_sets
 from .label_sets import LabelSets
 from .schemas import METRIC_NAME
+
+T = TypeVar("T")
 
 
 class FirstRows:
@@ -99,6 +104,40 @@ def without_rows(batch: pa.RecordBatch, rows: list[int]) -> list[pa.RecordBatch]
 
 
 Run = tuple[str, pa.RecordBatch, int]  # a metric's rows from one buffer, and their size
+# Rows sorted by metric, and each metric in them with its rows, in order.
+Group = tuple[pa.RecordBatch, list[tuple[str, int]]]
+
+# Metrics smaller than this are parked together with their neighbours, in batches of about
+# this size; a larger one is a batch of its own.
+GROUP_BYTES = 64 * 1024
+# Small metrics fill shared row groups of at least a fraction this of all of them together:
+# the parquet writer holds every row group's metadata until the file closes, about 28 KB
+# each, and 5,000 metrics in an output of 40 sources made 2,500 row groups (70 MB).
+MAX_SHARED = 256
+
+
+@dataclass
+class _Part:
+    """One parked buffer, and how far it has been read back.
+
+    Only its batches are counted here, by the metrics they start and end with: what a batch
+    holds is read from the batch itself when it is loaded. Bookkeeping per metric per part
+    took 40 MB for 5,000 metrics in 193 parts.
+    """
+
+    row_bytes: float  # a row's size as written, as its buffer counted it
+    apart: bool  # each batch is an IPC stream of its own, with its own dictionaries
+    # Where each of its IPC streams begins in the spill, and where the last ends.
+    bounds: array[int] = field(default_factory=lambda: array("q"))
+    starts: array[int] = field(default_factory=lambda: array("q"))  # each batch's first metric
+    ends: array[int] = field(default_factory=lambda: array("q"))  # and its last
+    loaded: int = 0  # batches loaded so far
+    reader: pa.ipc.RecordBatchStreamReader | None = None  # open while its stream has batches
+    batch: pa.RecordBatch | None = None  # the loaded batch, while some of it is still to read
+    runs: list[tuple[str, int, int]] = field(default_factory=list)  # its metrics still to read
+
+    def read_through(self) -> bool:
+        return self.batch is None and self.loaded == len(self.starts)
 
 
 class Spill:
@@ -106,10 +145,20 @@ class Spill:
 
     An anonymous file (O_TMPFILE where the system has it) in the output's folder: it has no
     name, so a crash cannot leave it behind, and it sits on the volume whose space the output
-    needs anyway. Each parked buffer is one LZ4-compressed Arrow IPC file holding one batch per
-    metric (its runs share one set of dictionaries); reading a metric back reads and decodes
-    only that metric's batches. One IPC stream per run instead cost a schema and every
-    dictionary per run: with 50 metrics that tripled the CPU of a merge.
+    needs anyway. Each parked buffer (a *part*) is LZ4-compressed Arrow IPC of its rows
+    sorted by metric: a metric of at least `GROUP_BYTES` is a batch alone, so reading it back
+    decodes none of the others, and smaller ones share batches of about that size. Reading
+    back goes a few metrics at a time through every part at once (a k-way merge), each part
+    read front to back once, and holds at most one batch per part.
+
+    A part is one IPC stream whose batches share their buffer's dictionaries, unless those
+    are long (a metric or label with thousands of values): then each batch goes with the
+    values its rows use, which a stream may change between batches (193 parts holding 5,000
+    metric names each took 28 MB), and where they are large (`APART_ABOVE`), in a stream of
+    its own. One stream per run cost a schema and every dictionary per run: with 50 metrics
+    that tripled the CPU of a merge. One batch per run cost a batch's bookkeeping per run:
+    5,000 metrics of 400 rows in ten sources spilled 217 MB for 9.5 MB of sources, and took
+    55 s and 155 MiB.
     """
 
     OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4", use_threads=False)
@@ -120,64 +169,135 @@ class Spill:
 
     def __init__(self, folder: Path) -> None:
         self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - closed by close()
-        self._parts: list[tuple[int, int]] = []  # (offset, length) of each parked buffer
+        self._parts: list[_Part] = []
         self._size = 0
-        self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
-        self._single: set[int] = set()  # parts of one run each (`park_apart`)
-        # metric -> (part, batch, size as written) of each of its runs, in order
-        self.runs: dict[str, list[tuple[int, int, int]]] = {}
+        self._numbers: dict[str, int] = {}  # each metric's number in `_Part.starts`
+        self._names: list[str] = []  # and the metric of each number
+        self._sizes: list[int] = []  # each metric's parked size as written, by number
 
-    def park(self, schema: pa.Schema, runs: Iterable[Run]) -> None:
-        """One buffer's runs, of `schema`, sorted by metric and sharing their dictionaries."""
-        self._write_part(schema, runs)
-
-    def park_apart(self, schema: pa.Schema, runs: Iterable[Run]) -> None:
-        """One buffer's runs, each in a part of its own with its own dictionaries, read once
-        and not kept open. For a buffer whose dictionaries are large (a label that differs in
-        every row): in a shared part, each run read back held them all, and every part's
-        stayed in memory until the output was written."""
-        for run in runs:
-            self._single.add(self._write_part(schema, [run]))
-
-    def _write_part(self, schema: pa.Schema, runs: Iterable[Run]) -> int:
-        part = len(self._parts)
+    def park(
+        self,
+        schema: pa.Schema,
+        groups: Iterable[Group],
+        row_bytes: float,
+        *,
+        cut: bool,
+        apart: bool,
+    ) -> None:
+        """One buffer's rows, of `schema`, sorted by metric, each row `row_bytes` as written.
+        With `cut`, each batch is parked with the dictionary values its rows use, and with
+        `apart`, in a stream of its own."""
+        part = _Part(row_bytes, apart=apart)
         appender = durable.Sink(self._file)  # counts what this part adds
         sink = pa.BufferedOutputStream(pa.PythonFile(appender, mode="w"), self.WRITE_BUFFER)
+        part.bounds.append(self._size)
+        writer = None
         try:
-            with pa.ipc.new_file(sink, schema, options=self.OPTIONS) as writer:
-                for index, (name, run, size) in enumerate(runs):
-                    writer.write_batch(run)
-                    self.runs.setdefault(name, []).append((part, index, size))
+            for batch, metrics in groups:
+                if writer is None:
+                    writer = pa.ipc.new_stream(sink, schema, options=self.OPTIONS)
+                rows = batch.num_rows
+                writer.write_batch(
+                    _compacted_batch(batch, min(rows, COMPACT_ABOVE)) if cut else batch
+                )
+                if apart:
+                    writer.close()
+                    writer = None
+                    part.bounds.append(self._size + sink.tell())
+                self._count(part, metrics)
+            if writer is not None:
+                writer.close()
+                part.bounds.append(self._size + sink.tell())
         except BaseException:
             with contextlib.suppress(Exception):  # the error that matters is already raised
                 sink.close()
             raise
         sink.close()  # writes what is buffered; a full disk raises here
-        self._parts.append((self._size, appender.size))
+        self._parts.append(part)
         self._size += appender.size
-        return part
 
-    def size(self, name: str) -> int:
-        """The parked rows of one metric, as written."""
-        return sum(size for _part, _index, size in self.runs.get(name, []))
+    def _count(self, part: _Part, metrics: list[tuple[str, int]]) -> None:
+        """Note a part's batch by the metrics it starts and ends with, and add them up."""
+        for name, rows in metrics:
+            number = self._numbers.setdefault(name, len(self._numbers))
+            if number == len(self._sizes):
+                self._sizes.append(0)
+                self._names.append(name)
+            self._sizes[number] += round(rows * part.row_bytes)
+        part.starts.append(self._numbers[metrics[0][0]])
+        part.ends.append(self._numbers[metrics[-1][0]])
 
-    def read(self, name: str) -> Iterator[tuple[pa.RecordBatch, int]]:
-        """The parked rows of one metric, run after run, in the order they were parked, each
-        with its size as written."""
+    def metrics(self) -> Iterator[tuple[str, int]]:
+        """Each metric parked, in order, with its size as written. Ordered as each buffer
+        ordered its metrics (`metric_keys`), so every part is read through once, front to
+        back."""
         self._file.flush()
-        for part, index, size in self.runs.get(name, []):
-            reader = self._readers.get(part) or self._open(part)
-            if part not in self._single:
-                self._readers[part] = reader
-            yield reader.get_batch(index), size
+        names = pa.array(list(self._numbers), pa.utf8())
+        for name in names.take(pc.sort_indices(names)).to_pylist():
+            yield name, self._sizes[self._numbers[name]]
 
-    def _open(self, part: int) -> pa.ipc.RecordBatchFileReader:
-        offset, length = self._parts[part]
-        window = _Window(self._file.fileno(), offset, length)
-        return pa.ipc.open_file(pa.PythonFile(window, mode="r"), options=self.READ_OPTIONS)
+    def small_bytes(self, below: int) -> int:
+        """The size of the metrics smaller than `below`, all together."""
+        return sum(size for size in self._sizes if size < below)
+
+    def rows(self, names: list[str]) -> Iterator[tuple[pa.RecordBatch, int]]:
+        """The rows of the next metrics in order (`metrics`), part after part in the order
+        they were parked; each piece holds one part's rows of them, sorted by metric, and
+        comes with its size."""
+        wanted, numbers = set(names), {self._numbers[name] for name in names}
+        for part in self._parts:  # a part holds the metrics together, in their turn
+            while (piece := self._next_rows(part, wanted, numbers)) is not None:
+                yield piece
+
+    def check_read_through(self) -> None:
+        unread = sum(not part.read_through() for part in self._parts)
+        if unread:  # a defect of ours; the output would lack rows, so it must not be kept
+            raise RuntimeError(f"{unread} parked buffers were not read back to the end")
+
+    def _next_rows(
+        self, part: _Part, names: set[str], numbers: set[int]
+    ) -> tuple[pa.RecordBatch, int] | None:
+        """The part's rows of `names` that come next in its current batch, with their size;
+        None once it has none left there, nor in its next batch."""
+        batch = part.batch
+        if batch is None:
+            if part.loaded == len(part.starts) or part.starts[part.loaded] not in numbers:
+                return None
+            batch = self._load_next(part)
+        runs = part.runs
+        count = 0
+        while count < len(runs) and runs[count][0] in names:
+            count += 1
+        if count == 0:
+            return None
+        first, rows = runs[0][1], sum(run_rows for _name, _first, run_rows in runs[:count])
+        del runs[:count]
+        if not runs:
+            part.batch = None
+        return batch.slice(first, rows), round(rows * part.row_bytes)
+
+    def _load_next(self, part: _Part) -> pa.RecordBatch:
+        """The part's next batch, held with the metrics in it. A stream is closed after its
+        last batch: a reader holds the dictionaries it read last."""
+        if part.reader is None:
+            stream = part.loaded if part.apart else 0
+            start, end = part.bounds[stream], part.bounds[stream + 1]
+            source = pa.PythonFile(_Window(self._file.fileno(), start, end - start), mode="r")
+            part.reader = pa.ipc.open_stream(source, options=self.READ_OPTIONS)
+        part.batch = batch = part.reader.read_next_batch()
+        first, last = part.starts[part.loaded], part.ends[part.loaded]
+        if first == last:  # one metric, as most batches are
+            part.runs = [(self._names[first], 0, batch.num_rows)]
+        else:
+            part.runs = _metric_runs(batch)
+        part.loaded += 1
+        if part.apart or part.loaded == len(part.starts):
+            part.reader = None
+        return batch
 
     def close(self) -> None:
-        self._readers.clear()
+        for part in self._parts:
+            part.reader, part.batch = None, None
         self._file.close()
 
 
@@ -185,6 +305,22 @@ def _dictionary_bytes(batch: pa.RecordBatch) -> int:
     return sum(
         column.dictionary.nbytes for column in batch.columns if pa.types.is_dictionary(column.type)
     )
+
+
+def _metric_runs(batch: pa.RecordBatch) -> list[tuple[str, int, int]]:
+    """Each metric of rows sorted by metric, with its first row and its rows."""
+    codes = _encoded(batch.column(METRIC_NAME))
+    indices = codes.indices
+    changed = pc.not_equal(indices.slice(1), indices.slice(0, len(indices) - 1))
+    starts = [0, *pc.add(pc.indices_nonzero(changed), 1).to_pylist()]
+    names = codes.dictionary.take(indices.take(pa.array(starts, pa.int64()))).to_pylist()
+    runs: list[tuple[str, int, int]] = []
+    for name, start, end in zip(names, starts, [*starts[1:], len(indices)], strict=True):
+        if runs and runs[-1][0] == name:  # a dictionary listing a value twice
+            runs[-1] = (name, runs[-1][1], end - runs[-1][1])
+        else:
+            runs.append((name, start, end - start))
+    return runs
 
 
 class _Window(io.RawIOBase):
@@ -222,6 +358,49 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
+class SortedRows(Protocol):
+    """Rows sorted by metric, given back a few metrics at a time (`Spill`, `_SortedInMemory`)."""
+
+    def metrics(self) -> Iterator[tuple[str, int]]: ...
+
+    def rows(self, names: list[str]) -> Iterator[tuple[pa.RecordBatch, int]]: ...
+
+    def check_read_through(self) -> None: ...
+
+
+class _SortedInMemory:
+    """The runs of a buffer sorted in memory, given back as `Spill` gives parked ones.
+    Runs are taken from the sort as their metrics are asked about, and held until read."""
+
+    def __init__(self, runs: Iterator[Run]) -> None:
+        self._runs = runs
+        self._held: deque[Run] = deque()
+
+    def metrics(self) -> Iterator[tuple[str, int]]:
+        for run in self._runs:
+            self._held.append(run)
+            yield run[0], run[2]
+
+    def rows(self, names: list[str]) -> Iterator[tuple[pa.RecordBatch, int]]:
+        for name in names:
+            held_name, run, size = self._held.popleft()
+            if held_name != name:  # a defect of ours
+                raise RuntimeError(f"rows of {held_name!r} came when {name!r} was asked for")
+            yield run, size
+
+    def check_read_through(self) -> None:
+        if self._held:
+            raise RuntimeError(f"{len(self._held)} sorted runs were not written")
+
+
+def _by_metric(table: pa.Table) -> pa.Table:
+    """A row group's rows sorted by metric, each metric's rows in the order they came (pieces
+    of several parked buffers each hold several metrics), in one chunk: the parquet writer's
+    cost per chunk made a row group of 390 pieces take six times as long to write."""
+    keys, _metrics = metric_keys(table.column(METRIC_NAME).combine_chunks())
+    return table.take(pc.sort_indices(keys))
+
+
 # Batches held in the buffer before they are combined into one; a source gives a few.
 MAX_BATCHES = 256
 
@@ -233,9 +412,10 @@ class MetricSorter:
 
     Rows wait in arrival order until `buffer_bytes` of them have come, then are sorted (one
     stable sort by an integer key, copied out a few metrics at a time) and, when the output is
-    larger than one buffer, parked on disk as one run per metric (`Spill`). At the end each
-    metric's runs are read back in order and written out together: an external sort, so memory
-    is bounded by the buffer while a metric still gets few, large row groups. Nothing is
+    larger than one buffer, parked on disk (`Spill`). At the end every parked buffer is read
+    back at once, a few metrics at a time, and each metric's rows are written out together:
+    an external sort, so memory is bounded by the buffer and one parked batch per buffer,
+    while a metric still gets few, large row groups. Nothing is
     written before `finish`, so a caller can put a row group of its own first. Given `labels`,
     each sorted buffer travels with its text folded into one number per row (`label_sets`),
     unfolded as its row groups leave.
@@ -245,7 +425,9 @@ class MetricSorter:
     with statistics, page index and bloom filter), and an output of 3,000 small metrics took
     184 MiB and twelve times the CPU, its footer alone 26 MB for 20,000. A shared row group
     holds whole small metrics only, sorted, so statistics still prune it for any other
-    metric, and a reader of one of them decodes at most about twice `shared_row_group_bytes`.
+    metric, and a reader of one of them decodes at most about twice `shared_row_group_bytes`,
+    or a `MAX_SHARED`th of all small metrics together where that is more (thousands of
+    metrics in a large output).
     """
 
     def __init__(
@@ -285,14 +467,14 @@ class MetricSorter:
         """Write every row out; the spill, if any, is gone afterwards (even on an error)."""
         if self._spill is None:  # the whole output fitted in the buffer
             buffer = self._take_buffer()
-            runs = self._runs(buffer) if buffer is not None else iter(())
-            self._write_metrics((size, [(run, size)]) for _name, run, size in runs)
+            in_memory = _SortedInMemory(self._runs(buffer) if buffer is not None else iter(()))
+            self._write_metrics(in_memory, self._shared_bytes)
             return
         try:
             self._park_buffer()
             spill = self._spill
-            names = sorted(spill.runs)
-            self._write_metrics((spill.size(name), spill.read(name)) for name in names)
+            fill = max(self._shared_bytes, spill.small_bytes(self._shared_bytes) // MAX_SHARED)
+            self._write_metrics(spill, min(fill, self._row_group_bytes))
         finally:
             self.close()
 
@@ -307,14 +489,11 @@ class MetricSorter:
             return
         if self._spill is None:
             self._spill = Spill(self._spill_folder)
-        runs = self._runs(buffer)
-        if _dictionary_bytes(buffer) <= APART_ABOVE:
-            self._spill.park(buffer.schema, runs)
-        else:
-            compact = (
-                (name, _compacted_batch(run, run.num_rows), size) for name, run, size in runs
-            )
-            self._spill.park_apart(buffer.schema, compact)
+        row_bytes = self._written_size(buffer) / buffer.num_rows
+        groups = self._parked_groups(buffer, row_bytes)
+        apart = _dictionary_bytes(buffer) > APART_ABOVE
+        cut = apart or _dictionaries_longer(buffer, COMPACT_ABOVE)
+        self._spill.park(buffer.schema, groups, row_bytes, cut=cut, apart=apart)
 
     def _take_buffer(self) -> pa.RecordBatch | None:
         """The buffer as one batch, folded while the output may fold; None if empty."""
@@ -335,46 +514,85 @@ class MetricSorter:
     def _runs(self, buffer: pa.RecordBatch) -> Iterator[Run]:
         """The buffer's rows sorted by metric, as one run per metric, with its size."""
         row_bytes = self._written_size(buffer) / buffer.num_rows
+        for ordered, metrics in self._sorted(buffer):
+            start = 0
+            for name, rows in metrics:
+                yield name, ordered.slice(start, rows), round(rows * row_bytes)
+                start += rows
+
+    def _parked_groups(self, buffer: pa.RecordBatch, row_bytes: float) -> Iterator[Group]:
+        """The buffer's rows sorted by metric, in batches of whole metrics as `Spill` parks
+        them: a metric of `GROUP_BYTES` or more alone, smaller ones with their neighbours."""
+        for ordered, metrics in self._sorted(buffer):
+            start = 0
+            for group in _gathered(metrics, lambda metric: metric[1] * row_bytes, GROUP_BYTES):
+                rows = sum(count for _name, count in group)
+                yield ordered.slice(start, rows), group
+                start += rows
+
+    def _sorted(self, buffer: pa.RecordBatch) -> Iterator[Group]:
+        """The buffer's rows sorted by metric, a few metrics at a time, about a quarter of the
+        buffer per `take`: one `take` per metric cost five times the CPU of one for the whole
+        buffer, which in turn held a second copy of the buffer while it was parked."""
         keys, metrics = metric_keys(buffer.column(METRIC_NAME))
         order = pc.sort_indices(keys)  # stable: rows of a metric keep their arrival order
-        # Runs are copied out a few metrics at a time, about a quarter of the buffer per `take`:
-        # one `take` per metric cost five times the CPU of one for the whole buffer, which in
-        # turn held a second copy of the buffer while it was parked.
         offset = 0
-        for group in _groups(_counts(keys), max(1, buffer.num_rows // 4)):
+        for group in _gathered(_counts(keys), lambda run: run[1], max(1, buffer.num_rows // 4)):
             rows = sum(count for _key, count in group)
             # The permutation is the sort's own, so no index needs checking (17 columns each
             # checked every index: 1% of a merge).
             ordered = pc.take(buffer, order.slice(offset, rows), boundscheck=False)
-            start = 0
-            for key, count in group:
-                yield metrics[key], ordered.slice(start, count), round(count * row_bytes)
-                start += count
+            yield ordered, [(metrics[key], count) for key, count in group]
             offset += rows
 
-    def _write_metrics(
-        self, metrics: Iterable[tuple[int, Iterable[tuple[pa.RecordBatch, int]]]]
-    ) -> None:
-        """Each metric's rows (with their size), in order, as row groups of about
-        `row_group_bytes` at most. A metric starts a row group of its own unless it is small
-        and fits in the pending one, which holds only small metrics then."""
+    def _write_metrics(self, rows: SortedRows, fill: int) -> None:
+        """Every metric's rows, in order, as row groups of about `row_group_bytes` at most.
+        A small metric shares a row group with its neighbours until it holds `fill`."""
+        for names, shared in self._row_groups(rows.metrics(), fill):
+            pieces = rows.rows(names)
+            if shared:
+                group = [self._as_written(piece) for piece, _size in pieces]
+                self._write_table(_by_metric(_one_dictionary(group)))
+            else:
+                self._write_large(pieces)
+        rows.check_read_through()
+
+    def _row_groups(
+        self, metrics: Iterable[tuple[str, int]], fill: int
+    ) -> Iterator[tuple[list[str], bool]]:
+        """The metrics of each row group, and whether they are small ones sharing it. A
+        metric starts a row group of its own unless it is small and fits in the open one."""
+        group: list[str] = []
+        size = 0
+        for name, metric_size in metrics:
+            if metric_size >= self._shared_bytes:
+                if group:
+                    yield group, True
+                    group, size = [], 0
+                yield [name], False
+                continue
+            if group and size + metric_size > self._row_group_bytes:
+                yield group, True
+                group, size = [], 0
+            group.append(name)
+            size += metric_size
+            if size >= fill:
+                yield group, True
+                group, size = [], 0
+        if group:
+            yield group, True
+
+    def _write_large(self, pieces: Iterable[tuple[pa.RecordBatch, int]]) -> None:
+        """One metric's rows, cut into row groups of `row_group_bytes` at most."""
         pending: list[pa.RecordBatch] = []
         size = 0
-        for metric_size, batches in metrics:
-            shared = metric_size < self._shared_bytes
-            if pending and (not shared or size + metric_size > self._row_group_bytes):
+        for piece, piece_size in pieces:
+            batch = self._as_written(piece)
+            if pending and size + piece_size > self._row_group_bytes:
                 self._write_table(_one_dictionary(pending))
                 pending, size = [], 0
-            for run, batch_size in batches:
-                batch = self._as_written(run)
-                if pending and size + batch_size > self._row_group_bytes:
-                    self._write_table(_one_dictionary(pending))
-                    pending, size = [], 0
-                pending.append(batch)
-                size += batch_size
-            if pending and (not shared or size >= self._shared_bytes):
-                self._write_table(_one_dictionary(pending))
-                pending, size = [], 0
+            pending.append(batch)
+            size += piece_size
         if pending:
             self._write_table(_one_dictionary(pending))
 
@@ -421,13 +639,25 @@ def _rows_bytes(column: pa.Array) -> int:
 
 # A row group's dictionary longer than this is cut down to the values its rows use.
 COMPACT_ABOVE = 1024
-# A buffer whose dictionaries hold more than this is parked one run a part (`park_apart`).
+# A buffer whose dictionaries hold more than this parks each batch in an IPC stream of its own
+# (`Spill.park`): a stream's reader holds the dictionaries it read last, and 150 parts of
+# 1 KB labels, each holding one batch's, took 39 MiB more.
 APART_ABOVE = 256 * 1024
 
 
 def _compacted_batch(batch: pa.RecordBatch, longer_than: int) -> pa.RecordBatch:
+    if not _dictionaries_longer(batch, longer_than):
+        return batch
     table = _compacted(pa.Table.from_batches([batch]), longer_than)
     return table.combine_chunks().to_batches()[0]
+
+
+def _dictionaries_longer(batch: pa.RecordBatch, longer_than: int) -> bool:
+    return any(_dictionary_longer(column, longer_than) for column in batch.columns)
+
+
+def _dictionary_longer(array: pa.Array, longer_than: int) -> bool:
+    return pa.types.is_dictionary(array.type) and len(array.dictionary) > longer_than
 
 
 def _compacted(table: pa.Table, longer_than: int = COMPACT_ABOVE) -> pa.Table:
@@ -440,11 +670,9 @@ def _compacted(table: pa.Table, longer_than: int = COMPACT_ABOVE) -> pa.Table:
     161 MiB. The monitor's dictionaries (metrics, containers) are far shorter, and cost
     nothing here."""
     for position, column in enumerate(table.columns):
-        if not pa.types.is_dictionary(column.type) or column.num_chunks != 1:
+        if column.num_chunks != 1 or not _dictionary_longer(column.chunk(0), longer_than):
             continue
         chunk = column.chunk(0)
-        if len(chunk.dictionary) <= longer_than:
-            continue
         used = pc.unique(chunk.indices).drop_null()
         indices = pc.index_in(chunk.indices, value_set=used).cast(chunk.type.index_type)
         compact = pa.DictionaryArray.from_arrays(indices, chunk.dictionary.take(used))
@@ -475,16 +703,16 @@ def _one_chunk(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def _groups(runs: list[tuple[int, int]], rows: int) -> Iterator[list[tuple[int, int]]]:
-    """Consecutive runs gathered until a group holds at least `rows` rows."""
-    group: list[tuple[int, int]] = []
-    size = 0
-    for run in runs:
-        group.append(run)
-        size += run[1]
-        if size >= rows:
+def _gathered(items: list[T], size: Callable[[T], float], at_least: float) -> Iterator[list[T]]:
+    """Consecutive items gathered until a gathering's `size` adds up to at least `at_least`."""
+    group: list[T] = []
+    total = 0.0
+    for item in items:
+        group.append(item)
+        total += size(item)
+        if total >= at_least:
             yield group
-            group, size = [], 0
+            group, total = [], 0
     if group:
         yield group
 
