@@ -132,3 +132,32 @@ def test_digest_now_reads_past_the_cache(tmp_path: Path, parses: list[object]) -
     assert footers.digest_now(path) is None
     with pytest.raises(FileNotFoundError):  # says nothing of what a file holds: raised
         footers.digest_now(tmp_path / "gone.parquet")
+
+
+def _distinct_text(rows: int, width: int) -> list[str]:
+    return [f"{row:0{width}d}" for row in range(rows)]
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "plain"),
+    [
+        # distinct labels of 56 bytes: the dictionary page fills and the rest is stored plain
+        ("l_pod_name", _distinct_text(40_000, 56), True),
+        # the monitor writes metric names plain; they are few, and read as a dictionary
+        ("metric_name", [f"{'m' * 70}.{row % 50}" for row in range(40_000)], False),
+        # a label the monitor dictionary-encodes, a few values over many rows
+        ("l_container_id", [f"{row % 45:064d}" for row in range(40_000)], False),
+        # a row group of a row per metric: its dictionary page alone passes the line
+        ("l_container_id", [f"{row % 45:064d}" for row in range(50)], False),
+    ],
+    ids=["distinct-56-byte-label", "long-metric-names", "few-container-ids", "one-row-a-metric"],
+)
+def test_text_stored_mostly_plain_is_found_by_its_stored_bytes(
+    tmp_path: Path, column: str, values: list[str], plain: bool
+) -> None:
+    """Found columns are read plain and encoded batch by batch (`writer.py`); read as a
+    dictionary, distinct labels of 56 bytes took 162 MiB for three 200,000-row sources."""
+    path = tmp_path / "metrics-20250101T000000Z.parquet"
+    table = pa.table({column: pa.array(values, pa.utf8())})
+    pq.write_table(table, path, use_dictionary=column != "metric_name")
+    assert footers.read(path).plain_text == ({column} if plain else set())

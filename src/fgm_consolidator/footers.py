@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from . import durable
 from .durable import FileIdentity
-from .schemas import ARROW_SCHEMA, LINEAGE_KEY
+from .schemas import ARROW_SCHEMA, LINEAGE_KEY, METRIC_NAME
 
 CAPACITY = 8192  # about a month of hourly outputs for ten identifiers
 # Enough to tell apart the files one name stood for; nobody forges them for us.
@@ -154,12 +154,16 @@ def read(path: Path) -> Footer:
 
 
 # Stored bytes per value above which a text column is taken for one stored plain: indices of
-# a dictionary-encoded column take a byte or two per value, and its dictionary page (at most
-# about 1 MB) adds at most tens of bytes per value over a row group of tens of thousands of
-# rows. A column taken for plain when it is not is read right all the same, only encoded by
-# us, batch by batch, which costs CPU: a metric name stored plain, 20 bytes a value in the
-# simulator's files and perhaps twice that in a monitor's, stays below the line.
-PLAIN_BYTES_PER_VALUE = 64
+# a dictionary-encoded column take a byte or two per value, and its dictionary page adds a
+# few more over a row group of the monitor's. A column taken for plain when it is not is read
+# right all the same, only encoded by us, batch by batch, which costs CPU. At 64, distinct
+# labels of 33-64 bytes were read dictionary-encoded: 56-byte ones in three 200,000-row
+# sources took 162 MiB (106 MiB at 32).
+PLAIN_BYTES_PER_VALUE = 32
+# Row groups of fewer values say nothing: a dictionary page alone can pass the line there
+# (row group 0 of an output of ours holds one row per metric, with 64-character container
+# ids), and their rows are too few to cost memory either way.
+PLAIN_MIN_VALUES = 1024
 # Row groups looked at: a monitor's file has one or a few; an output of ours, one per metric,
 # is a source only in rare merges, and reading every row group's metadata of each output
 # footer read would cost a pass with nothing to do seconds.
@@ -176,10 +180,12 @@ def _mostly_plain(metadata: pq.FileMetaData) -> frozenset[str]:
         group = metadata.row_group(index)
         for i in range(group.num_columns):
             chunk = group.column(i)
-            if chunk.physical_type != "BYTE_ARRAY" or chunk.num_values == 0:
+            if chunk.physical_type != "BYTE_ARRAY" or chunk.num_values < PLAIN_MIN_VALUES:
                 continue
             if "." in chunk.path_in_schema:
                 continue  # a nested leaf (the map era's labels): its dictionaries are its own
+            if chunk.path_in_schema == METRIC_NAME:
+                continue  # the monitor stores it plain (FORMATS.md), and its values are few
             if chunk.total_uncompressed_size > PLAIN_BYTES_PER_VALUE * chunk.num_values:
                 found.add(chunk.path_in_schema)
     return frozenset(found)
