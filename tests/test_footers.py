@@ -161,3 +161,33 @@ def test_text_stored_mostly_plain_is_found_by_its_stored_bytes(
     table = pa.table({column: pa.array(values, pa.utf8())})
     pq.write_table(table, path, use_dictionary=column != "metric_name")
     assert footers.read(path).plain_text == ({column} if plain else set())
+
+
+def test_a_footer_can_say_another_stored_schema_and_the_file_reads_by_it(
+    tmp_path: Path,
+) -> None:
+    """How `writer.read_plain` reads a map's dictionary-encoded text plain: every row group's
+    offsets still point into the file."""
+    path = tmp_path / "metrics-20250101T000000Z.parquet"
+    text = pa.dictionary(pa.int32(), pa.utf8())
+    table = pa.table({"m": pa.array(["a", "b", "a"], text), "v": pa.array([1, 2, 3], pa.int64())})
+    pq.write_table(table, path, row_group_size=2)
+
+    def plain(schema: pa.Schema) -> pa.Schema:
+        return pa.schema([schema.field("m").with_type(pa.utf8()), schema.field("v")])
+
+    with open(path, "rb") as handle:
+        rewritten = footers.with_stored_schema(handle, plain)
+        assert footers.with_stored_schema(handle, lambda schema: schema) is None
+    assert rewritten is not None
+    read = pq.ParquetFile(path, metadata=rewritten).read()
+    assert read.schema.field("m").type == pa.utf8()
+    assert read.column("m").to_pylist() == ["a", "b", "a"]
+    assert read.column("v").to_pylist() == [1, 2, 3]
+
+
+def test_a_footer_without_a_stored_schema_is_not_rewritten(tmp_path: Path) -> None:
+    path = tmp_path / "metrics-20250101T000000Z.parquet"
+    pq.write_table(pa.table({"m": ["a"]}), path, store_schema=False)
+    with open(path, "rb") as handle:
+        assert footers.with_stored_schema(handle, lambda schema: schema.remove_metadata()) is None

@@ -302,9 +302,18 @@ class Spill:
 
 
 def _dictionary_bytes(batch: pa.RecordBatch) -> int:
-    return sum(
-        column.dictionary.nbytes for column in batch.columns if pa.types.is_dictionary(column.type)
-    )
+    return sum(held.dictionary.nbytes for column in batch.columns for held in _dictionaries(column))
+
+
+def _dictionaries(column: pa.Array) -> list[pa.DictionaryArray]:
+    """The dictionary arrays `column` is or holds: itself, or a map's key and item (the map
+    era's labels), whole, whatever slice of them `column` is."""
+    if pa.types.is_dictionary(column.type):
+        return [column]
+    if pa.types.is_map(column.type):
+        children = (column.keys, column.items)
+        return [child for child in children if pa.types.is_dictionary(child.type)]
+    return []
 
 
 def _metric_runs(batch: pa.RecordBatch) -> list[tuple[str, int, int]]:
@@ -629,6 +638,10 @@ def _rows_bytes(column: pa.Array) -> int:
     than the column holds others too (pyarrow reads a column chunk's dictionary as it grows,
     so each batch of 4 KB labels carried every value read before it), and only then are the
     used ones found."""
+    if pa.types.is_map(column.type):
+        entries = _map_entries(column)
+        if any(_dictionary_longer(child, len(child)) for child in entries):
+            return 4 * (len(column) + 1) + sum(_rows_bytes(child) for child in entries)
     if not pa.types.is_dictionary(column.type):
         return int(column.nbytes)
     dictionary = column.dictionary
@@ -657,7 +670,7 @@ def _dictionaries_longer(batch: pa.RecordBatch, longer_than: int) -> bool:
 
 
 def _dictionary_longer(array: pa.Array, longer_than: int) -> bool:
-    return pa.types.is_dictionary(array.type) and len(array.dictionary) > longer_than
+    return any(len(held.dictionary) > longer_than for held in _dictionaries(array))
 
 
 def _compacted(table: pa.Table, longer_than: int = COMPACT_ABOVE) -> pa.Table:
@@ -673,11 +686,37 @@ def _compacted(table: pa.Table, longer_than: int = COMPACT_ABOVE) -> pa.Table:
         if column.num_chunks != 1 or not _dictionary_longer(column.chunk(0), longer_than):
             continue
         chunk = column.chunk(0)
-        used = pc.unique(chunk.indices).drop_null()
-        indices = pc.index_in(chunk.indices, value_set=used).cast(chunk.type.index_type)
-        compact = pa.DictionaryArray.from_arrays(indices, chunk.dictionary.take(used))
+        if pa.types.is_map(chunk.type):
+            compact = _compacted_map(chunk, longer_than)
+        else:
+            compact = _compacted_dictionary(chunk)
         table = table.set_column(position, table.field(position), pa.chunked_array([compact]))
     return table
+
+
+def _compacted_dictionary(chunk: pa.DictionaryArray) -> pa.DictionaryArray:
+    used = pc.unique(chunk.indices).drop_null()
+    indices = pc.index_in(chunk.indices, value_set=used).cast(chunk.type.index_type)
+    return pa.DictionaryArray.from_arrays(indices, chunk.dictionary.take(used))
+
+
+def _compacted_map(chunk: pa.MapArray, longer_than: int) -> pa.MapArray:
+    """A map (a slice of one, say) whose long key or item dictionary holds only the values
+    of its entries: a part's runs share their buffer's, which held every label of it."""
+    children = [
+        _compacted_dictionary(entries) if _dictionary_longer(entries, longer_than) else entries
+        for entries in _map_entries(chunk)
+    ]
+    mask = chunk.is_null() if chunk.null_count else None
+    offsets = pc.subtract(chunk.offsets, chunk.offsets[0])
+    return pa.MapArray.from_arrays(offsets, *children, type=chunk.type, mask=mask)
+
+
+def _map_entries(column: pa.MapArray) -> list[pa.Array]:
+    """The keys and items of the entries of `column`: a slice of a map still holds its whole
+    children."""
+    first, last = column.offsets[0].as_py(), column.offsets[-1].as_py()
+    return [child.slice(first, last - first) for child in (column.keys, column.items)]
 
 
 def _one_dictionary(batches: list[pa.RecordBatch]) -> pa.Table:

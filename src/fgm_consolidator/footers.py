@@ -21,8 +21,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -137,7 +139,7 @@ def read(path: Path) -> Footer:
         int96 = tuple(column.path for column in columns if column.physical_type == "INT96")
         kept = {k: v for k, v in (schema.metadata or {}).items() if k != LINEAGE_KEY}
         lineage = (metadata.metadata or {}).get(LINEAGE_KEY)
-        stored = _stored_schema((metadata.metadata or {}).get(ARROW_SCHEMA))
+        stored = stored_schema((metadata.metadata or {}).get(ARROW_SCHEMA))
         footer = Footer(
             FileIdentity.of(st),
             metadata.num_rows,
@@ -171,10 +173,12 @@ PLAIN_ROW_GROUPS = 8
 
 
 def _mostly_plain(metadata: pq.FileMetaData) -> frozenset[str]:
-    """Top-level columns that the writer stored mostly as plain values in one of the first row
+    """Text columns that the writer stored mostly as plain values in one of the first row
     groups: text that differs in (nearly) every row, once its dictionary page was full. Read
     dictionary-encoded, pyarrow grows one dictionary over the whole row group for them: a
-    label of 1 KB distinct in each of 200,000 rows took 700 MiB."""
+    label of 1 KB distinct in each of 200,000 rows took 700 MiB. Nested leaves are named by
+    their path (`labels.key_value.value`): each batch of the map era's labels came with the
+    dictionary of the whole row group (see `writer.read_plain`)."""
     found = set()
     for index in range(min(metadata.num_row_groups, PLAIN_ROW_GROUPS)):
         group = metadata.row_group(index)
@@ -182,8 +186,6 @@ def _mostly_plain(metadata: pq.FileMetaData) -> frozenset[str]:
             chunk = group.column(i)
             if chunk.physical_type != "BYTE_ARRAY" or chunk.num_values < PLAIN_MIN_VALUES:
                 continue
-            if "." in chunk.path_in_schema:
-                continue  # a nested leaf (the map era's labels): its dictionaries are its own
             if chunk.path_in_schema == METRIC_NAME:
                 continue  # the monitor stores it plain (FORMATS.md), and its values are few
             if chunk.total_uncompressed_size > PLAIN_BYTES_PER_VALUE * chunk.num_values:
@@ -191,7 +193,7 @@ def _mostly_plain(metadata: pq.FileMetaData) -> frozenset[str]:
     return frozenset(found)
 
 
-def _stored_schema(raw: bytes | None) -> pa.Schema | None:
+def stored_schema(raw: bytes | None) -> pa.Schema | None:
     """The Arrow schema a writer stored in the footer, or None without a readable one (pyarrow
     then goes by the parquet types alone)."""
     if raw is None:
@@ -215,3 +217,49 @@ def _retyped(stored: pa.Schema | None, read: pa.Schema) -> tuple[str, ...]:
         for i, field in enumerate(stored)
         if field.type != read.field(i).type
     )
+
+
+def with_stored_schema(
+    handle: BinaryIO, change: Callable[[pa.Schema], pa.Schema]
+) -> pq.FileMetaData | None:
+    """The footer of the open parquet file `handle` with its stored Arrow schema, which
+    pyarrow reads a column's Arrow type from, changed by `change`; None where that changes
+    nothing or cannot be done (no stored schema, or not where it is looked for).
+
+    Only the schema's bytes are replaced: in Thrift's compact protocol a string is its length
+    and its bytes, and nothing around it counts them, so every row group's offsets still
+    point into the file as they did. The old schema must occur once, after its length."""
+    handle.seek(-8, os.SEEK_END)
+    tail = handle.read(8)
+    length = int.from_bytes(tail[:4], "little")
+    handle.seek(-(8 + length), os.SEEK_END)
+    raw = handle.read(length)
+    handle.seek(0)
+    if len(raw) != length or tail[4:] != b"PAR1":
+        return None
+    old = (pq.read_metadata(io.BytesIO(b"PAR1" + raw + tail)).metadata or {}).get(ARROW_SCHEMA)
+    stored = stored_schema(old)
+    if old is None or stored is None or (changed := change(stored)).equals(stored):
+        return None
+    new = base64.b64encode(changed.serialize().to_pybytes())
+    at = raw.find(old)
+    before = _varint(len(old))
+    if at < len(before) or raw.count(old) != 1 or raw[at - len(before) : at] != before:
+        return None
+    raw = raw[: at - len(before)] + _varint(len(new)) + new + raw[at + len(old) :]
+    try:
+        return pq.read_metadata(
+            io.BytesIO(b"PAR1" + raw + len(raw).to_bytes(4, "little") + b"PAR1")
+        )
+    except pa.ArrowException:  # the file is read as it says, rather than taken for unreadable
+        return None
+
+
+def _varint(number: int) -> bytes:
+    """`number` as Thrift's compact protocol writes a length: 7 bits a byte, low first."""
+    out = bytearray()
+    while number > 0x7F:
+        out.append(number & 0x7F | 0x80)
+        number >>= 7
+    out.append(number)
+    return bytes(out)
