@@ -84,15 +84,31 @@ def next_pass() -> None:
 def footer_digest(handle: BinaryIO, size: int) -> str:
     """Tells two files under one name apart, and a copy of a file from another: the footer
     holds every column chunk's offsets and statistics. Read after pyarrow has checked it."""
-    handle.seek(-8, os.SEEK_END)
-    return _digest_of(handle, size, int.from_bytes(handle.read(4), "little"))
+    raw = _raw_footer(handle, size)
+    if raw is None:  # it did a moment ago: the file changed since
+        raise pa.ArrowInvalid(f"the footer of a {size}-byte file no longer reads")
+    return _digest_of(size, raw)
 
 
-def _digest_of(handle: BinaryIO, size: int, length: int) -> str:
-    handle.seek(-(8 + length), os.SEEK_END)
+def _digest_of(size: int, raw: bytes) -> str:
     digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=DIGEST_BYTES)
-    digest.update(handle.read(length))
+    digest.update(raw)
     return digest.hexdigest()
+
+
+def _raw_footer(handle: BinaryIO, size: int) -> bytes | None:
+    """The footer's bytes (Thrift, between the data and its length), or None where the file
+    of `size` bytes does not end as a parquet file does."""
+    if size < 12:  # "PAR1", a footer length and "PAR1"
+        return None
+    handle.seek(-8, os.SEEK_END)
+    tail = handle.read(8)
+    length = int.from_bytes(tail[:4], "little")
+    if tail[4:] != b"PAR1" or not 0 < length <= size - 12:
+        return None
+    handle.seek(-(8 + length), os.SEEK_END)
+    raw = handle.read(length)
+    return raw if len(raw) == length else None
 
 
 def digest_now(path: Path) -> str | None:
@@ -102,14 +118,8 @@ def digest_now(path: Path) -> str | None:
     the file does not read, which says nothing of what it holds (EIO, a link, gone since)."""
     with durable.open_regular(path) as handle:
         size = os.fstat(handle.fileno()).st_size
-        if size < 12:  # "PAR1", a footer length and "PAR1"
-            return None
-        handle.seek(-8, os.SEEK_END)
-        tail = handle.read(8)
-        length = int.from_bytes(tail[:4], "little")
-        if tail[4:] != b"PAR1" or not 0 < length <= size - 12:
-            return None
-        return _digest_of(handle, size, length)
+        raw = _raw_footer(handle, size)
+        return None if raw is None else _digest_of(size, raw)
 
 
 def digest_matches(path: Path, footer: str | None) -> bool | None:
@@ -229,15 +239,11 @@ def with_stored_schema(
     Only the schema's bytes are replaced: in Thrift's compact protocol a string is its length
     and its bytes, and nothing around it counts them, so every row group's offsets still
     point into the file as they did. The old schema must occur once, after its length."""
-    handle.seek(-8, os.SEEK_END)
-    tail = handle.read(8)
-    length = int.from_bytes(tail[:4], "little")
-    handle.seek(-(8 + length), os.SEEK_END)
-    raw = handle.read(length)
+    raw = _raw_footer(handle, os.fstat(handle.fileno()).st_size)
     handle.seek(0)
-    if len(raw) != length or tail[4:] != b"PAR1":
+    if raw is None:
         return None
-    old = (pq.read_metadata(io.BytesIO(b"PAR1" + raw + tail)).metadata or {}).get(ARROW_SCHEMA)
+    old = (_metadata_of(raw).metadata or {}).get(ARROW_SCHEMA)
     stored = stored_schema(old)
     if old is None or stored is None or (changed := change(stored)).equals(stored):
         return None
@@ -248,11 +254,14 @@ def with_stored_schema(
         return None
     raw = raw[: at - len(before)] + _varint(len(new)) + new + raw[at + len(old) :]
     try:
-        return pq.read_metadata(
-            io.BytesIO(b"PAR1" + raw + len(raw).to_bytes(4, "little") + b"PAR1")
-        )
+        return _metadata_of(raw)
     except pa.ArrowException:  # the file is read as it says, rather than taken for unreadable
         return None
+
+
+def _metadata_of(raw: bytes) -> pq.FileMetaData:
+    """A footer's bytes parsed, as pyarrow parses a file's."""
+    return pq.read_metadata(io.BytesIO(b"PAR1" + raw + len(raw).to_bytes(4, "little") + b"PAR1"))
 
 
 def _varint(number: int) -> bytes:
