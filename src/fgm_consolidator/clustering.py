@@ -499,7 +499,7 @@ class MetricSorter:
         if self._spill is None:
             self._spill = Spill(self._spill_folder)
         row_bytes = self._written_size(buffer) / buffer.num_rows
-        groups = self._parked_groups(buffer, row_bytes)
+        groups = self._sorted_batches(buffer, row_bytes)
         apart = _dictionary_bytes(buffer) > APART_ABOVE
         cut = apart or _dictionaries_longer(buffer, COMPACT_ABOVE)
         self._spill.park(buffer.schema, groups, row_bytes, cut=cut, apart=apart)
@@ -523,18 +523,18 @@ class MetricSorter:
     def _runs(self, buffer: pa.RecordBatch) -> Iterator[Run]:
         """The buffer's rows sorted by metric, as one run per metric, with its size."""
         row_bytes = self._written_size(buffer) / buffer.num_rows
-        for ordered, metrics in self._sorted(buffer):
-            start = 0
-            for name, rows in metrics:
-                yield name, ordered.slice(start, rows), round(rows * row_bytes)
-                start += rows
+        for run, ((name, rows),) in self._sorted_batches(buffer, row_bytes, at_least=0):
+            yield name, run, round(rows * row_bytes)
 
-    def _parked_groups(self, buffer: pa.RecordBatch, row_bytes: float) -> Iterator[Group]:
+    def _sorted_batches(
+        self, buffer: pa.RecordBatch, row_bytes: float, at_least: int = GROUP_BYTES
+    ) -> Iterator[Group]:
         """The buffer's rows sorted by metric, in batches of whole metrics as `Spill` parks
-        them: a metric of `GROUP_BYTES` or more alone, smaller ones with their neighbours."""
+        them: a metric of `at_least` bytes or more alone, smaller ones with their neighbours
+        (each alone when it is 0)."""
         for ordered, metrics in self._sorted(buffer):
             start = 0
-            for group in _gathered(metrics, lambda metric: metric[1] * row_bytes, GROUP_BYTES):
+            for group in _gathered(metrics, lambda metric: metric[1] * row_bytes, at_least):
                 rows = sum(count for _name, count in group)
                 yield ordered.slice(start, rows), group
                 start += rows
