@@ -327,6 +327,26 @@ def test_a_dictionary_of_other_indices_is_reported_in_one_pass_by_its_type(
     assert_refused_in_one_pass(data_dir, names, f"column {column} is {kind};")
 
 
+def test_a_map_of_other_dictionaries_is_reported_in_one_pass_by_its_type(data_dir: Path) -> None:
+    """The check saw top-level dictionaries only: a map of int8-indexed dictionaries failed
+    every merge of its partition ("The unified dictionary requires a larger index type"),
+    each pass, naming no file."""
+    text = pa.dictionary(pa.int8(), pa.utf8())
+    kind = pa.map_(pa.field("key", text, nullable=False), pa.field("value", text, nullable=False))
+    names = []
+    for rotation in range(3):
+        rows = [row(i, metric=f"m{i % 3}", a="a", b="b", c=f"c{i % 2}") for i in range(12)]
+        labels = pa.array([[("c", f"c{i % 2}")] for i in range(12)], pa.map_(pa.utf8(), pa.utf8()))
+        table = pa.Table.from_pylist(rows, LABELED).append_column("labels", labels.cast(kind))
+        path = source_path(data_dir, rotation)
+        pq.write_table(table, path, compression="zstd")
+        aged(path)
+        names.append(path.name)
+    stored = pq.read_schema(source_path(data_dir, 0)).field("labels").type
+    assert stored == kind
+    assert_refused_in_one_pass(data_dir, names, f"column labels is {stored};")
+
+
 def test_an_int32_dictionary_is_merged_with_its_type(data_dir: Path) -> None:
     kind = pa.dictionary(pa.int32(), pa.utf8())
     sources_with(data_dir, "l_c", kind, [])

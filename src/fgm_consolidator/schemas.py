@@ -84,7 +84,12 @@ def check_mergeable(schema: pa.Schema) -> None:
 
 
 def _is_other_dictionary(kind: pa.DataType) -> bool:
-    return pa.types.is_dictionary(kind) and (kind.index_type != pa.int32() or bool(kind.ordered))
+    """A dictionary not of int32 unordered indices, at any depth (a map's labels too: an int8
+    one failed every merge of its partition, the union of the sources' values too many)."""
+    if pa.types.is_dictionary(kind):
+        other = kind.index_type != pa.int32() or bool(kind.ordered)
+        return other or _is_other_dictionary(kind.value_type)
+    return any(_is_other_dictionary(kind.field(i).type) for i in range(kind.num_fields))
 
 
 def _holds_a_view(kind: pa.DataType) -> bool:
