@@ -144,13 +144,21 @@ def _distinct_text(rows: int, width: int) -> list[str]:
         # distinct labels of 56 bytes: the dictionary page fills and the rest is stored plain
         ("l_pod_name", _distinct_text(40_000, 56), True),
         # the monitor writes metric names plain; they are few, and read as a dictionary
-        ("metric_name", [f"{'m' * 70}.{row % 50}" for row in range(40_000)], False),
+        ("metric_name", [f"{'m' * 40}.{row % 50}" for row in range(40_000)], False),
+        # unless they are long and distinct: 1 KB names took 158 MiB read as a dictionary
+        ("metric_name", _distinct_text(4_000, 1024), True),
         # a label the monitor dictionary-encodes, a few values over many rows
         ("l_container_id", [f"{row % 45:064d}" for row in range(40_000)], False),
         # a row group of a row per metric: its dictionary page alone passes the line
         ("l_container_id", [f"{row % 45:064d}" for row in range(50)], False),
     ],
-    ids=["distinct-56-byte-label", "long-metric-names", "few-container-ids", "one-row-a-metric"],
+    ids=[
+        "distinct-56-byte-label",
+        "metric-names",
+        "distinct-1-KB-metric-names",
+        "few-container-ids",
+        "one-row-a-metric",
+    ],
 )
 def test_text_stored_mostly_plain_is_found_by_its_stored_bytes(
     tmp_path: Path, column: str, values: list[str], plain: bool

@@ -172,6 +172,10 @@ def read(path: Path) -> Footer:
 # labels of 33-64 bytes were read dictionary-encoded: 56-byte ones in three 200,000-row
 # sources took 162 MiB (106 MiB at 32).
 PLAIN_BYTES_PER_VALUE = 32
+# `metric_name` has a line of its own: the monitor stores it plain (FORMATS.md), 20-40 bytes a
+# value, and read plain the merge's hot path would encode it batch by batch; past this, long
+# distinct names read as a dictionary took 158 MiB (5,000 names of 1 KB).
+METRIC_NAME_PLAIN_BYTES_PER_VALUE = 64
 # Row groups of fewer values say nothing: a dictionary page alone can pass the line there
 # (row group 0 of an output of ours holds one row per metric, with 64-character container
 # ids), and their rows are too few to cost memory either way.
@@ -196,9 +200,10 @@ def _mostly_plain(metadata: pq.FileMetaData) -> frozenset[str]:
             chunk = group.column(i)
             if chunk.physical_type != "BYTE_ARRAY" or chunk.num_values < PLAIN_MIN_VALUES:
                 continue
+            line = PLAIN_BYTES_PER_VALUE
             if chunk.path_in_schema == METRIC_NAME:
-                continue  # the monitor stores it plain (FORMATS.md), and its values are few
-            if chunk.total_uncompressed_size > PLAIN_BYTES_PER_VALUE * chunk.num_values:
+                line = METRIC_NAME_PLAIN_BYTES_PER_VALUE
+            if chunk.total_uncompressed_size > line * chunk.num_values:
                 found.add(chunk.path_in_schema)
     return frozenset(found)
 
