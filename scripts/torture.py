@@ -273,6 +273,8 @@ def kill_loop(
         if in_a_merge and every and figures.kills_in_a_merge % every == 0:
             lose_journal(data_dir)
             figures.journals_lost += 1
+            if figures.journals_lost == args.stop_after_journals_lost:
+                return
         if args.check_every and figures.kills % args.check_every == 0:
             check_nothing_lost(data_dir, monitor, figures)
         if figures.kills % 100 == 0:
@@ -385,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="delete the journal after every Nth kill that leaves a merge unfinished",
+    )
+    parser.add_argument(
+        "--stop-after-journals-lost",
+        type=int,
+        default=0,
+        help="stop killing once this many journals are lost (--kills is then the most): kills"
+        " land in a merge at random, and a run meant to lose journals must lose one",
     )
     parser.add_argument(
         "--step-back-every",
