@@ -174,7 +174,7 @@ def test_text_stored_mostly_plain_is_found_by_its_stored_bytes(
 def test_a_footer_can_say_another_stored_schema_and_the_file_reads_by_it(
     tmp_path: Path,
 ) -> None:
-    """How `writer.read_plain` reads a map's dictionary-encoded text plain: every row group's
+    """How `reading.read_plain` reads a map's dictionary-encoded text plain: every row group's
     offsets still point into the file."""
     path = tmp_path / "metrics-20250101T000000Z.parquet"
     text = pa.dictionary(pa.int32(), pa.utf8())

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import data_files
 
-from fgm_consolidator import writer
+from fgm_consolidator import footers, writer
 from fgm_consolidator.clustering import MetricSorter
 from fgm_consolidator.durable import identity
 from fgm_consolidator.errors import (
@@ -295,7 +295,7 @@ MAP_OF_TEXT = pa.map_(
 @pytest.mark.parametrize("buffer", ["in-memory", "parked-on-disk"])
 def test_map_labels_read_plain_come_back_as_they_were(tmp_path: Path, buffer: str) -> None:
     """A map value long and distinct in every row is read plain and encoded batch by batch
-    (`writer.read_plain`); null maps, empty maps and short labels beside it come back as
+    (`reading.read_plain`); null maps, empty maps and short labels beside it come back as
     they were, with the map's dictionary types."""
     rows = 3_000
     labels: list[list[tuple[str, str]] | None] = [
@@ -314,7 +314,7 @@ def test_map_labels_read_plain_come_back_as_they_were(tmp_path: Path, buffer: st
         )
         pq.write_table(table, path)
         paths.append(path)
-    assert writer.footers.read(paths[0]).plain_text == {"labels.key_value.value"}
+    assert footers.read(paths[0]).plain_text == {"labels.key_value.value"}
     target = tmp_path / "out.parquet"
     tiny = WriteOptions(row_group_bytes=10_000, buffer_row_groups=1)
     write(paths, target, options=tiny if buffer == "parked-on-disk" else WriteOptions())

@@ -192,7 +192,7 @@ def _mostly_plain(metadata: pq.FileMetaData) -> frozenset[str]:
     dictionary-encoded, pyarrow grows one dictionary over the whole row group for them: a
     label of 1 KB distinct in each of 200,000 rows took 700 MiB. Nested leaves are named by
     their path (`labels.key_value.value`): each batch of the map era's labels came with the
-    dictionary of the whole row group (see `writer.read_plain`)."""
+    dictionary of the whole row group (see `reading.read_plain`)."""
     found = set()
     for index in range(min(metadata.num_row_groups, PLAIN_ROW_GROUPS)):
         group = metadata.row_group(index)

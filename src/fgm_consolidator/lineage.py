@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from . import containment, footers, reading
 from .containment import StopCheck
-from .errors import ConsolidatorError
+from .errors import ConsolidatorError, SourceChangedError
 from .layout import parse_data_file
 from .reading import UNREADABLE
 from .schemas import LINEAGE_KEY, misfit
@@ -285,12 +285,12 @@ def output_reads_back(
     `decode`, only the footer's count is held against the lineage. `should_stop`: as for
     `containment.rows_not_found`."""
     try:
-        parquet = pq.ParquetFile(path)
+        parquet, _footer = reading.open_file(path)
         with parquet:
             listed = parquet.metadata.num_rows
             batches = containment.stoppable(_batches(parquet), should_stop)
             rows = sum(b.num_rows for b in batches) if decode else listed
-    except UNREADABLE as exc:
+    except (*UNREADABLE, SourceChangedError) as exc:
         return f"output does not read back: {exc}"
     total = sum(s.rows for s in held.sources)
     if not rows == listed == held.rows == total:

@@ -11,26 +11,22 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import hashlib
 import os
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import crashpoints, durable, footers, label_sets, reading
+from . import crashpoints, durable, label_sets, reading
 from .clustering import FirstRows, MetricSorter
 from .durable import FileIdentity
 from .errors import (
     MergeAborted,
     OutputCheckError,
     SchemaConflictError,
-    SourceChangedError,
     SourceReadError,
 )
 from .reading import UNREADABLE
@@ -41,11 +37,6 @@ from .schemas import ARROW_SCHEMA, METRIC_NAME, conform, is_text_or_bytes
 # 8k-row batches took another 4 MiB off a partition of the map era (99 -> 95 MiB; each batch
 # also carries its dictionaries, so the buffer fills with fewer rows) for about 5% more CPU.
 READ_BATCH_ROWS = 8_192
-# Sources are read through a stream of this size, page by page, not a row group's column
-# chunks fetched whole first (pyarrow's `pre_buffer`): a chunk of long values that do not
-# compress, 118 MB in a 200,000-row source, was held whole while its pages were decoded
-# (228 -> 104 MiB reading such a source).
-READ_BUFFER_BYTES = 1024 * 1024
 OUTPUT_BUFFER = 256 * 1024
 CONTAINER_ID = "l_container_id"
 STEADY_COLUMNS = ("time", "fetch_index")
@@ -90,81 +81,8 @@ class WriteResult:
 
 
 def _open_source(source: WriteSource, as_dictionary: Collection[str] = ()) -> pq.ParquetFile:
-    """Open a source and prove it is the very file that was planned; the columns named in
-    `as_dictionary` are read dictionary-encoded, whatever the file says."""
-    handle = durable.open_regular(source.path)  # owned by the returned ParquetFile
-    now = FileIdentity.of(os.fstat(handle.fileno()))
-    if now != source.identity:
-        handle.close()
-        raise SourceChangedError(
-            f"changed since it was planned ({source.identity} -> {now})", source.path
-        )
-    try:
-        # The column names, from the footer cache (a `stat` for a file planned this pass):
-        # opening each file a second time to learn them cost a tenth of a merge's CPU.
-        footer = footers.read(source.path)
-        if footer.identity != now:
-            raise SourceChangedError(
-                f"changed while it was opened ({now} -> {footer.identity})", source.path
-            )
-        wanted = [
-            name
-            for name in footer.schema.names
-            if name in as_dictionary and name not in footer.plain_text
-        ]
-        return pq.ParquetFile(
-            handle,
-            metadata=read_plain(handle, footer),
-            read_dictionary=wanted or None,
-            pre_buffer=False,
-            buffer_size=READ_BUFFER_BYTES,
-        )
-    except BaseException:
-        handle.close()
-        raise
-
-
-def read_plain(handle: BinaryIO, footer: footers.Footer) -> pq.FileMetaData | None:
-    """The footer of the open file `handle`, saying plain text where text stored mostly plain
-    (`Footer.plain_text`) has a dictionary type in the stored Arrow schema; None where none
-    has, or where the footer cannot be rewritten so (pyarrow then reads the file as it says).
-
-    `read_dictionary` asks pyarrow for dictionaries but cannot ask it for plain text: it
-    takes a dictionary type from the stored schema whatever we ask. Read so, a map value
-    distinct in every row came in each batch with the dictionary of its whole row group:
-    13,334 rows of a 1 KB label, 13.7 MB per batch of 950 rows, carried through the sort (a
-    merge of 40,000 such rows took 654-889 MiB). Read plain, each batch is encoded by
-    `_encoded_as`, with the values its rows use."""
-    if not footer.plain_text:
-        return None
-    # A map's leaves are `<column>.<entries>.<key or item>`; writers name the entries apart.
-    nested = {tuple(path.split(".")) for path in footer.plain_text if path.count(".") == 2}
-
-    def plain(field: pa.Field) -> pa.Field:
-        kind = field.type
-        if pa.types.is_map(kind):
-            leaves = {leaf for column, _entries, leaf in nested if column == field.name}
-            key, item = kind.key_field.name in leaves, kind.item_field.name in leaves
-            return field.with_type(_read_plain(kind, key, item))
-        return _plain_field(field, field.name in footer.plain_text)
-
-    def plain_text(stored: pa.Schema) -> pa.Schema:
-        return pa.schema([plain(field) for field in stored], metadata=stored.metadata)
-
-    return footers.with_stored_schema(handle, plain_text)
-
-
-def _read_plain(kind: pa.MapType, key: bool, item: bool) -> pa.DataType:
-    """The map type `kind` with its key and/or item read as plain text."""
-    fields = _plain_field(kind.key_field, key), _plain_field(kind.item_field, item)
-    return pa.map_(*fields, kind.keys_sorted)
-
-
-def _plain_field(field: pa.Field, wanted: bool) -> pa.Field:
-    """`field` as plain text where it is dictionary-encoded text and that is `wanted`."""
-    if wanted and pa.types.is_dictionary(field.type):
-        return field.with_type(field.type.value_type)
-    return field
+    """Open a source and prove it is the very file that was planned."""
+    return reading.open_file(source.path, as_dictionary, planned=source.identity)[0]
 
 
 def buffer_schema(schema: pa.Schema) -> pa.Schema:
@@ -207,11 +125,11 @@ def _source_batches(
 def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBatch]:
     """Every row of one source, in file order, laid out as `target`."""
 
-    encoded = _dictionary_types(target)
+    encoded = reading.dictionary_types(target)
 
     def read(parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
         for batch in reading.batches(parquet, READ_BATCH_ROWS, use_threads=False):
-            yield _text_checked(conform(_encoded_as(batch, encoded), target))
+            yield _text_checked(conform(reading.encoded_as(batch, encoded), target))
 
     rows = 0
     flat = [name for name, kind in encoded.items() if pa.types.is_dictionary(kind)]
@@ -220,45 +138,6 @@ def iter_source(source: WriteSource, target: pa.Schema) -> Iterator[pa.RecordBat
         yield batch
     if rows != source.rows:
         raise SourceReadError(f"footer promised {source.rows} rows, read {rows}", source.path)
-
-
-def _dictionary_types(target: pa.Schema) -> dict[str, pa.DataType]:
-    return {field.name: field.type for field in target if _holds_dictionary(field.type)}
-
-
-def _encoded_as(batch: pa.RecordBatch, encoded: dict[str, pa.DataType]) -> pa.RecordBatch:
-    """`batch` with the text columns read plain (`Footer.plain_text`) dictionary-encoded as
-    `encoded` (the target's dictionary columns) has them: one dictionary per batch, as large
-    as the batch at most."""
-    plain = {
-        i: encoded[field.name]
-        for i, field in enumerate(batch.schema)
-        if field.name in encoded and field.type in _plain_types(encoded[field.name])
-    }
-    if not plain:  # the usual batch: every text column was read dictionary-encoded
-        return batch
-    columns = [
-        _encoded_column(column, plain[i]) if i in plain else column
-        for i, column in enumerate(batch.columns)
-    ]
-    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
-
-
-def _encoded_column(column: pa.Array, kind: pa.DataType) -> pa.Array:
-    if pa.types.is_map(kind):
-        return column.cast(kind)  # each dictionary of the batch's own values
-    return pc.dictionary_encode(column).cast(kind)
-
-
-@functools.lru_cache(maxsize=64)
-def _plain_types(kind: pa.DataType) -> list[pa.DataType]:
-    """The types a column of `kind` is read as where its text is read plain (`read_plain`)."""
-    if pa.types.is_dictionary(kind):
-        return [kind.value_type]
-    if pa.types.is_map(kind):
-        shapes = [_read_plain(kind, True, False), _read_plain(kind, False, True)]
-        return [t for t in [*shapes, _read_plain(kind, True, True)] if t != kind]
-    return []
 
 
 def _text_checked(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -278,15 +157,9 @@ def _text_checked(batch: pa.RecordBatch) -> pa.RecordBatch:
     map era's `labels` as a map of dictionaries) is read the same way, and merged other
     values the same way, so such a column is checked whole."""
     for column in batch.columns:
-        if _holds_dictionary(column.type):
+        if reading.holds_dictionary(column.type):
             column.validate(full=True)
     return batch
-
-
-def _holds_dictionary(kind: pa.DataType) -> bool:
-    if pa.types.is_dictionary(kind):
-        return True
-    return any(_holds_dictionary(kind.field(i).type) for i in range(kind.num_fields))
 
 
 def write_merged(
