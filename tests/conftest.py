@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sqlite3
@@ -15,15 +16,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 from oracle import canonical_row
 
-from fgm_consolidator import companions
+from fgm_consolidator import companions, footers
 from fgm_consolidator.cli import main
 from fgm_consolidator.journal import _migrations
 from fgm_consolidator.layout import STATE_DIR, iter_partitions, parse_data_file
+from fgm_consolidator.schemas import ARROW_SCHEMA
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, SimulationSummary, generate
 
 # A closed day long ago: every file is old enough, and the day-over rule applies.
@@ -305,3 +308,20 @@ LOCK_PATHS = {
     "dangling link": (dangling_link, "a symbolic link"),  # `status` said healthy
     "link to a file": (link_to_a_file, "a symbolic link"),
 }
+
+
+def say_stored_schema(path: Path, schema: pa.Schema) -> None:
+    """Give the file `path` the stored Arrow schema `schema`, its pages left as they are: a
+    file written plain under dictionary types, as the monitor's writer stores text past its
+    dictionary page."""
+    with path.open("rb") as handle:
+        metadata = footers.with_stored_schema(handle, lambda _stored: schema)
+    assert metadata is not None
+    alone = io.BytesIO()
+    metadata.write_metadata_file(alone)  # "PAR1", the footer, its length, "PAR1"
+    footer = alone.getvalue()[4:-8]
+    data = path.read_bytes()
+    length = int.from_bytes(data[-8:-4], "little")
+    path.write_bytes(data[: -8 - length] + footer + len(footer).to_bytes(4, "little") + b"PAR1")
+    stored = footers.stored_schema((pq.read_metadata(path).metadata or {}).get(ARROW_SCHEMA))
+    assert stored is not None and stored.equals(schema)

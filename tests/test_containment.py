@@ -19,8 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import say_stored_schema
 
-from fgm_consolidator import containment
+from fgm_consolidator import containment, footers
 
 SCHEMA = pa.schema(
     [
@@ -228,3 +229,20 @@ def test_fingerprints_tell_rows_apart_exactly_as_their_values_do(seed: int) -> N
         for j in range(i + 1, len(rows)):
             assert (digests[i] == digests[j]) == (values[i] == values[j]), (rows[i], rows[j])
     assert containment.fingerprints(batch.slice(37, 101)) == digests[37:138]
+
+
+def test_text_read_back_as_another_type_than_stored_is_still_proven(tmp_path: Path) -> None:
+    """pyarrow reads a stored dictionary of large_string as one of string (`Footer.retyped`).
+    Such a label, stored plain past its dictionary page, was read plain as large_string,
+    which is neither, and no file of it was proven held, not even by itself."""
+    rows = 20_000
+    kind = pa.dictionary(pa.int32(), pa.large_utf8())
+    values = pa.array([f"{row:0100d}" for row in range(rows)], pa.large_utf8())
+    output = tmp_path / "consolidated-20250101T000000Z-20250101T000130Z.parquet"
+    pq.write_table(pa.table({"l_pod": values}), output)
+    say_stored_schema(output, pa.schema([pa.field("l_pod", kind)]))
+    assert footers.read(output).plain_text == {"l_pod"}
+    assert footers.read(output).retyped
+    source = tmp_path / "metrics-20250101T000000Z.parquet"
+    source.write_bytes(output.read_bytes())
+    assert containment.rows_not_found(output, [source]) == Counter()

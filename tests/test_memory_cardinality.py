@@ -17,7 +17,6 @@ Figures on the code these tests were written against (2 shared cores), then afte
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -30,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import say_stored_schema
 
 import fgm_consolidator
 from fgm_consolidator import footers
@@ -370,21 +370,7 @@ def write_map_partition(
         written = _decoded(table) if like_the_monitor else table
         pq.write_table(written, path, compression="zstd", row_group_size=rows)
         if like_the_monitor:
-            _say_stored_schema(path, table.schema)
-
-
-def _say_stored_schema(path: Path, schema: pa.Schema) -> None:
-    """Give the file `path` the stored Arrow schema `schema`, its pages left as they are."""
-    with path.open("rb") as handle:
-        metadata = footers.with_stored_schema(handle, lambda _stored: schema)
-    assert metadata is not None
-    alone = io.BytesIO()
-    metadata.write_metadata_file(alone)  # "PAR1", the footer, its length, "PAR1"
-    footer = alone.getvalue()[4:-8]
-    data = path.read_bytes()
-    length = int.from_bytes(data[-8:-4], "little")
-    path.write_bytes(data[: -8 - length] + footer + len(footer).to_bytes(4, "little") + b"PAR1")
-    assert pq.read_schema(path).equals(schema)
+            say_stored_schema(path, table.schema)
 
 
 def _decoded(table: pa.Table) -> pa.Table:

@@ -119,8 +119,15 @@ def read_plain(handle: BinaryIO, footer: footers.Footer) -> pq.FileMetaData | No
             return field.with_type(_read_plain(kind, key, item))
         return _plain_field(field, field.name in footer.plain_text)
 
+    def read_as_stored(field: pa.Field) -> bool:
+        # A type pyarrow reads as another (`Footer.retyped`: a dictionary of large_string comes
+        # back as one of string) is left as it is: read plain, it would be neither.
+        index = footer.schema.get_field_index(field.name)
+        return index >= 0 and bool(footer.schema.field(index).type == field.type)
+
     def plain_text(stored: pa.Schema) -> pa.Schema:
-        return pa.schema([plain(field) for field in stored], metadata=stored.metadata)
+        fields = [plain(field) if read_as_stored(field) else field for field in stored]
+        return pa.schema(fields, metadata=stored.metadata)
 
     return footers.with_stored_schema(handle, plain_text)
 
