@@ -171,6 +171,29 @@ def test_text_stored_mostly_plain_is_found_by_its_stored_bytes(
     assert footers.read(path).plain_text == ({column} if plain else set())
 
 
+@pytest.mark.parametrize("distinct", [True, False], ids=["one-label-distinct", "all-repeated"])
+def test_a_map_leaf_stored_plain_past_its_dictionary_page_is_found_however_short_the_rest(
+    tmp_path: Path, distinct: bool
+) -> None:
+    """A map's value leaf holds every entry's value: with seven short repeated labels and one
+    of 120 bytes distinct in every row, it stored 24 bytes a value, under the line, and two
+    sources of 100,000 such rows took 343 MiB and 25 s of CPU to merge (now 108 MiB, 1.4 s)
+    and 165 MiB to prove after a lost journal. Its dictionary page filled all the same."""
+    rows = 20_000
+    short = [("namespace", "default"), ("node", "node-1"), ("qos", "Burstable")] * 2
+    requests = [f"{row:0120d}" if distinct else "r" for row in range(rows)]
+    labels = [
+        [("container_id", f"c{row % 45:011d}"), *short, ("request", requests[row])]
+        for row in range(rows)
+    ]
+    path = tmp_path / "metrics-20250101T000000Z.parquet"
+    pq.write_table(pa.table({"labels": pa.array(labels, pa.map_(pa.utf8(), pa.utf8()))}), path)
+    stored = pq.read_metadata(path).row_group(0).column(1)
+    assert stored.path_in_schema == "labels.key_value.value"
+    assert stored.total_uncompressed_size < footers.PLAIN_BYTES_PER_VALUE * stored.num_values
+    assert footers.read(path).plain_text == ({"labels.key_value.value"} if distinct else set())
+
+
 def test_a_footer_can_say_another_stored_schema_and_the_file_reads_by_it(
     tmp_path: Path,
 ) -> None:
