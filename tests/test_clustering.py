@@ -297,3 +297,32 @@ def test_a_spill_not_read_to_the_end_is_a_defect_not_a_short_output(tmp_path: Pa
             spill.check_read_through()
     finally:
         spill.close()
+
+
+TEXT = pa.dictionary(pa.int32(), pa.utf8())
+LABELS = pa.map_(pa.field("key", TEXT, nullable=False), pa.field("value", TEXT))
+
+
+def map_batch(tag: str, rows: int) -> pa.RecordBatch:
+    keys = pa.array(["pod", "request"] * rows).dictionary_encode()
+    values = pa.array([f"{tag}-{i}" for i in range(2 * rows)]).dictionary_encode()
+    offsets = pa.array(range(0, 2 * rows + 1, 2), pa.int32())
+    labels = pa.MapArray.from_arrays(offsets, keys, values, type=LABELS)
+    return pa.record_batch([labels], ["labels"])
+
+
+def test_a_row_group_of_maps_leaves_the_batches_it_was_cut_from_as_they_were() -> None:
+    """pyarrow unifies the dictionaries inside a map in place, in the arrays it is given,
+    which every slice of a batch shares: each next slice of a parked batch carried the
+    dictionaries of every row group before it (an output 6 times its sources)."""
+    parked, other = map_batch("parked", 10), map_batch("other", 10)
+    expected = parked.column("labels").to_pylist()
+    for first in range(0, 10, 2):
+        table = clustering._one_dictionary([other, parked.slice(first, 2)])
+        assert table.column("labels").to_pylist() == [
+            *other.column("labels").to_pylist(),
+            *expected[first : first + 2],
+        ]
+    for kept in (parked, other):
+        assert len(kept.slice(0, 1).column("labels").items.dictionary) == 20
+    assert parked.column("labels").to_pylist() == expected
