@@ -7,7 +7,8 @@ as fresh pages, each faulted in and zeroed by the kernel. And its arenas fragmen
 merges: measured over 34 merges of a 2 GB backlog, peak RSS grew by a fifth against 2 merges
 of the same data.
 
-So, during a merge, freed heap stays mapped for reuse (`keep_freed_heap`), and after each merge
+So, during a merge, freed heap stays mapped for reuse (`keep_freed_heap`), blocks of a few
+megabytes and more excepted, which left holes in it (`MMAP_THRESHOLD`); and after each merge
 one `malloc_trim` (a few milliseconds) hands everything free back (`release`), so each merge
 starts from the same floor. Elsewhere (musl, macOS) neither call exists and nothing is done.
 """
