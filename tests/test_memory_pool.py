@@ -45,39 +45,3 @@ def test_the_cloud_filesystems_stay_out_of_the_process() -> None:
 def test_a_program_that_loaded_pyarrow_first_keeps_its_cloud_filesystems() -> None:
     probe = "import pyarrow.fs, fgm_consolidator; from pyarrow.fs import S3FileSystem; print('ok')"
     assert _probe(probe) == "ok"
-
-
-FREED = """
-import ctypes, os
-from fgm_consolidator import memory
-if not memory.keep_freed_heap():
-    print("skip")
-    raise SystemExit
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-page = os.sysconf("SC_PAGE_SIZE")
-def resident():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * page
-size = 4 * 1024 * 1024
-before = resident()
-block = libc.malloc(size)
-libc.memset(block, 1, size)
-held = resident() - before
-libc.free(block)
-print(held, resident() - before)
-"""
-
-
-def test_a_block_of_megabytes_goes_back_to_the_system_when_freed_during_a_merge() -> None:
-    """Freed heap stays mapped during a merge (`memory.keep_freed_heap`), but blocks of a few
-    megabytes left holes in it: a partition of long distinct labels peaked at up to 176 MiB
-    instead of 120. Such blocks are now mapped on their own, and unmapped when freed."""
-    out = _probe(FREED)
-    if out == "skip":
-        pytest.skip("not glibc: the C library's allocator is left as it is")
-    held, after = map(int, out.split())
-    assert held >= 3 * 1024 * 1024  # the block was resident
-    assert after < 1024 * 1024, (held, after)
