@@ -109,10 +109,10 @@ def write_partition(
 
 def run_once(data_dir: Path) -> dict[str, float]:
     """`run --once` in a fresh process: its peak RSS (bytes) and CPU (s)."""
-    return run_cli(data_dir, "run", "--once", "--min-age", "0")
+    return measure_cli(data_dir, "run", "--once", "--min-age", "0")
 
 
-def run_cli(data_dir: Path, *command: str) -> dict[str, float]:
+def measure_cli(data_dir: Path, *command: str) -> dict[str, float]:
     """A command of the CLI on `data_dir` in a fresh process: its peak RSS and CPU."""
     cli = [sys.executable, "-m", "fgm_consolidator", *command]
     cli += ["--data-dir", str(data_dir), "--log-level", "error"]
@@ -431,7 +431,7 @@ def test_a_proof_of_map_labels_long_and_distinct_in_every_row_is_read_in_bounded
         shutil.rmtree(data_dir / ".fgm-consolidator")  # the journal is lost
         for source in sources:
             os.link(kept / source.name, source)
-        peaks[width] = run_cli(data_dir, "recover")["rss"]
+        peaks[width] = measure_cli(data_dir, "recover")["rss"]
         assert not any(source.exists() for source in sources)  # proven held, and removed
         check_rows(data_dir, 2 * PROOF_ROWS)
     assert peaks[1024] <= peaks[0] + 48 * MIB, (peaks[0] / MIB, peaks[1024] / MIB)
