@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from . import durable, label_sets
 from .label_sets import LabelSets
-from .schemas import METRIC_NAME
+from .schemas import METRIC_NAME, holds_dictionary
 
 T = TypeVar("T")
 
@@ -729,16 +729,11 @@ def _one_dictionary(batches: list[pa.RecordBatch]) -> pa.Table:
     dictionary growing by a row group's labels each time (two sources of 400,000 rows of
     long distinct labels: 293 MiB, now 113). So each map is unified in arrays of its own: a
     view of it builds them, without copying a value."""
-    maps = [i for i, kind in enumerate(batches[0].schema.types) if _is_map_of_dictionaries(kind)]
+    types = batches[0].schema.types
+    maps = [i for i, kind in enumerate(types) if pa.types.is_map(kind) and holds_dictionary(kind)]
     if maps:
         batches = [_with_own_columns(batch, maps) for batch in batches]
     return pa.Table.from_batches(batches).unify_dictionaries()
-
-
-def _is_map_of_dictionaries(kind: pa.DataType) -> bool:
-    return pa.types.is_map(kind) and any(
-        pa.types.is_dictionary(child.type) for child in (kind.key_field, kind.item_field)
-    )
 
 
 def _with_own_columns(batch: pa.RecordBatch, positions: list[int]) -> pa.RecordBatch:

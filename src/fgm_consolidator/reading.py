@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from . import durable, footers
 from .durable import FileIdentity
 from .errors import SourceChangedError
+from .schemas import holds_dictionary
 
 # What opening or reading a parquet file raises when the file is at fault, not the program:
 # the system's errors, pyarrow's, and UnicodeDecodeError for a name in the footer that is not
@@ -184,9 +185,3 @@ def _plain_types(kind: pa.DataType) -> list[pa.DataType]:
         shapes = [_read_plain(kind, True, False), _read_plain(kind, False, True)]
         return [t for t in [*shapes, _read_plain(kind, True, True)] if t != kind]
     return []
-
-
-def holds_dictionary(kind: pa.DataType) -> bool:
-    if pa.types.is_dictionary(kind):
-        return True
-    return any(holds_dictionary(kind.field(i).type) for i in range(kind.num_fields))

@@ -83,6 +83,13 @@ def check_mergeable(schema: pa.Schema) -> None:
         raise SchemaConflictError(f"{METRIC_NAME} is {kind}; the monitor writes utf8")
 
 
+def holds_dictionary(kind: pa.DataType) -> bool:
+    """A dictionary, at any depth (a map's labels too)."""
+    if pa.types.is_dictionary(kind):
+        return True
+    return any(holds_dictionary(kind.field(i).type) for i in range(kind.num_fields))
+
+
 def _is_other_dictionary(kind: pa.DataType) -> bool:
     """A dictionary not of int32 unordered indices, at any depth (a map's labels too: an int8
     one failed every merge of its partition, the union of the sources' values too many)."""

@@ -30,7 +30,7 @@ from .errors import (
     SourceReadError,
 )
 from .reading import UNREADABLE
-from .schemas import ARROW_SCHEMA, METRIC_NAME, conform, is_text_or_bytes
+from .schemas import ARROW_SCHEMA, METRIC_NAME, conform, holds_dictionary, is_text_or_bytes
 
 # Rows decoded from a source at a time. A busy node's file is one row group of ~200k rows:
 # 64k-row batches put 150 MB at peak on 40 such files, 16k-row batches 120 MB (+10% CPU).
@@ -157,7 +157,7 @@ def _text_checked(batch: pa.RecordBatch) -> pa.RecordBatch:
     map era's `labels` as a map of dictionaries) is read the same way, and merged other
     values the same way, so such a column is checked whole."""
     for column in batch.columns:
-        if reading.holds_dictionary(column.type):
+        if holds_dictionary(column.type):
             column.validate(full=True)
     return batch
 
