@@ -249,6 +249,40 @@ def test_a_journal_in_another_data_dirs_state_folder_is_refused(
         )
 
 
+@pytest.mark.parametrize("command", ["run --once", "recover", "status", "history", "run --dry-run"])
+@pytest.mark.parametrize("target", ["lock", "data-dir-id", "monitor-file"])
+def test_a_journal_naming_our_state_or_the_monitors_file_is_refused(
+    data_dir: Path, populate: Callable[..., SimulationSummary], command: str, target: str
+) -> None:
+    """`--journal <data-dir>/.fgm-consolidator/lock` was taken: the first `run` made a
+    database of the lock file, and the next one truncated it to the holder's line, the
+    journal's record gone. Named `data-dir-id`, every command then failed to read the data
+    directory's id; named a monitor's file, the hint for a journal that will not open was to
+    move it aside, out of its partition. Found by a bad-input review (helper-44)."""
+    populate()
+    assert run_cli("run", "--once", "--data-dir", str(data_dir), "--min-age", "1e9").returncode == 0
+    state = data_dir / ".fgm-consolidator"
+    monitors = sorted(data_dir.glob("dt=*/identifier=pod-a/metrics-*.parquet"))[0]
+    partition = monitors.parent.relative_to(data_dir).as_posix()
+    journal, reason = {
+        "lock": (state / "lock", "is the data directory's lock file, not a journal"),
+        "data-dir-id": (state / "data-dir-id", "is the data directory's id, not a journal"),
+        "monitor-file": (
+            monitors,
+            f"is in the partition folder {partition}, among the monitor's files; keep the"
+            " journal outside the dt= folders",
+        ),
+    }[target]
+    before = {path: path.read_bytes() for path in (*state.iterdir(), monitors)}
+
+    for _ in range(2):
+        proc = run_cli(*command.split(), "--data-dir", str(data_dir), "--journal", str(journal))
+        assert_refused(proc, "--journal", f"{journal} {reason}")
+
+    assert {path: path.read_bytes() for path in (*state.iterdir(), monitors)} == before
+    assert not list(monitors.parent.glob("*.lock"))  # `recover` locks a journal beside it
+
+
 @pytest.mark.parametrize("command", ["status", "history", "run --dry-run"])
 def test_a_journal_path_under_a_regular_file_is_refused_by_readers_too(
     data_dir: Path, tmp_path: Path, command: str

@@ -174,3 +174,26 @@ def test_the_error_that_ends_run_is_a_json_log_event_too(
     assert "another fgm-consolidator holds this data directory" in stopped["error"]
     [error] = [line for line in error_lines(proc.stderr) if not line.startswith("{")]
     assert error.startswith("Error: ")
+
+
+def test_a_journal_side_file_we_may_not_read_is_named_and_not_called_corrupt(
+    data_dir: Path, populate: Callable[..., SimulationSummary], unprivileged: list[str]
+) -> None:
+    """A sound journal whose `-wal` file another user owns (a restore, a shell as another
+    user): only the journal itself was tried, so the refusal read `cannot open journal
+    (unable to open database file)` with the advice to move the journal aside. Found by a
+    bad-input review (helper-44)."""
+    populate()
+    assert run_cli("run", "--data-dir", str(data_dir), "--once", "--min-age", "0").returncode == 0
+    journal = default_journal_path(data_dir)
+    wal = journal.with_name(journal.name + "-wal")
+    wal.touch()
+    wal.chmod(0o000)
+    try:
+        for command in ("status", "history"):
+            proc = run_as(unprivileged, command, "--data-dir", str(data_dir))
+            assert proc.returncode == 1, proc.stderr
+            assert f"{wal}: Permission denied" in proc.stderr, proc.stderr
+            assert "move the journal aside" not in proc.stderr, proc.stderr
+    finally:
+        wal.chmod(0o644)

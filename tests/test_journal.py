@@ -252,6 +252,28 @@ def test_a_locked_journal_is_not_called_corrupt(held_lock: Path, read_only: bool
     assert "move the journal aside" not in message
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+@pytest.mark.parametrize("version", [0, 3])
+def test_another_programs_database_is_not_taken_for_a_journal(
+    tmp_path: Path, read_only: bool, version: int
+) -> None:
+    """`--journal` naming some other SQLite database: `run` added the journal's tables beside
+    that program's, and `status` and `history` called it an empty file. Found by a bad-input
+    review (helper-44)."""
+    path = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("CREATE TABLE foo (x)")
+        conn.execute(f"PRAGMA user_version = {version}")
+    with pytest.raises(JournalError, match="not a journal of fgm-consolidator") as caught:
+        Journal.open(path, read_only=read_only)
+    assert f"schema version {version}, tables: foo" in str(caught.value)
+    assert caught.value.path == str(path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    assert (tables, mode) == ([("foo",)], "delete")
+
+
 def test_reading_an_empty_journal_file_names_it_and_says_why(tmp_path: Path) -> None:
     """`history` died with a `no such table: merges` traceback, `status` with a bare
     `Error: no such table: transitions`."""

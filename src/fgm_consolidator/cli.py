@@ -280,7 +280,7 @@ def run(
         _check_config(lambda: config.check_writable(data_dir))
         _check_config(lambda: config.check_journal(journal_path, data_dir))
     elif journal is not None:
-        _check_config(lambda: config.check_journal_to_read(journal_path))
+        _check_config(lambda: config.check_journal_to_read(journal_path, data_dir))
     _check_config(lambda: identity.check(journal_path, data_dir))
     with ExitStack() as stack:
         shown = _configure_logs(stack, log_level, log_format, progress_bar=once and not dry_run)
@@ -495,7 +495,7 @@ def history(
     if journal is None and path.parent.exists() and not path.parent.is_dir():
         raise _error(f"{path.parent} is not a directory, so {path} cannot be")
     if journal is not None:
-        _check_config(lambda: config.check_journal_to_read(path))
+        _check_config(lambda: config.check_journal_to_read(path, data_dir))
     _check_config(lambda: identity.check(path, data_dir))
     if not path.exists():
         raise _error(f"{path}: no journal here; has `run` ever run on {data_dir}?")
@@ -575,7 +575,7 @@ def status(
     _check_config(lambda: config.check_finite(numbers))
     journal_path = journal or default_journal_path(data_dir)
     if journal is not None:  # the default's folder is the data directory's: a problem it names
-        _check_config(lambda: config.check_journal_to_read(journal_path))
+        _check_config(lambda: config.check_journal_to_read(journal_path, data_dir))
     _check_config(lambda: identity.check(journal_path, data_dir))
     try:
         with errors_explained(journal_path):

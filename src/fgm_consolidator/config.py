@@ -18,7 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ConfigError
-from .layout import MONITOR_ROTATION_S, is_utf8, partition_day
+from .layout import (
+    MONITOR_ROTATION_S,
+    data_dir_id_path,
+    is_utf8,
+    lock_path,
+    partition_day,
+)
 from .logs import log_event
 
 log = logging.getLogger(__name__)
@@ -108,10 +114,12 @@ def _existing_ancestor(path: Path) -> Path:
     return Path(path.anchor or ".")
 
 
-def check_journal_to_read(journal: Path) -> None:
+def check_journal_to_read(journal: Path, data_dir: Path) -> None:
     """The journal for a command that only reads it (`status`, `history`, `run --dry-run`): a
     path under a regular file is a mistyped `--journal`, not a directory where `run` never
-    ran, and a folder there no journal."""
+    ran, and a folder there no journal; nor is a file of ours or of the monitor's
+    (`_check_not_a_data_file`)."""
+    _check_not_a_data_file(journal, data_dir)
     journal = journal.absolute()
     existing = _existing_ancestor(journal)
     if existing == journal and not journal.is_file():
@@ -123,7 +131,7 @@ def check_journal_to_read(journal: Path) -> None:
 def check_journal(journal: Path, data_dir: Path) -> None:
     """The journal (or the folder it would be created in) for a command that writes it: one
     a reader may read (`check_journal_to_read`), then may write, on the data volume."""
-    check_journal_to_read(journal)
+    check_journal_to_read(journal, data_dir)
     journal = journal.absolute()
     existing = _existing_ancestor(journal)
     folder = journal.parent if existing == journal else existing
@@ -140,6 +148,30 @@ def check_journal(journal: Path, data_dir: Path) -> None:
             f"{journal} is on another file system than --data-dir {data_dir} "
             f"(device {_device(journal_dev)} vs {_device(data_dev)}); the journal must live on "
             "the data volume to see the same crashes",
+        )
+
+
+def _check_not_a_data_file(journal: Path, data_dir: Path) -> None:
+    """A `--journal` naming the lock file or the data directory's id, or a file in a partition
+    folder: SQLite would make a database of it. The lock file once became the journal, and the
+    next start truncated it to the holder's line; the data directory's id became unreadable to
+    every command; and the hint given for a journal that will not open, to move it aside, would
+    move a monitor's file out of its partition."""
+    where = Path(os.path.realpath(journal))
+    for ours, what in ((lock_path(data_dir), "lock file"), (data_dir_id_path(data_dir), "id")):
+        if where == Path(os.path.realpath(ours)):
+            raise ConfigError(
+                "--journal", f"{journal} is the data directory's {what}, not a journal"
+            )
+    try:
+        inside = where.relative_to(os.path.realpath(data_dir)).parts
+    except ValueError:
+        return  # elsewhere on the volume
+    if len(inside) > 2 and partition_day("/".join(inside[:2])) is not None:
+        raise ConfigError(
+            "--journal",
+            f"{journal} is in the partition folder {'/'.join(inside[:2])}, among the "
+            "monitor's files; keep the journal outside the dt= folders",
         )
 
 

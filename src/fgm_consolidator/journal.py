@@ -78,13 +78,19 @@ def _primary_code(exc: sqlite3.Error) -> int:
 
 
 def _refused_access(path: Path) -> str | None:
-    """The system's reason when `path` cannot be opened at all (its mode, its owner), which
-    SQLite reports only as "unable to open database file", the words of a broken journal."""
-    try:
-        os.close(os.open(path, os.O_RDONLY))
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            return exc.strerror or str(exc)
+    """The system's reason when the journal or its `-wal` or `-shm` file cannot be opened at
+    all (its mode, its owner), which SQLite reports only as "unable to open database file",
+    the words of a broken journal. A side file is named: moving a sound journal aside for it
+    would throw the audit trail away and fix nothing."""
+    for candidate in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            os.close(os.open(candidate, os.O_RDONLY))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                reason = exc.strerror or str(exc)
+                return reason if candidate == path else f"{candidate}: {reason}"
     return None
 
 
@@ -336,12 +342,13 @@ class Journal:
         return journal
 
     def _prepare(self, read_only: bool) -> None:
-        if not read_only:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.execute("PRAGMA foreign_keys=ON")
         self._check_integrity()
+        self._check_ours()  # before WAL mode, which is written into the file's header
+        if not read_only:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
         if read_only:
             self._check_version()
             self._check_set_up()
@@ -380,6 +387,28 @@ class Journal:
             raise JournalError(
                 f"journal schema version {self._user_version()} is newer than this "
                 f"fgm-consolidator understands ({known}); upgrade fgm-consolidator",
+                self.path,
+            )
+
+    def _check_ours(self) -> None:
+        """Another program's database given as `--journal`: `run` added its tables beside that
+        program's, and `status` called it an empty file. Tables without a journal version, or a
+        version without the journal's first table, are not ours (migration 1 creates `merges`
+        and sets the version in one transaction)."""
+        tables = [
+            name
+            for (name,) in self.db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+        ]
+        if (self._user_version() == 0 and tables) or (
+            self._user_version() > 0 and "merges" not in tables
+        ):
+            shown = ", ".join(sorted(tables)[:5]) or "none"
+            raise JournalError(
+                f"not a journal of fgm-consolidator: another program's database (schema "
+                f"version {self._user_version()}, tables: {shown}); give --journal a path of "
+                "its own",
                 self.path,
             )
 
