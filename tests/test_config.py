@@ -321,6 +321,33 @@ def test_a_journal_linked_to_another_file_system_is_refused(
     assert target.read_bytes() == b""
 
 
+@pytest.mark.parametrize("command", ["run --once", "run --dry-run", "recover", "status", "history"])
+def test_a_data_dir_that_is_a_fifo_or_a_device_is_refused(tmp_path: Path, command: str) -> None:
+    """click's `file_okay=False` refuses regular files only: on a FIFO `run --dry-run` planned
+    nothing and exited 0, `status` said "never ran here" (5), `history` "no journal here" (1)
+    and `recover` blamed `--journal`. Found by a bad-input review (helper-44)."""
+    fifo = tmp_path / "data"
+    os.mkfifo(fifo)
+    for data_dir in (fifo, Path(os.devnull)):
+        proc = run_cli(*command.split(), "--data-dir", str(data_dir))
+        assert_refused(proc, "--data-dir", f"{data_dir} is not a directory")
+    assert os.listdir(tmp_path) == ["data"]
+
+
+def test_demo_refuses_hours_that_are_not_a_number_before_making_its_folder(
+    tmp_path: Path,
+) -> None:
+    """click's float range lets `nan` through: the demo made its folder, then died with a
+    ValueError traceback (exit 1)."""
+    target = tmp_path / "demo"
+    proc = run_cli("demo", "--data-dir", str(target), "--hours", "nan")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "Error: Invalid value for '--hours': must be a finite number (got nan)"
+    )
+    assert not target.exists()
+
+
 @pytest.mark.parametrize("command", ["run --once", "recover", "status", "history"])
 @pytest.mark.parametrize("level", ["dt=2025-12-30", "dt=2025-12-30/identifier=pod a"])
 def test_a_partition_folder_given_as_the_data_dir_is_refused(

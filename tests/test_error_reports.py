@@ -7,6 +7,8 @@ import fcntl
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,6 +152,23 @@ def test_demo_into_a_folder_it_cannot_create_is_one_error_line(tmp_path: Path) -
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("Error: ") and str(target) in lines[0], lines
+
+
+def test_demo_into_a_full_standard_output_is_one_error_line(tmp_path: Path) -> None:
+    """`demo > /dev/full` ended in an OSError traceback: the demo printed with `click.echo`,
+    where every other command's output goes through `cli._print`."""
+    target = tmp_path / "demo"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fgm_consolidator", "demo", "--data-dir", str(target),
+             "--hours", "0.5"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert error_lines(proc.stderr) == [
+        "Error: cannot write to standard output: No space left on device"
+    ]
 
 
 def test_the_error_that_ends_run_is_a_json_log_event_too(

@@ -618,6 +618,7 @@ def demo(data_dir: Path | None, hours: float) -> None:
     """Simulate a monitor's data, consolidate it with the real engine, show before and after."""
     from .demo import run_demo
 
+    _check_config(lambda: config.check_finite({"--hours": hours}))
     logs.configure("warning")
     if data_dir is None:
         data_dir = Path(tempfile.mkdtemp(prefix="fgm-demo-"))
@@ -627,23 +628,23 @@ def demo(data_dir: Path | None, hours: float) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _fail(exc) from exc
-    click.echo(f"simulating {hours:g} h of monitor output for 2 pods in {data_dir} ...")
+    _print(f"simulating {hours:g} h of monitor output for 2 pods in {data_dir} ...")
     try:
         report = run_demo(data_dir, hours=hours)
     except (ConsolidatorError, OSError) as exc:  # pyarrow's I/O errors (a full disk) are OSErrors
         raise _fail(exc, where=data_dir) from exc
-    click.echo("\nparquet files per partition (before -> after):")
+    _print("\nparquet files per partition (before -> after):")
     for partition in sorted(report.before.files):
-        click.echo(
+        _print(
             f"  {partition}: {report.before.files[partition]} -> {report.after.files[partition]}"
         )
     same = "identical" if report.before.rows == report.after.rows else "DIFFERENT"
-    click.echo(
+    _print(
         f"total: {sum(report.before.files.values())} -> {sum(report.after.files.values())} files;"
         f" rows {report.before.rows} -> {report.after.rows} ({same})"
     )
-    click.echo(f"\nhistory (fgm-consolidator history --data-dir {data_dir}):")
+    _print(f"\nhistory (fgm-consolidator history --data-dir {data_dir}):")
     for record in report.history:
-        click.echo("  " + logs.format_fields(merge_fields(record)))
+        _print("  " + logs.format_fields(merge_fields(record)))
     if report.before.rows != report.after.rows:
         raise SystemExit(1)

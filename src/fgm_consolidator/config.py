@@ -69,7 +69,9 @@ def warn_max_span(max_span_s: int) -> None:
 
 
 def check_data_dir(data_dir: Path) -> None:
-    """Refused before anything is touched: see `_check_utf8` and `_check_not_a_partition`."""
+    """Refused before anything is touched: see `_check_a_folder`, `_check_utf8` and
+    `_check_not_a_partition`."""
+    _check_a_folder(data_dir)
     _check_utf8(data_dir)
     _check_not_a_partition(data_dir)
 
@@ -79,6 +81,14 @@ def check_writable(data_dir: Path) -> None:
     data directory (a snapshot, a volume mounted read-only for inspection)."""
     if not os.access(data_dir, os.W_OK | os.X_OK):
         raise ConfigError("--data-dir", f"Directory '{data_dir}' is not writable.")
+
+
+def _check_a_folder(data_dir: Path) -> None:
+    """click's `file_okay=False` refuses a regular file only: given a FIFO or `/dev/null`,
+    `run --dry-run` planned nothing and exited 0, `status` said "never ran here", and `recover`
+    blamed `--journal`."""
+    if not data_dir.is_dir():
+        raise ConfigError("--data-dir", f"{data_dir} is not a directory")
 
 
 def _check_utf8(data_dir: Path) -> None:
