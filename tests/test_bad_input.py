@@ -617,6 +617,32 @@ def test_a_label_type_conflict_keeps_files_in_separate_outputs(node: Node) -> No
     assert [p.name for p in data_files(node.data_dir)] == sorted(groups)
 
 
+def test_a_file_kept_apart_by_its_schema_is_named_once_and_listed_by_a_dry_run(
+    node: Node, events: list[Event]
+) -> None:
+    """One file whose label column changed type among files that agree: it can join neither
+    neighbour, so it is never merged and its window keeps two outputs beside it. Nothing said
+    why: no log line, no dry-run line, `status` healthy. Found by a bad-input review
+    (helper-44)."""
+    node.arrive(range(8))
+    keep_mtime(node.path(3), int_pod_names)
+    odd = metrics_name(3)
+
+    for _ in range(2):  # the service names it once, not at every pass
+        report = one_pass(node.data_dir)
+        assert report.failed == []
+    assert [p.name for p in data_files(node.data_dir)] == sorted(
+        [consolidated_name(0, 2), odd, consolidated_name(4, 7)]
+    )
+    [told] = named(events, "file-kept-apart")
+    assert (told["partition"], told["file"]) == (KEY, odd)
+    assert told["reason"].startswith("its schema keeps it from the files beside it: label column")
+
+    proc = run_cli("run", "--dry-run", "--data-dir", str(node.data_dir), "--min-age", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert f'kind=apart partition="{KEY}" file={odd} reason=' in proc.stdout, proc.stdout
+
+
 def aged(path: Path) -> Path:
     """An mtime (of the name itself) well past --min-age, as the monitor's old files have."""
     os.utime(path, ns=(0, int((time.time() - 86_400) * 1e9)), follow_symlinks=False)

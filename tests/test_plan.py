@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from fgm_consolidator.durable import FileIdentity
 from fgm_consolidator.layout import format_stamp, parse_data_file
-from fgm_consolidator.plan import MB, Policy, group_sources, plan_partition
+from fgm_consolidator.plan import MB, Group, Policy, group_sources, plan_partition
 from fgm_consolidator.scan import PartitionScan, SourceFile
 
 DAY = "dt=2025-12-30/identifier=pod-a"
@@ -37,8 +37,8 @@ def scan(*files: SourceFile, young: int = 0, extra: tuple[str, ...] = ()) -> Par
     return PartitionScan(DAY, None, tuple(files), (), young, names)  # type: ignore[arg-type]
 
 
-def names(groups: list) -> list[list[str]]:
-    return [[s.name for s in sources] for sources, _ in groups]
+def names(groups: list[Group]) -> list[list[str]]:
+    return [[s.name for s in group.sources] for group in groups]
 
 
 def test_windows_are_aligned_and_bounded_by_max_span() -> None:
@@ -144,3 +144,27 @@ def test_a_skip_names_the_file_that_takes_the_name() -> None:
         _, [skipped] = plan_partition(scan(*files, extra=(taken,)), Policy(min_files=2), OPEN_DAY)
         assert skipped.output == output
         assert skipped.reason == f"{taken} already exists; nothing is overwritten"
+
+
+MAP_AMONG_FLAT = [metrics(0), metrics(90), metrics(180, schema=MAP), metrics(270), metrics(360)]
+
+
+def test_a_file_its_schema_keeps_from_both_neighbours_is_reported_apart() -> None:
+    """Such a file is never merged and cuts its window in two for good; nothing said why."""
+    plans, skipped = plan_partition(scan(*MAP_AMONG_FLAT), Policy(min_files=2), OPEN_DAY)
+    assert [len(p.sources) for p in plans] == [2, 2]
+    [apart] = skipped
+    assert (apart.output, apart.sources) == (None, ("metrics-20251230T100300Z.parquet",))
+    assert apart.reason == (
+        "its schema keeps it from the files beside it: schema eras differ: flat and map"
+    )
+
+
+def test_a_lone_output_or_a_file_alone_in_its_window_is_not_reported() -> None:
+    """An output is complete as it is; a file alone in its window waits for no schema."""
+    era_change = [consolidated(0, 900), metrics(990, schema=MAP), metrics(1080, schema=MAP)]
+    plans, skipped = plan_partition(scan(*era_change), Policy(min_files=2), OPEN_DAY)
+    assert [len(p.sources) for p in plans] == [2] and skipped == []
+    last_in_window = [metrics(3420), metrics(3510), metrics(3600)]
+    plans, skipped = plan_partition(scan(*last_in_window), Policy(min_files=2), LATER)
+    assert [len(p.sources) for p in plans] == [2] and skipped == []

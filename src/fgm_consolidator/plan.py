@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 
@@ -75,16 +76,28 @@ class MergePlan:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A group that would have been merged but whose output name is taken (invariant 5)."""
+    """Files old enough to merge that this pass leaves as they are, and why: a group whose
+    output name is taken (invariant 5), or a monitor's file kept apart by its schema, with no
+    neighbour in its window to merge with."""
 
     partition: str
-    output: str
+    output: str | None  # the group's output; None for a file kept apart
     sources: tuple[str, ...]
-    taken: str  # the output's name or its companion's: the file already there
+    reason: str
 
-    @property
-    def reason(self) -> str:
-        return f"{self.taken} already exists; nothing is overwritten"
+
+def _name_taken(partition: str, output: str, sources: tuple[str, ...], taken: str) -> Skipped:
+    """`taken`: the output's name or its companion's, the file already there."""
+    return Skipped(partition, output, sources, f"{taken} already exists; nothing is overwritten")
+
+
+class Group(NamedTuple):
+    """Sources that share an output, their output's schema, and the schema conflict that kept
+    the next eligible file out, if that is what ended the group."""
+
+    sources: list[SourceFile]
+    schema: pa.Schema
+    refused: str | None = None
 
 
 def _window(source: SourceFile, span_s: int) -> int:
@@ -115,15 +128,16 @@ def _barrier_between(
 
 def group_sources(
     eligible: Sequence[SourceFile], policy: Policy, barriers: Sequence[datetime] = ()
-) -> list[tuple[list[SourceFile], pa.Schema]]:
+) -> list[Group]:
     """Greedy, in time order: a file joins the open group unless a rule above says no.
 
     `barriers` are the start stamps of the partition's data files that are not eligible.
     """
-    groups: list[tuple[list[SourceFile], pa.Schema]] = []
+    groups: list[Group] = []
     current: list[SourceFile] = []
     schema: pa.Schema | None = None
     for source in eligible:
+        refused = None
         if (
             current
             and schema is not None
@@ -134,14 +148,29 @@ def group_sources(
                 schema = unify([schema, source.schema])
                 current.append(source)
                 continue
-            except SchemaConflictError:
-                pass
+            except SchemaConflictError as exc:
+                refused = exc.reason
         if current and schema is not None:
-            groups.append((current, schema))
+            groups.append(Group(current, schema, refused))
         current, schema = [source], unify([source.schema])
     if current and schema is not None:
-        groups.append((current, schema))
+        groups.append(Group(current, schema))
     return groups
+
+
+def _kept_apart(partition: str, groups: Sequence[Group]) -> list[Skipped]:
+    """Each monitor's file alone in its group because a schema conflict cut it from the files
+    beside it: it is never merged, and nothing said why (an extra column, a type changed, a
+    file of the other era among this one's). A lone output is not reported: it is complete."""
+    found = []
+    for position, group in enumerate(groups):
+        [source, *others] = group.sources
+        before = groups[position - 1].refused if position else None
+        why = before or group.refused
+        if not others and why is not None and source.file.kind == "metrics":
+            reason = f"its schema keeps it from the files beside it: {why}"
+            found.append(Skipped(partition, None, (source.name,), reason))
+    return found
 
 
 def _barriers(scan: PartitionScan) -> list[datetime]:
@@ -176,9 +205,10 @@ def plan_partition(
     if waiting < policy.min_files and not closed:
         return [], []
     plans: list[MergePlan] = []
-    skipped: list[Skipped] = []
+    groups = group_sources(scan.eligible, policy, _barriers(scan))
+    skipped = _kept_apart(scan.partition, groups)
     taken = set(scan.names)
-    for sources, schema in group_sources(scan.eligible, policy, _barriers(scan)):
+    for sources, schema, _refused in groups:
         if len(sources) < 2:
             continue
         start = min(s.file.start for s in sources)
@@ -187,7 +217,7 @@ def plan_partition(
         clash = next((name for name in (output, companion_name(output)) if name in taken), None)
         if clash is not None:
             names = tuple(s.name for s in sources)
-            skipped.append(Skipped(scan.partition, output, names, clash))
+            skipped.append(_name_taken(scan.partition, output, names, clash))
             continue
         taken.add(output)
         plans.append(MergePlan(scan.partition, output, tuple(sources), schema))

@@ -258,6 +258,39 @@ def recorded_pass(
     return report
 
 
+# Files kept apart by their schema, as (partition, name, reason), that this process has named:
+# such a file stays apart pass after pass, and one line per start of the service says so.
+_told_apart: set[tuple[str, str, str]] = set()
+_TOLD_APART_LIMIT = 65_536
+
+
+def _log_skipped(skip: Skipped) -> None:
+    if skip.output is not None:
+        log_event(
+            log,
+            "merge-skipped",
+            logging.WARNING,
+            partition=skip.partition,
+            output=skip.output,
+            reason=skip.reason,
+        )
+        return
+    told = (skip.partition, skip.sources[0], skip.reason)
+    if told in _told_apart:
+        return
+    if len(_told_apart) >= _TOLD_APART_LIMIT:
+        _told_apart.clear()
+    _told_apart.add(told)
+    log_event(
+        log,
+        "file-kept-apart",
+        logging.WARNING,
+        partition=skip.partition,
+        file=skip.sources[0],
+        reason=skip.reason,
+    )
+
+
 def _consolidate_partition(
     journal: Journal,
     settings: Settings,
@@ -274,14 +307,7 @@ def _consolidate_partition(
         report_unreadable(journal, scan.partition, bad)
     for skip in skipped:
         report.skipped.append(skip)
-        log_event(
-            log,
-            "merge-skipped",
-            logging.WARNING,
-            partition=skip.partition,
-            output=skip.output,
-            reason=skip.reason,
-        )
+        _log_skipped(skip)
     consolidated: set[str] = set()
     for plan in plans:
         if stop.requested:
