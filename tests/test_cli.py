@@ -37,7 +37,7 @@ from fgm_consolidator import journal as journal_module
 from fgm_consolidator import merge as merge_module
 from fgm_consolidator.cli import main
 from fgm_consolidator.journal import Journal
-from fgm_consolidator.layout import default_journal_path, lock_path
+from fgm_consolidator.layout import default_journal_path, lock_path, tmp_name
 from fgm_consolidator.simulate import PodSpec, SimulationSummary
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -255,7 +255,10 @@ def expected_merges(j: Journaled) -> dict[int, dict[str, Any]]:
         for offset, step in enumerate(steps):
             fields[step] = stamp(first_minute + offset)
         fields["duration_s"] = 60.0 * (len(steps) - 1)
-        fields["error"] = f"[Errno {errno.ENOSPC}] {INJECTED}" if merge_id == 2 else None
+        # A write error without a file names the output's temp (it once named nothing)
+        temp = j.data_dir / partition / tmp_name(files.output)
+        error = f"{temp}: [Errno {errno.ENOSPC}] {INJECTED}"
+        fields["error"] = error if merge_id == 2 else None
         merges[merge_id] = fields
     return merges
 
@@ -553,7 +556,7 @@ def test_history_lists_every_merge_newest_first_with_all_fields(journaled: Journ
     # same keys in the same order as the JSON lines, None left out
     assert [list(line) for line in lines] == [list(as_text(merges[i])) for i in (3, 2, 1)]
     assert list(lines[0])[: len(MERGE_TEXT_KEYS)] == MERGE_TEXT_KEYS
-    assert "bytes_out" not in lines[1] and lines[1]["error"] == f"[Errno 28] {INJECTED}"
+    assert "bytes_out" not in lines[1] and lines[1]["error"].endswith(f": [Errno 28] {INJECTED}")
     as_json = invoke("history", "--data-dir", journaled.data_dir, "--json")
     assert as_json.exit_code == 0
     assert json_lines(as_json.stdout) == [merges[i] for i in (3, 2, 1)]

@@ -164,6 +164,30 @@ def test_a_dry_run_plans_a_data_dir_it_may_not_write(
     assert sorted(p.name for p in data_dir.rglob("*")) == before
 
 
+def test_a_dry_run_names_a_day_folder_it_cannot_list_and_exits_1(
+    data_dir: Path, unprivileged: list[str]
+) -> None:
+    """A `dt=` folder we may not list held partitions `run --dry-run` never saw: it planned
+    the rest and exited 0 without a word, where an `identifier=` folder we may not read is a
+    `kind=error` line and exit 1. Found by a bad-input review (helper-44)."""
+    generate(data_dir, small_spec())
+    [day] = data_dir.glob("dt=*")
+    day.chmod(0o000)
+    try:
+        proc = run_as(
+            unprivileged, "run", "--dry-run", "--data-dir", str(data_dir), "--min-age", "0"
+        )
+    finally:
+        day.chmod(0o755)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert f'kind=skipped path="{day}" reason="cannot be listed: Permission denied"' in lines
+    assert lines[-1] == (
+        "dry run: 0 merges of 0 files planned; 1 partition(s) could not be planned;"
+        " nothing was changed"
+    )
+
+
 def test_status_reads_a_data_dir_it_may_not_write(read_only: Path, unprivileged: list[str]) -> None:
     proc = run_as(unprivileged, "status", "--data-dir", str(read_only))
     assert proc.returncode == 5, proc.stdout + proc.stderr  # never ran here, and says so

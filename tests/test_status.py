@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LOCK_PATHS, PAST, data_files, install_journal_clock, run_cli
+from conftest import (
+    LOCK_PATHS,
+    PAST,
+    data_files,
+    install_journal_clock,
+    run_as,
+    run_cli,
+    small_spec,
+)
 from conftest import JournalClock as Clock
 
 from fgm_consolidator import plan as plan_module
@@ -300,6 +308,32 @@ def test_a_lock_path_that_is_not_a_regular_file_is_unhealthy_and_named(
             problems
         ), problems
         assert (lines[-1]["healthy"], lines[-1]["service_started"]) == (False, None)
+
+
+def test_a_lock_file_we_may_not_open_is_named_like_run_names_it(
+    data_dir: Path, unprivileged: list[str]
+) -> None:
+    """A lock file another user owns (mode 600): `run` stops with `cannot open the lock file:
+    Permission denied`, and `status`, as the same user, said healthy, taking the unreadable
+    file for a service's. Found by a bad-input review (helper-44)."""
+    generate(data_dir, small_spec())
+    assert run_cli("run", "--once", "--data-dir", str(data_dir)).returncode == 0
+    lock = lock_path(data_dir)
+    lock.chmod(0o000)
+    try:
+        refused = run_as(unprivileged, "run", "--once", "--data-dir", str(data_dir))
+        proc = run_as(unprivileged, "status", "--data-dir", str(data_dir), "--json")
+    finally:
+        lock.chmod(0o644)
+    assert refused.returncode == 1 and refused.stderr.splitlines()[-1] == (
+        f"Error: {lock}: cannot open the lock file: Permission denied"
+    ), refused.stderr
+    assert proc.returncode == EXIT_NEEDS_PERSON, proc.stdout + proc.stderr
+    problems = [line["problem"] for line in status_json(proc) if line["kind"] == "problem"]
+    assert problems == [
+        f"{lock}: cannot open the lock file: Permission denied; `fgm-consolidator run` refuses"
+        " to start"
+    ]
 
 
 def test_a_state_folder_that_is_a_file_is_named_not_a_raw_os_error(data_dir: Path) -> None:

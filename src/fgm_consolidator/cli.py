@@ -22,11 +22,11 @@ import click
 
 from . import config, identity, logs, progress
 from .backoff import DEFAULT_INTERVAL_S
-from .errors import ConfigError, ConsolidatorError, JournalError
+from .errors import ConfigError, ConsolidatorError, JournalError, described
 from .exit_codes import EXIT_NEEDS_PERSON
 from .isolation import PartitionFailure, isolated
 from .journal import Journal, errors_explained
-from .layout import MONITOR_ROTATION_S, default_journal_path, iter_partitions, parse_partition
+from .layout import MONITOR_ROTATION_S, default_journal_path, parse_partition, walk_partitions
 from .logs import log_event
 from .observe import Observer, Observers
 from .plan import MB, Policy, plan_one
@@ -128,9 +128,7 @@ def _error(message: str) -> click.ClickException:
 def _fail(exc: ConsolidatorError | OSError, where: Path | None = None) -> click.ClickException:
     """One line naming the path and the reason, exit 1. An OSError's text carries its path,
     except pyarrow's (a full disk under a parquet writer): `where` then says where it was."""
-    if where is not None and isinstance(exc, OSError) and exc.filename is None:
-        return _error(f"{where}: {exc}")
-    return _error(str(exc))
+    return _error(str(exc) if where is None else described(exc, where))
 
 
 def _check_config(check: Callable[[], None]) -> None:
@@ -346,12 +344,18 @@ def _metrics(
 
 
 def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> int:
-    """Returns how many partitions could not be planned; each is printed with its error."""
-    journal = Journal.open(journal_path, read_only=True) if journal_path.exists() else None
+    """Returns how many partitions, or folders of them, could not be planned; each is printed
+    with its error. Folders left alone are printed as `status` prints them; one that could not
+    be listed counts as not planned (its partitions were invisible here, exit 0)."""
     merges = files = failed = 0
+    partitions, left_alone = walk_partitions(data_dir)
+    for folder in left_alone:
+        _echo(skipped_fields(folder), False)
+        failed += folder.unlisted
+    journal = Journal.open(journal_path, read_only=True) if journal_path.exists() else None
     now = time.time()
     try:
-        for partition in iter_partitions(data_dir):
+        for partition in partitions:
             looked = isolated(plan_one, data_dir, partition, policy, journal, now)
             if isinstance(looked, PartitionFailure):
                 failed += 1

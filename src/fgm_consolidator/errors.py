@@ -122,3 +122,12 @@ class Unexpected:
     def fields(self) -> dict[str, str]:
         """For `log_event`: the error and where it was raised."""
         return {"error": self.text, "where": self.where}
+
+
+def described(exc: BaseException, where: Path) -> str:
+    """An error's text naming a path. An OSError carries its file, except pyarrow's and a
+    write through a file object (`[Errno 28] No space left on device` under the parquet
+    writer or the spill): `where` then says where the work was."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        return f"{where}: {exc}"
+    return str(exc)

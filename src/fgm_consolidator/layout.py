@@ -151,6 +151,7 @@ class SkippedFolder:
 
     path: Path
     reason: str
+    unlisted: bool = False  # it could not be listed: what it holds is unknown, not left alone
 
 
 NOT_FOLLOWED = "a symbolic link; not followed, so no file outside the data directory is merged"
@@ -196,7 +197,8 @@ def _named(folder: Path, prefix: str, skipped: list[SkippedFolder]) -> list[os.D
         with os.scandir(folder) as entries:
             return sorted((e for e in entries if e.name.startswith(prefix)), key=lambda e: e.name)
     except OSError as exc:
-        skipped.append(SkippedFolder(folder, f"cannot be listed: {exc.strerror or exc}"))
+        reason = f"cannot be listed: {exc.strerror or exc}"
+        skipped.append(SkippedFolder(folder, reason, unlisted=True))
         return []
 
 

@@ -29,6 +29,7 @@ from .errors import (
     SourceReadError,
     TempReplacedError,
     Unexpected,
+    described,
 )
 from .journal import MERGE_ACTOR, STOP_ACTOR, Journal, MergeRecord, SourceRecord
 from .layout import companion_name, tmp_name
@@ -130,11 +131,12 @@ def _write_and_finish(
         # A temp name someone else created is theirs (an instance that got past the lock).
         foreign = Path(exc.filename).name if isinstance(exc, FileExistsError) else None
         actor = STOP_ACTOR if isinstance(exc, MergeAborted) else MERGE_ACTOR
-        roll_back(journal, folder, merge_id, plan.output, error=str(exc), actor=actor, keep=foreign)
+        reason = described(exc, folder / tmp_name(plan.output))
+        roll_back(journal, folder, merge_id, plan.output, error=reason, actor=actor, keep=foreign)
         if isinstance(exc, SourceReadError):
             _remember_unreadable(journal, folder, plan, exc)
         not_ours = (SourceReadError, SourceChangedError, MergeAborted)
-        return MergeState.ROLLED_BACK, None, str(exc), not isinstance(exc, not_ours)
+        return MergeState.ROLLED_BACK, None, reason, not isinstance(exc, not_ours)
     except Exception as exc:
         # A bug, or an input no check foresaw (two once surfaced as a KeyError and a TypeError
         # in the sort). Nothing is published before `written`, so rolling back is as safe here

@@ -25,7 +25,6 @@ with its last pass. Health has three parts:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -131,10 +130,14 @@ def _service_started(data_dir: Path) -> tuple[datetime | None, str | None]:
         lock.refuse_irregular(path, st.st_mode)
     except LockError as exc:
         return None, str(exc)
-    with contextlib.suppress(OSError):  # unreadable: take it for a service's, as before
+    try:
         holder = path.read_text(errors="replace")
-        if not holder or lock.ONE_SHOT in holder:
-            return None, None  # no service announced its start: refused at start-up, a `recover`
+    except PermissionError as exc:  # `run` cannot open it either: it refuses to start
+        return None, str(LockError(f"cannot open the lock file: {exc.strerror or exc}", path))
+    except OSError:  # unreadable for another reason: take it for a service's, as before
+        holder = None
+    if holder is not None and (not holder or lock.ONE_SHOT in holder):
+        return None, None  # no service announced its start: refused at start-up, a `recover`
     return datetime.fromtimestamp(st.st_mtime, UTC), None
 
 
