@@ -39,7 +39,7 @@ from conftest import (
     tmp_files,
 )
 
-from fgm_consolidator import companions, merge, scan
+from fgm_consolidator import companions, merge, scan, service
 from fgm_consolidator.cli import main
 from fgm_consolidator.journal import Journal, UnreadableRecord
 from fgm_consolidator.layout import MONITOR_ROTATION_S, default_journal_path
@@ -618,12 +618,13 @@ def test_a_label_type_conflict_keeps_files_in_separate_outputs(node: Node) -> No
 
 
 def test_a_file_kept_apart_by_its_schema_is_named_once_and_listed_by_a_dry_run(
-    node: Node, events: list[Event]
+    node: Node, events: list[Event], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One file whose label column changed type among files that agree: it can join neither
     neighbour, so it is never merged and its window keeps two outputs beside it. Nothing said
     why: no log line, no dry-run line, `status` healthy. Found by a bad-input review
     (helper-44)."""
+    monkeypatch.setattr(service, "_told_apart", set())  # as a service starts
     node.arrive(range(8))
     keep_mtime(node.path(3), int_pod_names)
     odd = metrics_name(3)

@@ -346,7 +346,7 @@ def _metrics(
 def _print_plan(data_dir: Path, journal_path: Path, policy: Policy) -> int:
     """Returns how many partitions, or folders of them, could not be planned; each is printed
     with its error. Folders left alone are printed as `status` prints them; one that could not
-    be listed counts as not planned (its partitions were invisible here, exit 0)."""
+    be listed counts as not planned (its partitions were once invisible here, and exit 0)."""
     merges = files = failed = 0
     partitions, left_alone = walk_partitions(data_dir)
     for folder in left_alone:

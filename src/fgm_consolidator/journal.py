@@ -346,13 +346,12 @@ class Journal:
         self.db.execute("PRAGMA foreign_keys=ON")
         self._check_integrity()
         self._check_ours()  # before WAL mode, which is written into the file's header
-        if not read_only:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
         if read_only:
             self._check_version()
             self._check_set_up()
             return
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
         if self._user_version() == 0:
             self._sync_new_names()
         self._migrate()
