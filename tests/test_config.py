@@ -145,6 +145,19 @@ def test_a_data_dir_that_is_not_writable_is_refused(
     assert os.listdir(read_only) == []
 
 
+def dry_run_with_mode(
+    unprivileged: list[str], data_dir: Path, folder: Path, mode: int
+) -> subprocess.CompletedProcess[str]:
+    """`run --dry-run` as a user whom file modes bind, `folder` at `mode` meanwhile."""
+    folder.chmod(mode)
+    try:
+        return run_as(
+            unprivileged, "run", "--dry-run", "--data-dir", str(data_dir), "--min-age", "0"
+        )
+    finally:
+        folder.chmod(0o755)
+
+
 def test_a_dry_run_plans_a_data_dir_it_may_not_write(
     data_dir: Path, unprivileged: list[str]
 ) -> None:
@@ -152,13 +165,7 @@ def test_a_dry_run_plans_a_data_dir_it_may_not_write(
     mounted read-only can be planned. It was refused like a real run."""
     generate(data_dir, small_spec())
     before = sorted(p.name for p in data_dir.rglob("*"))
-    data_dir.chmod(0o555)
-    try:
-        proc = run_as(
-            unprivileged, "run", "--dry-run", "--data-dir", str(data_dir), "--min-age", "0"
-        )
-    finally:
-        data_dir.chmod(0o755)
+    proc = dry_run_with_mode(unprivileged, data_dir, data_dir, 0o555)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run: 1 merges of 24 files planned; nothing was changed" in proc.stdout
     assert sorted(p.name for p in data_dir.rglob("*")) == before
@@ -172,13 +179,7 @@ def test_a_dry_run_names_a_day_folder_it_cannot_list_and_exits_1(
     `kind=error` line and exit 1. Found by a bad-input review (helper-44)."""
     generate(data_dir, small_spec())
     [day] = data_dir.glob("dt=*")
-    day.chmod(0o000)
-    try:
-        proc = run_as(
-            unprivileged, "run", "--dry-run", "--data-dir", str(data_dir), "--min-age", "0"
-        )
-    finally:
-        day.chmod(0o755)
+    proc = dry_run_with_mode(unprivileged, data_dir, day, 0o000)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert f'kind=skipped path="{day}" reason="cannot be listed: Permission denied"' in lines
