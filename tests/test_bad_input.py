@@ -480,6 +480,8 @@ def test_corrupt_pages_behind_a_good_footer_roll_the_merge_back(
     }
     [failed] = report.failed
     assert failed.error is not None and path.name in failed.error
+    # counted with the scan's unreadable files: the pass's summary said unreadable=0
+    assert [(key, bad.name) for key, bad in report.unreadable] == [(KEY, path.name)]
     assert {p.name: (fingerprint(p), fingerprint(companion(p))) for p in window} == prints
     assert not (node.folder / consolidated_name(10, 19)).exists()
     assert not companion(node.folder / consolidated_name(10, 19)).exists()

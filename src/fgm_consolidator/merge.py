@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 
@@ -56,6 +57,19 @@ class MergeOutcome:
     # The failure lies on our side of the disk (no space, EIO, a check of our own output), not
     # in a source: the same merge would fail again right now, so the service backs off.
     retry_later: bool = False
+    # Sources (or companions) the merge found unreadable where the scan could not: corrupt
+    # pages behind a good footer, a companion that does not decode. Counted with the scan's.
+    unreadable: tuple[UnreadableFile, ...] = ()
+
+
+class _Ended(NamedTuple):
+    """Where `_write_and_finish` left a merge; see MergeOutcome for each field."""
+
+    state: MergeState
+    size: int | None
+    error: str | None
+    retry_later: bool = False
+    unreadable: tuple[UnreadableFile, ...] = ()
 
 
 def lineage_of(merge_id: int, plan: MergePlan) -> dict[bytes, bytes]:
@@ -82,20 +96,19 @@ def execute(
         has_companion=_has_companion(plan),
     )
     with context(merge_id=merge_id, partition=plan.partition, output=plan.output):
-        state, size, error, retry_later = _write_and_finish(
-            journal, data_dir, plan, policy, merge_id, should_abort
-        )
+        ended = _write_and_finish(journal, data_dir, plan, policy, merge_id, should_abort)
     return MergeOutcome(
         merge_id,
         plan.partition,
         plan.output,
-        state,
+        ended.state,
         len(plan.sources),
         plan.rows_in,
         plan.bytes_in,
-        size,
-        error,
-        retry_later,
+        ended.size,
+        ended.error,
+        ended.retry_later,
+        ended.unreadable,
     )
 
 
@@ -110,9 +123,8 @@ def _write_and_finish(
     policy: Policy,
     merge_id: int,
     should_abort: Callable[[], bool],
-) -> tuple[MergeState, int | None, str | None, bool]:
-    """From `planned` to a terminal state: the state reached, the output's size, the error,
-    and whether the failure is on our side of the disk (see MergeOutcome.retry_later)."""
+) -> _Ended:
+    """From `planned` to a terminal state."""
     folder = data_dir / plan.partition
     journal.transition(merge_id, MergeState.WRITING, actor=MERGE_ACTOR)
     try:
@@ -133,10 +145,11 @@ def _write_and_finish(
         actor = STOP_ACTOR if isinstance(exc, MergeAborted) else MERGE_ACTOR
         reason = described(exc, folder / tmp_name(plan.output))
         roll_back(journal, folder, merge_id, plan.output, error=reason, actor=actor, keep=foreign)
+        bad: tuple[UnreadableFile, ...] = ()
         if isinstance(exc, SourceReadError):
-            _remember_unreadable(journal, folder, plan, exc)
+            bad = _remember_unreadable(journal, folder, plan, exc)
         not_ours = (SourceReadError, SourceChangedError, MergeAborted)
-        return MergeState.ROLLED_BACK, None, reason, not isinstance(exc, not_ours)
+        return _Ended(MergeState.ROLLED_BACK, None, reason, not isinstance(exc, not_ours), bad)
     except Exception as exc:
         # A bug, or an input no check foresaw (two once surfaced as a KeyError and a TypeError
         # in the sort). Nothing is published before `written`, so rolling back is as safe here
@@ -144,7 +157,7 @@ def _write_and_finish(
         unexpected = Unexpected.of(exc)
         log_event(log, "merge-crashed", logging.ERROR, **unexpected.fields)
         roll_back(journal, folder, merge_id, plan.output, error=unexpected.text, actor=MERGE_ACTOR)
-        return MergeState.ROLLED_BACK, None, unexpected.text, True
+        return _Ended(MergeState.ROLLED_BACK, None, unexpected.text, retry_later=True)
     journal.record_written(
         merge_id,
         rows=result.rows,
@@ -154,7 +167,7 @@ def _write_and_finish(
     )
     record = journal.merge(merge_id)
     state, error = finish(journal, folder, record, actor=MERGE_ACTOR, written=result.identity)
-    return state, result.size, error, False
+    return _Ended(state, result.size, error)
 
 
 def _check_sources(folder: Path, plan: MergePlan) -> None:
@@ -241,13 +254,14 @@ def report_unreadable(journal: Journal, partition: str, bad: UnreadableFile) -> 
 
 def _remember_unreadable(
     journal: Journal, folder: Path, plan: MergePlan, exc: SourceReadError
-) -> None:
+) -> tuple[UnreadableFile, ...]:
     """Exclude the culprit from later merges until it changes, so it cannot block its partition.
 
     A companion that fails is recorded itself, and its parquet file waits for the companion to
     change or go (see scan): recorded under the parquet file's version, replacing or deleting a
     torn companion never brought its file back, and the report named the wrong file."""
     culprit = Path(exc.path or "").name
+    found = []
     for source in plan.sources:
         if culprit not in (source.name, companion_name(source.name)):
             continue
@@ -262,6 +276,8 @@ def _remember_unreadable(
         else:
             bad = UnreadableFile(culprit, durable.FileIdentity.of(st), exc.reason, st.st_ctime_ns)
         report_unreadable(journal, plan.partition, bad)
+        found.append(bad)
+    return tuple(found)
 
 
 def roll_back(

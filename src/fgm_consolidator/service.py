@@ -317,6 +317,7 @@ def _consolidate_partition(
         )
         memory.release()
         report.merges.append(outcome)
+        report.unreadable.extend((partition, bad) for bad in outcome.unreadable)
         log_outcome(outcome)
         settings.observer.observe_merge(outcome)
         if outcome.state is MergeState.SOURCES_DELETED:
