@@ -400,14 +400,12 @@ class Journal:
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
             )
         ]
-        if (self._user_version() == 0 and tables) or (
-            self._user_version() > 0 and "merges" not in tables
-        ):
+        version = self._user_version()
+        if (version == 0 and tables) or (version > 0 and "merges" not in tables):
             shown = ", ".join(sorted(tables)[:5]) or "none"
             raise JournalError(
                 f"not a journal of fgm-consolidator: another program's database (schema "
-                f"version {self._user_version()}, tables: {shown}); give --journal a path of "
-                "its own",
+                f"version {version}, tables: {shown}); give --journal a path of its own",
                 self.path,
             )
 
