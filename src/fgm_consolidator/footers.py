@@ -212,8 +212,18 @@ def _mostly_plain(metadata: pq.FileMetaData) -> frozenset[str]:
     return frozenset(found)
 
 
+# Encodings pyarrow cannot decode into a dictionary ("Not yet implemented: DecodeArrow of
+# DictAccumulator"): arrow-rs, the monitor's writer, falls back to DELTA_BYTE_ARRAY for text
+# under PARQUET_2_0 once a dictionary page is full, or for a column without a dictionary.
+DELTA_TEXT = frozenset({"DELTA_BYTE_ARRAY", "DELTA_LENGTH_BYTE_ARRAY"})
+
+
 def _stored_plain(chunk: pq.ColumnChunkMetaData) -> bool:
-    if chunk.physical_type != "BYTE_ARRAY" or chunk.num_values < PLAIN_MIN_VALUES:
+    if chunk.physical_type != "BYTE_ARRAY":
+        return False
+    if not DELTA_TEXT.isdisjoint(chunk.encodings):
+        return True  # read dictionary-encoded, the file would be taken for unreadable
+    if chunk.num_values < PLAIN_MIN_VALUES:
         return False
     stored, values = chunk.total_uncompressed_size, chunk.num_values
     if chunk.path_in_schema == METRIC_NAME:
