@@ -1,3 +1,5 @@
+import re
+
 import pyarrow as pa
 import pytest
 
@@ -51,14 +53,52 @@ def test_labels_that_differ_only_in_case_never_meet_in_one_output() -> None:
     assert sorted(unify([both, flat("pod")]).names) == sorted(both.names)
 
 
-def test_a_label_keeps_the_first_sources_field_metadata() -> None:
+def test_a_label_keeps_the_field_metadata_its_sources_share() -> None:
     tagged = pa.schema([*BASE, pa.field("l_pod", UTF8).with_metadata({b"k": b"v"}), HIST])
-    assert unify([tagged, flat("pod")]).field("l_pod").metadata == {b"k": b"v"}
+    assert unify([tagged, tagged, flat("other")]).field("l_pod").metadata == {b"k": b"v"}
     strict = pa.schema(
         [*BASE, pa.field("l_pod", UTF8, nullable=False).with_metadata({b"k": b"v"}), HIST]
     )
-    widened = unify([strict, flat("pod")]).field("l_pod")
+    widened = unify([strict, tagged]).field("l_pod")
     assert widened.nullable and widened.metadata == {b"k": b"v"}
+
+
+def tag(schema: pa.Schema, column: str, value: bytes) -> pa.Schema:
+    index = schema.get_field_index(column)
+    return schema.set(index, schema.field(index).with_metadata({b"unit": value}))
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "message"),
+    [
+        (
+            tag(flat("pod"), "l_pod", b"a"),
+            flat("pod"),
+            "field metadata of l_pod differs: unit is 'a' in one source and absent in another",
+        ),
+        (
+            tag(flat("pod"), "value_float", b"s"),
+            tag(flat("pod"), "value_float", b"ms"),
+            "field metadata of value_float differs: unit is 's' in one source and 'ms'",
+        ),
+        (
+            flat("pod").with_metadata({b"version": b"1"}),
+            flat("pod"),
+            "key-value metadata differs: version is '1' in one source and absent in another",
+        ),
+    ],
+    ids=["label", "base column", "key-value"],
+)
+def test_sources_whose_metadata_differs_never_share_an_output(
+    one: pa.Schema, other: pa.Schema, message: str
+) -> None:
+    """An output holds one metadata of each kind: the first source's was kept, and the
+    others' were dropped without a word (an adversarial fidelity review)."""
+    for pair in ([one, other], [other, one]):
+        with pytest.raises(SchemaConflictError, match=message.split(" is ")[0]):
+            unify(pair)
+    with pytest.raises(SchemaConflictError, match=re.escape(message)):
+        unify([one, other])
 
 
 def test_eras_never_share_an_output() -> None:

@@ -35,8 +35,10 @@ def row(i: int, **labels: str | None) -> dict[str, Any]:
     }
 
 
-def write_source(data_dir: Path, rotation: int, table: pa.Table) -> Path:
-    folder = data_dir / PARTITION
+def write_source(
+    data_dir: Path, rotation: int, table: pa.Table, partition: str = PARTITION
+) -> Path:
+    folder = data_dir / partition
     folder.mkdir(parents=True, exist_ok=True)
     stamp = (PAST + timedelta(seconds=90 * rotation)).strftime("%Y%m%dT%H%M%SZ")
     path = folder / f"metrics-{stamp}.parquet"
@@ -46,14 +48,14 @@ def write_source(data_dir: Path, rotation: int, table: pa.Table) -> Path:
     return path
 
 
-def consolidate(data_dir: Path) -> Path:
+def consolidate(data_dir: Path, partition: str = PARTITION) -> Path:
     result = run_cli(
         "run", "--once", "--min-age", "0", "--min-files", "2", "--data-dir", str(data_dir)
     )
     assert result.returncode == 0, result.stderr
-    outputs = sorted((data_dir / PARTITION).glob("consolidated-*.parquet"))
-    assert len(outputs) == 1, sorted(p.name for p in (data_dir / PARTITION).iterdir())
-    assert not list((data_dir / PARTITION).glob("metrics-*.parquet"))
+    outputs = sorted((data_dir / partition).glob("consolidated-*.parquet"))
+    assert len(outputs) == 1, sorted(p.name for p in (data_dir / partition).iterdir())
+    assert not list((data_dir / partition).glob("metrics-*.parquet"))
     return outputs[0]
 
 
@@ -103,3 +105,43 @@ def test_field_metadata_of_a_label_column_survives_consolidation(data_dir: Path)
     written = pq.read_schema(output)
     assert written.field("value_float").metadata == tagged
     assert written.field("l_pod_name").metadata == tagged
+
+
+def unit_schema(unit: bytes) -> pa.Schema:
+    value_float = BASE[6].with_metadata({b"unit": unit})
+    return pa.schema([*BASE[:6], value_float, pa.field("l_container_id", pa.utf8()), HISTOGRAM])
+
+
+def test_field_metadata_stays_with_its_partition(data_dir: Path) -> None:
+    """Footers of one era and label set shared one schema object, found by schema equality,
+    which ignores field metadata: the second partition's output carried the first one's."""
+    units = {"pod-a": b"seconds", "pod-b": b"milliseconds"}
+    for pod, unit in units.items():
+        for rotation in range(2):
+            rows = [row(10 * rotation + i, container_id="c1") for i in range(4)]
+            table = pa.Table.from_pylist(rows, unit_schema(unit))
+            write_source(data_dir, rotation, table, f"dt=2025-12-30/identifier={pod}")
+
+    for pod, unit in units.items():
+        output = consolidate(data_dir, f"dt=2025-12-30/identifier={pod}")
+        assert pq.read_schema(output).field("value_float").metadata == {b"unit": unit}
+
+
+def test_sources_whose_metadata_differs_are_kept_apart(data_dir: Path) -> None:
+    """The output took the first source's metadata and dropped the others' without a word."""
+    units = [b"seconds", b"seconds", b"milliseconds", b"milliseconds"]
+    for rotation, unit in enumerate(units):
+        rows = [row(10 * rotation + i, container_id="c1") for i in range(4)]
+        write_source(data_dir, rotation, pa.Table.from_pylist(rows, unit_schema(unit)))
+
+    result = run_cli(
+        "run", "--once", "--min-age", "0", "--min-files", "2", "--data-dir", str(data_dir)
+    )
+
+    assert result.returncode == 0, result.stderr
+    outputs = sorted((data_dir / PARTITION).glob("consolidated-*.parquet"))
+    assert [pq.read_schema(p).field("value_float").metadata for p in outputs] == [
+        {b"unit": b"seconds"},
+        {b"unit": b"milliseconds"},
+    ]
+    assert not list((data_dir / PARTITION).glob("metrics-*.parquet"))

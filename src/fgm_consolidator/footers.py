@@ -60,7 +60,7 @@ class Footer:
 
 _seen: dict[Path, tuple[int, Footer]] = {}  # path -> (the pass that last looked, its footer)
 _pass = 0
-_schemas: dict[tuple[pa.Schema, tuple[tuple[bytes, bytes], ...]], pa.Schema] = {}
+_schemas: dict[bytes, pa.Schema] = {}
 
 
 def _shared(schema: pa.Schema) -> pa.Schema:
@@ -68,8 +68,9 @@ def _shared(schema: pa.Schema) -> pa.Schema:
     footers costs little more than remembering their names."""
     if len(_schemas) > CAPACITY:
         _schemas.clear()
-    # Schema equality ignores key-value metadata; the key does not.
-    key = (schema, tuple(sorted((schema.metadata or {}).items())))
+    # Schema equality ignores field metadata, so files of one partition were handed another
+    # partition's field metadata, and their output wrote it: the serialized schema holds all.
+    key = schema.serialize().to_pybytes()
     return _schemas.setdefault(key, schema)
 
 

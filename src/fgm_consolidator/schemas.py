@@ -121,7 +121,9 @@ def unify(schemas: Sequence[pa.Schema]) -> pa.Schema:
     """The output schema for sources with these schemas, or SchemaConflictError.
 
     Non-label columns must agree exactly, in order. Label columns are the union, sorted by key
-    and placed where the monitor puts them: before `value_histogram`, or last.
+    and placed where the monitor puts them: before `value_histogram`, or last. Key-value and
+    field metadata must agree too: an output holds one of each, and keeping the first
+    source's silently dropped the others' (and the monitor writes the same in every file).
     """
     if not schemas:
         raise ValueError("unify needs at least one schema")
@@ -131,11 +133,14 @@ def unify(schemas: Sequence[pa.Schema]) -> pa.Schema:
     for schema in schemas:
         if era_of(schema) != era_of(first):
             raise SchemaConflictError(f"schema eras differ: {era_of(first)} and {era_of(schema)}")
+        _check_same_metadata("key-value metadata", _plain_metadata(first), _plain_metadata(schema))
         other = _base_fields(schema)
         if [f.remove_metadata() for f in other] != [f.remove_metadata() for f in base]:
             raise SchemaConflictError(
                 f"non-label columns differ: {_describe(base)} and {_describe(other)}"
             )
+        for known, field in zip(base, other, strict=True):
+            _check_same_metadata(f"field metadata of {field.name}", known.metadata, field.metadata)
         for field in schema:
             if not is_label(field.name):
                 continue
@@ -146,8 +151,10 @@ def unify(schemas: Sequence[pa.Schema]) -> pa.Schema:
                     f"{field.type} in another"
                 )
             if known is None:
-                labels[field.name] = field  # its metadata, as for a non-label column: the first's
-            elif field.nullable and not known.nullable:
+                labels[field.name] = field
+                continue
+            _check_same_metadata(f"field metadata of {field.name}", known.metadata, field.metadata)
+            if field.nullable and not known.nullable:
                 labels[field.name] = known.with_nullable(True)
     for name, field in labels.items():
         if any(name not in schema.names for schema in schemas):
@@ -174,6 +181,27 @@ def _case_clash(schemas: Sequence[pa.Schema], labels: Collection[str]) -> list[s
         if len(names) > 1 and not any(set(names) <= set(s.names) for s in schemas):
             return sorted(names)
     return []
+
+
+def _check_same_metadata(
+    what: str, one: dict[bytes, bytes] | None, other: dict[bytes, bytes] | None
+) -> None:
+    """SchemaConflictError naming the first key whose value differs between `one` and
+    `other`, either absent."""
+    one, other = one or {}, other or {}
+    for key in sorted(one.keys() | other.keys()):
+        if one.get(key) != other.get(key):
+            raise SchemaConflictError(
+                f"{what} differs: {key.decode(errors='replace')}"
+                f" is {_shown(one.get(key))} in one source and {_shown(other.get(key))} in another"
+            )
+
+
+def _shown(value: bytes | None, limit: int = 60) -> str:
+    if value is None:
+        return "absent"
+    text = value.decode(errors="replace")
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _plain_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
