@@ -356,8 +356,9 @@ def test_union_version_is_max_and_encodes() -> None:
 def test_union_takes_the_labels_a_later_companion_knows_of_a_container() -> None:
     """A monitor upgraded mid-window writes a v1 companion, then v2 ones listing the same
     container with its labels. First-wins kept the v1 entry, so the labels the viewer showed
-    for the sources vanished from the consolidated file. The labelled entry now fills the
-    unlabelled one in its place; between two labelled entries the first still wins."""
+    for the sources vanished from the consolidated file. The labels now fill in the
+    unlabelled entry in its place; between two labelled entries the first still wins, and
+    so does the first of two values of any field."""
     v1 = ContainerSidecar(1, (c("aaa", qos="first"), c("bbb")))
     v2 = ContainerSidecar(
         2, (c("aaa", qos="second", labels=(("x", "y"),)), c("bbb", labels=(("k", "v"),)))
@@ -365,7 +366,21 @@ def test_union_takes_the_labels_a_later_companion_knows_of_a_container() -> None
     later = ContainerSidecar(2, (c("bbb", labels=(("k", "other"),)),))
     result = union([v1, v2, later])
     assert result == ContainerSidecar(
-        2, (c("aaa", qos="second", labels=(("x", "y"),)), c("bbb", labels=(("k", "v"),)))
+        2, (c("aaa", qos="first", labels=(("x", "y"),)), c("bbb", labels=(("k", "v"),)))
+    )
+
+
+def test_union_fills_in_what_a_later_companion_learnt_of_a_container() -> None:
+    """A container listed before the monitor knew its pod, then with it: the first entry was
+    kept whole, and its name, namespace and pod uid were lost with the sources' companions
+    (an adversarial fidelity review). What both entries know keeps the first's value."""
+    early = Container("aaa", "pod", None, None, None, "Burstable", None)
+    learnt = Container("aaa", "other-pod", "app", "ns", "uid-1", "Guaranteed", (("k", "v"),))
+    result = union([ContainerSidecar(2, (early,)), ContainerSidecar(2, (learnt, c("bbb")))])
+    filled = Container("aaa", "pod", "app", "ns", "uid-1", "Burstable", (("k", "v"),))
+    assert result == ContainerSidecar(2, (filled, c("bbb")))
+    assert union([ContainerSidecar(2, (learnt,)), ContainerSidecar(2, (early,))]) == (
+        ContainerSidecar(2, (learnt,))
     )
 
 

@@ -158,15 +158,26 @@ def describe(schema: pa.Schema) -> list[tuple[str, pa.DataType, bool]]:
 
 
 def union_by_id(sidecars: list[ContainerSidecar]) -> list[Container]:
-    """First occurrence of each container id wins and keeps its place; a labelled occurrence
-    fills in an unlabelled one."""
+    """First occurrence of each container id wins and keeps its place; a later occurrence
+    fills in the options it lacks (labels, pod, names)."""
     seen: dict[str, Container] = {}
     for sidecar in sidecars:
         for container in sidecar.containers:
-            known = seen.get(container.container_id)
-            if known is None or (known.labels is None and container.labels is not None):
-                seen[container.container_id] = container
+            known = seen.setdefault(container.container_id, container)
+            seen[container.container_id] = Container(
+                known.container_id,
+                first_known(known.pod_name, container.pod_name),
+                first_known(known.container_name, container.container_name),
+                first_known(known.namespace, container.namespace),
+                first_known(known.pod_uid, container.pod_uid),
+                known.qos_class,
+                first_known(known.labels, container.labels),
+            )
     return list(seen.values())
+
+
+def first_known(value: Any, later: Any) -> Any:
+    return later if value is None else value
 
 
 def disk_state(data_dir: Path) -> dict[str, tuple[int, int, int, str]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import durable
@@ -235,13 +235,11 @@ def read_companion(path: Path) -> ContainerSidecar:
 def union(sidecars: Iterable[ContainerSidecar]) -> ContainerSidecar | None:
     """Merge the companions of files being consolidated into the one for their output.
 
-    The first occurrence of a container id wins and keeps its place, so the result is
-    deterministic given the order of the inputs, except that an occurrence with labels takes
-    the place of one without: a monitor upgraded mid-window lists a container in a version 1
-    companion, then with its labels in version 2 ones, and first-wins dropped those labels
-    from the viewer. The version is the highest among the inputs so that no labels are lost;
-    version 1 containers then simply carry no labels. ``None`` means there was nothing to
-    merge, which is different from an empty companion.
+    The first occurrence of a container id keeps its place and its values, so the result is
+    deterministic given the order of the inputs; what it does not know (an option that is
+    none) a later occurrence fills in (`_filled`). The version is the highest among the
+    inputs so that no labels are lost; version 1 containers then simply carry no labels.
+    ``None`` means there was nothing to merge, which is different from an empty companion.
     """
     version: int | None = None
     seen: dict[str, Container] = {}
@@ -249,11 +247,28 @@ def union(sidecars: Iterable[ContainerSidecar]) -> ContainerSidecar | None:
         version = sidecar.version if version is None else max(version, sidecar.version)
         for container in sidecar.containers:
             known = seen.get(container.container_id)
-            if known is None or (known.labels is None and container.labels is not None):
-                seen[container.container_id] = container  # a dict keeps the key's place
+            # a dict keeps the key's place
+            seen[container.container_id] = container if known is None else _filled(known, container)
     if version is None:
         return None
     return ContainerSidecar(version=version, containers=tuple(seen.values()))
+
+
+# What a companion may not know yet of a container, or not at all (labels before version 2).
+_OPTIONS = ("pod_name", "container_name", "namespace", "pod_uid", "labels")
+
+
+def _filled(known: Container, later: Container) -> Container:
+    """`known` with the options it lacks taken from a later occurrence: a monitor upgraded
+    mid-window lists a container in a version 1 companion, then with its labels in version 2
+    ones, and one may list a container before it knows the pod; keeping the first occurrence
+    whole dropped what the later ones said from the viewer."""
+    learnt = {
+        name: getattr(later, name)
+        for name in _OPTIONS
+        if getattr(known, name) is None and getattr(later, name) is not None
+    }
+    return replace(known, **learnt) if learnt else known
 
 
 def missing_from(outer: ContainerSidecar, inner: ContainerSidecar) -> set[str]:
