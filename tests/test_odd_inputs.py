@@ -74,6 +74,28 @@ def test_map_era_outputs_are_merged_again_with_their_neighbours(data_dir: Path) 
     assert check(data_dir, expected).violations == []
 
 
+def test_what_reads_a_map_era_output_and_what_cannot(data_dir: Path) -> None:
+    """The README's list (Output layout): pyarrow reads a map-era file of several row groups
+    a row group at a time, and not across them. Should pyarrow lift the limit, this fails
+    and the README changes."""
+    map_era(data_dir, rotations=3)
+    expected = expected_rows(data_dir)
+    assert run_once(data_dir) == 0
+    [output] = data_files(data_dir)
+    parquet = pq.ParquetFile(output)
+    assert parquet.num_row_groups > 1
+    rows = pq.read_table(output).num_rows
+    groups = [parquet.read_row_group(i).num_rows for i in range(parquet.num_row_groups)]
+    batches = [
+        batch.num_rows
+        for i in range(parquet.num_row_groups)
+        for batch in parquet.iter_batches(row_groups=[i])
+    ]
+    assert rows == sum(groups) == sum(batches) == sum(expected.values())
+    with pytest.raises(pa.ArrowNotImplementedError, match="Nested data conversions"):
+        parquet.read()
+
+
 def test_a_map_era_file_of_many_row_groups_is_merged(data_dir: Path) -> None:
     """The monitor cuts a row group at about 1M rows, so a busy map-era file can hold several:
     such a file was reported unreadable and never merged."""
