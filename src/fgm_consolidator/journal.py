@@ -11,7 +11,7 @@ import errno
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -119,6 +119,10 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
+# Bound parameters per query: SQLite's limit is 999 in older builds.
+_NAMES_PER_QUERY = 500
+
+
 @dataclass(frozen=True)
 class SourceRecord:
     """A source as journaled: enough to find it, prove it unchanged, and account for its rows."""
@@ -128,6 +132,18 @@ class SourceRecord:
     rows: int
     schema_fingerprint: str
     companion: FileIdentity | None
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """A source a finished merge deleted: its size and rows, and the output that took them."""
+
+    merge_id: int
+    name: str
+    size: int
+    rows: int
+    output: str
+    output_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -920,6 +936,27 @@ class Journal:
             [partition, output, name, str(MergeState.SOURCES_DELETED)],
         ).fetchone()
         return found is not None
+
+    def deletions(
+        self, partition: str, names: Collection[str], *, after_merge: int = 0
+    ) -> list[Deletion]:
+        """The sources named `names` that finished merges of `partition` later than
+        `after_merge` deleted, in merge order. Reads that partition's merges only (a day's
+        worth), and is asked only of the monitor's files a pass finds eligible."""
+        found: list[Deletion] = []
+        ordered = sorted(names)
+        for start in range(0, len(ordered), _NAMES_PER_QUERY):
+            chunk = ordered[start : start + _NAMES_PER_QUERY]
+            rows = self.db.execute(
+                "SELECT m.id, s.name, s.size, s.rows, m.output, m.output_bytes"
+                " FROM merges m JOIN sources s ON s.merge_id = m.id"
+                f" WHERE m.partition = ? AND m.id > ? AND s.name IN ({', '.join('?' * len(chunk))})"
+                " AND (SELECT state FROM transitions t WHERE t.merge_id = m.id"
+                " ORDER BY t.id DESC LIMIT 1) = ?",
+                [partition, after_merge, *chunk, str(MergeState.SOURCES_DELETED)],
+            ).fetchall()
+            found.extend(Deletion(*row) for row in rows)
+        return sorted(found, key=lambda d: (d.merge_id, d.name))
 
     def record_released(self, partition: str, name: str, footer: str, output: str) -> None:
         """Lineage recovery found none of the rows of this version of `name` in `output`,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from . import lineage
 from .errors import SchemaConflictError
-from .journal import Journal, UnreadableRecord
+from .journal import Deletion, Journal, UnreadableRecord
 from .layout import companion_name, format_consolidated, parse_data_file, partition_day
 from .scan import PartitionScan, SourceFile, scan_partition
 from .schemas import Era, era_of, unify
@@ -77,13 +77,15 @@ class MergePlan:
 @dataclass(frozen=True)
 class Skipped:
     """Files old enough to merge that this pass leaves as they are, and why: a group whose
-    output name is taken (invariant 5), or a monitor's file kept apart by its schema, with no
-    neighbour in its window to merge with."""
+    output name is taken (invariant 5), a monitor's file kept apart by its schema, with no
+    neighbour in its window to merge with, or one whose rows an output holds already
+    (`merged_before`), which only a person may remove."""
 
     partition: str
-    output: str | None  # the group's output; None for a file kept apart
+    output: str | None  # the group's output; None for a file kept apart or held
     sources: tuple[str, ...]
     reason: str
+    needs_person: bool = False
 
 
 def _name_taken(partition: str, output: str, sources: tuple[str, ...], taken: str) -> Skipped:
@@ -239,6 +241,61 @@ def shown_new(journal: Journal | None, partition: str) -> lineage.ShownNew:
     return new
 
 
+# Generations of outputs followed from a deleted source to the output that holds its rows: an
+# hour's window is merged again a few times as it fills, never this often.
+MAX_GENERATIONS = 64
+
+
+def merged_before(journal: Journal | None, scan: PartitionScan) -> list[Skipped]:
+    """The eligible monitor's files that a finished merge deleted and that are here again (a
+    backup restored over the data directory), whose rows an output here holds by the
+    journal's account: merged again, they would be there twice for good. An output that
+    lists the file itself proves and removes it (the lineage check); one that took those rows
+    from an output merged since lists only that output, so such a file is held here for a
+    person. A file is the deleted one when its name, size and rows are (the mtime a restore
+    may not keep); a file whose rows no output here holds is left to be merged."""
+    eligible = {s.name: s for s in scan.eligible if s.file.kind == "metrics"}
+    if journal is None or not eligible:
+        return []
+    held = []
+    for deletion in journal.deletions(scan.partition, eligible):
+        source = eligible.get(deletion.name)
+        if source is None or (source.identity.size, source.rows) != (deletion.size, deletion.rows):
+            continue
+        holder = _holder_of(journal, scan, deletion)
+        if holder is not None:
+            del eligible[deletion.name]
+            reason = (
+                f"merge {deletion.merge_id} merged it into {deletion.output} and deleted it;"
+                f" it is here again (a restored backup?), and {holder} holds its rows: remove"
+                " it (merged again, its rows would be there twice); until then no merge takes it"
+            )
+            held.append(Skipped(scan.partition, None, (deletion.name,), reason, True))
+    return held
+
+
+def _holder_of(journal: Journal, scan: PartitionScan, deletion: Deletion) -> str | None:
+    """The output here that holds the rows `deletion` took away, following each output to the
+    finished merge that took it in turn. None when the first output is here (it lists the
+    file, and the lineage check settles it) or the trail ends with no output here (the file
+    may then hold the only copy of its rows)."""
+    step = deletion
+    for _generation in range(MAX_GENERATIONS):
+        if step.output in scan.names:
+            return None if step is deletion else step.output
+        if step.output_bytes is None:
+            return None
+        taken = [
+            later
+            for later in journal.deletions(scan.partition, [step.output], after_merge=step.merge_id)
+            if later.size == step.output_bytes
+        ]
+        if not taken:
+            return None
+        step = taken[0]
+    return None
+
+
 def plan_one(
     data_dir: Path, partition: str, policy: Policy, journal: Journal | None, now: float
 ) -> tuple[PartitionScan, list[MergePlan], list[Skipped]]:
@@ -267,6 +324,11 @@ def plan_one(
         # Removed since the walk listed it (a pod's folder cleaned up): an empty partition,
         # not a failure that fails the pass and backs off a name that no longer exists.
         return PartitionScan(partition, folder, (), (), 0, frozenset()), [], []
+    restored = merged_before(journal, scan)
+    if restored:
+        names = {skip.sources[0] for skip in restored}
+        eligible = tuple(s for s in scan.eligible if s.name not in names)
+        scan = replace(scan, eligible=eligible, held=scan.held | names)
     today = datetime.fromtimestamp(now, UTC).date()
     plans, skipped = plan_partition(scan, policy, today)
-    return scan, plans, skipped
+    return scan, plans, skipped + restored

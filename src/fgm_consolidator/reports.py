@@ -115,10 +115,12 @@ def skipped_fields(folder: SkippedFolder) -> dict[str, Any]:
 
 
 def skipped_merge_fields(partition: str, skip: Skipped) -> dict[str, Any]:
-    """A group whose output name is taken by its `output`; a file kept apart by its name."""
+    """A group whose output name is taken by its `output`; a file kept apart or held, by its
+    name."""
     if skip.output is None:
+        kind = "held" if skip.needs_person else "apart"
         file = skip.sources[0]
-        return {"kind": "apart", "partition": partition, "file": file, "reason": skip.reason}
+        return {"kind": kind, "partition": partition, "file": file, "reason": skip.reason}
     return {"kind": "skipped", "partition": partition, "output": skip.output, "reason": skip.reason}
 
 

@@ -283,7 +283,7 @@ def _log_skipped(skip: Skipped) -> None:
     _told_apart.add(told)
     log_event(
         log,
-        "file-kept-apart",
+        "file-held" if skip.needs_person else "file-kept-apart",
         logging.WARNING,
         partition=skip.partition,
         file=skip.sources[0],

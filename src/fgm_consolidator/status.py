@@ -46,7 +46,7 @@ from .journal import (
 )
 from .layout import SkippedFolder, lock_path, walk_partitions
 from .lineage import ShownNew
-from .plan import Policy, plan_one, shown_new, waiting_metrics
+from .plan import Policy, Skipped, plan_one, shown_new, waiting_metrics
 from .recovery import LineageAction, ProofGuard, hold, judge_partition
 from .retention import journal_bytes
 from .scan import UnreadableFile, still_on_disk
@@ -100,6 +100,7 @@ class Status:
     held: tuple[tuple[str, Hold], ...]  # partitions whose latest merges died with the process
     failing: tuple[tuple[str, Failures], ...]  # partitions whose latest merges failed
     skipped: tuple[SkippedFolder, ...]  # folders named like partitions that are not walked
+    restored: tuple[Skipped, ...]  # files merged before and here again (`plan.merged_before`)
     journal_bytes: int
     problems: tuple[Problem, ...]
 
@@ -163,6 +164,7 @@ class _Look:
     failing: list[tuple[str, Failures]] = field(default_factory=list)
     # named like partitions and left alone (symbolic links)
     skipped: list[SkippedFolder] = field(default_factory=list)
+    restored: list[Skipped] = field(default_factory=list)
 
 
 def _lineage_check(
@@ -205,6 +207,7 @@ def _look_at_partitions(
             continue
         look.unreadable.extend(found.unreadable)
         look.lineage.extend(found.lineage)
+        look.restored.extend(found.restored)
         if found.held is not None:
             look.held.append((partition, found.held))
         if found.failing is not None:
@@ -221,6 +224,7 @@ class _PartitionLook:
     lineage: list[LineageAction]
     held: Hold | None
     failing: Failures | None
+    restored: list[Skipped]
 
 
 def _look_at_one(
@@ -232,7 +236,7 @@ def _look_at_one(
     busy: set[tuple[str, str]],
     interval_s: float,
 ) -> _PartitionLook:
-    scan, plans, _ = plan_one(data_dir, partition, policy, journal, now.timestamp())
+    scan, plans, skipped = plan_one(data_dir, partition, policy, journal, now.timestamp())
     known = journal.unreadable(partition) if journal else []
     held = hold(journal, partition, interval_s) if journal else None
     failures = journal.failures(partition, MERGE_ACTOR) if journal else None
@@ -247,7 +251,8 @@ def _look_at_one(
     backlog = None
     if waiting or bad:  # young files alone: the monitor's current file, or our new output
         backlog = Backlog(partition, waiting, mergeable, scan.young, len(bad))
-    return _PartitionLook(backlog, bad, doubts, held, failing)
+    restored = [skip for skip in skipped if skip.needs_person]
+    return _PartitionLook(backlog, bad, doubts, held, failing, restored)
 
 
 def _backoff_s(failed_in_a_row: int, interval_s: float) -> float:
@@ -341,6 +346,10 @@ def _problems(status: Status, journal_path: Path, data_dir: Path) -> list[Proble
     found += [_held_problem(data_dir, partition, held) for partition, held in status.held]
     found += [_unexpected_problem(data_dir, b) for b in status.backlog if b.where is not None]
     found += _lineage_problems(data_dir, status.lineage)
+    found += [
+        Problem(EXIT_NEEDS_PERSON, f"{data_dir / skip.partition / skip.sources[0]}: {skip.reason}")
+        for skip in status.restored
+    ]
     return found
 
 
@@ -457,6 +466,7 @@ def compute_status(
         held=tuple(look.held),
         failing=tuple(look.failing),
         skipped=tuple(look.skipped),
+        restored=tuple(look.restored),
         journal_bytes=journal_bytes(journal_path),
         problems=(),
     )

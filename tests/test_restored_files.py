@@ -1,0 +1,112 @@
+"""A backup restored over a live data directory brings back files already merged and deleted.
+
+An output that lists such a file holds its rows, and the lineage check proves and removes it.
+Once that output was merged again, the new output lists only the old one: the restored files
+were merged a second time and their rows stayed twice for good, without a word (an adversarial
+crash-safety review, helper-45: +1,080 rows of 2,160). The journal still knows which merge
+deleted them and where their rows went, so a pass holds them out of every merge and names them,
+`status` asks a person, and a file whose rows no output here holds is merged as before.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+from conftest import PAST, consolidated_name, data_files, run_cli, small_spec
+from oracle import OracleReport, RowKey, check, check_rows, expected_rows, read_live
+
+from fgm_consolidator.simulate import generate
+
+POD = "dt=2025-12-30/identifier=pod-a"
+EXIT_NEEDS_PERSON = 3
+
+
+def run_once(data_dir: Path, *more: str) -> str:
+    result = run_cli(
+        "run", "--once", "--min-age", "0", "--min-files", "2", "--data-dir", str(data_dir), *more
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+def status(data_dir: Path) -> tuple[int, str]:
+    result = run_cli("status", "--data-dir", str(data_dir))
+    return result.returncode, result.stdout + result.stderr
+
+
+def restore(backup: Path, folder: Path) -> list[str]:
+    """`rsync -a --ignore-existing`: what the backup holds and the folder lacks."""
+    restored = []
+    for path in sorted(backup.iterdir()):
+        if not (folder / path.name).exists():
+            shutil.copy2(path, folder / path.name)
+            restored.append(path.name)
+    return restored
+
+
+def merged_twice(data_dir: Path, backup: Path) -> tuple[list[str], Counter[RowKey]]:
+    """Twelve files merged into one output, that output merged again with twelve more; then
+    the backup of the first twelve, taken before any merge, restored. The restored parquet
+    files' names, and the rows before the restore."""
+    generate(data_dir, small_spec(rotations=12))
+    shutil.copytree(data_dir / POD, backup)
+    run_once(data_dir)
+    assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 11)]
+    generate(data_dir, small_spec(rotations=12, start=PAST + timedelta(seconds=90 * 12)))
+    run_once(data_dir)
+    assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 23)]
+    expected = expected_rows(data_dir)
+    restored = restore(backup, data_dir / POD)
+    return [name for name in restored if name.endswith(".parquet")], expected
+
+
+def test_files_restored_after_their_output_was_merged_again_are_held_and_named(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    restored, expected = merged_twice(data_dir, tmp_path / "backup")
+    assert len(restored) == 12
+    output = consolidated_name(0, 23)
+
+    dry = run_cli("run", "--dry-run", "--min-age", "0", "--data-dir", str(data_dir))
+    logs = run_once(data_dir)
+
+    # nothing merged: the output and the restored files are as they were
+    assert [p.name for p in data_files(data_dir)] == sorted([output, *restored])
+    held = [line for line in logs.splitlines() if "event=file-held" in line]
+    assert len(held) == len(restored)
+    assert all(f"{output} holds its rows" in line for line in held)
+    assert sum("kind=held" in line for line in dry.stdout.splitlines()) == len(restored)
+    code, said = status(data_dir)
+    assert code == EXIT_NEEDS_PERSON
+    assert all(f"{data_dir / POD / name}: merge 1 merged it" in said for name in restored)
+
+    # what the person does: remove them (and their companions), after which all is well
+    for name in restored:
+        (data_dir / POD / name).unlink()
+        (data_dir / POD / name).with_suffix(".containers").unlink(missing_ok=True)
+    assert status(data_dir)[0] == 0
+    run_once(data_dir)
+    assert [p.name for p in data_files(data_dir)] == [output]
+    assert check(data_dir, expected).violations == []
+
+
+def test_restored_files_whose_rows_no_output_here_holds_are_merged(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The output that took their rows is gone (removed by hand): the restored files may
+    hold the only copy of their rows, so they are merged as any file is."""
+    merged_twice(data_dir, tmp_path / "backup")
+    (data_dir / POD / consolidated_name(0, 23)).unlink()
+    (data_dir / POD / consolidated_name(0, 23)).with_suffix(".containers").unlink()
+    expected = expected_rows(data_dir)
+
+    logs = run_once(data_dir)
+
+    assert "event=file-held" not in logs
+    assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 11)]
+    report = OracleReport()  # rows only: the journal's finished merge 2 lost its output by hand
+    check_rows(read_live(data_dir, report, set()), expected, report)
+    assert report.violations == []
