@@ -15,9 +15,11 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from conftest import PAST, consolidated_name, data_files, run_cli, small_spec
 from oracle import OracleReport, RowKey, check, check_rows, expected_rows, read_live
 
+from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.simulate import generate
 
 POD = "dt=2025-12-30/identifier=pod-a"
@@ -108,5 +110,56 @@ def test_restored_files_whose_rows_no_output_here_holds_are_merged(
     assert "event=file-held" not in logs
     assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 11)]
     report = OracleReport()  # rows only: the journal's finished merge 2 lost its output by hand
+    check_rows(read_live(data_dir, report, set()), expected, report)
+    assert report.violations == []
+
+
+@pytest.mark.parametrize("a_source_back", [False, True], ids=["sources gone", "a source back"])
+def test_an_older_journal_whose_merge_was_merged_again_since_is_finished(
+    data_dir: Path, tmp_path: Path, a_source_back: bool
+) -> None:
+    """A copy of the journal taken while merge 1 was unfinished, restored after its output was
+    merged again: recovery found the output missing and its sources gone, called their rows
+    lost, and the merge waited for a person for good; the rows were in the newer output. With
+    a source back in the folder too, a person decides, told where the rows are."""
+    generate(data_dir, small_spec(rotations=12))
+    first = sorted((data_dir / POD).glob("metrics-*.parquet"))[0]
+    kept = tmp_path / first.name
+    shutil.copy2(first, kept)
+    killed = run_cli(
+        "run", "--once", "--min-age", "0", "--min-files", "2", "--data-dir", str(data_dir),
+        env={"FGM_CRASH_AT": "journal:renamed"},
+    )  # fmt: skip
+    assert killed.returncode == -9
+    state = default_journal_path(data_dir).parent
+    older = tmp_path / "journal-copy"
+    older.mkdir()
+    for path in state.glob("journal.db*"):
+        shutil.copy2(path, older / path.name)
+    run_once(data_dir)  # finishes merge 1
+    generate(data_dir, small_spec(rotations=12, start=PAST + timedelta(seconds=90 * 12)))
+    run_once(data_dir)  # merges its output again
+    assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 23)]
+    expected = expected_rows(data_dir)
+    for path in state.glob("journal.db*"):
+        path.unlink()
+    for path in older.iterdir():
+        shutil.copy2(path, state / path.name)
+    if a_source_back:
+        shutil.copy2(kept, first)
+
+    recovered = run_cli("recover", "--data-dir", str(data_dir))
+
+    if a_source_back:  # the README's recipe: its rows are in the output named, so delete it
+        assert recovered.returncode == EXIT_NEEDS_PERSON
+        assert f"missing (merged again into {consolidated_name(0, 23)}" in recovered.stdout
+        first.unlink()
+        recovered = run_cli("recover", "--data-dir", str(data_dir))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert f"merged again into {consolidated_name(0, 23)}" in recovered.stdout
+    assert status(data_dir)[0] == 0
+    run_once(data_dir)
+    assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 23)]
+    report = OracleReport()
     check_rows(read_live(data_dir, report, set()), expected, report)
     assert report.violations == []

@@ -296,9 +296,40 @@ def resolve(
         reason = f"{companion_doubt}; output {record.output} verified, nothing deleted"
         return _needs_person(journal, record, reason)
     what = "corrupt (checksum differs)" if final.exists() else "missing"
+    taken_by = None if final.exists() else _merged_again(folder, record)
+    if taken_by is not None:
+        if not any(os.path.lexists(folder / source.name) for source in record.sources):
+            return _finish_forgotten(journal, record, taken_by)
+        what += f" (merged again into {taken_by}, whose lineage lists it with its rows)"
     listed = ", ".join(broken) or "none"
     reason = f"output {record.output} is {what}; sources not intact: {listed}"
     return _needs_person(journal, record, reason)
+
+
+def _merged_again(folder: Path, record: MergeRecord) -> str | None:
+    """The output here whose lineage lists `record`'s output, gone, with its rows: a later
+    merge took it in. A merge takes no file of an unfinished one (those are held), so this
+    one had finished, and a journal that says otherwise has forgotten it: an older copy of
+    the journal restored, say. Without this, the merge waited for a person for good, under a
+    reason that called its rows lost (an adversarial crash-safety review)."""
+    for output, held in lineage.lineages(folder, lineage.list_names(folder)).items():
+        if any(s.name == record.output and s.rows == record.output_rows for s in held.sources):
+            return output
+    return None
+
+
+def _finish_forgotten(journal: Journal, record: MergeRecord, taken_by: str) -> RecoveryAction:
+    """Journal the end of a merge that had ended: its output merged again into `taken_by`,
+    none of its sources here. Nothing on disk is touched."""
+    if record.state is MergeState.WRITTEN:
+        journal.transition(record.id, MergeState.RENAMED, actor=ACTOR)
+    journal.transition(record.id, MergeState.SOURCES_DELETED, actor=ACTOR)
+    reason = (
+        f"output {record.output} was merged again into {taken_by}, whose lineage lists it with"
+        " its rows, and none of its sources is here: it had finished, and the journal had not"
+        " recorded it (an older copy restored?)"
+    )
+    return _action(record, MergeState.SOURCES_DELETED, Step.RESUMED, reason)
 
 
 # Copies whose rows a proof found to differ, with the identity proven and the reason: the
