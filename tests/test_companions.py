@@ -375,13 +375,21 @@ def test_union_fills_in_what_a_later_companion_learnt_of_a_container() -> None:
     kept whole, and its name, namespace and pod uid were lost with the sources' companions
     (an adversarial fidelity review). What both entries know keeps the first's value."""
     early = Container("aaa", "pod", None, None, None, "Burstable", None)
-    learnt = Container("aaa", "other-pod", "app", "ns", "uid-1", "Guaranteed", (("k", "v"),))
+    learnt = Container("aaa", "pod", "app", "ns", "uid-1", "Guaranteed", (("k", "v"),))
     result = union([ContainerSidecar(2, (early,)), ContainerSidecar(2, (learnt, c("bbb")))])
     filled = Container("aaa", "pod", "app", "ns", "uid-1", "Burstable", (("k", "v"),))
     assert result == ContainerSidecar(2, (filled, c("bbb")))
     assert union([ContainerSidecar(2, (learnt,)), ContainerSidecar(2, (early,))]) == (
         ContainerSidecar(2, (learnt,))
     )
+
+
+def test_union_does_not_mix_entries_that_place_a_container_elsewhere() -> None:
+    """Filled from an entry naming another pod, one record would describe neither."""
+    early = Container("aaa", "pod", None, None, None, "Burstable", None)
+    elsewhere = Container("aaa", "other-pod", "app", "ns", "uid-1", "Burstable", (("k", "v"),))
+    result = union([ContainerSidecar(2, (early,)), ContainerSidecar(2, (elsewhere,))])
+    assert result == ContainerSidecar(2, (early,))
 
 
 def test_union_version_max_regardless_of_order() -> None:

@@ -159,11 +159,19 @@ def describe(schema: pa.Schema) -> list[tuple[str, pa.DataType, bool]]:
 
 def union_by_id(sidecars: list[ContainerSidecar]) -> list[Container]:
     """First occurrence of each container id wins and keeps its place; a later occurrence
-    fills in the options it lacks (labels, pod, names)."""
+    fills in the options it lacks (labels, pod, names), unless it names another pod, name,
+    namespace or pod uid where both know one."""
     seen: dict[str, Container] = {}
     for sidecar in sidecars:
         for container in sidecar.containers:
             known = seen.setdefault(container.container_id, container)
+            places = ("pod_name", "container_name", "namespace", "pod_uid")
+            if any(
+                None not in (getattr(known, f), getattr(container, f))
+                and getattr(known, f) != getattr(container, f)
+                for f in places
+            ):
+                continue
             seen[container.container_id] = Container(
                 known.container_id,
                 first_known(known.pod_name, container.pod_name),

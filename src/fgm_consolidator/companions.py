@@ -258,11 +258,24 @@ def union(sidecars: Iterable[ContainerSidecar]) -> ContainerSidecar | None:
 _OPTIONS = ("pod_name", "container_name", "namespace", "pod_uid", "labels")
 
 
+# What places a container; entries that disagree on one describe two, and are not mixed.
+_PLACE = ("pod_name", "container_name", "namespace", "pod_uid")
+
+
 def _filled(known: Container, later: Container) -> Container:
     """`known` with the options it lacks taken from a later occurrence: a monitor upgraded
     mid-window lists a container in a version 1 companion, then with its labels in version 2
     ones, and one may list a container before it knows the pod; keeping the first occurrence
-    whole dropped what the later ones said from the viewer."""
+    whole dropped what the later ones said from the viewer. A later occurrence that places
+    the container elsewhere (another pod, say) fills in nothing: one record made of two
+    would describe neither."""
+    if any(
+        getattr(known, name) is not None
+        and getattr(later, name) is not None
+        and getattr(known, name) != getattr(later, name)
+        for name in _PLACE
+    ):
+        return known
     learnt = {
         name: getattr(later, name)
         for name in _OPTIONS
