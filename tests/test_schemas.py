@@ -63,6 +63,11 @@ def test_a_label_keeps_the_field_metadata_its_sources_share() -> None:
     assert widened.nullable and widened.metadata == {b"k": b"v"}
 
 
+def map_labels(value: bytes) -> pa.Field:
+    key = pa.field("key", DICT, nullable=False).with_metadata({b"unit": value})
+    return pa.field("labels", pa.map_(key, DICT), nullable=False)
+
+
 def tag(schema: pa.Schema, column: str, value: bytes) -> pa.Schema:
     index = schema.get_field_index(column)
     return schema.set(index, schema.field(index).with_metadata({b"unit": value}))
@@ -86,8 +91,13 @@ def tag(schema: pa.Schema, column: str, value: bytes) -> pa.Schema:
             flat("pod"),
             "key-value metadata differs: version is '1' in one source and absent in another",
         ),
+        (
+            pa.schema([*BASE, map_labels(b"1"), HIST]),
+            pa.schema([*BASE, map_labels(b"2"), HIST]),
+            "field metadata inside labels differs",
+        ),
     ],
-    ids=["label", "base column", "key-value"],
+    ids=["label", "base column", "key-value", "map key"],
 )
 def test_sources_whose_metadata_differs_never_share_an_output(
     one: pa.Schema, other: pa.Schema, message: str

@@ -140,7 +140,7 @@ def unify(schemas: Sequence[pa.Schema]) -> pa.Schema:
                 f"non-label columns differ: {_describe(base)} and {_describe(other)}"
             )
         for known, field in zip(base, other, strict=True):
-            _check_same_metadata(f"field metadata of {field.name}", known.metadata, field.metadata)
+            _check_same_field_metadata(known, field)
         for field in schema:
             if not is_label(field.name):
                 continue
@@ -153,7 +153,7 @@ def unify(schemas: Sequence[pa.Schema]) -> pa.Schema:
             if known is None:
                 labels[field.name] = field
                 continue
-            _check_same_metadata(f"field metadata of {field.name}", known.metadata, field.metadata)
+            _check_same_field_metadata(known, field)
             if field.nullable and not known.nullable:
                 labels[field.name] = known.with_nullable(True)
     for name, field in labels.items():
@@ -195,6 +195,15 @@ def _check_same_metadata(
                 f"{what} differs: {key.decode(errors='replace')}"
                 f" is {_shown(one.get(key))} in one source and {_shown(other.get(key))} in another"
             )
+
+
+def _check_same_field_metadata(known: pa.Field, field: pa.Field) -> None:
+    """SchemaConflictError when the metadata of `field` or of a field inside it (a map's key
+    or value) differs from `known`'s, which has the same type (a label's nullability may
+    differ: an output widens it)."""
+    _check_same_metadata(f"field metadata of {field.name}", known.metadata, field.metadata)
+    if not known.with_nullable(field.nullable).equals(field, check_metadata=True):
+        raise SchemaConflictError(f"field metadata inside {field.name} differs")
 
 
 def _shown(value: bytes | None, limit: int = 60) -> str:
