@@ -10,15 +10,18 @@ deleted them and where their rows went, so a pass holds them out of every merge 
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import PAST, consolidated_name, data_files, run_cli, small_spec
 from oracle import OracleReport, RowKey, check, check_rows, expected_rows, read_live
 
+from fgm_consolidator import crashpoints
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.simulate import generate
 
@@ -26,10 +29,11 @@ POD = "dt=2025-12-30/identifier=pod-a"
 EXIT_NEEDS_PERSON = 3
 
 
-def run_once(data_dir: Path, *more: str) -> str:
-    result = run_cli(
-        "run", "--once", "--min-age", "0", "--min-files", "2", "--data-dir", str(data_dir), *more
-    )
+ONCE = ("run", "--once", "--min-age", "0", "--min-files", "2")
+
+
+def run_once(data_dir: Path, *more: str, env: dict[str, str] | None = None) -> str:
+    result = run_cli(*ONCE, "--data-dir", str(data_dir), *more, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout + result.stderr
 
@@ -79,7 +83,7 @@ def test_files_restored_after_their_output_was_merged_again_are_held_and_named(
     assert [p.name for p in data_files(data_dir)] == sorted([output, *restored])
     held = [line for line in logs.splitlines() if "event=file-held" in line]
     assert len(held) == len(restored)
-    assert all(f"{output} holds its rows" in line for line in held)
+    assert all(f"by the journal its rows are in {output}" in line for line in held)
     assert sum("kind=held" in line for line in dry.stdout.splitlines()) == len(restored)
     code, said = status(data_dir)
     assert code == EXIT_NEEDS_PERSON
@@ -163,3 +167,75 @@ def test_an_older_journal_whose_merge_was_merged_again_since_is_finished(
     report = OracleReport()
     check_rows(read_live(data_dir, report, set()), expected, report)
     assert report.violations == []
+
+
+def test_a_new_file_under_a_deleted_name_of_the_same_size_and_rows_is_not_held(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """After the clock steps back, the monitor writes a file under the name of one merged two
+    outputs ago, and for a steady pod with the same rows and, now and then, the same size
+    (a review found such a pair within 60 seeds). Name, size and rows made it the deleted
+    file: held for good, and `status` told a person to delete rows held nowhere else. It
+    differs in its mtime, which a restore keeps."""
+    restored, _ = merged_twice(data_dir, tmp_path / "backup")
+    for name in restored:  # the restore undone
+        (data_dir / POD / name).unlink()
+        (data_dir / POD / name).with_suffix(".containers").unlink()
+    elsewhere = tmp_path / "stepped-back"
+    generate(elsewhere, small_spec(rotations=2, seed=35))
+    new = sorted((elsewhere / POD).glob("metrics-*.parquet"))
+    old = tmp_path / "backup" / new[0].name
+    same = [(p.stat().st_size, pq.read_metadata(p).num_rows) for p in (new[0], old)]
+    assert same[0] == same[1], "seed 35 no longer writes a file of that size: find another"
+    for path in new:  # written now, as the monitor writes them
+        shutil.copyfile(path, data_dir / POD / path.name)
+    expected = expected_rows(data_dir)
+
+    logs = run_once(data_dir)
+
+    assert "event=file-held" not in logs
+    assert status(data_dir)[0] == 0
+    report = OracleReport()
+    check_rows(read_live(data_dir, report, set()), expected, report)
+    assert report.violations == []
+
+
+def test_a_lost_output_under_a_reused_name_is_not_taken_for_one_merged_again(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """With the journal intact: an output X merged into Y; the clock steps back, new files
+    are merged under X's name again, killed after their deletes, and that output is lost. Y's
+    lineage lists the old X with the same rows: recovery took it for this merge's output,
+    journaled the merge finished and said nothing of 990 lost rows (a review of the change
+    that finishes merges an older journal forgot)."""
+    generate(data_dir, small_spec(rotations=12))
+    first = sorted((data_dir / POD).glob("metrics-*.parquet"))[0]
+    written = first.stat().st_mtime
+    os.utime(first)  # young at the first pass, so that X starts at the second file
+    run_once(data_dir, "--min-age", "300")
+    os.utime(first, (written, written))
+    output = consolidated_name(1, 11)
+    assert [p.name for p in data_files(data_dir)] == [output, first.name]
+    generate(data_dir, small_spec(rotations=12, start=PAST + timedelta(seconds=90 * 12)))
+    run_once(data_dir)
+    assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 23)]
+    # the clock steps back: new files under X's sources' names, merged under X's name again
+    generate(data_dir, small_spec(rotations=11, start=PAST + timedelta(seconds=90), seed=7))
+    dry, count = tmp_path / "dry", tmp_path / "points"
+    shutil.copytree(data_dir, dry)
+    run_once(dry, env={crashpoints.COUNT_ENV_VAR: str(count)})
+    points = crashpoints.occurrences(crashpoints.read_reached(count))
+    deleted = points.index("journal:sources-deleted#1")  # its folder synced just before
+    assert points[deleted - 1].startswith("durable:fsync-dir")
+    assert points[deleted - 2].startswith("durable:unlinked")
+    after_deletes = {crashpoints.ENV_VAR: points[deleted - 1]}
+    killed = run_cli(*ONCE, "--data-dir", str(data_dir), env=after_deletes)
+    assert killed.returncode == -9
+    for path in (data_dir / POD).glob(output.removesuffix(".parquet") + ".*"):
+        path.unlink()  # lost: its rows are in no file now
+
+    recovered = run_cli("recover", "--data-dir", str(data_dir))
+
+    assert recovered.returncode == EXIT_NEEDS_PERSON, recovered.stdout
+    assert f"output {output} is missing; sources not intact" in recovered.stdout
+    assert status(data_dir)[0] == EXIT_NEEDS_PERSON

@@ -136,11 +136,13 @@ class SourceRecord:
 
 @dataclass(frozen=True)
 class Deletion:
-    """A source a finished merge deleted: its size and rows, and the output that took them."""
+    """A source a finished merge deleted: its size, mtime and rows, and the output that took
+    them."""
 
     merge_id: int
     name: str
     size: int
+    mtime_ns: int
     rows: int
     output: str
     output_bytes: int | None
@@ -729,6 +731,16 @@ class Journal:
             raise JournalError(f"no merge {merge_id} in the journal", self.path)
         return records[0]
 
+    def wrote(self, merge_id: int, partition: str, output: str) -> bool:
+        """Whether merge `merge_id` here is the one that wrote `output` of `partition`: the id
+        an output's lineage carries may be another merge's in a journal that is not the one
+        that wrote it (lost and begun again, or an older copy restored)."""
+        found = self.db.execute(
+            "SELECT 1 FROM merges WHERE id = ? AND partition = ? AND output = ?",
+            (merge_id, partition, output),
+        ).fetchone()
+        return found is not None
+
     def newest_merge_id(self) -> int:
         """0 before the first merge; ids only grow (the newest merge is never pruned)."""
         return int(self.db.execute("SELECT coalesce(max(id), 0) FROM merges").fetchone()[0])
@@ -941,21 +953,27 @@ class Journal:
         self, partition: str, names: Collection[str], *, after_merge: int = 0
     ) -> list[Deletion]:
         """The sources named `names` that finished merges of `partition` later than
-        `after_merge` deleted, in merge order. Reads that partition's merges only (a day's
-        worth), and is asked only of the monitor's files a pass finds eligible."""
+        `after_merge` deleted, in merge order. Reads that partition's sources only (a day's
+        worth), and is asked only of the monitor's files a pass finds eligible; the state of
+        a merge is looked up only for those found, not for each of the partition's merges."""
         found: list[Deletion] = []
         ordered = sorted(names)
         for start in range(0, len(ordered), _NAMES_PER_QUERY):
             chunk = ordered[start : start + _NAMES_PER_QUERY]
+            marks = ", ".join("?" * len(chunk))
             rows = self.db.execute(
-                "SELECT m.id, s.name, s.size, s.rows, m.output, m.output_bytes"
+                "SELECT m.id, s.name, s.size, s.mtime_ns, s.rows, m.output, m.output_bytes"
                 " FROM merges m JOIN sources s ON s.merge_id = m.id"
-                f" WHERE m.partition = ? AND m.id > ? AND s.name IN ({', '.join('?' * len(chunk))})"
-                " AND (SELECT state FROM transitions t WHERE t.merge_id = m.id"
-                " ORDER BY t.id DESC LIMIT 1) = ?",
-                [partition, after_merge, *chunk, str(MergeState.SOURCES_DELETED)],
+                f" WHERE m.partition = ? AND m.id > ? AND s.name IN ({marks})",
+                [partition, after_merge, *chunk],
             ).fetchall()
             found.extend(Deletion(*row) for row in rows)
+        finished = {
+            merge_id
+            for merge_id in {d.merge_id for d in found}
+            if self._current_state(merge_id) is MergeState.SOURCES_DELETED
+        }
+        found = [d for d in found if d.merge_id in finished]
         return sorted(found, key=lambda d: (d.merge_id, d.name))
 
     def record_released(self, partition: str, name: str, footer: str, output: str) -> None:

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
-from . import lineage
+from . import durable, lineage
 from .errors import SchemaConflictError
 from .journal import Deletion, Journal, UnreadableRecord
 from .layout import companion_name, format_consolidated, parse_data_file, partition_day
@@ -252,26 +252,37 @@ def merged_before(journal: Journal | None, scan: PartitionScan) -> list[Skipped]
     journal's account: merged again, they would be there twice for good. An output that
     lists the file itself proves and removes it (the lineage check); one that took those rows
     from an output merged since lists only that output, so such a file is held here for a
-    person. A file is the deleted one when its name, size and rows are (the mtime a restore
-    may not keep); a file whose rows no output here holds is left to be merged."""
+    person.
+
+    A file is the deleted one when its name, size, mtime and rows are: a restore (`cp -a`,
+    `rsync -a`) keeps the mtime to the nanosecond, and a new file under a reused name (the
+    monitor's clock stepped back) can match in all but that: its rows are in no other file,
+    and held, a person would be told to delete them. A file whose rows no output here holds
+    is left to be merged."""
     eligible = {s.name: s for s in scan.eligible if s.file.kind == "metrics"}
     if journal is None or not eligible:
         return []
     held = []
     for deletion in journal.deletions(scan.partition, eligible):
         source = eligible.get(deletion.name)
-        if source is None or (source.identity.size, source.rows) != (deletion.size, deletion.rows):
+        if source is None or not _is_deleted(source, deletion):
             continue
         holder = _holder_of(journal, scan, deletion)
         if holder is not None:
             del eligible[deletion.name]
             reason = (
-                f"merge {deletion.merge_id} merged it into {deletion.output} and deleted it;"
-                f" it is here again (a restored backup?), and {holder} holds its rows: remove"
-                " it (merged again, its rows would be there twice); until then no merge takes it"
+                f"merge {deletion.merge_id} merged it into {deletion.output} and deleted it, and"
+                " a file of its name, size, mtime and rows is here again (a restored backup?);"
+                f" by the journal its rows are in {holder}: check, then remove it (merged again,"
+                " its rows would be there twice); until then no merge takes it"
             )
             held.append(Skipped(scan.partition, None, (deletion.name,), reason, True))
     return held
+
+
+def _is_deleted(source: SourceFile, deletion: Deletion) -> bool:
+    size, mtime_ns = source.identity.size, source.identity.mtime_ns
+    return (size, mtime_ns, source.rows) == (deletion.size, deletion.mtime_ns, deletion.rows)
 
 
 def _holder_of(journal: Journal, scan: PartitionScan, deletion: Deletion) -> str | None:
@@ -282,7 +293,11 @@ def _holder_of(journal: Journal, scan: PartitionScan, deletion: Deletion) -> str
     step = deletion
     for _generation in range(MAX_GENERATIONS):
         if step.output in scan.names:
-            return None if step is deletion else step.output
+            if step is deletion:
+                return None
+            # the one that merge wrote, not another output under a reused name
+            here = durable.optional_identity(scan.folder / step.output)
+            return step.output if here is not None and here.size == step.output_bytes else None
         if step.output_bytes is None:
             return None
         taken = [

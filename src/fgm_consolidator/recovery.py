@@ -296,7 +296,7 @@ def resolve(
         reason = f"{companion_doubt}; output {record.output} verified, nothing deleted"
         return _needs_person(journal, record, reason)
     what = "corrupt (checksum differs)" if final.exists() else "missing"
-    taken_by = None if final.exists() else _merged_again(folder, record)
+    taken_by = None if final.exists() else _merged_again(journal, folder, record)
     if taken_by is not None:
         if not any(os.path.lexists(folder / source.name) for source in record.sources):
             return _finish_forgotten(journal, record, taken_by)
@@ -306,13 +306,18 @@ def resolve(
     return _needs_person(journal, record, reason)
 
 
-def _merged_again(folder: Path, record: MergeRecord) -> str | None:
-    """The output here whose lineage lists `record`'s output, gone, with its rows: a later
-    merge took it in. A merge takes no file of an unfinished one (those are held), so this
-    one had finished, and a journal that says otherwise has forgotten it: an older copy of
-    the journal restored, say. Without this, the merge waited for a person for good, under a
-    reason that called its rows lost (an adversarial crash-safety review)."""
+def _merged_again(journal: Journal, folder: Path, record: MergeRecord) -> str | None:
+    """The output here whose lineage lists `record`'s output, gone, with its rows, written by
+    a later merge this journal does not know: a merge takes no file of an unfinished one
+    (those are held), so this one had finished, and the journal has forgotten it (an older
+    copy restored, say). Without this, the merge waited for a person for good, under a reason
+    that called its rows lost (an adversarial crash-safety review). A merge the journal does
+    know, or an earlier one, took an older output under the same name (the clock stepped
+    back): that says nothing of this one's rows."""
     for output, held in lineage.lineages(folder, lineage.list_names(folder)).items():
+        later = held.merge_id > record.id
+        if not later or journal.wrote(held.merge_id, record.partition, output):
+            continue
         if any(s.name == record.output and s.rows == record.output_rows for s in held.sources):
             return output
     return None
