@@ -94,8 +94,8 @@ def _name_taken(partition: str, output: str, sources: tuple[str, ...], taken: st
 
 
 class Group(NamedTuple):
-    """Sources that share an output, their output's schema, and the schema conflict that kept
-    the next eligible file out, if that is what ended the group."""
+    """Sources that share an output, their output's schema, and the conflict that kept the
+    next eligible file out (a schema's, or a name's), if that is what ended the group."""
 
     sources: list[SourceFile]
     schema: pa.Schema
@@ -109,8 +109,7 @@ def _window(source: SourceFile, span_s: int) -> int:
 def _fits(group: Sequence[SourceFile], candidate: SourceFile, policy: Policy) -> bool:
     """The output's range is the group's earliest start to its latest end, not the candidate's
     end: a `consolidated-*` file we did not write may span hours or cover its neighbours'
-    stamps. A group whose range is one of its own files' would be named like that file, so it
-    would be skipped on every pass and its other files never merged."""
+    stamps."""
     start = group[0].file.start
     end = max(candidate.file.end, *(s.file.end for s in group))
     size = sum(s.identity.size for s in group) + candidate.identity.size
@@ -118,8 +117,17 @@ def _fits(group: Sequence[SourceFile], candidate: SourceFile, policy: Policy) ->
         _window(group[0], policy.max_span_s) == _window(candidate, policy.max_span_s)
         and (end - start).total_seconds() <= policy.max_span_s
         and size <= policy.max_output_bytes
-        and all((s.file.start, s.file.end) != (start, end) for s in (*group, candidate))
     )
+
+
+def _range_taken(group: Sequence[SourceFile], candidate: SourceFile) -> str | None:
+    """The file of the group, `candidate` taken in, whose range the output's would be: it
+    would be named like that file, so skipped on every pass and its other files never merged.
+    After the clock steps back, a new file's stamp can fall inside an output's range."""
+    start = group[0].file.start
+    end = max(candidate.file.end, *(s.file.end for s in group))
+    same = (s for s in (*group, candidate) if (s.file.start, s.file.end) == (start, end))
+    return next((s.name for s in same), None)
 
 
 def _barrier_between(
@@ -146,12 +154,18 @@ def group_sources(
             and _fits(current, source, policy)
             and not _barrier_between(current[-1], source, barriers)
         ):
+            taken = _range_taken(current, source)
             try:
-                schema = unify([schema, source.schema])
-                current.append(source)
-                continue
+                if taken is None:
+                    schema = unify([schema, source.schema])
+                    current.append(source)
+                    continue
+                refused = (
+                    f"merged with {taken}, whose range holds its stamp (the clock stepped"
+                    " back?), it would give the output that file's own name"
+                )
             except SchemaConflictError as exc:
-                refused = exc.reason
+                refused = f"its schema keeps it from the files beside it: {exc.reason}"
         if current and schema is not None:
             groups.append(Group(current, schema, refused))
         current, schema = [source], unify([source.schema])
@@ -161,17 +175,17 @@ def group_sources(
 
 
 def _kept_apart(partition: str, groups: Sequence[Group]) -> list[Skipped]:
-    """Each monitor's file alone in its group because a schema conflict cut it from the files
-    beside it: it is never merged, and nothing said why (an extra column, a type changed, a
-    file of the other era among this one's). A lone output is not reported: it is complete."""
+    """Each monitor's file alone in its group because a conflict cut it from the files beside
+    it: it is never merged, and nothing said why (an extra column, a type changed, a file of
+    the other era among this one's; a stamp inside an output's range). A lone output is not
+    reported: it is complete."""
     found = []
     for position, group in enumerate(groups):
         [source, *others] = group.sources
         before = groups[position - 1].refused if position else None
         why = before or group.refused
         if not others and why is not None and source.file.kind == "metrics":
-            reason = f"its schema keeps it from the files beside it: {why}"
-            found.append(Skipped(partition, None, (source.name,), reason))
+            found.append(Skipped(partition, None, (source.name,), why))
     return found
 
 
