@@ -410,3 +410,29 @@ def test_a_journal_from_before_attempts_reads_as_none_died(tmp_path: Path) -> No
         assert old.attempt_deaths("lineage:p/out") == Deaths(0, None)
     finally:
         old.close()
+
+
+def test_deletions_are_the_sources_of_finished_merges_only(journal: Journal) -> None:
+    """`plan.merged_before` holds a file the journal says a merge deleted: a merge rolled
+    back or still under way deleted nothing, and another partition's merges say nothing."""
+    partition = "dt=2025-12-30/identifier=a"
+    finished, rolled_back, under_way = plan(journal), plan(journal), plan(journal)
+    elsewhere = plan(journal, partition="dt=2025-12-30/identifier=b")
+    for merge_id in (finished, elsewhere):
+        journal.transition(merge_id, S.WRITING, actor="merge")
+        journal.record_written(merge_id, rows=30, size=123, checksum="abc")
+        journal.transition(merge_id, S.RENAMED, actor="merge")
+        journal.transition(merge_id, S.SOURCES_DELETED, actor="merge")
+    journal.transition(rolled_back, S.ROLLED_BACK, actor="merge")
+    journal.transition(under_way, S.WRITING, actor="merge")
+    name = SOURCES[1].name
+
+    [deleted] = journal.deletions(partition, [name, "metrics-20251230T110000Z.parquet"])
+
+    assert (deleted.merge_id, deleted.name, deleted.output, deleted.output_bytes) == (
+        finished, name, "o", 123,
+    )  # fmt: skip
+    assert (deleted.size, deleted.mtime_ns, deleted.rows) == (200, 6, 20)
+    assert journal.deletions(partition, [name], after_merge=finished) == []
+    assert journal.wrote(finished, partition, "o")
+    assert not journal.wrote(finished, "dt=2025-12-30/identifier=b", "o")

@@ -166,3 +166,11 @@ def test_conform_never_drops_a_column_the_target_lacks() -> None:
     )
     with pytest.raises(SchemaConflictError, match="column l_a is named more than once"):
         conform(twice, flat("a"))
+
+
+def test_inner_field_names_alone_are_no_metadata_conflict() -> None:
+    """`item` and `element` name a list's values in equal types: merged before metadata was
+    compared, and merged still (a review found the inner check taking names for metadata)."""
+    item = pa.schema([*BASE, pa.field("h", pa.list_(pa.field("item", pa.int32())))])
+    element = pa.schema([*BASE, pa.field("h", pa.list_(pa.field("element", pa.int32())))])
+    assert unify([item, element]).field("h").type == item.field("h").type

@@ -298,9 +298,11 @@ def resolve(
     what = "corrupt (checksum differs)" if final.exists() else "missing"
     taken_by = None if final.exists() else _merged_again(journal, folder, record)
     if taken_by is not None:
-        if not any(os.path.lexists(folder / source.name) for source in record.sources):
-            return _finish_forgotten(journal, record, taken_by)
-        what += f" (merged again into {taken_by}, whose lineage lists it with its rows)"
+        what += (
+            f", and {taken_by} lists an output of its name and rows: if this journal is older"
+            " than the disk (a copy restored), this merge had finished and its rows are there,"
+            " and the output restored from a backup would hold them twice"
+        )
     listed = ", ".join(broken) or "none"
     reason = f"output {record.output} is {what}; sources not intact: {listed}"
     return _needs_person(journal, record, reason)
@@ -308,12 +310,14 @@ def resolve(
 
 def _merged_again(journal: Journal, folder: Path, record: MergeRecord) -> str | None:
     """The output here whose lineage lists `record`'s output, gone, with its rows, written by
-    a later merge this journal does not know: a merge takes no file of an unfinished one
-    (those are held), so this one had finished, and the journal has forgotten it (an older
-    copy restored, say). Without this, the merge waited for a person for good, under a reason
-    that called its rows lost (an adversarial crash-safety review). A merge the journal does
-    know, or an earlier one, took an older output under the same name (the clock stepped
-    back): that says nothing of this one's rows."""
+    a later merge this journal does not know. A merge takes no file of an unfinished one
+    (those are held), so if this journal is an older copy restored, this merge had finished
+    and its rows are in that output; a person is told so, since restoring the output from a
+    backup, the recipe for a lost one, would then keep its rows twice (an adversarial
+    crash-safety review). Only told: a journal lost and begun again numbers its merges from
+    1 again, and an output under the same name merged before the clock stepped back looks
+    just the same, its rows not this merge's. A merge the journal knows, or an earlier one,
+    took such an older output, and is not named."""
     for output, held in lineage.lineages(folder, lineage.list_names(folder)).items():
         later = held.merge_id > record.id
         if not later or journal.wrote(held.merge_id, record.partition, output):
@@ -321,20 +325,6 @@ def _merged_again(journal: Journal, folder: Path, record: MergeRecord) -> str | 
         if any(s.name == record.output and s.rows == record.output_rows for s in held.sources):
             return output
     return None
-
-
-def _finish_forgotten(journal: Journal, record: MergeRecord, taken_by: str) -> RecoveryAction:
-    """Journal the end of a merge that had ended: its output merged again into `taken_by`,
-    none of its sources here. Nothing on disk is touched."""
-    if record.state is MergeState.WRITTEN:
-        journal.transition(record.id, MergeState.RENAMED, actor=ACTOR)
-    journal.transition(record.id, MergeState.SOURCES_DELETED, actor=ACTOR)
-    reason = (
-        f"output {record.output} was merged again into {taken_by}, whose lineage lists it with"
-        " its rows, and none of its sources is here: it had finished, and the journal had not"
-        " recorded it (an older copy restored?)"
-    )
-    return _action(record, MergeState.SOURCES_DELETED, Step.RESUMED, reason)
 
 
 # Copies whose rows a proof found to differ, with the identity proven and the reason: the

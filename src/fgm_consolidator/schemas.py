@@ -199,11 +199,22 @@ def _check_same_metadata(
 
 def _check_same_field_metadata(known: pa.Field, field: pa.Field) -> None:
     """SchemaConflictError when the metadata of `field` or of a field inside it (a map's key
-    or value) differs from `known`'s, which has the same type (a label's nullability may
-    differ: an output widens it)."""
+    or value) differs from `known`'s, which has the same type."""
     _check_same_metadata(f"field metadata of {field.name}", known.metadata, field.metadata)
-    if not known.with_nullable(field.nullable).equals(field, check_metadata=True):
+    if _inner_metadata(known.type) != _inner_metadata(field.type):
         raise SchemaConflictError(f"field metadata inside {field.name} differs")
+
+
+def _inner_metadata(kind: pa.DataType) -> list[dict[bytes, bytes]]:
+    """The metadata of every field inside `kind` (a map's entries, key and value; a list's
+    item), depth first: only that, not their names, which equal types may spell apart
+    (`item` and `element`) and which were merged before metadata was compared."""
+    found = []
+    for i in range(kind.num_fields):
+        inner = kind.field(i)
+        found.append(dict(inner.metadata or {}))
+        found += _inner_metadata(inner.type)
+    return found
 
 
 def _shown(value: bytes | None, limit: int = 60) -> str:
