@@ -48,6 +48,15 @@ def unreadable_names(data_dir: Path) -> list[str]:
         journal.close()
 
 
+def sources_back_and_journal_lost(data_dir: Path, kept: Path, folder: Path) -> None:
+    """The state a kill between an output's rename and its first delete leaves, with the
+    journal lost: the sources kept in `kept` back in `folder`."""
+    for path in kept.iterdir():
+        shutil.copy2(path, folder / path.name)
+    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
+        path.unlink()
+
+
 def map_era(data_dir: Path, rotations: int) -> None:
     generate(data_dir, small_spec((PodSpec("pod-m", era="map"),), rotations=rotations))
 
@@ -128,11 +137,7 @@ def test_lineage_recovery_proves_a_map_era_output(data_dir: Path, tmp_path: Path
     assert run_once(data_dir) == 0
     output = folder / consolidated_name(0, 3)
     assert [p.name for p in data_files(data_dir)] == [output.name]
-    # The state a kill between the rename and the first delete leaves, with the journal lost.
-    for path in kept.iterdir():
-        shutil.copy2(path, folder / path.name)
-    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
-        path.unlink()
+    sources_back_and_journal_lost(data_dir, kept, folder)
 
     recover_in_process(data_dir)
     assert [p.name for p in data_files(data_dir)] == [output.name]
@@ -192,11 +197,7 @@ def test_text_stored_delta_encoded_is_merged_and_proven(
     assert unreadable_names(data_dir) == []
     assert check(data_dir, expected).violations == []
 
-    # a kill between the rename and the first delete, with the journal lost
-    for path in kept.iterdir():
-        shutil.copy2(path, folder / path.name)
-    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
-        path.unlink()
+    sources_back_and_journal_lost(data_dir, kept, folder)
     recover_in_process(data_dir)
     assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 2)]
     assert check(data_dir, expected, idempotence=False).violations == []
@@ -253,10 +254,7 @@ def test_lineage_recovery_proves_rows_whose_time_python_cannot_hold(
     assert run_once(data_dir) == 0
     output = folder / consolidated_name(0, 2)
     assert [p.name for p in data_files(data_dir)] == [output.name]
-    for path in kept.iterdir():  # a kill between the rename and the deletes, journal lost
-        shutil.copy2(path, folder / path.name)
-    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
-        path.unlink()
+    sources_back_and_journal_lost(data_dir, kept, folder)
 
     recover_in_process(data_dir)
     assert [p.name for p in data_files(data_dir)] == [output.name]
@@ -391,10 +389,7 @@ def test_an_output_whose_lineage_lists_itself_is_neither_deleted_nor_its_own_riv
         journal.close()
     assert check(data_dir, expected).violations == []
     # A kill between the rename and the deletes, the journal lost: the output holds them all.
-    for path in kept.iterdir():
-        shutil.copy2(path, folder / path.name)
-    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
-        path.unlink()
+    sources_back_and_journal_lost(data_dir, kept, folder)
     recover_in_process(data_dir)
     assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 2)]
     assert check_rows_only(data_dir, expected) == []
