@@ -155,17 +155,18 @@ def group_sources(
             and not _barrier_between(current[-1], source, barriers)
         ):
             taken = _range_taken(current, source)
-            try:
-                if taken is None:
-                    schema = unify([schema, source.schema])
-                    current.append(source)
-                    continue
+            if taken is not None:
                 refused = (
                     f"merged with {taken}, whose range holds its stamp (the clock stepped"
                     " back?), it would give the output that file's own name"
                 )
-            except SchemaConflictError as exc:
-                refused = f"its schema keeps it from the files beside it: {exc.reason}"
+            else:
+                try:
+                    schema = unify([schema, source.schema])
+                    current.append(source)
+                    continue
+                except SchemaConflictError as exc:
+                    refused = f"its schema keeps it from the files beside it: {exc.reason}"
         if current and schema is not None:
             groups.append(Group(current, schema, refused))
         current, schema = [source], unify([source.schema])

@@ -225,7 +225,7 @@ def _shown(value: bytes | None, limit: int = 60) -> str:
 
 
 def _plain_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
-    """The first source's key-value metadata without any lineage of ours."""
+    """A source's key-value metadata without any lineage of ours (an output's, merged again)."""
     return {k: v for k, v in (schema.metadata or {}).items() if k != LINEAGE_KEY}
 
 

@@ -12,15 +12,16 @@ with its last pass. Health has three parts:
   data directory's lock with its journal open, it wrote its line in the lock file: the file's
   mtime, if the lock path is a regular file: `run` refuses any other, so it is reported and
   says nothing);
-- no merge waits for a person (state needs-attention), none is left unfinished by the
-  recovery of a pass that failed (`recover` says why), no partition's latest merges failed
+- no merge waits for a person (state needs-attention), none is left unfinished by the recovery
+  of a pass that failed (`recover` says why), no partition's latest merges failed
   `FAILING_MERGES` times in a row (a pass retries them, and the same error comes back), no
-  partition is held because its
-  latest merges died with the process (`backoff.Hold`), no output's lineage lists files
-  still beside it that `recover` would have to settle (see `_lineage_check`), and no
-  partition escaped the look with an exception no check foresaw (`isolation`). A foreseen
-  error (a folder it may not read) is listed with its partition but is no problem by itself:
-  a pass logs it and retries that partition after a backoff, and may well succeed then.
+  partition is held because its latest merges died with the process (`backoff.Hold`), no
+  output's lineage lists files still beside it that `recover` would have to settle (see
+  `_lineage_check`), no partition escaped the look with an exception no check foresaw
+  (`isolation`), and no file a finished merge deleted is back while an output holds its rows
+  (`plan.merged_before`: a backup restored over the folder).
+  A foreseen error (a folder it may not read) is listed with its partition but is no problem by
+  itself: a pass logs it and retries that partition after a backoff, and may well succeed then.
 """
 
 from __future__ import annotations
