@@ -937,18 +937,6 @@ class Journal:
             held.update(s.name for s in record.sources)
         return held
 
-    def deleted_by_merge(self, partition: str, output: str, name: str) -> bool:
-        """Whether the finished merge that wrote `output` deleted its source `name`: a file
-        under that name now is not the one the output's lineage lists (`lineage.PresentFiles`).
-        Asked only of a file under a name an output lists with another footer, which is rare."""
-        found = self.db.execute(
-            "SELECT 1 FROM sources s JOIN merges m ON m.id = s.merge_id"
-            " WHERE m.partition = ? AND m.output = ? AND s.name = ? AND (SELECT state FROM"
-            " transitions t WHERE t.merge_id = m.id ORDER BY t.id DESC LIMIT 1) = ? LIMIT 1",
-            [partition, output, name, str(MergeState.SOURCES_DELETED)],
-        ).fetchone()
-        return found is not None
-
     def deletions(
         self, partition: str, names: Collection[str], *, after_merge: int = 0
     ) -> list[Deletion]:

@@ -249,7 +249,8 @@ def shown_new(journal: Journal | None, partition: str) -> lineage.ShownNew:
         return lineage.nothing_shown
 
     def new(name: str, footer: str | None, output: str) -> bool:
-        if journal.deleted_by_merge(partition, output, name):
+        # asked only of a name an output lists under another footer, which is rare
+        if any(d.output == output for d in journal.deletions(partition, [name])):
             return True
         return footer is not None and journal.released(partition, name, footer, output)
 
