@@ -270,11 +270,11 @@ def merged_before(journal: Journal | None, scan: PartitionScan) -> list[Skipped]
     from an output merged since lists only that output, so such a file is held here for a
     person.
 
-    A file is the deleted one when its name, size, mtime and rows are: a restore (`cp -a`,
-    `rsync -a`) keeps the mtime to the nanosecond, and a new file under a reused name (the
-    monitor's clock stepped back) can match in all but that: its rows are in no other file,
-    and held, a person would be told to delete them. A file whose rows no output here holds
-    is left to be merged."""
+    A file is the deleted one when its name, size, mtime and rows are: a restore (`cp -a`)
+    keeps the mtime to the nanosecond, and a new file under a reused name (the monitor's
+    clock stepped back) can match in all but that: its rows are in no other file, and held,
+    a person would be told to delete them. A file whose rows no output here holds is left
+    to be merged."""
     eligible = {s.name: s for s in scan.eligible if s.file.kind == "metrics"}
     if journal is None or not eligible:
         return []
