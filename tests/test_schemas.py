@@ -121,8 +121,25 @@ def test_eras_never_share_an_output() -> None:
 
 def test_base_column_type_change_is_a_conflict() -> None:
     micro = pa.schema([BASE[0], pa.field("time", pa.timestamp("us"), nullable=False), *BASE[2:]])
-    with pytest.raises(SchemaConflictError, match="non-label columns differ"):
+    said = "non-label column time differs: timestamp[ms] not null and timestamp[us] not null"
+    with pytest.raises(SchemaConflictError, match=re.escape(said)):
         unify([pa.schema(BASE), micro])
+    with pytest.raises(SchemaConflictError, match=r"non-label columns differ: .*value_float"):
+        unify([pa.schema(BASE), pa.schema(BASE[:-1])])
+
+
+def test_a_nullability_change_inside_a_column_is_named() -> None:
+    """Printed as types alone, both sides of such a conflict read the same (a review)."""
+    nullable_value = pa.field("labels", pa.map_(pa.field("key", DICT, nullable=False), DICT))
+    strict_value = pa.field(
+        "labels",
+        pa.map_(pa.field("key", DICT, nullable=False), pa.field("value", DICT, nullable=False)),
+    )
+    with pytest.raises(SchemaConflictError) as raised:
+        unify([pa.schema([*BASE, nullable_value]), pa.schema([*BASE, strict_value])])
+    one, two = str(raised.value).split(" and ")
+    assert one.startswith("non-label column labels differs: map<entries: struct<")
+    assert one.count("not null") + 1 == two.count("not null")
 
 
 def test_lineage_of_a_consolidated_source_is_not_inherited() -> None:

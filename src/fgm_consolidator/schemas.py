@@ -136,9 +136,7 @@ def unify(schemas: Sequence[pa.Schema]) -> pa.Schema:
         _check_same_metadata("key-value metadata", _plain_metadata(first), _plain_metadata(schema))
         other = _base_fields(schema)
         if [f.remove_metadata() for f in other] != [f.remove_metadata() for f in base]:
-            raise SchemaConflictError(
-                f"non-label columns differ: {_describe(base)} and {_describe(other)}"
-            )
+            raise SchemaConflictError(_base_difference(base, other))
         for known, field in zip(base, other, strict=True):
             _check_same_field_metadata(known, field)
         for field in schema:
@@ -227,6 +225,25 @@ def _shown(value: bytes | None, limit: int = 60) -> str:
 def _plain_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
     """A source's key-value metadata without any lineage of ours (an output's, merged again)."""
     return {k: v for k, v in (schema.metadata or {}).items() if k != LINEAGE_KEY}
+
+
+def _base_difference(base: Sequence[pa.Field], other: Sequence[pa.Field]) -> str:
+    """Why two sources' non-label columns differ: the first column that does, spelled with
+    the nullability at every depth, where the columns are the same ones; printed as types
+    alone, a column that differs only in nullability read the same on both sides."""
+    if [f.name for f in base] != [f.name for f in other]:
+        return f"non-label columns differ: {_describe(base)} and {_describe(other)}"
+    pairs = zip(base, other, strict=True)
+    one, two = next((a, b) for a, b in pairs if a.remove_metadata() != b.remove_metadata())
+    return f"non-label column {one.name} differs: {_spelled(one)} and {_spelled(two)}"
+
+
+def _spelled(field: pa.Field) -> str:
+    """`field`'s type with each field's nullability, inside it too (a map's value)."""
+    kind = field.type
+    inner = [f"{kind.field(i).name}: {_spelled(kind.field(i))}" for i in range(kind.num_fields)]
+    text = f"{str(kind).split('<')[0]}<{', '.join(inner)}>" if inner else str(kind)
+    return text if field.nullable else f"{text} not null"
 
 
 def _describe(fields: Sequence[pa.Field]) -> str:
