@@ -254,12 +254,10 @@ def union(sidecars: Iterable[ContainerSidecar]) -> ContainerSidecar | None:
     return ContainerSidecar(version=version, containers=tuple(seen.values()))
 
 
-# What a companion may not know yet of a container, or not at all (labels before version 2).
-_OPTIONS = ("pod_name", "container_name", "namespace", "pod_uid", "labels")
-
-
 # What places a container; entries that disagree on one describe two, and are not mixed.
 _PLACE = ("pod_name", "container_name", "namespace", "pod_uid")
+# What a companion may not know yet of a container, or not at all (labels before version 2).
+_OPTIONS = (*_PLACE, "labels")
 
 
 def _filled(known: Container, later: Container) -> Container:

@@ -106,12 +106,15 @@ def _window(source: SourceFile, span_s: int) -> int:
     return int(source.file.start.timestamp()) // span_s
 
 
+def _output_range(group: Sequence[SourceFile], candidate: SourceFile) -> tuple[datetime, datetime]:
+    """The output's range, `candidate` taken in: the group's earliest start to its latest end,
+    not the candidate's end, since a `consolidated-*` file we did not write may span hours or
+    cover its neighbours' stamps."""
+    return group[0].file.start, max(candidate.file.end, *(s.file.end for s in group))
+
+
 def _fits(group: Sequence[SourceFile], candidate: SourceFile, policy: Policy) -> bool:
-    """The output's range is the group's earliest start to its latest end, not the candidate's
-    end: a `consolidated-*` file we did not write may span hours or cover its neighbours'
-    stamps."""
-    start = group[0].file.start
-    end = max(candidate.file.end, *(s.file.end for s in group))
+    start, end = _output_range(group, candidate)
     size = sum(s.identity.size for s in group) + candidate.identity.size
     return (
         _window(group[0], policy.max_span_s) == _window(candidate, policy.max_span_s)
@@ -124,8 +127,7 @@ def _range_taken(group: Sequence[SourceFile], candidate: SourceFile) -> str | No
     """The file of the group, `candidate` taken in, whose range the output's would be: it
     would be named like that file, so skipped on every pass and its other files never merged.
     After the clock steps back, a new file's stamp can fall inside an output's range."""
-    start = group[0].file.start
-    end = max(candidate.file.end, *(s.file.end for s in group))
+    start, end = _output_range(group, candidate)
     same = (s for s in (*group, candidate) if (s.file.start, s.file.end) == (start, end))
     return next((s.name for s in same), None)
 
