@@ -722,6 +722,19 @@ def test_output_to_a_full_disk_is_one_error_line(
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["run", "--help"]])
+def test_help_and_version_to_a_full_disk_are_one_error_line(args: list[str]) -> None:
+    """click prints these itself, before a command of ours runs: they ended in a traceback."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fgm_consolidator", *args],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr == "Error: cannot write to standard output: No space left on device\n"
+
+
 # -- dry run ------------------------------------------------------------------------------
 
 

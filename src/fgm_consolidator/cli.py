@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
@@ -114,10 +115,38 @@ def _print(text: str) -> None:
     except OSError as exc:
         if exc.errno == errno.EPIPE:
             raise
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - what is buffered can never be written
-        raise click.ClickException(
-            f"cannot write to standard output: {exc.strerror or exc}"
-        ) from exc
+        raise _unwritable_output(exc) from exc
+
+
+def _unwritable_output(exc: OSError) -> click.ClickException:
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - what is buffered can never be written
+    return click.ClickException(f"cannot write to standard output: {exc.strerror or exc}")
+
+
+class _Program(click.Group):
+    """click prints `--help` and `--version` itself, before any command of ours runs, so
+    their output into a full disk is caught here, around click: one `Error:` line, as for
+    every command's output (`_print`), instead of a traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as exc:
+            if not _raised_by_click_echo(exc):
+                raise
+            failure = _unwritable_output(exc)
+            failure.show()
+            sys.exit(failure.exit_code)
+
+
+def _raised_by_click_echo(exc: OSError) -> bool:
+    """Any other OSError reaching this far is a fault of ours and keeps its traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    innermost = frames[-1] if frames else None
+    return innermost is not None and (innermost.filename, innermost.name) == (
+        click.utils.__file__,
+        "echo",
+    )
 
 
 def _error(message: str) -> click.ClickException:
@@ -145,7 +174,7 @@ def _check_config(check: Callable[[], None]) -> None:
         raise _fail(exc) from exc
 
 
-@click.group()
+@click.group(cls=_Program)
 @click.version_option(package_name="fgm-consolidator", prog_name="fgm-consolidator")
 def main() -> None:
     """Merge fine-grained-monitor's small parquet files into few large ones, crash-safely."""
