@@ -33,6 +33,7 @@ from fgm_consolidator.journal import Journal
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.plan import Policy
 from fgm_consolidator.recovery import judge_partition
+from fgm_consolidator.schemas import LINEAGE_KEY
 from fgm_consolidator.service import Settings, StopFlag, consolidation_pass
 from fgm_consolidator.simulate import generate
 from fgm_consolidator.states import MergeState
@@ -423,6 +424,32 @@ def test_which_file_a_lineage_means(data_dir: Path) -> None:
 
 def digest(path: Path) -> str:
     return footers.read(path).digest
+
+
+def test_which_file_an_ancestor_means(data_dir: Path) -> None:
+    """An ancestor (a file whose rows came in through an output merged again) is the present
+    file only under the footer recorded: never by name alone, which the monitor reuses."""
+    first_day(data_dir)
+    write_again(data_dir)
+    folder = data_dir / PARTITION
+    reused = sorted(metrics_name(r) for r in REWRITTEN)
+    exact, other, unknown = reused[0], reused[1], reused[2]
+    ancestors = (
+        lineage.LineageSource(exact, 90, digest(folder / exact)),
+        lineage.LineageSource(other, 90, "0" * 32),
+        lineage.LineageSource(unknown, 90),
+    )
+    output = consolidated_name(0, 23)
+    merged_again = lineage.Lineage(9, 5, (lineage.LineageSource(output, 5),), ancestors)
+    doc = lineage.encode(9, merged_again.sources, ancestors)
+    assert lineage.decode(doc[LINEAGE_KEY]) == merged_again
+    files = lineage.PresentFiles(folder, os.listdir(folder), {"later": merged_again})
+    assert files.held_by("later", merged_again) == {exact, output}
+    assert files.under_another_footer("later", merged_again) == frozenset()
+    assert merged_again.rows_of(exact) == 90
+    plain = lineage.encode(9, merged_again.sources)  # no ancestors: the format of before
+    assert b"ancestors" not in plain[LINEAGE_KEY]
+    assert lineage.decode(plain[LINEAGE_KEY]) == replace(merged_again, ancestors=())
 
 
 def test_a_file_without_a_footer_under_a_listed_name_is_never_taken_for_held(

@@ -55,7 +55,12 @@ class Footer:
     @property
     def lineage(self) -> bytes | None:
         """The raw lineage of an output of ours."""
-        return None if self.packed_lineage is None else zlib.decompress(self.packed_lineage)
+        return unpack(self.packed_lineage)
+
+
+def unpack(packed_lineage: bytes | None) -> bytes | None:
+    """A lineage as `read` keeps it (compressed: a busy window's runs to kilobytes) made raw."""
+    return None if packed_lineage is None else zlib.decompress(packed_lineage)
 
 
 _seen: dict[Path, tuple[int, Footer]] = {}  # path -> (the pass that last looked, its footer)

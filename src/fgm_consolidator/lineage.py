@@ -13,6 +13,11 @@ every merge for good, a person asked to decide. Which present file a lineage mea
 `PresentFiles`' answer, by footer digest; two lineages that record different footers under
 one name list different files (`LineageSource.may_be`), so they share no rows. Outputs written
 before digests were recorded match by name, as before.
+
+An output merged again is listed by the new output, its files are not: those go into the new
+lineage as ancestors, with their footer digests. A copy of one brought back (a backup restored
+over the folder) is held by the output under that very footer only, and proven and removed as
+a listed file is, with the journal or without it.
 """
 
 from __future__ import annotations
@@ -55,21 +60,28 @@ class Lineage:
     merge_id: int
     rows: int
     sources: tuple[LineageSource, ...]
+    # Files whose rows came in through an output of ours among `sources`, at any depth. Not
+    # counted in `rows`: their rows are that output's.
+    ancestors: tuple[LineageSource, ...] = ()
 
     def rows_of(self, name: str) -> int:
-        return next(s.rows for s in self.sources if s.name == name)
+        return next(s.rows for s in (*self.sources, *self.ancestors) if s.name == name)
 
     def footers(self) -> dict[str, str | None]:
         """Each source's footer digest, by name."""
         return {s.name: s.footer for s in self.sources}
 
 
-def encode(merge_id: int, sources: Sequence[LineageSource]) -> dict[bytes, bytes]:
-    doc = {
+def encode(
+    merge_id: int, sources: Sequence[LineageSource], ancestors: Sequence[LineageSource] = ()
+) -> dict[bytes, bytes]:
+    doc: dict[str, Any] = {
         "merge_id": merge_id,
         "rows": sum(s.rows for s in sources),
         "sources": [_source_doc(s) for s in sources],
     }
+    if ancestors:  # an output of monitor's files alone reads as before
+        doc["ancestors"] = [_source_doc(s) for s in ancestors]
     return {LINEAGE_KEY: json.dumps(doc, separators=(",", ":")).encode()}
 
 
@@ -87,10 +99,12 @@ def decode(raw: bytes | None) -> Lineage | None:
     try:
         doc = json.loads(raw)
         sources = tuple(_decode_source(s) for s in doc["sources"])
-        return Lineage(int(doc["merge_id"]), int(doc["rows"]), sources)
+        ancestors = tuple(_decode_source(s) for s in doc.get("ancestors", ()))
+        return Lineage(int(doc["merge_id"]), int(doc["rows"]), sources, ancestors)
     # Overflow: `"rows": Infinity`; Recursion: a value nested a hundred thousand deep, which
     # escaped as an unexpected error naming no file and failed its partition at every pass.
-    except (ValueError, TypeError, KeyError, OverflowError, RecursionError):
+    # Attribute: an entry that is no object (`"sources": ["a"]`).
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError, AttributeError):
         return None
 
 
@@ -187,10 +201,18 @@ class PresentFiles:
     def held_by(self, output: str, lineage: Lineage) -> frozenset[str]:
         """The present files that `lineage`, the lineage of `output`, lists. Never `output`
         itself: no file is a copy of itself (one listing its own name was once removed as its
-        own copy)."""
-        return frozenset(
-            s.name for s in self._listed(output, lineage) if not self._is_new(output, s)
-        )
+        own copy). An ancestor is held only under the footer recorded: under another, it is
+        a new file under a used name, as a file listed nowhere is."""
+        listed = {s.name for s in self._listed(output, lineage) if not self._is_new(output, s)}
+        copies = {
+            a.name
+            for a in lineage.ancestors
+            if a.name != output
+            and a.name in self.names
+            and a.footer is not None
+            and a.footer == self.digest(a.name)
+        }
+        return frozenset(listed | copies)
 
     def under_another_footer(self, output: str, lineage: Lineage) -> frozenset[str]:
         """Those of `held_by` whose footer is not the one `lineage` records: new, or the
@@ -227,7 +249,7 @@ class PresentFiles:
         merged = digest is not None and any(
             entry.name == source.name and entry.footer == digest
             for held in self._held.values()
-            for entry in held.sources
+            for entry in (*held.sources, *held.ancestors)
         )
         key = (output, source.name)
         if key not in self._new:

@@ -73,10 +73,25 @@ class _Ended(NamedTuple):
 
 
 def lineage_of(merge_id: int, plan: MergePlan) -> dict[bytes, bytes]:
-    """What an output holds, readable without the journal: merge id, and each source's name,
-    rows and footer digest."""
+    """What an output holds, readable without the journal: merge id, each source's name,
+    rows and footer digest, and the same of its ancestors."""
     sources = [lineage.LineageSource(s.name, s.rows, s.digest) for s in plan.sources]
-    return lineage.encode(merge_id, sources)
+    return lineage.encode(merge_id, sources, ancestors_of(plan))
+
+
+def ancestors_of(plan: MergePlan) -> list[lineage.LineageSource]:
+    """The files whose rows reach this output through the outputs of ours it merges, at any
+    depth: the sources and ancestors their lineages list. An output merged again lists only
+    that output, so a backup restored over the folder brought its files back unrecognised,
+    and they were merged a second time: their rows there twice for good, with the journal lost
+    or a restore that kept mtimes to the second (`plan.merged_before` needs them exact).
+    Their footers survive any copy. One window's files at most, as each output's are."""
+    found: dict[tuple[str, str | None], lineage.LineageSource] = {}
+    for source in plan.sources:
+        held = lineage.decode(footers.unpack(source.packed_lineage))
+        for entry in () if held is None else (*held.sources, *held.ancestors):
+            found.setdefault((entry.name, entry.footer), entry)
+    return list(found.values())
 
 
 def execute(

@@ -268,9 +268,9 @@ def merged_before(journal: Journal | None, scan: PartitionScan) -> list[Skipped]
     """The eligible monitor's files that a finished merge deleted and that are here again (a
     backup restored over the data directory), whose rows an output here holds by the
     journal's account: merged again, they would be there twice for good. An output that
-    lists the file itself proves and removes it (the lineage check); one that took those rows
-    from an output merged since lists only that output, so such a file is held here for a
-    person.
+    lists the file, as a source or an ancestor, proves and removes it (the lineage check); one
+    written before ancestors were recorded lists only the output it merged, so such a file is
+    held here for a person.
 
     A file is the deleted one when its name, size, mtime and rows are: a restore (`cp -a`)
     keeps the mtime to the nanosecond, and a new file under a reused name (the monitor's

@@ -40,6 +40,9 @@ class SourceFile:
     companion: FileIdentity | None
     ctime_ns: int  # as scanned: the version to record if a merge finds the file unreadable
     digest: str  # its footer's (`footers.footer_digest`), for the lineage of its output
+    # An output of ours: its lineage as read with that footer (`footers.Footer`), whose
+    # sources and ancestors become the ancestors of the output that merges it
+    packed_lineage: bytes | None = None
 
     @property
     def name(self) -> str:
@@ -224,6 +227,7 @@ def scan_partition(
                 companion,
                 st.st_ctime_ns,
                 footer.digest,
+                footer.packed_lineage if parsed.kind == "consolidated" else None,
             )
         )
     eligible.sort(key=lambda s: s.file)
