@@ -3,24 +3,30 @@
 An output that lists such a file holds its rows, and the lineage check proves and removes it.
 Once that output was merged again, the new output lists only the old one: the restored files
 were merged a second time and their rows stayed twice for good, without a word (an adversarial
-crash-safety review, helper-45: +1,080 rows of 2,160). The journal still knows which merge
-deleted them and where their rows went, so a pass holds them out of every merge and names them,
-`status` asks a person, and a file whose rows no output here holds is merged as before.
+crash-safety review, helper-45: +1,080 rows of 2,160). Outputs now list such files as
+ancestors, by footer, so the lineage check proves and removes them with the journal or
+without, whatever mtimes the restore kept. For outputs written before that, the journal still
+knows which merge deleted them and where their rows went: a pass holds them out of every merge
+and names them, `status` asks a person, and a file whose rows no output here holds is merged
+as before.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from conftest import PAST, consolidated_name, data_files, run_cli, small_spec
+import pytest
+from conftest import PAST, consolidated_name, data_files, invoke, run_cli, small_spec
 from oracle import OracleReport, RowKey, check, check_rows, expected_rows, read_live
 
-from fgm_consolidator import crashpoints
+from fgm_consolidator import crashpoints, lineage, merge
 from fgm_consolidator.layout import default_journal_path
 from fgm_consolidator.simulate import generate
 
@@ -35,6 +41,12 @@ def run_once(data_dir: Path, *more: str, env: dict[str, str] | None = None) -> s
     result = run_cli(*ONCE, "--data-dir", str(data_dir), *more, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout + result.stderr
+
+
+def invoke_once(data_dir: Path) -> None:
+    """`run --once` in this process, where a test may change what it writes."""
+    result = invoke(*ONCE, "--data-dir", data_dir)
+    assert result.exit_code == 0, result.output
 
 
 def status(data_dir: Path) -> tuple[int, str]:
@@ -52,28 +64,85 @@ def restore(backup: Path, folder: Path) -> list[str]:
     return restored
 
 
-def merged_twice(data_dir: Path, backup: Path) -> tuple[list[str], Counter[RowKey]]:
+def restore_to_the_second(backup: Path, folder: Path) -> list[str]:
+    """GNU tar's default format: mtimes to the whole second."""
+    restored = restore(backup, folder)
+    for name in restored:
+        mtime = int((folder / name).stat().st_mtime)
+        os.utime(folder / name, (mtime, mtime))
+    return restored
+
+
+def lose_journal(data_dir: Path) -> None:
+    for path in default_journal_path(data_dir).parent.glob("journal.db*"):
+        path.unlink()
+
+
+def merged_twice(
+    data_dir: Path,
+    backup: Path,
+    once: Callable[[Path], object] = run_once,
+    put_back: Callable[[Path, Path], list[str]] = restore,
+) -> tuple[list[str], Counter[RowKey]]:
     """Twelve files merged into one output, that output merged again with twelve more; then
     the backup of the first twelve, taken before any merge, restored. The restored parquet
     files' names, and the rows before the restore."""
     generate(data_dir, small_spec(rotations=12))
     shutil.copytree(data_dir / POD, backup)
-    run_once(data_dir)
+    once(data_dir)
     assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 11)]
     generate(data_dir, small_spec(rotations=12, start=PAST + timedelta(seconds=90 * 12)))
-    run_once(data_dir)
+    once(data_dir)
     assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 23)]
     expected = expected_rows(data_dir)
-    restored = restore(backup, data_dir / POD)
+    restored = put_back(backup, data_dir / POD)
     return [name for name in restored if name.endswith(".parquet")], expected
 
 
-def test_files_restored_after_their_output_was_merged_again_are_held_and_named(
-    data_dir: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("put_back", "journal_lost"),
+    [(restore, False), (restore_to_the_second, False), (restore, True)],
+    ids=["cp-a", "mtimes-to-the-second", "journal-lost"],
+)
+def test_files_restored_after_their_output_was_merged_again_are_proven_and_removed(
+    data_dir: Path,
+    tmp_path: Path,
+    put_back: Callable[[Path, Path], list[str]],
+    journal_lost: bool,
 ) -> None:
-    restored, expected = merged_twice(data_dir, tmp_path / "backup")
+    """The output lists them as ancestors with their footers, which a restore keeps: none of
+    these restores could the journal recognise, besides `cp -a` with it intact."""
+    restored, expected = merged_twice(data_dir, tmp_path / "backup", put_back=put_back)
+    assert len(restored) == 12
+    if journal_lost:
+        lose_journal(data_dir)
+    output = consolidated_name(0, 23)
+    assert status(data_dir)[0] == EXIT_NEEDS_PERSON  # the copies wait for their proof
+
+    logs = run_once(data_dir)
+
+    removed = [line for line in logs.splitlines() if "action=removed" in line]
+    assert sorted(re.search(r"\bfile=(\S+)", line)[1] for line in removed) == restored
+    assert all(f"output={output}" in line for line in removed)
+    assert "event=file-held" not in logs
+    assert [p.name for p in data_files(data_dir)] == [output]
+    assert sorted(p.name for p in (data_dir / POD).iterdir() if p.suffix == ".containers") == [
+        f"{Path(output).stem}.containers"
+    ]
+    assert status(data_dir)[0] == 0
+    assert check(data_dir, expected, journal_lost=journal_lost).violations == []
+
+
+def test_files_restored_after_an_output_without_ancestors_was_merged_again_are_held_and_named(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs written before ancestors were recorded list only the output they merged: the
+    journal's account of the merges holds the restored files for a person."""
+    monkeypatch.setattr(merge, "ancestors_of", lambda plan: [])
+    restored, expected = merged_twice(data_dir, tmp_path / "backup", once=invoke_once)
     assert len(restored) == 12
     output = consolidated_name(0, 23)
+    assert lineage.read(data_dir / POD / output).ancestors == ()
 
     dry = run_cli("run", "--dry-run", "--min-age", "0", "--data-dir", str(data_dir))
     logs = run_once(data_dir)
@@ -117,14 +186,47 @@ def test_restored_files_whose_rows_no_output_here_holds_are_merged(
     assert report.violations == []
 
 
+@pytest.mark.parametrize("journal_lost", [False, True], ids=["journal", "journal-lost"])
+def test_an_output_and_files_restored_two_merges_later_are_proven_and_removed(
+    data_dir: Path, tmp_path: Path, journal_lost: bool
+) -> None:
+    """A backup taken between merges holds an output and new files beside it; restored once
+    both went into an output that was merged again in turn: its ancestors are listed at
+    every depth."""
+    generate(data_dir, small_spec(rotations=12))
+    run_once(data_dir)
+    generate(data_dir, small_spec(rotations=12, start=PAST + timedelta(seconds=90 * 12)))
+    backup = tmp_path / "backup"
+    shutil.copytree(data_dir / POD, backup)
+    run_once(data_dir)
+    generate(data_dir, small_spec(rotations=12, start=PAST + timedelta(seconds=90 * 24)))
+    run_once(data_dir)
+    output = consolidated_name(0, 35)
+    assert [p.name for p in data_files(data_dir)] == [output]
+    expected = expected_rows(data_dir)
+    restored = [n for n in restore(backup, data_dir / POD) if n.endswith(".parquet")]
+    assert consolidated_name(0, 11) in restored and len(restored) == 13
+    if journal_lost:
+        lose_journal(data_dir)
+
+    logs = run_once(data_dir)
+
+    assert logs.count("action=removed") == len(restored)
+    assert [p.name for p in data_files(data_dir)] == [output]
+    assert status(data_dir)[0] == 0
+    assert check(data_dir, expected, journal_lost=journal_lost).violations == []
+
+
+@pytest.mark.parametrize("generations", [1, 2])
 def test_an_older_journal_names_the_output_its_merge_was_merged_into(
-    data_dir: Path, tmp_path: Path
+    data_dir: Path, tmp_path: Path, generations: int
 ) -> None:
     """A copy of the journal taken while merge 1 was unfinished, restored after its output was
-    merged again: recovery found the output missing and its sources gone, and called their
-    rows lost; the README's recipe, restoring the output from a backup, would have kept them
-    twice. The merge still waits for a person (a journal begun again looks the same, and then
-    the rows may be lost), but the reason names the output that lists it."""
+    merged again (or that output in turn: the last lists it as an ancestor): recovery found
+    the output missing and its sources gone, and called their rows lost; the README's recipe,
+    restoring the output from a backup, would have kept them twice. The merge still waits for
+    a person (a journal begun again looks the same, and then the rows may be lost), but the
+    reason names the output that lists it."""
     generate(data_dir, small_spec(rotations=12))
     killed = run_cli(*ONCE, "--data-dir", str(data_dir), env={"FGM_CRASH_AT": "journal:renamed"})
     assert killed.returncode == -9
@@ -134,9 +236,12 @@ def test_an_older_journal_names_the_output_its_merge_was_merged_into(
     for path in state.glob("journal.db*"):
         shutil.copy2(path, older / path.name)
     run_once(data_dir)  # finishes merge 1
-    generate(data_dir, small_spec(rotations=12, start=PAST + timedelta(seconds=90 * 12)))
-    run_once(data_dir)  # merges its output again
-    assert [p.name for p in data_files(data_dir)] == [consolidated_name(0, 23)]
+    for generation in range(1, generations + 1):  # its output merged again, and that one's
+        start = PAST + timedelta(seconds=90 * 12 * generation)
+        generate(data_dir, small_spec(rotations=12, start=start))
+        run_once(data_dir)
+    last = consolidated_name(0, 12 * (generations + 1) - 1)
+    assert [p.name for p in data_files(data_dir)] == [last]
     for path in state.glob("journal.db*"):
         path.unlink()
     for path in older.iterdir():
@@ -145,7 +250,7 @@ def test_an_older_journal_names_the_output_its_merge_was_merged_into(
     recovered = run_cli("recover", "--data-dir", str(data_dir))
 
     assert recovered.returncode == EXIT_NEEDS_PERSON
-    said = f"is missing, and {consolidated_name(0, 23)} lists an output of its name and rows"
+    said = f"is missing, and {last} lists an output of its name and rows"
     assert said in recovered.stdout
     code, shown = status(data_dir)
     assert code == EXIT_NEEDS_PERSON and "1 merge(s) need a person" in shown

@@ -322,7 +322,8 @@ def _merged_again(journal: Journal, folder: Path, record: MergeRecord) -> str | 
         later = held.merge_id > record.id
         if not later or journal.wrote(held.merge_id, record.partition, output):
             continue
-        if any(s.name == record.output and s.rows == record.output_rows for s in held.sources):
+        listed = (*held.sources, *held.ancestors)  # an ancestor: merged again since, in turn
+        if any(s.name == record.output and s.rows == record.output_rows for s in listed):
             return output
     return None
 
