@@ -447,9 +447,19 @@ def test_which_file_an_ancestor_means(data_dir: Path) -> None:
     assert files.held_by("later", merged_again) == {exact, output}
     assert files.under_another_footer("later", merged_again) == frozenset()
     assert merged_again.rows_of(exact) == 90
+    among = lineage.decode(doc[LINEAGE_KEY], among={exact, output})  # as a pass reads it
+    assert among == replace(merged_again, ancestors=ancestors[:1])
     plain = lineage.encode(9, merged_again.sources)  # no ancestors: the format of before
     assert b"ancestors" not in plain[LINEAGE_KEY]
     assert lineage.decode(plain[LINEAGE_KEY]) == replace(merged_again, ancestors=())
+
+
+def test_rows_are_those_listed_under_the_files_own_footer() -> None:
+    """Two files of one name (the clock stepped back) can both reach an output as ancestors."""
+    first, second = (lineage.LineageSource("m", 90, "a"), lineage.LineageSource("m", 135, "b"))
+    held = lineage.Lineage(3, 7, (lineage.LineageSource("o", 7),), (first, second))
+    assert [held.rows_of("m", "b"), held.rows_of("m", "a"), held.rows_of("m")] == [135, 90, 90]
+    assert held.rows_of("m", "c") == 90  # another footer: compared by rows, as before
 
 
 def test_a_file_without_a_footer_under_a_listed_name_is_never_taken_for_held(

@@ -18,12 +18,21 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import PAST, consolidated_name, data_files, invoke, run_cli, small_spec
+from conftest import (
+    PAST,
+    consolidated_name,
+    data_files,
+    invoke,
+    metrics_name,
+    run_cli,
+    small_spec,
+)
 from oracle import OracleReport, RowKey, check, check_rows, expected_rows, read_live
 
 from fgm_consolidator import crashpoints, lineage, merge
@@ -215,6 +224,74 @@ def test_an_output_and_files_restored_two_merges_later_are_proven_and_removed(
     assert [p.name for p in data_files(data_dir)] == [output]
     assert status(data_dir)[0] == 0
     assert check(data_dir, expected, journal_lost=journal_lost).violations == []
+
+
+@pytest.mark.parametrize("taken", [(1, 3), (0, 2, 3)], ids=["outputs", "every-generation"])
+def test_backups_of_several_generations_restored_at_once_are_proven_and_removed(
+    data_dir: Path, tmp_path: Path, taken: tuple[int, ...]
+) -> None:
+    """Backups taken as a window was merged three times (rsync without `--delete` keeps them
+    all): a restored output and the files it lists are copies of the same rows. Proven
+    together against the last output, the first took the rows and the others were found to
+    differ, and each file was claimed by two outputs, for a person: 3,240 rows twice for good
+    (a review of ancestors, helper-49). Each is proven against the nearest output holding it."""
+    folder = data_dir / POD
+    backups = [tmp_path / f"backup-{n}" for n in range(4)]
+    generate(data_dir, small_spec(rotations=12))
+    shutil.copytree(folder, backups[0])  # the first twelve files
+    run_once(data_dir)
+    shutil.copytree(folder, backups[1])  # their output
+    generate(data_dir, small_spec(rotations=12, start=PAST + timedelta(seconds=90 * 12)))
+    shutil.copytree(folder, backups[2])  # that output and twelve new files
+    run_once(data_dir)
+    shutil.copytree(folder, backups[3])  # their output
+    generate(data_dir, small_spec(rotations=12, start=PAST + timedelta(seconds=90 * 24)))
+    run_once(data_dir)
+    output = consolidated_name(0, 35)
+    expected = expected_rows(data_dir)
+    restored = {n for i in taken for n in restore(backups[i], folder) if n.endswith(".parquet")}
+    assert {consolidated_name(0, 11), consolidated_name(0, 23)} <= restored
+
+    logs = run_once(data_dir)
+
+    assert logs.count("action=removed") == len(restored)
+    assert "action=kept" not in logs
+    assert [p.name for p in data_files(data_dir)] == [output]
+    assert status(data_dir)[0] == 0
+    assert check(data_dir, expected).violations == []
+
+
+def test_a_restored_file_is_proven_by_the_rows_listed_under_its_own_footer(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """After the clock stepped back two files of one name, with other rows, came into an
+    output through two outputs merged again: its ancestors list the name twice. The restored
+    second one was held for good, its rows counted against the first entry's (helper-49)."""
+    folder = data_dir / POD
+    generate(data_dir, small_spec(rotations=3))
+    run_once(data_dir)
+    stepped_back = small_spec(rotations=4, start=PAST + timedelta(seconds=90), seed=7)
+    again = replace(stepped_back, containers=3)  # 135 rows a file, not 90
+    generate(data_dir, again, only=range(0, 1))  # the name of rotation 1 again
+    generate(data_dir, again, only=range(2, 4))
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    shutil.copy2(folder / metrics_name(1), backup / metrics_name(1))
+    for _ in range(4):
+        run_once(data_dir)
+    [output] = [p.name for p in data_files(data_dir)]
+    held = lineage.read(folder / output)
+    assert held is not None
+    assert sorted(a.rows for a in held.ancestors if a.name == metrics_name(1)) == [90, 135]
+    expected = expected_rows(data_dir)
+    restore(backup, folder)
+
+    logs = run_once(data_dir)
+
+    assert logs.count("action=removed") == 1, logs
+    assert [p.name for p in data_files(data_dir)] == [output]
+    assert status(data_dir)[0] == 0
+    assert check(data_dir, expected).violations == []
 
 
 @pytest.mark.parametrize("generations", [1, 2])

@@ -64,8 +64,14 @@ class Lineage:
     # counted in `rows`: their rows are that output's.
     ancestors: tuple[LineageSource, ...] = ()
 
-    def rows_of(self, name: str) -> int:
-        return next(s.rows for s in (*self.sources, *self.ancestors) if s.name == name)
+    def rows_of(self, name: str, footer: str | None = None) -> int:
+        """The rows listed of the file `name` with the footer digest `footer`, else of the
+        first entry of that name: after the clock stepped back, two files of one name can
+        both have come in through outputs merged again, with their own rows."""
+        entries = [s for s in (*self.sources, *self.ancestors) if s.name == name]
+        return next(
+            (s.rows for s in entries if footer is not None and s.footer == footer), entries[0].rows
+        )
 
     def footers(self) -> dict[str, str | None]:
         """Each source's footer digest, by name."""
@@ -92,14 +98,20 @@ def _source_doc(source: LineageSource) -> dict[str, str | int]:
     return doc
 
 
-def decode(raw: bytes | None) -> Lineage | None:
-    """The lineage `encode` stored under LINEAGE_KEY; None when absent or not ours."""
+def decode(raw: bytes | None, among: Collection[str] | None = None) -> Lineage | None:
+    """The lineage `encode` stored under LINEAGE_KEY; None when absent or not ours. With
+    `among`, only the ancestors under those names: an output of a day-long window lists a
+    thousand, and every pass reads every output's lineage to ask after the files present."""
     if raw is None:
         return None
     try:
         doc = json.loads(raw)
         sources = tuple(_decode_source(s) for s in doc["sources"])
-        ancestors = tuple(_decode_source(s) for s in doc.get("ancestors", ()))
+        ancestors = tuple(
+            _decode_source(s)
+            for s in doc.get("ancestors", ())
+            if among is None or s["name"] in among
+        )
         return Lineage(int(doc["merge_id"]), int(doc["rows"]), sources, ancestors)
     # Overflow: `"rows": Infinity`; Recursion: a value nested a hundred thousand deep, which
     # escaped as an unexpected error naming no file and failed its partition at every pass.
@@ -115,21 +127,24 @@ def _decode_source(doc: Any) -> LineageSource:
     return LineageSource(str(doc["name"]), int(doc["rows"]), footer)
 
 
-def read(path: Path) -> Lineage | None:
+def read(path: Path, among: Collection[str] | None = None) -> Lineage | None:
     try:
         raw = footers.read(path).lineage
     except UNREADABLE:
         return None
-    return decode(raw)
+    return decode(raw, among)
 
 
-def lineages(folder: Path, names: Collection[str]) -> dict[str, Lineage]:
-    """The lineage of every output of ours among `names` that has one."""
+def lineages(
+    folder: Path, names: Collection[str], *, every_ancestor: bool = False
+) -> dict[str, Lineage]:
+    """The lineage of every output of ours among `names` (the files present) that has one,
+    with the ancestors among `names` only, unless `every_ancestor`."""
     found = {}
     for name in sorted(names):
         parsed = parse_data_file(name)
         if parsed is not None and parsed.kind == "consolidated":
-            held = read(folder / name)
+            held = read(folder / name, None if every_ancestor else names)
             if held is not None:
                 found[name] = held
     return found
@@ -213,6 +228,22 @@ class PresentFiles:
             and a.footer == self.digest(a.name)
         }
         return frozenset(listed | copies)
+
+    def held_nearest(self) -> dict[str, frozenset[str]]:
+        """`held_by` of each output, less the files that a present output it holds lists in
+        turn. A restored output and the files it lists are copies of the same rows: proven
+        together against an output that merged them all, one took the shared rows and the
+        others were found to differ, and each file was claimed by two outputs, for a person:
+        all kept for good. Each is proven against the nearest output that holds it instead."""
+        holds = {output: self.held_by(output, held) for output, held in self._held.items()}
+        return {
+            output: frozenset(
+                name
+                for name in here
+                if not any(name in holds.get(other, ()) for other in here - {name})
+            )
+            for output, here in holds.items()
+        }
 
     def under_another_footer(self, output: str, lineage: Lineage) -> frozenset[str]:
         """Those of `held_by` whose footer is not the one `lineage` records: new, or the
@@ -341,7 +372,8 @@ def unproven(
         target = pq.read_schema(output)
         for source in sources:
             metadata = pq.read_metadata(source)
-            rows, listed = metadata.num_rows, held.rows_of(source.name)
+            listed = held.rows_of(source.name, footers.read(source).digest)
+            rows = metadata.num_rows
             why = misfit(metadata.schema.to_arrow_schema(), target)
             if why is not None:
                 # Compared as the output's columns, its rows would match without that one.

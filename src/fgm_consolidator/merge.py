@@ -85,7 +85,7 @@ def ancestors_of(plan: MergePlan) -> list[lineage.LineageSource]:
     that output, so a backup restored over the folder brought its files back unrecognised,
     and they were merged a second time: their rows there twice for good, with the journal lost
     or a restore that kept mtimes to the second (`plan.merged_before` needs them exact).
-    Their footers survive any copy. One window's files at most, as each output's are."""
+    Their footers survive any copy. A window's files and its earlier outputs at most."""
     found: dict[tuple[str, str | None], lineage.LineageSource] = {}
     for source in plan.sources:
         held = lineage.decode(footers.unpack(source.packed_lineage))

@@ -318,7 +318,8 @@ def _merged_again(journal: Journal, folder: Path, record: MergeRecord) -> str | 
     1 again, and an output under the same name merged before the clock stepped back looks
     just the same, its rows not this merge's. A merge the journal knows, or an earlier one,
     took such an older output, and is not named."""
-    for output, held in lineage.lineages(folder, lineage.list_names(folder)).items():
+    names = lineage.list_names(folder)
+    for output, held in lineage.lineages(folder, names, every_ancestor=True).items():
         later = held.merge_id > record.id
         if not later or journal.wrote(held.merge_id, record.partition, output):
             continue
@@ -684,6 +685,7 @@ def judge_partition(
     held = lineage.lineages(folder, names)
     files = lineage.PresentFiles(folder, names, held, shown_new)
     shared = lineage.overlaps(held)
+    nearest = files.held_nearest()
     verdicts = []
     for output, claim in held.items():
         if (partition, output) in busy:
@@ -692,8 +694,8 @@ def judge_partition(
             others = ", ".join(sorted(shared[output]))
             reason = f"{output} and {others} list the same sources: rows may be there twice"
             verdicts.append(LineageVerdict(output, others, reason, None))
-        present = sorted(files.held_by(output, claim))
-        other = files.under_another_footer(output, claim)
+        present = sorted(nearest[output])
+        other = files.under_another_footer(output, claim) & nearest[output]
         before = {name: durable.identity(folder / name) for name in present}
         footerless = set()
         for name in other:  # shown new, if at all, as the version whose footer was read
@@ -721,7 +723,7 @@ def judge_partition(
                 subject = proof_subject(partition, output)
                 doubts = guard.run(subject, present, prove, journaled=compare_rows)
         for name in present:
-            claimants = sorted(o for o, c in held.items() if name in files.held_by(o, c))
+            claimants = sorted(o for o in held if name in nearest[o])
             # Under another footer, the file is new or not to this output alone: a name used
             # three times is listed by two outputs, each with a file of its own.
             several = len(claimants) > 1 and name not in other
