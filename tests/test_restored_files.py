@@ -261,6 +261,38 @@ def test_backups_of_several_generations_restored_at_once_are_proven_and_removed(
     assert check(data_dir, expected).violations == []
 
 
+@pytest.mark.parametrize("journal_lost", [False, True], ids=["journal", "journal-lost"])
+def test_a_restored_output_that_sorts_after_its_holder_is_settled_first(
+    data_dir: Path, tmp_path: Path, journal_lost: bool
+) -> None:
+    """Files stamped earlier than an output's first came late and were merged with it: the
+    new output's name sorts before the old one's. Restored with its files, the old output must
+    give them up before its holder removes it."""
+    folder = data_dir / POD
+    generate(data_dir, small_spec(rotations=12, start=PAST + timedelta(seconds=90 * 10)))
+    backup = tmp_path / "backup"
+    shutil.copytree(folder, backup)  # the files
+    run_once(data_dir)
+    restore(folder, backup)  # and their output
+    generate(data_dir, small_spec(rotations=10, seed=5))  # earlier stamps, late
+    run_once(data_dir)
+    output = consolidated_name(0, 21)
+    assert [p.name for p in data_files(data_dir)] == [output]
+    expected = expected_rows(data_dir)
+    restored = [n for n in restore(backup, folder) if n.endswith(".parquet")]
+    assert output < consolidated_name(10, 21) in restored and len(restored) == 13
+    if journal_lost:
+        lose_journal(data_dir)
+
+    logs = run_once(data_dir)
+
+    assert logs.count("action=removed") == len(restored), logs
+    assert "lineage-check-failed" not in logs and "action=kept" not in logs
+    assert [p.name for p in data_files(data_dir)] == [output]
+    assert status(data_dir)[0] == 0
+    assert check(data_dir, expected, journal_lost=journal_lost).violations == []
+
+
 def test_a_restored_file_is_proven_by_the_rows_listed_under_its_own_footer(
     data_dir: Path, tmp_path: Path
 ) -> None:

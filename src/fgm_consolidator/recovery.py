@@ -15,7 +15,7 @@ import hashlib
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -792,10 +792,26 @@ def _settle_partition(
     for verdict in verdicts:
         by_output.setdefault(verdict.output, []).append(verdict)
     actions: list[LineageAction] = []
-    for output, found in by_output.items():
-        actions.extend(_settle_output(journal, folder, partition, output, found))
-    _log_actions(actions)
+    for output in _inner_first(by_output):
+        settled = _settle_output(journal, folder, partition, output, by_output[output])
+        _log_actions(settled)  # each as done: an error in a later output's leaves them told
+        actions.extend(settled)
     return actions
+
+
+def _inner_first(by_output: Mapping[str, list[LineageVerdict]]) -> list[str]:
+    """The outputs in an order that settles each before an output that removes it: a restored
+    output gives up the files it holds first. Settled after, it was gone, and its files failed
+    the partition's check until the next start. By name, as before, where nothing nests (or
+    lineages that list each other, which no merge writes)."""
+    left = {output: {v.file for v in found} for output, found in by_output.items()}
+    order: list[str] = []
+    while left:
+        ready = [o for o, files in left.items() if not files & (left.keys() - {o})]
+        for output in sorted(ready or left):
+            order.append(output)
+            del left[output]
+    return order
 
 
 def _log_actions(actions: list[LineageAction]) -> None:
