@@ -462,6 +462,18 @@ def test_rows_are_those_listed_under_the_files_own_footer() -> None:
     assert held.rows_of("m", "c") == 90  # another footer: compared by rows, as before
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [{"name": "m", "rows": "r"}, {"name": "m", "rows": 1, "footer": 5}, {"name": "m"}, "m"],
+)
+def test_a_malformed_ancestor_is_no_lineage_whatever_files_are_present(entry: Any) -> None:
+    """A pass decodes only the ancestors under present names: it took an output with such an
+    entry for ours while the merge, which reads them all, did not (helper-50)."""
+    doc = {"merge_id": 1, "rows": 5, "sources": [{"name": "s", "rows": 5}], "ancestors": [entry]}
+    raw = json.dumps(doc).encode()
+    assert [lineage.decode(raw, among) for among in (None, set(), {"m"})] == [None] * 3
+
+
 def test_a_file_without_a_footer_under_a_listed_name_is_never_taken_for_held(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,8 +35,10 @@ from conftest import (
 )
 from oracle import OracleReport, RowKey, check, check_rows, expected_rows, read_live
 
-from fgm_consolidator import crashpoints, lineage, merge
+from fgm_consolidator import crashpoints, lineage, merge, recovery
+from fgm_consolidator.durable import FileIdentity
 from fgm_consolidator.layout import default_journal_path
+from fgm_consolidator.recovery import LineageVerdict
 from fgm_consolidator.simulate import generate
 
 POD = "dt=2025-12-30/identifier=pod-a"
@@ -291,6 +293,21 @@ def test_a_restored_output_that_sorts_after_its_holder_is_settled_first(
     assert [p.name for p in data_files(data_dir)] == [output]
     assert status(data_dir)[0] == 0
     assert check(data_dir, expected, journal_lost=journal_lost).violations == []
+
+
+def test_outputs_sharing_sources_do_not_keep_an_inner_output_from_being_settled_first() -> None:
+    """An overlap's verdict names the other output as its file; taken for a file to remove, two
+    outputs sharing a source blocked each other, and everything was settled by name, the
+    holder of a restored output before it (helper-50)."""
+    before = FileIdentity(1, 2, 3)
+    shared = "X and Y list the same sources"
+    by_output = {
+        "O": [LineageVerdict("O", "X", None, before)],
+        "X": [LineageVerdict("X", "s", None, before), LineageVerdict("X", "Y", shared, None)],
+        "Y": [LineageVerdict("Y", "X", shared, None)],
+    }
+    order = recovery._inner_first(by_output)
+    assert sorted(order) == ["O", "X", "Y"] and order.index("X") < order.index("O")
 
 
 def test_a_restored_file_is_proven_by_the_rows_listed_under_its_own_footer(

@@ -107,11 +107,8 @@ def decode(raw: bytes | None, among: Collection[str] | None = None) -> Lineage |
     try:
         doc = json.loads(raw)
         sources = tuple(_decode_source(s) for s in doc["sources"])
-        ancestors = tuple(
-            _decode_source(s)
-            for s in doc.get("ancestors", ())
-            if among is None or s["name"] in among
-        )
+        fields = [_source_fields(s) for s in doc.get("ancestors", ())]  # each one checked
+        ancestors = tuple(LineageSource(*f) for f in fields if among is None or f[0] in among)
         return Lineage(int(doc["merge_id"]), int(doc["rows"]), sources, ancestors)
     # Overflow: `"rows": Infinity`; Recursion: a value nested a hundred thousand deep, which
     # escaped as an unexpected error naming no file and failed its partition at every pass.
@@ -121,10 +118,15 @@ def decode(raw: bytes | None, among: Collection[str] | None = None) -> Lineage |
 
 
 def _decode_source(doc: Any) -> LineageSource:
+    return LineageSource(*_source_fields(doc))
+
+
+def _source_fields(doc: Any) -> tuple[str, int, str | None]:
+    """An entry's name, rows and footer digest; raises when it is not one `encode` writes."""
     footer = doc.get("footer")
     if footer is not None and not isinstance(footer, str):
         raise TypeError(f"footer digest {footer!r} is not text")
-    return LineageSource(str(doc["name"]), int(doc["rows"]), footer)
+    return str(doc["name"]), int(doc["rows"]), footer
 
 
 def read(path: Path, among: Collection[str] | None = None) -> Lineage | None:
@@ -230,7 +232,7 @@ class PresentFiles:
         return frozenset(listed | copies)
 
     def held_nearest(self) -> dict[str, frozenset[str]]:
-        """`held_by` of each output, less the files that a present output it holds lists in
+        """`held_by` of each output, less the files that a present output it holds holds in
         turn. A restored output and the files it lists are copies of the same rows: proven
         together against an output that merged them all, one took the shared rows and the
         others were found to differ, and each file was claimed by two outputs, for a person:

@@ -802,9 +802,13 @@ def _settle_partition(
 def _inner_first(by_output: Mapping[str, list[LineageVerdict]]) -> list[str]:
     """The outputs in an order that settles each before an output that removes it: a restored
     output gives up the files it holds first. Settled after, it was gone, and its files failed
-    the partition's check until the next start. By name, as before, where nothing nests (or
-    lineages that list each other, which no merge writes)."""
-    left = {output: {v.file for v in found} for output, found in by_output.items()}
+    the partition's check until the next start. By name, as before, where nothing nests, or
+    where lineages list each other (no merge of ours writes that: ranges nest). Only a file
+    with an identity from before its proof can be removed; an overlap names outputs instead."""
+    left = {
+        output: {v.file for v in found if v.before is not None}
+        for output, found in by_output.items()
+    }
     order: list[str] = []
     while left:
         ready = [o for o, files in left.items() if not files & (left.keys() - {o})]
