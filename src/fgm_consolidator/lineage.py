@@ -232,8 +232,8 @@ class PresentFiles:
         return frozenset(listed | copies)
 
     def held_nearest(self) -> dict[str, frozenset[str]]:
-        """`held_by` of each output, less the files that a present output it holds holds in
-        turn. A restored output and the files it lists are copies of the same rows: proven
+        """`held_by` of each output, less the files held in turn by a present output it
+        holds. A restored output and the files it lists are copies of the same rows: proven
         together against an output that merged them all, one took the shared rows and the
         others were found to differ, and each file was claimed by two outputs, for a person:
         all kept for good. Each is proven against the nearest output that holds it instead."""
