@@ -462,6 +462,18 @@ def test_rows_are_those_listed_under_the_files_own_footer() -> None:
     assert held.rows_of("m", "c") == 90  # another footer: compared by rows, as before
 
 
+def test_a_listed_file_with_a_column_its_output_lacks_is_not_proven(tmp_path: Path) -> None:
+    """Compared as the output's columns, its rows would match without that one."""
+    rows = {"time": pa.array([1, 2], pa.int64()), "value_int": pa.array([3, 4], pa.int64())}
+    output, source = tmp_path / consolidated_name(0, 1), tmp_path / metrics_name(0)
+    pq.write_table(pa.table(rows), output)
+    pq.write_table(pa.table({**rows, "l_pod": pa.array(["a", "b"])}), source)
+    held = lineage.Lineage(1, 2, (lineage.LineageSource(source.name, 2),))  # no footer: by name
+    assert lineage.unproven(output, held, [source]) == {
+        source.name: f"{source.name} does not fit {output.name}: column l_pod is not in the output"
+    }
+
+
 @pytest.mark.parametrize(
     "entry",
     [{"name": "m", "rows": "r"}, {"name": "m", "rows": 1, "footer": 5}, {"name": "m"}, "m"],

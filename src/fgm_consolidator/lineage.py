@@ -373,10 +373,9 @@ def unproven(
         counted: list[Path] = []
         target = pq.read_schema(output)
         for source in sources:
-            metadata = pq.read_metadata(source)
-            listed = held.rows_of(source.name, footers.read(source).digest)
-            rows = metadata.num_rows
-            why = misfit(metadata.schema.to_arrow_schema(), target)
+            footer = footers.read(source)
+            rows, listed = footer.rows, held.rows_of(source.name, footer.digest)
+            why = misfit(footer.schema, target)
             if why is not None:
                 # Compared as the output's columns, its rows would match without that one.
                 problems[source.name] = f"{source.name} does not fit {output.name}: {why}"
