@@ -60,6 +60,9 @@ class MergeOutcome:
     # Sources (or companions) the merge found unreadable where the scan could not: corrupt
     # pages behind a good footer, a companion that does not decode. Counted with the scan's.
     unreadable: tuple[UnreadableFile, ...] = ()
+    # Rolled back because the service was told to stop (SIGTERM past the grace period): no
+    # failure, the next start merges the same files.
+    stopped: bool = False
 
 
 class _Ended(NamedTuple):
@@ -70,6 +73,7 @@ class _Ended(NamedTuple):
     error: str | None
     retry_later: bool = False
     unreadable: tuple[UnreadableFile, ...] = ()
+    stopped: bool = False
 
 
 def lineage_of(merge_id: int, plan: MergePlan) -> dict[bytes, bytes]:
@@ -124,6 +128,7 @@ def execute(
         ended.error,
         ended.retry_later,
         ended.unreadable,
+        ended.stopped,
     )
 
 
@@ -164,7 +169,10 @@ def _write_and_finish(
         if isinstance(exc, SourceReadError):
             bad = _remember_unreadable(journal, folder, plan, exc)
         not_ours = (SourceReadError, SourceChangedError, MergeAborted)
-        return _Ended(MergeState.ROLLED_BACK, None, reason, not isinstance(exc, not_ours), bad)
+        stopped = isinstance(exc, MergeAborted)
+        return _Ended(
+            MergeState.ROLLED_BACK, None, reason, not isinstance(exc, not_ours), bad, stopped
+        )
     except Exception as exc:
         # A bug, or an input no check foresaw (two once surfaced as a KeyError and a TypeError
         # in the sort). Nothing is published before `written`, so rolling back is as safe here

@@ -144,8 +144,16 @@ class PassReport:
     deferred: list[str] = field(default_factory=list)  # partitions waiting out a backoff
 
     @property
+    def finished(self) -> list[MergeOutcome]:
+        return [m for m in self.merges if m.state is MergeState.SOURCES_DELETED]
+
+    @property
     def failed(self) -> list[MergeOutcome]:
-        return [m for m in self.merges if m.state is not MergeState.SOURCES_DELETED]
+        """Not finished, and not cut short by a stop: the README calls that no failure, and an
+        alert on failed merges fired at every rollout whose merge outlasted the grace period."""
+        return [
+            m for m in self.merges if m.state is not MergeState.SOURCES_DELETED and not m.stopped
+        ]
 
     def result(self, stopped: bool) -> PassResult:
         if stopped:
@@ -247,7 +255,7 @@ def recorded_pass(
     journal.end_pass(
         pass_id,
         report.result(stop.requested),
-        merges_finished=len(report.merges) - len(report.failed),
+        merges_finished=len(report.finished),
         merges_failed=len(report.failed),
         partition_errors=len(report.errors),
         unreadable=len(report.unreadable),
@@ -342,8 +350,8 @@ def log_outcome(outcome: MergeOutcome) -> None:
     ok = outcome.state is MergeState.SOURCES_DELETED
     log_event(
         log,
-        "merge-finished" if ok else "merge-failed",
-        logging.INFO if ok else logging.WARNING,
+        "merge-finished" if ok else "merge-stopped" if outcome.stopped else "merge-failed",
+        logging.INFO if ok or outcome.stopped else logging.WARNING,
         merge_id=outcome.merge_id,
         partition=outcome.partition,
         output=outcome.output,
