@@ -23,6 +23,9 @@ from test_service import DEADLINE_S, Service, poll
 from fgm_consolidator.durable import FileIdentity
 from fgm_consolidator.journal import Journal, MergeRecord, SourceRecord, UnreadableRecord
 from fgm_consolidator.layout import default_journal_path
+from fgm_consolidator.metrics import MetricsObserver
+from fgm_consolidator.recovery import RecoveryReport
+from fgm_consolidator.service import PassReport
 from fgm_consolidator.simulate import PodSpec, SimulationSpec, generate
 from fgm_consolidator.states import MergeState
 
@@ -155,6 +158,7 @@ def test_metrics_during_and_after_a_pass_match_the_journal_and_the_disk(
         assert after["fgm_consolidator_unreadable_files"] == 1 == len(unreadable)
         attention = [r for r in records if r.state is MergeState.NEEDS_ATTENTION]
         assert after["fgm_consolidator_merges_needing_person"] == 1 == len(attention)
+        assert after["fgm_consolidator_held_files"] == int(finished["held"])
         assert after[f'fgm_consolidator_build_info{{version="{version("fgm-consolidator")}"}}'] == 1
 
         code, _took = service.terminate(timeout=DEADLINE_S)
@@ -204,3 +208,14 @@ def test_a_second_instance_on_the_same_port_is_refused_by_the_lock_not_the_port(
         assert scrape(port)  # the first one still serves
         code, _took = first.terminate(timeout=DEADLINE_S)
         assert code == 0
+
+
+def test_the_held_files_gauge_is_the_last_pass_count(data_dir: Path) -> None:
+    observer = MetricsObserver(data_dir)
+    journal = Journal.open(default_journal_path(data_dir))
+    try:
+        report = PassReport(recovery=RecoveryReport(), held={"a": 13, "b": 0, "c": 2})
+        observer.observe_pass(report, 0.1, journal)
+    finally:
+        journal.close()
+    assert observer.registry.get_sample_value("fgm_consolidator_held_files") == 15

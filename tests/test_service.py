@@ -307,6 +307,31 @@ def test_sigterm_during_a_merge_past_the_grace_period_rolls_it_back(
     assert "stopped on request" in (records[0].error or "")
 
 
+def test_files_restored_under_a_running_service_are_logged_held(
+    data_dir: Path, tmp_path: Path, start: Callable[..., Service]
+) -> None:
+    """Merged files copied back while the service runs are held out of merges until the next
+    start proves them: their rows were in the folder twice and nothing but `status` said so
+    (helper-51)."""
+    generate(data_dir, small_spec(rotations=12))
+    folder = data_dir / POD_A
+    backup = tmp_path / "backup"
+    shutil.copytree(folder, backup)
+    service = start("--check-interval", "1")
+    service.wait_for("merge-finished")
+    for path in backup.iterdir():
+        shutil.copy2(path, folder / path.name)
+
+    # the twelve copies and the output that lists them (a pass may see the copy half done)
+    held = service.wait_for("files-held", lambda e: e["files"] == "13")
+
+    assert held["partition"] == POD_A and held["level"] == "warning"
+    assert held["first"] == min(p.name for p in folder.glob("*.parquet"))  # the output
+    service.wait_for("pass-finished", lambda e: e["held"] == "13", n=2)  # two passes held
+    told = [e for e in service.events if e["event"] == "files-held" and e["files"] == "13"]
+    assert len(told) == 1  # once, not per pass
+
+
 # -- (d) a pass every --check-interval --------------------------------------------------------
 
 

@@ -100,6 +100,12 @@ class MetricsObserver(Observer):
             "Files the journal reports unreadable that are still on disk, unchanged.",
             registry=r,
         )
+        self.held = Gauge(
+            PREFIX + "held_files",
+            "Data files the last pass held out of merges (see `status`): copies an output's"
+            " lineage lists, that output, or the files of a merge waiting for a person.",
+            registry=r,
+        )
         self.needs_person = Gauge(
             PREFIX + "merges_needing_person",
             "Merges left untouched until a person decides (see `history --state needs-attention`).",
@@ -134,6 +140,7 @@ class MetricsObserver(Observer):
             waiting = [n for n in report.backlog.values() if n > 0]
             self.backlog_files.set(sum(waiting))
             self.backlog_partitions.set(len(waiting))
+            self.held.set(sum(report.held.values()))
         try:
             self.unreadable.set(sum(still_on_disk(self.data_dir, r) for r in journal.unreadable()))
             self.needs_person.set(

@@ -141,6 +141,7 @@ class PassReport:
     skipped: list[Skipped] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (partition, error)
     backlog: dict[str, int] = field(default_factory=dict)  # partition -> metrics-* files left
+    held: dict[str, int] = field(default_factory=dict)  # partition -> data files held out
     deferred: list[str] = field(default_factory=list)  # partitions waiting out a backoff
 
     @property
@@ -299,6 +300,33 @@ def _log_skipped(skip: Skipped) -> None:
     )
 
 
+# The files each partition held out of merges when this process last said so: one line each
+# time that changes, not one per pass.
+_told_held: dict[str, frozenset[str]] = {}
+
+
+def _log_held(scan: PartitionScan) -> None:
+    """Files restored under a running service were held, their rows in the folder twice, and
+    nothing but `status` said so until the next start (a review, helper-51)."""
+    if _told_held.get(scan.partition, frozenset()) == scan.held:
+        return
+    _told_held[scan.partition] = scan.held
+    if not scan.held:
+        del _told_held[scan.partition]
+        return
+    log_event(
+        log,
+        "files-held",
+        logging.WARNING,
+        partition=scan.partition,
+        files=len(scan.held),
+        first=min(scan.held),
+        reason="held out of merges: files an output's lineage lists beside it (a restored"
+        " backup?) and that output, or the files of a merge waiting for a person; `status`"
+        " names each, and `recover` or the next start removes the copies it proves",
+    )
+
+
 def _consolidate_partition(
     journal: Journal,
     settings: Settings,
@@ -316,6 +344,8 @@ def _consolidate_partition(
     for skip in skipped:
         report.skipped.append(skip)
         _log_skipped(skip)
+    report.held[partition] = len(scan.held)
+    _log_held(scan)
     consolidated: set[str] = set()
     for plan in plans:
         if stop.requested:
@@ -459,6 +489,7 @@ def _loop(
                 "pass-finished",
                 merges=len(report.merges),
                 failed=len(report.failed),
+                held=sum(report.held.values()),
                 unreadable=len(report.unreadable),
                 partition_errors=len(report.errors),
                 deferred=len(report.deferred),
