@@ -207,3 +207,26 @@ def test_status_is_not_healthy_when_the_pass_that_made_a_merge_cannot_delete_its
     assert [r.state for r in report.unfinished] == [MergeState.RENAMED]
     assert report.exit_code == EXIT_NEEDS_PERSON, report.problems
     assert any("still unfinished after the last pass" in p.text for p in report.problems)
+
+
+def test_a_pass_whose_process_died_is_not_running_once_recover_has_run(
+    populate: Callable[..., SimulationSummary], data_dir: Path
+) -> None:
+    """`recover` after a kill -9 left the dead pass open: `status` showed it running and
+    healthy until stale (a review, helper-51). Recovery under the lock ends it interrupted."""
+    populate()
+    killed = run_cli(
+        "run", "--once", "--min-age", "0", "--data-dir", str(data_dir),
+        env={"FGM_CRASH_AT": "journal:renamed"},
+    )  # fmt: skip
+    assert killed.returncode == -9
+    assert "result=running" in run_cli("status", "--data-dir", str(data_dir)).stdout
+
+    assert run_cli("recover", "--data-dir", str(data_dir)).returncode == 0
+
+    shown = run_cli("status", "--data-dir", str(data_dir))
+    assert shown.returncode == 5, shown.stdout
+    assert "result=interrupted" in shown.stdout and "result=running" not in shown.stdout
+    assert "no pass has succeeded here and no service has started since the last one" in (
+        shown.stdout
+    )

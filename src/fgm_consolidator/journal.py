@@ -624,14 +624,24 @@ class Journal:
     def begin_pass(self, settings: Mapping[str, Any]) -> int:
         """Record a pass as running; a pass left running by a dead process becomes interrupted."""
         with self.transaction():
-            self.db.execute(
-                "UPDATE passes SET result = ? WHERE result IS NULL", (str(PassResult.INTERRUPTED),)
-            )
+            self._interrupt_open_passes()
             cursor = self.db.execute(
                 "INSERT INTO passes (started, settings) VALUES (?, ?)",
                 (utc_now(), json.dumps(dict(settings), sort_keys=True)),
             )
         return int(cursor.lastrowid or 0)
+
+    def interrupt_dead_passes(self) -> None:
+        """Only a holder of the data directory's lock asks (recovery under it): any pass still
+        open died with its process. `recover` after a kill -9 left it open, and `status`
+        showed it running, healthy, until stale (a review, helper-51)."""
+        with self.transaction():
+            self._interrupt_open_passes()
+
+    def _interrupt_open_passes(self) -> None:
+        self.db.execute(
+            "UPDATE passes SET result = ? WHERE result IS NULL", (str(PassResult.INTERRUPTED),)
+        )
 
     def end_pass(
         self,

@@ -577,6 +577,8 @@ def _recover(
     interval_s: float,
 ) -> None:
     guard = ProofGuard(journal, interval_s)
+    if sweep:  # under the lock: no pass of another process runs
+        journal.interrupt_dead_passes()
     unfinished = journal.unfinished()
     observer.recovery_started(len(unfinished))
     for record in unfinished:

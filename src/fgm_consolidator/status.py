@@ -307,10 +307,16 @@ def _problems(status: Status, journal_path: Path, data_dir: Path) -> list[Proble
     if status.backoff_s:
         limit += f" + {status.backoff_s:g} s the service backs off after failed passes"
     if status.progress_at is None:
-        where = "no journal" if not journal_path.exists() else "no pass recorded"
-        found.append(
-            Problem(EXIT_NEVER_RAN, f"{where}: `fgm-consolidator run` has not started here")
-        )
+        last = status.last_pass
+        if last is not None:  # ended by `recover` after its process died, or failed
+            said = (
+                f"no pass has succeeded here and no service has started since the last one"
+                f" (begun {last.started}, {last.result})"
+            )
+        else:
+            where = "no journal" if not journal_path.exists() else "no pass recorded"
+            said = f"{where}: `fgm-consolidator run` has not started here"
+        found.append(Problem(EXIT_NEVER_RAN, said))
     else:
         age = (status.now - status.progress_at).total_seconds()
         if age > status.threshold_s:
