@@ -634,9 +634,11 @@ class Journal:
     def interrupt_dead_passes(self) -> None:
         """Only a holder of the data directory's lock asks (recovery under it): any pass still
         open died with its process. `recover` after a kill -9 left it open, and `status`
-        showed it running, healthy, until stale (a review, helper-51)."""
-        with self.transaction():
-            self._interrupt_open_passes()
+        showed it running, healthy, until stale (a review, helper-51). Nothing is written
+        when none is open: a journal another process keeps locked is the pass's to report."""
+        if self.db.execute("SELECT 1 FROM passes WHERE result IS NULL LIMIT 1").fetchone():
+            with self.transaction():
+                self._interrupt_open_passes()
 
     def _interrupt_open_passes(self) -> None:
         self.db.execute(
